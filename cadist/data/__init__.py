@@ -1,0 +1,1 @@
+"""Data: the Cityscapes layout, generated scenes, WebDataset shards and transforms."""
