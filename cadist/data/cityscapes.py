@@ -21,9 +21,7 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 #: trainId → class name, e.g. CLASS_NAMES[0] == "road".
-CLASS_NAMES: tuple[str, ...] = tuple(
-    _cs.trainId2label[t].name for t in range(NUM_CLASSES)
-)
+CLASS_NAMES: tuple[str, ...] = tuple(_cs.trainId2label[t].name for t in range(NUM_CLASSES))
 #: trainId → RGB colour of the Cityscapes palette, shape (19, 3) uint8.
 PALETTE = np.array([_cs.trainId2label[t].color for t in range(NUM_CLASSES)], dtype=np.uint8)
 #: the labelIds that can appear in a `*_gtFine_labelIds.png` (negative ids are never drawn).

@@ -29,8 +29,23 @@ CITIES = {"train": ("synthburg", "genstadt", "pixelheim"), "val": ("valdorf",), 
 _SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 
 # Texture noise amplitude (of 255) per labelId: road is fine-grained, vegetation rough, sky smooth.
-_NOISE = {ROAD: 10, SIDEWALK: 8, BUILDING: 7, WALL: 6, VEGETATION: 28, TERRAIN: 18, SKY: 2,
-          CAR: 5, PERSON: 8, POLE: 4, TSIGN: 3, TLIGHT: 4, FENCE: 8, EGO: 4, STATIC: 12}
+_NOISE = {
+    ROAD: 10,
+    SIDEWALK: 8,
+    BUILDING: 7,
+    WALL: 6,
+    VEGETATION: 28,
+    TERRAIN: 18,
+    SKY: 2,
+    CAR: 5,
+    PERSON: 8,
+    POLE: 4,
+    TSIGN: 3,
+    TLIGHT: 4,
+    FENCE: 8,
+    EGO: 4,
+    STATIC: 12,
+}
 
 
 @dataclass
@@ -43,8 +58,11 @@ class _Canvas:
     def hw(self) -> tuple[int, int]:
         return self.lab.shape
 
-    def paint(self, mask: np.ndarray, label: int, colour, box=None, shade: float = 0.0) -> None:
-        """Paint `label` and `colour` where `mask` is true; `box` = (y0, y1, x0, x1) of the mask.
+    def paint(
+        self, mask: np.ndarray | None, label: int, colour, box=None, shade: float = 0.0
+    ) -> None:
+        """Paint `label` and `colour` where `mask` is true (None: the whole box); `box` =
+        (y0, y1, x0, x1) of the mask, clipped to the image (an empty box paints nothing).
 
         `shade` > 0 darkens the region linearly towards its bottom (simple vertical shading).
         """
@@ -53,6 +71,8 @@ class _Canvas:
             return
         lab = self.lab[y0:y1, x0:x1]
         col = self.col[y0:y1, x0:x1]
+        if mask is None:
+            mask = np.ones(lab.shape, bool)
         lab[mask] = label
         c = np.asarray(colour, dtype=np.float32)
         if shade:
@@ -92,8 +112,13 @@ def _draw_ground(cv: _Canvas, horizon: int, vx: float) -> tuple[np.ndarray, np.n
     """Sky, road, sidewalks and terrain. Returns per-row road edges (left, right), shape (H,)."""
     h, w = cv.hw
     rng = cv.rng
-    cv.paint(np.ones((horizon, w), bool), SKY, _jitter(rng, (110, 160, 215), 20),
-             (0, horizon, 0, w), shade=-0.25)
+    cv.paint(
+        np.ones((horizon, w), bool),
+        SKY,
+        _jitter(rng, (110, 160, 215), 20),
+        (0, horizon, 0, w),
+        shade=-0.25,
+    )
     rows = np.arange(h, dtype=np.float32)
     t = np.clip((rows - horizon) / max(1, h - horizon), 0, 1)  # 0 at horizon, 1 at bottom
     left_b, right_b = w * rng.uniform(-0.25, 0.15), w * rng.uniform(0.85, 1.25)
@@ -131,14 +156,14 @@ def _draw_buildings(cv: _Canvas, horizon: int) -> None:
         box = _clip_box(h, w, top, bottom, x, x + bw)
         label = WALL if rng.random() < 0.08 else BUILDING
         base = (150, 130, 115) if label == BUILDING else (120, 120, 150)
-        m = np.ones((box[1] - box[0], box[3] - box[2]), bool)
+        m = None
         cv.paint(m, label, _jitter(rng, base, 30), box, shade=0.15)
         if label == BUILDING:  # windows: darker grid, same label
             ys, xs = _grid(box)
             ph, pw = max(4, int(h * 0.03)), max(4, int(w * 0.018))
             win = ((ys - box[0]) % ph < ph * 0.55) & ((xs - box[2]) % pw < pw * 0.5)
             win &= (ys - box[0] > ph // 2) & (ys < box[1] - ph // 2)
-            region = cv.col[box[0]:box[1], box[2]:box[3]]
+            region = cv.col[box[0] : box[1], box[2] : box[3]]
             region[win] = region[win] * 0.45 + 15
         x += bw
 
@@ -149,8 +174,7 @@ def _draw_tree(cv: _Canvas, x: int, ground: int, size: float) -> None:
     green = _jitter(rng, (70, 120, 45), 25)
     tw = max(2, int(size * 0.08))
     trunk = _clip_box(h, w, ground - size * 0.9, ground, x - tw // 2, x + tw // 2 + 1)
-    cv.paint(np.ones((trunk[1] - trunk[0], trunk[3] - trunk[2]), bool), VEGETATION,
-             (90, 70, 50), trunk)
+    cv.paint(None, VEGETATION, (90, 70, 50), trunk)
     cy, cx = ground - size * 1.05, x
     ry, rx = size * 0.55, size * rng.uniform(0.35, 0.6)
     box = _clip_box(h, w, cy - ry, cy + ry + 1, cx - rx, cx + rx + 1)
@@ -166,8 +190,7 @@ def _draw_pole(cv: _Canvas, x: int, ground: int, size: float) -> None:
     pw = max(2, int(size * 0.035))
     top = ground - size * 1.6
     box = _clip_box(h, w, top, ground, x - pw // 2, x + pw // 2 + 1)
-    cv.paint(np.ones((box[1] - box[0], box[3] - box[2]), bool), POLE,
-             _jitter(rng, (120, 120, 125), 20), box)
+    cv.paint(None, POLE, _jitter(rng, (120, 120, 125), 20), box)
     s = max(4, int(size * rng.uniform(0.18, 0.3)))
     if rng.random() < 0.7:  # traffic sign: disc, triangle or square
         sb = _clip_box(h, w, top - s, top + s // 4, x - s // 2, x + s // 2 + 1)
@@ -179,17 +202,17 @@ def _draw_pole(cv: _Canvas, x: int, ground: int, size: float) -> None:
         elif kind == 1:
             m = (np.abs(xs - cx) <= (ys - (cy - r)) * 0.6) & (ys <= cy + r)
         else:
-            m = np.ones((sb[1] - sb[0], sb[3] - sb[2]), bool)
+            m = None
         colour = [(220, 200, 40), (235, 235, 235), (40, 80, 200), (200, 40, 40)][rng.integers(4)]
         cv.paint(m, TSIGN, _jitter(rng, colour, 15), sb)
     else:  # traffic light: dark box with one lit lamp
         lb = _clip_box(h, w, top - s * 1.4, top, x - s // 3, x + s // 3 + 1)
-        cv.paint(np.ones((lb[1] - lb[0], lb[3] - lb[2]), bool), TLIGHT, (35, 35, 30), lb)
+        cv.paint(None, TLIGHT, (35, 35, 30), lb)
         lamp = rng.integers(3)
         ly = lb[0] + (lb[1] - lb[0]) * (lamp + 0.5) / 3
         ys, xs = _grid(lb)
         m = (ys - ly) ** 2 + (xs - x) ** 2 <= (s / 5) ** 2
-        reg = cv.col[lb[0]:lb[1], lb[2]:lb[3]]
+        reg = cv.col[lb[0] : lb[1], lb[2] : lb[3]]
         reg[m] = [(230, 40, 30), (240, 190, 30), (40, 220, 80)][lamp]
 
 
@@ -198,11 +221,16 @@ def _draw_car(cv: _Canvas, x: float, ground: int, size: float) -> None:
     rng = cv.rng
     cw, ch = size * rng.uniform(1.4, 2.2), size * rng.uniform(0.6, 0.8)
     body = _clip_box(h, w, ground - ch * 0.7, ground - ch * 0.12, x - cw / 2, x + cw / 2)
-    colour = _jitter(rng, [(30, 40, 120), (160, 20, 20), (200, 200, 205), (20, 20, 25),
-                           (60, 110, 60)][rng.integers(5)], 30)
-    cv.paint(np.ones((body[1] - body[0], body[3] - body[2]), bool), CAR, colour, body, shade=0.3)
+    colour = _jitter(
+        rng,
+        [(30, 40, 120), (160, 20, 20), (200, 200, 205), (20, 20, 25), (60, 110, 60)][
+            rng.integers(5)
+        ],
+        30,
+    )
+    cv.paint(None, CAR, colour, body, shade=0.3)
     cab = _clip_box(h, w, ground - ch, ground - ch * 0.68, x - cw * 0.3, x + cw * 0.3)
-    cv.paint(np.ones((cab[1] - cab[0], cab[3] - cab[2]), bool), CAR, (40, 55, 70), cab)
+    cv.paint(None, CAR, (40, 55, 70), cab)
     for wx in (x - cw * 0.3, x + cw * 0.3):  # wheels
         r = ch * 0.16
         wb = _clip_box(h, w, ground - 2 * r, ground + 1, wx - r, wx + r + 1)
@@ -222,7 +250,9 @@ def _draw_person(cv: _Canvas, x: float, ground: int, size: float) -> None:
     body = ((ys - cy) / (ph * 0.4)) ** 2 + ((xs - x) / (pw / 2)) ** 2 <= 1
     head = (ys - (ground - ph * 0.9)) ** 2 + (xs - x) ** 2 <= (pw * 0.35) ** 2
     legs = (ys > cy) & (np.abs(xs - x) < pw * 0.3)
-    cloth = _jitter(rng, [(180, 30, 60), (30, 30, 30), (60, 60, 160), (200, 160, 40)][rng.integers(4)], 30)
+    cloth = _jitter(
+        rng, [(180, 30, 60), (30, 30, 30), (60, 60, 160), (200, 160, 40)][rng.integers(4)], 30
+    )
     cv.paint(body | legs, PERSON, cloth, box)
     cv.paint(head, PERSON, _jitter(rng, (210, 170, 140), 20), box)
 
@@ -239,11 +269,12 @@ def _draw_void(cv: _Canvas) -> None:
         y0, x0 = rng.uniform(0.45, 0.85) * h, rng.uniform(0, 1) * w
         box = _clip_box(h, w, y0, y0 + bh, x0, x0 + bw)
         label = STATIC if rng.random() < 0.6 else DYNAMIC
-        cv.paint(np.ones((box[1] - box[0], box[3] - box[2]), bool), label,
-                 _jitter(rng, (130, 100, 80), 60), box)
+        cv.paint(None, label, _jitter(rng, (130, 100, 80), 60), box)
 
 
-def render_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    height: int, width: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One street scene: (image (H, W, 3) uint8 RGB, labelIds (H, W) uint8)."""
     h, w = height, width
     cv = _Canvas(np.zeros((h, w), np.uint8), np.zeros((h, w, 3), np.float32), rng)
@@ -279,8 +310,12 @@ def render_scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.
         elif kind == "pole":
             _draw_pole(cv, int(edge + (1 if side else -1) * 0.01 * w), ground, scale(ground))
         else:
-            _draw_tree(cv, int(edge + (-1 if side else 1) * rng.uniform(0.0, 0.08) * w), ground,
-                       scale(ground))
+            _draw_tree(
+                cv,
+                int(edge + (-1 if side else 1) * rng.uniform(0.0, 0.08) * w),
+                ground,
+                scale(ground),
+            )
     _draw_void(cv)
 
     # Texture: per-class pixel noise plus low-frequency illumination; boundaries stay sharp.
@@ -303,24 +338,37 @@ def _write_one(args) -> str:
     city = cities[index % len(cities)]
     stem = f"{city}_{index // len(cities):06d}_{19:06d}"
     img, lab = render_scene(height, width, _scene_rng(seed, split, index))
-    for path, arr in ((image_path(root, split, city, stem), img),
-                      (label_path(root, split, city, stem), lab)):
+    for path, arr in (
+        (image_path(root, split, city, stem), img),
+        (label_path(root, split, city, stem), lab),
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
+        Image.fromarray(arr).save(tmp, format="PNG")  # default zlib level, like the real dataset
         os.replace(tmp, path)
     return stem
 
 
-def write_tree(out: str | Path, num_train: int = 60, num_val: int = 20, height: int = 256,
-               width: int = 512, seed: int = 0, workers: int = 1, progress: bool = False) -> dict:
+def write_tree(
+    out: str | Path,
+    num_train: int = 60,
+    num_val: int = 20,
+    height: int = 256,
+    width: int = 512,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict:
     """Write `num_train` + `num_val` scenes as a Cityscapes tree under `out`.
 
     Files are written under temporary names and renamed, so an interrupted run leaves only whole
     files. Returns {"train": n, "val": m}.
     """
-    jobs = [(Path(out), split, i, height, width, seed)
-            for split, n in (("train", num_train), ("val", num_val)) for i in range(n)]
+    jobs = [
+        (Path(out), split, i, height, width, seed)
+        for split, n in (("train", num_train), ("val", num_val))
+        for i in range(n)
+    ]
     bar = None
     if progress:
         from tqdm import tqdm

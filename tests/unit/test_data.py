@@ -3,7 +3,6 @@
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +54,15 @@ def test_label_mapping_agrees_with_cityscapesscripts_for_every_id():
     assert cs.CLASS_NAMES[0] == "road" and cs.CLASS_NAMES[18] == "bicycle"
     assert sorted(v for v in cs.label_id_to_train_id().values() if v != 255) == list(range(19))
     # the method's table (§1.1) for a few ids
-    assert (lut[7], lut[11], lut[23], lut[26], lut[33], lut[0], lut[29]) == (0, 2, 10, 13, 18, 255, 255)
+    assert (lut[7], lut[11], lut[23], lut[26], lut[33], lut[0], lut[29]) == (
+        0,
+        2,
+        10,
+        13,
+        18,
+        255,
+        255,
+    )
 
 
 # -- generated scenes -------------------------------------------------------------------------
@@ -84,11 +91,20 @@ def test_synth_scenes_hold_the_street_classes_void_and_edges():
     for i in range(8):
         img, lab = render_scene(256, 512, np.random.default_rng([0, 0, i]))
         counts += np.bincount(lab.ravel(), minlength=256)
-        boundary = (lab[:, 1:] != lab[:, :-1])
+        boundary = lab[:, 1:] != lab[:, :-1]
         step = np.abs(img[:, 1:].astype(int) - img[:, :-1].astype(int)).sum(-1)
         edges.append(step[boundary].mean() / max(1.0, step[~boundary].mean()))
-    for name in ("road", "sidewalk", "building", "vegetation", "sky", "car", "person", "pole",
-                 "traffic sign"):
+    for name in (
+        "road",
+        "sidewalk",
+        "building",
+        "vegetation",
+        "sky",
+        "car",
+        "person",
+        "pole",
+        "traffic sign",
+    ):
         assert counts[cs_labels.name2label[name].id] > 0, name
     void = sum(counts[i] for i in range(256) if cs.label_lut()[i] == 255)
     assert 0.01 < void / counts.sum() < 0.3
@@ -134,9 +150,18 @@ def test_train_stream_readers_are_disjoint_and_complete_2_ranks_x_2_workers(shar
     all_keys = {s for s in _keys_of(shards, "train")}
     by_rank, shard_owner = [], {}
     for rank in range(2):
-        stream = ShardStream(shards / "train-manifest.json", train=True, batch_size=1, rank=rank,
-                             world_size=2, num_workers=2, steps_per_epoch=40,
-                             transform=TrainTransform(32, 32), shuffle_buffer=2, seed=5)
+        stream = ShardStream(
+            shards / "train-manifest.json",
+            train=True,
+            batch_size=1,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            steps_per_epoch=40,
+            transform=TrainTransform(32, 32),
+            shuffle_buffer=2,
+            seed=5,
+        )
         keys = set()
         for i, b in enumerate(make_loader(stream)):
             keys.update(b["key"])
@@ -165,8 +190,14 @@ def test_validation_reads_every_sample_once_with_3_ranks(tree, tmp_path, per_sha
     build_shards(tree, "val", out, samples_per_shard=per_shard, workers=1, progress=False)
     keys = []
     for rank in range(3):
-        s = ShardStream(out / "val-manifest.json", train=False, batch_size=2, rank=rank,
-                        world_size=3, num_workers=workers)
+        s = ShardStream(
+            out / "val-manifest.json",
+            train=False,
+            batch_size=2,
+            rank=rank,
+            world_size=3,
+            num_workers=workers,
+        )
         for b in make_loader(s):
             assert b["image"].shape[-2:] == (H, W)  # full resolution
             keys += b["key"]
@@ -176,9 +207,17 @@ def test_validation_reads_every_sample_once_with_3_ranks(tree, tmp_path, per_sha
 
 def test_resumed_stream_continues_exactly(shards):
     def run(start, workers):
-        s = ShardStream(shards / "train-manifest.json", train=True, batch_size=2, num_workers=workers,
-                        steps_per_epoch=6, transform=TrainTransform(32, 48), seed=1, epoch=2,
-                        start_batch=start)
+        s = ShardStream(
+            shards / "train-manifest.json",
+            train=True,
+            batch_size=2,
+            num_workers=workers,
+            steps_per_epoch=6,
+            transform=TrainTransform(32, 48),
+            seed=1,
+            epoch=2,
+            start_batch=start,
+        )
         return [b for b in make_loader(s)]
 
     for workers in (0, 2):
@@ -198,10 +237,13 @@ def test_augmentation_moves_image_and_label_together():
     flips = 0
     for seed in range(20):
         x, y = t(img, lab, np.random.default_rng(seed))
-        back = (x * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-                + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) * 255
-        assert torch.allclose(back.round(), torch.from_numpy(palette[y.numpy()]).permute(2, 0, 1).float(),
-                              atol=1e-3)
+        back = (
+            x * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+            + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        ) * 255
+        assert torch.allclose(
+            back.round(), torch.from_numpy(palette[y.numpy()]).permute(2, 0, 1).float(), atol=1e-3
+        )
         # the crop is a window of the original label, possibly mirrored
         found = _find_window(lab, y.numpy())
         assert found is not None
@@ -214,23 +256,46 @@ def _find_window(big, win):
     for flipped, cand in ((0, win), (1, win[:, ::-1])):
         for y in range(big.shape[0] - h + 1):
             for x in range(big.shape[1] - w + 1):
-                if np.array_equal(big[y:y + h, x:x + w], cand):
+                if np.array_equal(big[y : y + h, x : x + w], cand):
                     return flipped
     return None
 
 
 def test_colour_jitter_definitions():
-    from cadist.data.transforms import adjust_brightness_, adjust_contrast_, adjust_saturation_
+    from cadist.data.transforms import adjust_brightness, adjust_contrast, adjust_saturation
 
-    x = torch.rand(3, 8, 8)
-    assert torch.allclose(adjust_brightness_(x.clone(), 0.5), x * 0.5)
-    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
-    assert torch.allclose(adjust_contrast_(x.clone(), 0.0), grey.mean().expand(3, 8, 8))
-    assert torch.allclose(adjust_saturation_(x.clone(), 0.0), grey.expand(3, 8, 8))
-    assert torch.allclose(adjust_saturation_(x.clone(), 1.0), x)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    xf = x.astype(np.float64)
+    grey = 0.299 * xf[..., 0] + 0.587 * xf[..., 1] + 0.114 * xf[..., 2]
+
+    def run(fn, f):
+        return np.asarray(fn(Image.fromarray(x), f)).astype(np.float64)
+
+    assert np.abs(run(adjust_brightness, 0.5) - xf * 0.5).max() <= 1
+    assert np.abs(run(adjust_brightness, 1.4) - np.clip(xf * 1.4, 0, 255)).max() <= 1
+    assert np.abs(run(adjust_contrast, 0.0) - round(grey.mean())).max() <= 1
+    assert np.abs(run(adjust_contrast, 0.5) - (0.5 * xf + 0.5 * grey.mean())).max() <= 1.5
+    assert np.abs(run(adjust_saturation, 0.0) - grey[..., None]).max() <= 1
+    assert np.array_equal(run(adjust_saturation, 1.0), xf)
     with pytest.raises(ValueError, match="smaller than the 768×768 crop"):
-        TrainTransform()(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8),
-                         np.random.default_rng(0))
+        TrainTransform()(
+            np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.uint8), np.random.default_rng(0)
+        )
+
+
+def test_jitter_draws_all_three_factors_in_random_order():
+    img = np.full((16, 16, 3), 100, np.uint8)
+    img[:, :8, 0] = 200
+    outs = {
+        tuple(
+            TrainTransform(16, 16, jitter=0.5, flip_p=0)(
+                img, img[..., 0], np.random.default_rng(s)
+            )[0][:, 0, 0].tolist()
+        )
+        for s in range(10)
+    }
+    assert len(outs) == 10  # different factors per draw
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -261,7 +326,9 @@ def test_missing_label_and_unknown_id_name_the_file(tree, tmp_path):
     with pytest.raises(DataError, match=re.escape(str(s1.label)) + r".*unknown labelIds \[200\]"):
         build_shards(bad, "val", tmp_path / "o2", workers=2, progress=False)
     assert not (tmp_path / "o2" / "val-manifest.json").exists()
-    assert not list((tmp_path / "o2").glob("*.tar")) and not list((tmp_path / "o2").glob(".staging*"))
+    assert not list((tmp_path / "o2").glob("*.tar")) and not list(
+        (tmp_path / "o2").glob(".staging*")
+    )
     m = build_shards(bad, "val", tmp_path / "o3", skip_bad=True, progress=False)
     assert m["num_skipped"] == 1 and m["num_samples"] == 9 and "200" in m["skipped"][0]
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(s1.label)
@@ -281,16 +348,25 @@ def test_overwrite_protection(tree, tmp_path):
     assert (out / "val-000000.tar").read_bytes() == before
     m = build_shards(tree, "val", out, samples_per_shard=5, overwrite=True, progress=False)
     assert len(m["shards"]) == 2 and sorted(p.name for p in out.glob("val-*.tar")) == [
-        "val-000000.tar", "val-000001.tar"]
-    r = CliRunner().invoke(main, ["shards", "build", "--cityscapes-root", str(tree), "--split",
-                                  "val", "--out", str(out)])
+        "val-000000.tar",
+        "val-000001.tar",
+    ]
+    r = CliRunner().invoke(
+        main,
+        ["shards", "build", "--cityscapes-root", str(tree), "--split", "val", "--out", str(out)],
+    )
     assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error: ")
 
 
 def test_stream_start_up_errors(shards):
     with pytest.raises(ShardError, match="8 training shards for 3 ranks × 4 loader workers = 12"):
-        ShardStream(shards / "train-manifest.json", train=True, steps_per_epoch=1, world_size=3,
-                    num_workers=4)
+        ShardStream(
+            shards / "train-manifest.json",
+            train=True,
+            steps_per_epoch=1,
+            world_size=3,
+            num_workers=4,
+        )
     with pytest.raises(ShardError, match="pipe: commands are disabled"):
         ShardStream("pipe:cat x.tar", train=False)
     with pytest.raises(ShardError, match="scheme 'ftp' is not allowed"):
@@ -303,19 +379,79 @@ def test_stream_start_up_errors(shards):
 
 def test_pipe_urls_run_only_with_opt_in(shards):
     url = f"pipe:cat {shards / 'val-000000.tar'}"
-    keys = [k for b in make_loader(ShardStream(url, train=False, allow_pipe=True)) for k in b["key"]]
+    keys = [
+        k for b in make_loader(ShardStream(url, train=False, allow_pipe=True)) for k in b["key"]
+    ]
     assert len(keys) == 3
 
 
 def test_cli_synth_and_build(tmp_path):
-    r = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "t"), "--num-train", "3",
-                                  "--num-val", "1", "--height", "64", "--width", "128"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "t"),
+            "--num-train",
+            "3",
+            "--num-val",
+            "1",
+            "--height",
+            "64",
+            "--width",
+            "128",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["shards", "build", "--cityscapes-root", str(tmp_path / "t"),
-                                  "--split", "train", "--out", str(tmp_path / "s"),
-                                  "--samples-per-shard", "2", "--image-format", "png"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "shards",
+            "build",
+            "--cityscapes-root",
+            str(tmp_path / "t"),
+            "--split",
+            "train",
+            "--out",
+            str(tmp_path / "s"),
+            "--samples-per-shard",
+            "2",
+            "--image-format",
+            "png",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp_path / "s" / "train-manifest.json")
     assert m["num_samples"] == 3 and m["image_format"] == "png"
     r = CliRunner().invoke(main, ["shards", "verify", str(tmp_path / "s" / "train-manifest.json")])
     assert r.exit_code == 0 and "all shards match" in r.output
+
+
+@pytest.mark.parametrize("hw", [(32, 64), (64, 128), (96, 96), (256, 512)])
+def test_synth_renders_any_seed_and_size(hw):
+    for i in range(60):
+        img, lab = render_scene(*hw, np.random.default_rng([i, 7]))
+        assert img.shape == (*hw, 3) and lab.shape == hw and img.dtype == lab.dtype == np.uint8
+        assert not cs.unknown_label_ids(lab)
+
+
+def test_uint8_batches_normalise_to_the_float_batches(shards):
+    from cadist.data.transforms import normalize_uint8
+
+    def run(normalize):
+        s = ShardStream(
+            shards / "train-manifest.json",
+            train=True,
+            batch_size=3,
+            steps_per_epoch=2,
+            transform=TrainTransform(32, 64),
+            seed=9,
+            normalize=normalize,
+        )
+        return list(make_loader(s))
+
+    for f, u in zip(run(True), run(False), strict=True):
+        assert u["image"].dtype == torch.uint8 and u["image"].shape == (3, 3, 32, 64)
+        assert torch.allclose(normalize_uint8(u["image"]), f["image"], atol=1e-6)
+        assert torch.equal(u["label"], f["label"])
