@@ -132,6 +132,85 @@ def shards_verify(manifest):
     click.echo(f"{manifest}: all shards match")
 
 
+# -- models -------------------------------------------------------------------------------------
+def _model_options(f):
+    from cadist.models.names import DENSE_MODELS
+
+    f = click.option(
+        "--output-stride",
+        default=16,
+        show_default=True,
+        type=click.Choice(["8", "16"]),
+        help="Output stride of the dense model.",
+    )(f)
+    return click.option(
+        "--model",
+        required=True,
+        type=click.Choice(DENSE_MODELS),
+        help="Model name (as in the reference implementation).",
+    )(f)
+
+
+@main.command("macs")
+@_model_options
+@click.option("--height", default=1024, show_default=True, type=click.IntRange(32))
+@click.option("--width", default=2048, show_default=True, type=click.IntRange(32))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def macs_cmd(model, output_stride, height, width, as_json):
+    """Count multiply-adds per image under the method's counting rules (backbone, head, total)."""
+    from cadist.macs import count_dense
+
+    r = count_dense(model, int(output_stride), height, width)
+    if as_json:
+        _print_json(r)
+        return
+    click.echo(f"{model} OS{output_stride} at {height}×{width} (GMac per image)")
+    click.echo(
+        f"  backbone {r['backbone_gmac']:10.2f}   (convolutions only {r['backbone_conv_gmac']:.2f})"
+    )
+    click.echo(f"  head     {r['head_gmac']:10.2f}   (convolutions only {r['head_conv_gmac']:.2f})")
+    click.echo(f"  total    {r['total_gmac']:10.2f}")
+
+
+@main.command("predict")
+@_model_options
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Reference checkpoint, torchvision/plain state dict, or cadist export.",
+)
+@click.option(
+    "--image",
+    "images",
+    required=True,
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Image file; repeat for several.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--save-logits", is_flag=True, help="Also write <stem>_logits.npy, float32 (C, H, W)."
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 … or auto.")
+def predict_cmd(model, output_stride, ckpt, images, out, save_logits, device):
+    """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png."""
+    import torch
+
+    from cadist.models.build import build_model
+    from cadist.models.weights import load_weights
+    from cadist.predict import write_prediction
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = build_model(model, int(output_stride))
+    load_weights(net, ckpt, expect_name=model)
+    net.to(device).eval()
+    for image in images:
+        paths = write_prediction(net, image, out, device, save_logits)
+        click.echo(" ".join(str(p) for p in paths.values()))
+
+
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=1))
 

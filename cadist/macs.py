@@ -1,0 +1,136 @@
+"""MAC counting under the method's rules (method.md §10.1), per image.
+
+Forward hooks on the modules that actually run:
+* convolutions: kernel size × Cin/groups × Cout × output positions (+ Cout × positions with a bias);
+* BatchNorm: 2 × input values; ReLU modules: output values; pooling modules: input values;
+* not counted: interpolation, functional activations, residual additions, dropout, index work.
+
+Dense models are counted on the `meta` device: shapes only, no arithmetic, so ResNet-101 at
+1024×2048 takes well under a second. Unit: GMac = 1e9 of the above.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class MacCount:
+    """Counts per category (conv, bn, relu, pool) in MACs for one image."""
+
+    by_kind: dict[str, float] = field(
+        default_factory=lambda: {"conv": 0.0, "bn": 0.0, "relu": 0.0, "pool": 0.0}
+    )
+
+    @property
+    def total(self) -> float:
+        return sum(self.by_kind.values())
+
+    def gmac(self, kind: str | None = None) -> float:
+        return (self.total if kind is None else self.by_kind[kind]) / 1e9
+
+
+def conv_macs(module: nn.Module, out: torch.Tensor) -> float:
+    """MACs of one convolution call per image; `out` is (B, Cout, *spatial)."""
+    k = math.prod(module.kernel_size)
+    positions = math.prod(out.shape[2:])
+    macs = k * (module.in_channels // module.groups) * module.out_channels * positions
+    if module.bias is not None:
+        macs += module.out_channels * positions
+    return float(macs)
+
+
+def module_macs(
+    module: nn.Module, inp: torch.Tensor, out: torch.Tensor
+) -> tuple[str, float] | None:
+    """(kind, MACs per image) of one module call, or None if the rules do not count it.
+
+    Modules with a `count_macs(inp, out) -> (kind, macs)` method (the irregular convolutions of
+    the adaptive networks) count themselves.
+    """
+    b = out.shape[0] if out.dim() > 0 else 1
+    if hasattr(module, "count_macs"):
+        return module.count_macs(inp, out)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "conv", conv_macs(module, out) / 1.0
+    if isinstance(module, _BNS):
+        return "bn", 2.0 * inp.numel() / b
+    if isinstance(module, nn.ReLU):
+        return "relu", float(out.numel()) / b
+    if isinstance(module, _POOLS):
+        return "pool", float(inp.numel()) / b
+    return None
+
+
+class MacCounter:
+    """Context manager: counts MACs of every call of the given root modules' leaf modules.
+
+    with MacCounter(backbone=model.backbone, head=model.classifier) as c:
+        model(x)
+    c.counts["backbone"].gmac()
+    """
+
+    def __init__(self, **roots: nn.Module):
+        self.roots = roots
+        self.counts = {name: MacCount() for name in roots}
+        self._handles: list = []
+
+    def __enter__(self) -> MacCounter:
+        for name, root in self.roots.items():
+            for m in root.modules():
+                if hasattr(m, "count_macs") or not list(m.children()):
+                    self._handles.append(m.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            got = module_macs(module, inputs[0], output)
+            if got is not None:
+                kind, macs = got
+                self.counts[name].by_kind[kind] += macs
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def count_dense(
+    name: str, output_stride: int, height: int, width: int, num_classes: int = 19
+) -> dict:
+    """Backbone, head and total GMac of a dense model for one H×W image (shapes only)."""
+    from cadist.models.build import build_model
+
+    with torch.device("meta"):
+        model = build_model(name, output_stride, num_classes).eval()
+        x = torch.empty(1, 3, height, width)
+    with torch.no_grad(), MacCounter(backbone=model.backbone, head=model.classifier) as c:
+        model(x)
+    bb, hd = c.counts["backbone"], c.counts["head"]
+    return {
+        "model": name,
+        "output_stride": output_stride,
+        "input_hw": [height, width],
+        "backbone_gmac": bb.gmac(),
+        "head_gmac": hd.gmac(),
+        "total_gmac": bb.gmac() + hd.gmac(),
+        "backbone_conv_gmac": bb.gmac("conv"),
+        "head_conv_gmac": hd.gmac("conv"),
+    }
