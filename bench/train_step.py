@@ -1,0 +1,94 @@
+"""Plain PyTorch training steps of the dense DeepLabv3 (the recipe of method.md §8, no Ray, no
+DeepSpeed): images/s and the loss over steps on real generated data, CPU or GPU.
+
+It is the smoke test of training on a GPU and the baseline that the distributed path's overhead is
+measured against. Prints one JSON object.
+
+    python bench/train_step.py [--model deeplabv3_resnet101 --output-stride 16 --batch 8 --crop 768
+                                --steps 20 --device cuda --dtype bf16 --channels-last]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cadist.data.synthetic import render_scene
+from cadist.data.cityscapes import label_lut
+from cadist.data.transforms import TrainTransform, normalize_batch
+from cadist.models.build import build_model
+
+
+def make_batch(n, height, width, crop, seed=0):
+    lut = label_lut()
+    tf = TrainTransform(crop, crop)
+    imgs, labs = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        img, lab = render_scene(height, width, rng)
+        a, b = tf.augment(img, lut[lab], rng)
+        imgs.append(a)
+        labs.append(torch.from_numpy(np.ascontiguousarray(b)).long())
+    return normalize_batch(imgs), torch.stack(labs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="deeplabv3_resnet101")
+    ap.add_argument("--output-stride", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--crop", type=int, default=768)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--channels-last", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model, args.output_stride).to(dev).train()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    body = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    opt = torch.optim.SGD([{"params": body, "lr": 0.01}, {"params": head, "lr": 0.1}],
+                          momentum=0.9, weight_decay=1e-4)
+    x, y = make_batch(args.batch, args.height, args.width, args.crop)
+    x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
+    losses, times = [], []
+    for step in range(args.steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())  # syncs
+        times.append(time.perf_counter() - t0)
+    steady = times[2:] or times
+    out = {"bench": "train_step", "model": args.model, "output_stride": args.output_stride,
+           "batch": args.batch, "crop": args.crop, "device": str(dev),
+           "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "dtype": args.dtype, "channels_last": args.channels_last, "torch": torch.__version__,
+           "ms_per_step": round(statistics.median(steady) * 1000, 2),
+           "images_per_s": round(args.batch / statistics.median(steady), 2),
+           "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+           "losses": [round(v, 4) for v in losses]}
+    if dev.type == "cuda":
+        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
