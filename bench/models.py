@@ -28,8 +28,11 @@ def _sync(device):
 
 def time_forward(model, x, warmup, repeats, dtype):
     times = []
-    ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if dtype == "bf16"
-           else torch.autocast(x.device.type, enabled=False))
+    ctx = (
+        torch.autocast(x.device.type, dtype=torch.bfloat16)
+        if dtype == "bf16"
+        else torch.autocast(x.device.type, enabled=False)
+    )
     with torch.inference_mode(), ctx:
         for i in range(warmup + repeats):
             _sync(x.device)
@@ -63,22 +66,44 @@ def main():
             fmt = torch.channels_last if cl else torch.contiguous_format
             m, xx = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
             ms = time_forward(m, xx, args.warmup, args.repeats, args.dtype)
-            results.append({"output_stride": os_, "channels_last": cl, "ms_per_forward": round(ms, 2),
-                            "images_per_s": round(1000 * args.batch / ms, 3),
-                            "total_gmac": round(macs["total_gmac"], 2),
-                            "effective_gmac_per_s": round(macs["total_gmac"] * args.batch / ms * 1000, 1)})
+            results.append(
+                {
+                    "output_stride": os_,
+                    "channels_last": cl,
+                    "ms_per_forward": round(ms, 2),
+                    "images_per_s": round(1000 * args.batch / ms, 3),
+                    "total_gmac": round(macs["total_gmac"], 2),
+                    "effective_gmac_per_s": round(macs["total_gmac"] * args.batch / ms * 1000, 1),
+                }
+            )
         del model
     by = {(r["output_stride"], r["channels_last"]): r["ms_per_forward"] for r in results}
-    ratios = {"channels_last_speedup_os16": round(by[(16, False)] / by[(16, True)], 3),
-              "channels_last_speedup_os8": round(by[(8, False)] / by[(8, True)], 3),
-              "os8_over_os16_time": round(by[(8, False)] / by[(16, False)], 3),
-              "os8_over_os16_macs": round(results[2]["total_gmac"] / results[0]["total_gmac"], 3)}
+    ratios = {
+        "channels_last_speedup_os16": round(by[(16, False)] / by[(16, True)], 3),
+        "channels_last_speedup_os8": round(by[(8, False)] / by[(8, True)], 3),
+        "os8_over_os16_time": round(by[(8, False)] / by[(16, False)], 3),
+        "os8_over_os16_macs": round(results[2]["total_gmac"] / results[0]["total_gmac"], 3),
+    }
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(json.dumps({"bench": "models", "model": args.model, "input_hw": [args.height, args.width],
-                      "batch": args.batch, "device": str(device), "device_name": dev_name,
-                      "dtype": args.dtype, "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "results": results, "ratios": ratios}, indent=1))
+    print(
+        json.dumps(
+            {
+                "bench": "models",
+                "model": args.model,
+                "input_hw": [args.height, args.width],
+                "batch": args.batch,
+                "device": str(device),
+                "device_name": dev_name,
+                "dtype": args.dtype,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cadist.data.synthetic import render_scene
 from cadist.data.cityscapes import label_lut
+from cadist.data.synthetic import render_scene
 from cadist.data.transforms import TrainTransform, normalize_batch
 from cadist.models.build import build_model
 
@@ -60,8 +58,9 @@ def main():
     model = model.to(memory_format=fmt)
     head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
     body = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    opt = torch.optim.SGD([{"params": body, "lr": 0.01}, {"params": head, "lr": 0.1}],
-                          momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(
+        [{"params": body, "lr": 0.01}, {"params": head, "lr": 0.1}], momentum=0.9, weight_decay=1e-4
+    )
     x, y = make_batch(args.batch, args.height, args.width, args.crop)
     x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
     losses, times = [], []
@@ -77,14 +76,23 @@ def main():
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - t0)
     steady = times[2:] or times
-    out = {"bench": "train_step", "model": args.model, "output_stride": args.output_stride,
-           "batch": args.batch, "crop": args.crop, "device": str(dev),
-           "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "dtype": args.dtype, "channels_last": args.channels_last, "torch": torch.__version__,
-           "ms_per_step": round(statistics.median(steady) * 1000, 2),
-           "images_per_s": round(args.batch / statistics.median(steady), 2),
-           "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-           "losses": [round(v, 4) for v in losses]}
+    out = {
+        "bench": "train_step",
+        "model": args.model,
+        "output_stride": args.output_stride,
+        "batch": args.batch,
+        "crop": args.crop,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "channels_last": args.channels_last,
+        "torch": torch.__version__,
+        "ms_per_step": round(statistics.median(steady) * 1000, 2),
+        "images_per_s": round(args.batch / statistics.median(steady), 2),
+        "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4),
+        "losses": [round(v, 4) for v in losses],
+    }
     if dev.type == "cuda":
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     print(json.dumps(out))

@@ -211,6 +211,38 @@ def predict_cmd(model, output_stride, ckpt, images, out, save_logits, device):
         click.echo(" ".join(str(p) for p in paths.values()))
 
 
+# -- training -----------------------------------------------------------------------------------
+@main.command("train")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a job key, e.g. --set train.iterations=1000 (repeatable).",
+)
+@click.option(
+    "--address", default=None, help="Ray cluster address; default: the job's, else a local Ray."
+)
+def train_cmd(job_file, overrides, address):
+    """Train JOB_FILE on Ray Train + DeepSpeed (rerunning the same job name resumes it)."""
+    from cadist.config import load_job
+    from cadist.train.driver import run_training
+
+    job = load_job(job_file, overrides)
+    r = run_training(job, job_file, address)
+    summary = {
+        "job": job.name,
+        "miou": r.metrics.get("val/miou"),
+        "step": r.metrics.get("step"),
+        "checkpoint": r.checkpoint,
+        "mlflow_run_id": r.run_id,
+    }
+    _print_json(summary)
+    if r.tracking_uri:
+        click.echo(f"browse: mlflow ui --backend-store-uri {r.tracking_uri} --host 127.0.0.1")
+
+
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=1))
 

@@ -158,7 +158,10 @@ def save_weights(net: nn.Module, path: str | Path, **meta) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    sd = {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+        for k, v in net.state_dict().items()
+    }  # bf16 training exports fp32 weights
     torch.save({"cadist_format": EXPORT_FORMAT, **meta, "state_dict": sd}, tmp)
     os.replace(tmp, path)
     return path

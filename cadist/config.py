@@ -1,0 +1,220 @@
+"""One typed job configuration, loaded from `jobs/*.yaml` with `--set a.b=value` overrides.
+
+Each field is documented where it is defined: this file is the manual of the job format. A mistake
+is one `ConfigError` line naming the file, the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cadist.errors import ConfigError
+from cadist.models.names import DenseModelName
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: DenseModelName = "deeplabv3_resnet101"
+    """Model name as in the reference implementation."""
+    output_stride: Literal[8, 16] = 16
+    """Output stride of the dense backbone (8 or 16)."""
+    backbone_weights: str | None = None
+    """torchvision ImageNet ResNet state dict to initialise the backbone (e.g. resnet101-63fe2227.pth);
+    None: random initialisation (only sensible for the tiny demo model)."""
+    weights: str | None = None
+    """Whole-model weights to start from (reference checkpoint, torchvision or cadist export)."""
+
+
+class DataConfig(_Section):
+    train_shards: str = "shards/cityscapes/train-manifest.json"
+    """Training shards: a manifest, a brace pattern or a URL list (comma-free string)."""
+    val_shards: str = "shards/cityscapes/val-manifest.json"
+    """Validation shards, read once per evaluation at full resolution."""
+    crop_size: int = Field(768, ge=16)
+    """Square random crop of training images (method §1.3); never padded."""
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = Field(64, ge=1)
+    """Samples held for shuffling per loader worker."""
+    steps_per_epoch: int = Field(100, ge=1)
+    """Length of one data-stream epoch in steps; shard order is reshuffled every epoch."""
+    skip_bad: bool = False
+    """Skip (and count) corrupt shards and samples instead of stopping."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs (runs the command: only for trusted jobs)."""
+
+
+class TrainConfig(_Section):
+    iterations: int = Field(30_000, ge=1)
+    """Optimiser steps in all (method §8: 30 000)."""
+    batch_size: int = Field(8, ge=1)
+    """Global batch size, split evenly over the workers."""
+    lr_backbone: float = Field(0.01, gt=0)
+    lr_head: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    """Floor of the poly schedule: lr_t = max(lr0·(1 − t/T)^power, min_lr)."""
+    seed: int = 1
+    log_every: int = Field(10, ge=1)
+    """Steps between training-metric reports."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Steps between checkpoints reported to Ray (DeepSpeed state, step, data position, RNG)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the latest checkpoints Ray keeps."""
+
+
+class EvalConfig(_Section):
+    interval: int = Field(100, ge=1)
+    """Steps between evaluations on the validation shards (and one at the end)."""
+    batch_size: int = Field(1, ge=1)
+    """Validation images per rank and batch."""
+    log_images: int = Field(3, ge=0)
+    """Validation predictions logged to MLflow as images at each evaluation."""
+
+
+class ClusterConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker; BatchNorm is synchronised across GPU workers."""
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(2, ge=0)
+    """Worker failures tolerated; training restarts from the latest checkpoint each time."""
+    address: str | None = None
+    """Ray cluster address (`auto`, `ray://host:10001`); None: start a local Ray."""
+    storage_path: str = "cadist_runs"
+    """Where Ray keeps checkpoints and run state (absolute, or relative to the working directory)."""
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2] = 0
+    bf16: Literal["auto", True, False] = "auto"
+    """bf16 training: "auto" = on with GPUs, fp32 on the CPU accelerator."""
+
+
+class MlflowConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI, else a local SQLite store `sqlite:///<cwd>/mlflow.db`."""
+    experiment: str = "cadist"
+
+
+class JobConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name: rerunning the same name resumes it."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobConfig:
+        n = self.cluster.num_workers
+        if self.train.batch_size % n:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is not divisible by cluster.num_workers "
+                f"{n}; use a multiple of {n} (e.g. {n * max(1, self.train.batch_size // n)})"
+            )
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.batch_size // self.cluster.num_workers
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys → values, for MLflow params."""
+        out = {}
+
+        def walk(prefix, obj):
+            for k, v in obj.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    out[f"{prefix}{k}"] = v
+
+        walk("", self.model_dump())
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def _set(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.setdefault(k, {}), dict):
+            raise ConfigError(f"{source}: --set {dotted}: {k} is not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """["train.iterations=100", …] → [("train.iterations", 100), …] (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE, e.g. --set train.iterations=1000"
+            )
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read, override and validate a job file; `ConfigError` names file, key, value and the fix."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except yaml.YAMLError as exn:
+        raise ConfigError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (name, model, data, …)")
+    for key, value in parse_overrides(overrides):
+        _set(tree, key, value, str(path))
+    return validate_job(tree, str(path))
+
+
+def validate_job(tree: dict, source: str) -> JobConfig:
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as exn:
+        err = exn.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"{source}: {loc}" if loc else source
+        if err["type"] == "extra_forbidden":
+            parent = _section_of(err["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            raise ConfigError(f"{where}: unknown key; allowed here: {allowed}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") else ""
+        raise ConfigError(f"{where}: {msg}{got}") from None
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    cls: type[BaseModel] = JobConfig
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
+            return None
+        cls = field.annotation
+    return cls

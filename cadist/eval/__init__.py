@@ -1,0 +1,1 @@
+"""Metrics: segmentation confusion matrix (method.md §9)."""

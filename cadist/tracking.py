@@ -1,0 +1,148 @@
+"""MLflow: the only `import mlflow`. A `NullTracker` stands in when tracking is off or on ranks > 0.
+
+The tracking URI comes from the job, else `$MLFLOW_TRACKING_URI`, else a local SQLite store
+`sqlite:///<cwd>/mlflow.db` with artifacts in `<cwd>/mlruns` (no server needed). A server that cannot
+be reached is a `ConfigError` before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cadist.errors import ConfigError
+
+
+def resolve_uri(configured: str | None, cwd: Path | None = None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+    if "://" not in uri:  # a bare path: a local folder of the file store is gone in MLflow 3
+        raise ConfigError(
+            f"mlflow.tracking_uri {uri!r}: expected a URI such as "
+            f"sqlite:///abs/path/mlflow.db or http://127.0.0.1:5000"
+        )
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail early and clearly when a tracking server is down or a store cannot be created."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except (OSError, urllib.error.URLError) as exn:
+            raise ConfigError(
+                f"MLflow tracking server {uri} cannot be reached ({exn}); start it (e.g. `mlflow "
+                f"server --host 127.0.0.1 --port 5000`), fix mlflow.tracking_uri, or unset it to use "
+                f"the local store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.parent.is_dir():
+            raise ConfigError(
+                f"MLflow store {uri}: folder {db.parent} does not exist; create it or "
+                f"change mlflow.tracking_uri"
+            )
+
+
+def _default_artifact_location(uri: str, experiment: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlruns" / experiment).resolve().as_uri()
+    return None
+
+
+def start_or_resume_run(
+    uri: str, experiment: str, run_name: str, marker: Path, tags: dict[str, str]
+) -> str:
+    """The MLflow run of a job: created on the first start, found again (via `marker`) on reruns."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if marker.exists():
+        run_id = json.loads(marker.read_text()).get("run_id")
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+        except Exception:  # deleted or from another store: start a new run
+            pass
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            experiment, artifact_location=_default_artifact_location(uri, experiment)
+        )
+    )
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    os.replace(tmp, marker)
+    return run.info.run_id
+
+
+class Tracker:
+    """Logs to one MLflow run through the client API (no global active-run state)."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id, self.uri = MlflowClient(uri), run_id, uri
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(k.replace(" ", "_"), float(v), ts, step)
+            for k, v in metrics.items()
+            if v is not None and np.isfinite(v)
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        existing = self.client.get_run(self.run_id).data.params
+        items = [p for p in items if p.key not in existing]  # params are immutable on resume
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class NullTracker:
+    """Tracking off, or a rank that does not log: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

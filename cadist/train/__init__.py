@@ -1,0 +1,1 @@
+"""Training: plain-torch pieces (loop), DeepSpeed (engine), Ray Train (worker, driver)."""

@@ -1,0 +1,192 @@
+"""The driver: validate on this machine, open the MLflow run, start Ray, fit the `TorchTrainer`.
+
+Rerunning a job of the same name with the same storage path resumes it (Ray Train restores the
+latest checkpoint; the MLflow run is found again through a marker file).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from cadist import __version__
+from cadist.config import JobConfig
+from cadist.data.stream import expand_shards
+from cadist.errors import ConfigError, ShardError
+
+_WORKER_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    tracking_uri: str | None
+    checkpoint: str | None
+    metrics: dict
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_data(job: JobConfig, source: str) -> None:
+    """Shards exist and suffice for ranks × loader workers — before any worker starts."""
+    for key in ("train_shards", "val_shards"):
+        spec = getattr(job.data, key)
+        try:
+            urls = expand_shards(spec)
+        except ShardError as exn:
+            raise ConfigError(f"{source}: data.{key}: {exn}") from None
+        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not Path(u).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{source}: data.{key}: shard {missing[0]} does not exist "
+                f"({len(missing)} of {len(urls)} missing); build shards with "
+                f"`cadist shards build`"
+            )
+        readers = job.cluster.num_workers * max(1, job.data.num_workers)
+        if key == "train_shards" and len(urls) < readers:
+            raise ConfigError(
+                f"{source}: data.train_shards: {len(urls)} shards for cluster.num_workers "
+                f"{job.cluster.num_workers} × data.num_workers {job.data.num_workers} = {readers} "
+                f"readers; rebuild with a smaller --samples-per-shard or lower data.num_workers"
+            )
+
+
+def val_image_size(job: JobConfig) -> tuple[int, int] | None:
+    """(H, W) of the first validation sample (its JSON record), or None if unreadable."""
+    import json
+
+    from cadist.data.stream import iter_raw_samples
+
+    try:
+        first = next(iter_raw_samples(expand_shards(job.data.val_shards)[0], job.data.allow_pipe))
+        meta = json.loads(first["json"])
+        return int(meta["height"]), int(meta["width"])
+    except (StopIteration, ShardError, KeyError, ValueError):
+        return None
+
+
+def log_macs(tracker, job: JobConfig) -> None:
+    """The model's GMac per validation image (method §10 rules) as `macs/*` metrics at step 0."""
+    from cadist.macs import count_dense
+
+    hw = val_image_size(job)
+    if hw is None:
+        return
+    m = count_dense(job.model.name, job.model.output_stride, *hw)
+    tracker.log_metrics(
+        {
+            "macs/backbone_gmac": m["backbone_gmac"],
+            "macs/head_gmac": m["head_gmac"],
+            "macs/total_gmac": m["total_gmac"],
+        },
+        step=0,
+    )
+    tracker.log_params({"macs.input_hw": f"{hw[0]}x{hw[1]}"})
+
+
+def _absolute(job: JobConfig) -> JobConfig:
+    """Workers may run elsewhere (another cwd, another node): make local paths absolute."""
+
+    def fix(p):
+        return str(Path(p).resolve()) if p and "://" not in p and not p.startswith("pipe:") else p
+
+    data = job.data.model_copy(
+        update={"train_shards": fix(job.data.train_shards), "val_shards": fix(job.data.val_shards)}
+    )
+    model = job.model.model_copy(
+        update={
+            "backbone_weights": fix(job.model.backbone_weights),
+            "weights": fix(job.model.weights),
+        }
+    )
+    cluster = job.cluster.model_copy(update={"storage_path": fix(job.cluster.storage_path)})
+    return job.model_copy(update={"data": data, "model": model, "cluster": cluster})
+
+
+def run_training(job: JobConfig, source: str = "<job>", address: str | None = None) -> TrainResult:
+    """Train (or resume) `job` on a Ray cluster; returns the run's final metrics and checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cadist.tracking import (
+        NullTracker,
+        Tracker,
+        check_reachable,
+        resolve_uri,
+        start_or_resume_run,
+    )
+    from cadist.train.worker import train_worker
+
+    check_data(job, source)
+    job = _absolute(job)
+    storage = Path(job.cluster.storage_path)
+    storage.mkdir(parents=True, exist_ok=True)
+    uri = run_id = None
+    tracker = NullTracker()
+    if job.mlflow.enabled:
+        uri = resolve_uri(job.mlflow.tracking_uri)
+        check_reachable(uri)
+        tags = {
+            "cadist.version": __version__,
+            "cadist.git_commit": git_commit(),
+            "cadist.world_size": str(job.cluster.num_workers),
+            "cadist.device": "gpu" if job.cluster.use_gpu else "cpu",
+            "cadist.job": job.name,
+        }
+        run_id = start_or_resume_run(
+            uri,
+            job.mlflow.experiment,
+            job.name,
+            storage / ".cadist" / f"{job.name}.mlflow.json",
+            tags,
+        )
+        tracker = Tracker(uri, run_id)
+        tracker.log_params(job.flat())
+        tracker.log_text(job.to_yaml(), "config/job.yaml")
+        log_macs(tracker, job)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        ray.init(
+            address=address or job.cluster.address or "local",
+            runtime_env={"env_vars": _WORKER_ENV},
+            log_to_driver=True,
+        )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job.model_dump(), "tracking_uri": uri, "run_id": run_id},
+        scaling_config=ScalingConfig(
+            num_workers=job.cluster.num_workers,
+            use_gpu=job.cluster.use_gpu,
+            resources_per_worker={"CPU": job.cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=job.cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return TrainResult(run_id, uri, ckpt, dict(result.metrics or {}))

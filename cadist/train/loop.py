@@ -1,0 +1,98 @@
+"""The plain-torch parts of training and evaluation (no Ray, no DeepSpeed): parameter groups, the
+poly schedule of method §8, the loss, seeding, and evaluation into a §9 confusion matrix."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cadist.data.cityscapes import IGNORE_INDEX
+from cadist.eval.miou import ConfusionMatrix
+
+
+def param_groups(model: nn.Module, lr_backbone: float, lr_head: float) -> list[dict]:
+    """Backbone parameters at `lr_backbone`, everything else (the head) at `lr_head`.
+
+    Weight decay applies to all parameters, BN and biases included (§8)."""
+    backbone, head = [], []
+    for name, p in model.named_parameters():
+        (backbone if name.startswith("backbone.") else head).append(p)
+    return [
+        {"params": backbone, "lr": lr_backbone, "name": "backbone"},
+        {"params": head, "lr": lr_head, "name": "head"},
+    ]
+
+
+def poly_lambdas(
+    groups: list[dict], iterations: int, power: float, min_lr: float
+) -> list[Callable[[int], float]]:
+    """LambdaLR factors: lr_t = max(lr0·(1 − t/T)^power, min_lr), t = 0 for the first step."""
+
+    def make(lr0):
+        return lambda t: max((1 - min(t, iterations) / iterations) ** power, min_lr / lr0)
+
+    return [make(g["lr"]) for g in groups]
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over valid pixels (255 ignored), mean; logits (B, C, H, W), labels (B, H, W)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device,
+    num_classes: int = 19,
+    keep: int = 0,
+) -> tuple[ConfusionMatrix, list[dict]]:
+    """Predict every batch at full resolution; returns the local confusion matrix and the first
+    `keep` samples as {"key", "image", "label", "pred"} (CPU tensors) for logging."""
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    cm = ConfusionMatrix(num_classes, device)
+    kept = []
+    for batch in batches:
+        x = batch["image"].to(device, non_blocking=True)
+        x = x.to(dtype) if x.is_floating_point() else x
+        pred = model(x).argmax(1)
+        y = batch["label"].to(device, non_blocking=True)
+        cm.update(pred, y)
+        for i in range(min(len(batch["key"]), keep - len(kept))):
+            kept.append(
+                {
+                    "key": batch["key"][i],
+                    "image": batch["image"][i].float().cpu(),
+                    "label": batch["label"][i].cpu(),
+                    "pred": pred[i].cpu(),
+                }
+            )
+    model.train(was_training)
+    return cm, kept

@@ -1,0 +1,265 @@
+"""The Ray Train worker: one data-parallel rank of DeepSpeed training, evaluation and checkpoints.
+
+Reads top to bottom: build → restore → loop (step, log, evaluate, checkpoint) → final export.
+Only rank 0 talks to MLflow; every rank calls the collectives (loss average, confusion matrix,
+DeepSpeed checkpoint, `ray.train.report`) the same number of times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cadist.config import JobConfig
+from cadist.data.cityscapes import CLASS_NAMES
+from cadist.data.stream import ShardStream, make_loader
+from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
+from cadist.models.build import build_model
+from cadist.models.weights import load_backbone, load_weights, save_weights
+from cadist.predict import colorize
+from cadist.tracking import NullTracker, Tracker
+from cadist.train.engine import deepspeed_config, make_engine
+from cadist.train.loop import (
+    evaluate,
+    param_groups,
+    poly_lambdas,
+    rng_state,
+    seed_everything,
+    segmentation_loss,
+    set_rng_state,
+)
+
+CKPT_TAG = "state"
+
+
+def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device):
+    seed_everything(job.train.seed)  # identical initialisation on every rank
+    model = build_model(job.model.name, job.model.output_stride)
+    if job.model.backbone_weights:
+        load_backbone(model, job.model.backbone_weights)
+    if job.model.weights:
+        load_weights(model, job.model.weights, expect_name=job.model.name)
+    if on_gpu and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    groups = param_groups(model, job.train.lr_backbone, job.train.lr_head)
+    opt = torch.optim.SGD(
+        groups,
+        lr=job.train.lr_head,
+        momentum=job.train.momentum,
+        weight_decay=job.train.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, poly_lambdas(groups, job.train.iterations, job.train.poly_power, job.train.min_lr)
+    )
+    return make_engine(model, opt, sched, deepspeed_config(job, on_gpu))
+
+
+def _rng_to_json(state: dict) -> dict:
+    np_state = state["numpy"]
+    return {
+        "python": [state["python"][0], list(state["python"][1]), state["python"][2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": state["torch"].tolist(),
+    }
+
+
+def _rng_from_json(d: dict) -> dict:
+    py = d["python"]
+    return {
+        "python": (py[0], tuple(py[1]), py[2]),
+        "numpy": (d["numpy"][0], np.array(d["numpy"][1], dtype=np.uint32), *d["numpy"][2:]),
+        "torch": torch.tensor(d["torch"], dtype=torch.uint8),
+    }
+
+
+def save_checkpoint(engine, state: dict, rank: int, metrics: dict) -> None:
+    """Every rank writes its part (DeepSpeed state, its RNG); Ray merges them into one checkpoint."""
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"cadist": dict(state)})
+        (Path(d) / f"rng_rank{rank}.json").write_text(json.dumps(_rng_to_json(rng_state())))
+        if rank == 0:
+            save_weights(engine.module, Path(d) / "model.pt", step=state["step"])
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"step_{state['step']:08d}",
+        )
+
+
+def restore_checkpoint(engine, rank: int) -> dict | None:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
+        rng = Path(d) / f"rng_rank{rank}.json"
+        if rng.exists():
+            set_rng_state(_rng_from_json(json.loads(rng.read_text())))
+    return client["cadist"]
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def _log_eval(tracker, job: JobConfig, cm, kept: list[dict], step: int, best: bool) -> float:
+    s = cm.summary(CLASS_NAMES)
+    metrics = {
+        "val/miou": s["miou"],
+        "val/pixel_accuracy": s["pixel_accuracy"],
+        "val/mean_class_accuracy": s["mean_class_accuracy"],
+    }
+    metrics.update({f"val/iou/{name}": v for name, v in s["iou"].items()})
+    tracker.log_metrics(metrics, step)
+    table = "class,iou\n" + "".join(
+        f"{n},{'' if math.isnan(v) else f'{v:.4f}'}\n" for n, v in s["iou"].items()
+    )
+    tracker.log_text(table, "eval/iou_last.csv")
+    if best:
+        tracker.log_text(table, "eval/iou_best.csv")
+    for k in kept:
+        img = (denormalize(k["image"]).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        strip = np.concatenate(
+            [
+                img,
+                colorize(k["label"].numpy().astype(np.uint8)),
+                colorize(k["pred"].numpy().astype(np.uint8)),
+            ],
+            axis=1,
+        )
+        tracker.log_image(strip, f"predictions/step_{step:08d}/{k['key']}.png")
+    return s["miou"]
+
+
+def train_worker(cfg: dict) -> None:
+    """Ray Train entry point; `cfg` = {"job": JobConfig dump, "tracking_uri", "run_id"}."""
+    job = JobConfig.model_validate(cfg["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = job.cluster.use_gpu
+    device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
+    engine = build_engine(job, on_gpu, world, device)
+    dtype = next(engine.module.parameters()).dtype
+    state = restore_checkpoint(engine, rank) or {"step": 0, "best_miou": -1.0}
+    tracker = (
+        Tracker(cfg["tracking_uri"], cfg["run_id"])
+        if rank == 0 and cfg.get("run_id")
+        else NullTracker()
+    )
+    d, t = job.data, job.train
+    train = ShardStream(
+        d.train_shards,
+        train=True,
+        batch_size=job.per_worker_batch,
+        rank=rank,
+        world_size=world,
+        num_workers=d.num_workers,
+        steps_per_epoch=d.steps_per_epoch,
+        transform=TrainTransform(d.crop_size, d.crop_size),
+        seed=t.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        skip_bad=d.skip_bad,
+        allow_pipe=d.allow_pipe,
+        normalize=False,
+    )
+    val = ShardStream(
+        d.val_shards,
+        train=False,
+        batch_size=job.eval.batch_size,
+        rank=rank,
+        world_size=world,
+        num_workers=min(d.num_workers, 1),
+        skip_bad=d.skip_bad,
+        allow_pipe=d.allow_pipe,
+        normalize=False,
+    )
+    step = state["step"]
+    if rank == 0 and step:
+        print(f"[cadist] resumed at step {step}")
+    engine.train()
+    t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    while step < t.iterations:
+        epoch, start = divmod(step, d.steps_per_epoch)
+        train.set_epoch(epoch, start)
+        for batch in make_loader(train, pin_memory=on_gpu):
+            x = normalize_uint8(batch["image"].to(device, non_blocking=True)).to(dtype)
+            y = batch["label"].to(device, non_blocking=True)
+            loss = segmentation_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            state["step"] = step
+            seen += x.shape[0]
+            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+            metrics = {}
+            if step % t.log_every == 0 or step == t.iterations:
+                elapsed = time.perf_counter() - t0
+                metrics = {
+                    "train/loss": _mean_over_ranks(loss_sum / loss_n, device),
+                    "train/lr": engine.get_lr()[0],
+                    "train/lr_head": engine.get_lr()[1],
+                    "train/images_per_s": _mean_over_ranks(seen / elapsed, device) * world,
+                    "train/epoch": epoch,
+                }
+                tracker.log_metrics(metrics, step)
+                t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            if step % job.eval.interval == 0 or step == t.iterations:
+                cm, kept = evaluate(
+                    engine.module,
+                    _on_device(make_loader(val), device, dtype),
+                    device,
+                    keep=job.eval.log_images if rank == 0 else 0,
+                )
+                cm.all_reduce()
+                miou = cm.miou()
+                is_best = miou > state["best_miou"]  # the summed matrix is the same on every rank
+                _log_eval(tracker, job, cm, kept, step, is_best)
+                if is_best:
+                    state["best_miou"] = miou
+                    if rank == 0:
+                        with tempfile.TemporaryDirectory() as tmp:
+                            save_weights(
+                                engine.module,
+                                Path(tmp) / "best.pt",
+                                model=job.model.name,
+                                output_stride=job.model.output_stride,
+                                step=step,
+                                miou=miou,
+                            )
+                            tracker.log_artifact(Path(tmp) / "best.pt", "checkpoints")
+                metrics.update({"val/miou": miou})
+                engine.train()
+            if step % t.checkpoint_every == 0 or step == t.iterations:
+                save_checkpoint(engine, state, rank, {"step": step, **metrics})
+            if step >= t.iterations:
+                break
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_weights(
+                engine.module,
+                Path(tmp) / "last.pt",
+                model=job.model.name,
+                output_stride=job.model.output_stride,
+                step=step,
+            )
+            tracker.log_artifact(Path(tmp) / "last.pt", "checkpoints")
+
+
+def _on_device(batches, device, dtype):
+    for b in batches:
+        b["image"] = normalize_uint8(b["image"].to(device, non_blocking=True)).to(dtype)
+        yield b
