@@ -64,7 +64,7 @@ def main():
     x, y = make_batch(args.batch, args.height, args.width, args.crop)
     x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
     losses, times = [], []
-    for step in range(args.steps):
+    for _ in range(args.steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from cadist.train.loop import (
     segmentation_loss,
     set_rng_state,
 )
+from cadist.train.syncbn import convert_to_distributed_bn
 
 CKPT_TAG = "state"
 
@@ -48,8 +49,12 @@ def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device)
         load_backbone(model, job.model.backbone_weights)
     if job.model.weights:
         load_weights(model, job.model.weights, expect_name=job.model.name)
-    if on_gpu and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world > 1:  # batch statistics over the global batch, on GPUs and on the CPU alike
+        model = (
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if on_gpu
+            else convert_to_distributed_bn(model)
+        )
     model.to(device)
     groups = param_groups(model, job.train.lr_backbone, job.train.lr_head)
     opt = torch.optim.SGD(
@@ -216,6 +221,12 @@ def train_worker(cfg: dict) -> None:
                     "train/epoch": epoch,
                 }
                 tracker.log_metrics(metrics, step)
+                if rank == 0:
+                    print(
+                        f"[cadist] step {step}/{t.iterations} loss {metrics['train/loss']:.4f} "
+                        f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s",
+                        flush=True,
+                    )
                 t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             if step % job.eval.interval == 0 or step == t.iterations:
                 cm, kept = evaluate(
@@ -242,6 +253,11 @@ def train_worker(cfg: dict) -> None:
                             )
                             tracker.log_artifact(Path(tmp) / "best.pt", "checkpoints")
                 metrics.update({"val/miou": miou})
+                if rank == 0:
+                    print(
+                        f"[cadist] step {step}: val mIoU {miou:.4f} (best {state['best_miou']:.4f})",
+                        flush=True,
+                    )
                 engine.train()
             if step % t.checkpoint_every == 0 or step == t.iterations:
                 save_checkpoint(engine, state, rank, {"step": step, **metrics})

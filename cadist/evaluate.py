@@ -1,0 +1,47 @@
+"""`cadist eval`: evaluate weights on a job's validation shards (one process, CPU or GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cadist.config import JobConfig
+from cadist.data.cityscapes import CLASS_NAMES
+from cadist.data.stream import ShardStream, make_loader
+from cadist.errors import CheckpointError
+from cadist.models.build import build_model
+from cadist.models.weights import load_weights
+from cadist.train.loop import evaluate
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A weights file, or a Ray checkpoint directory holding cadist's `model.pt`."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.pt").is_file():
+            return p / "model.pt"
+        raise CheckpointError(
+            f"{p}: a folder without model.pt; pass a weights file or a cadist "
+            f"checkpoint folder (cadist_runs/<job>/step_…)"
+        )
+    return p
+
+
+def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
+    """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9)."""
+    model = build_model(job.model.name, job.model.output_stride)
+    load_weights(model, resolve_weights(ckpt), expect_name=job.model.name)
+    model.to(device)
+    val = ShardStream(
+        job.data.val_shards,
+        train=False,
+        batch_size=job.eval.batch_size,
+        num_workers=min(job.data.num_workers, 1),
+        skip_bad=job.data.skip_bad,
+        allow_pipe=job.data.allow_pipe,
+    )
+    cm, _ = evaluate(model, make_loader(val), torch.device(device))
+    out = cm.summary(CLASS_NAMES)
+    out["pixels"] = int(cm.mat.sum())
+    return out

@@ -1,0 +1,169 @@
+"""Plain-process parts of training: config, confusion matrix, schedule, synchronised BatchNorm."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cadist.config import load_job
+from cadist.errors import ConfigError
+from cadist.eval.miou import ConfusionMatrix
+from cadist.train.loop import param_groups, poly_lambdas
+from cadist.train.syncbn import convert_to_distributed_bn
+
+JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
+
+
+# -- config -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["demo.yaml", "deeplabv3_r101_os16.yaml", "deeplabv3_r101_os8.yaml"]
+)
+def test_shipped_jobs_validate(name):
+    job = load_job(os.path.join(JOBS, name))
+    assert job.train.batch_size % job.cluster.num_workers == 0
+
+
+def test_paper_jobs_follow_the_recipe():
+    for os_ in (8, 16):
+        job = load_job(os.path.join(JOBS, f"deeplabv3_r101_os{os_}.yaml"))
+        t = job.train
+        assert (job.model.name, job.model.output_stride) == ("deeplabv3_resnet101", os_)
+        assert (
+            t.iterations,
+            t.batch_size,
+            t.lr_backbone,
+            t.lr_head,
+            t.momentum,
+            t.weight_decay,
+            t.poly_power,
+            t.min_lr,
+        ) == (30000, 8, 0.01, 0.1, 0.9, 1e-4, 0.9, 1e-6)
+        assert (job.data.crop_size, job.eval.interval, t.seed) == (768, 100, 1)
+
+
+def test_overrides_and_one_line_errors(tmp_path):
+    f = tmp_path / "j.yaml"
+    f.write_text("name: a\nmodel: {name: deeplabv3_resnet_tiny}\n")
+    job = load_job(f, ["train.iterations=7", "cluster.num_workers=2", "deepspeed.zero_stage=2"])
+    assert (job.train.iterations, job.cluster.num_workers, job.deepspeed.zero_stage) == (7, 2, 2)
+    cases = [
+        (
+            ["train.iteratons=3"],
+            r"j\.yaml: train\.iteratons: unknown key; allowed here: iterations",
+        ),
+        (["model.output_stride=4"], r"model\.output_stride: .*8 or 16.*\(got 4\)"),
+        (
+            ["cluster.num_workers=3"],
+            r"train\.batch_size 8 is not divisible by cluster\.num_workers 3",
+        ),
+        (["model.name=resnet9"], r"model\.name: .*'deeplabv3_resnet101'.*\(got 'resnet9'\)"),
+        (["name=bad name"], r"name: String should match"),
+        (["train.iterations"], r"expected KEY=VALUE"),
+    ]
+    for overrides, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern) as e:
+            load_job(f, overrides)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="no such job file"):
+        load_job(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(tmp_path / "bad.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    job = load_job(os.path.join(JOBS, "demo.yaml"), ["train.iterations=5"])
+    (tmp_path / "r.yaml").write_text(job.to_yaml())
+    assert load_job(tmp_path / "r.yaml") == job
+    assert job.flat()["train.iterations"] == 5
+
+
+# -- metric -----------------------------------------------------------------------------------
+def test_confusion_matrix_against_hand_computed_values():
+    cm = ConfusionMatrix(3)
+    target = torch.tensor([0, 0, 1, 1, 2, 255, 2, 0])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2, 2, 0])
+    cm.update(pred, target)
+    assert cm.mat.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]
+    iou = cm.iou()
+    assert iou == pytest.approx([2 / 4, 2 / 3, 1 / 2])
+    assert cm.miou() == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+    assert cm.pixel_accuracy() == pytest.approx(5 / 7)
+    assert cm.mean_class_accuracy() == pytest.approx((2 / 3 + 1 + 1 / 2) / 3)
+    cm2 = ConfusionMatrix(4)
+    cm2.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert math.isnan(cm2.iou()[3]) and cm2.miou() == 1.0  # absent classes are excluded
+
+
+def test_poly_schedule_and_param_groups():
+    m = nn.Sequential()
+    m.add_module("backbone", nn.Linear(2, 2))
+    m.add_module("classifier", nn.Linear(2, 2))
+    groups = param_groups(m, 0.01, 0.1)
+    assert [len(g["params"]) for g in groups] == [2, 2]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambdas(groups, 100, 0.9, 1e-6))
+    lrs = []
+    for _ in range(100):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx([0.01, 0.1])  # t = 0 for the first step
+    assert lrs[50] == pytest.approx([0.01 * 0.5**0.9, 0.1 * 0.5**0.9])
+    assert lrs[99] == pytest.approx([max(0.01 * 0.01**0.9, 1e-6), max(0.1 * 0.01**0.9, 1e-6)])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-6, 1e-6])
+
+
+# -- synchronised BatchNorm (real gloo process group, 2 processes) ------------------------------
+def _syncbn_rank(rank, world, port, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    ref = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, momentum=0.01),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 1),
+        nn.BatchNorm2d(2),
+    )
+    m = convert_to_distributed_bn(copy.deepcopy(ref))
+    x = torch.randn(4, 3, 9, 9)
+    xs = x[rank * 2 : (rank + 1) * 2].clone().requires_grad_()
+    y = m(xs)
+    (y**2).mean().backward()
+    xr = x.clone().requires_grad_()
+    y_ref = ref(xr)
+    # data parallel optimises the mean of the ranks' losses
+    ((y_ref[:2] ** 2).mean() / 2 + (y_ref[2:] ** 2).mean() / 2).backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= world
+    errs = {
+        "out": (y.detach() - y_ref[rank * 2 : (rank + 1) * 2]).abs().max().item(),
+        "grad_x": (xs.grad - xr.grad[rank * 2 : (rank + 1) * 2]).abs().max().item(),
+        "grad_p": max((a - p.grad).abs().max().item() for a, p in zip(grads, ref.parameters())),
+        "running": (m[1].running_var - ref[1].running_var).abs().max().item(),
+    }
+    q.put((rank, errs))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_distributed_batchnorm_equals_one_process_on_the_whole_batch():
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_syncbn_rank, args=(r, 2, 29571, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(q.get() for _ in procs)
+    for p in procs:
+        p.join(60)
+    for rank, errs in results.items():
+        assert errs["out"] < 1e-5 and errs["grad_x"] < 2e-5 and errs["grad_p"] < 1e-5, (rank, errs)
+        assert errs["running"] < 1e-6, (rank, errs)
