@@ -1,7 +1,7 @@
 """BatchNorm synchronised across data-parallel ranks on any device (CPU/gloo included).
 
 `torch.nn.SyncBatchNorm` refuses CPU tensors; this one computes batch statistics over the union
-of all ranks' batches with `all_reduce` (two per forward, two per backward), so N workers on B/N
+of all ranks' batches with one `all_reduce` per forward and one per backward, so N workers on B/N
 images each train exactly like one process on B images. Parameter and buffer names are those of
 `nn.BatchNorm2d`, so checkpoints are interchangeable.
 """
@@ -22,16 +22,22 @@ class _SyncBNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         dims = [0] + list(range(2, x.dim()))
-        count = _all_reduce(
-            torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        c = x.shape[1]
+        # one all_reduce: [count, Σx, Σx²] in float64 (E[x²] − mean² is exact enough in float64)
+        local = torch.cat(
+            [
+                torch.tensor([x.numel() / c], dtype=torch.float64, device=x.device),
+                x.sum(dims, dtype=torch.float64),
+                (x.double() ** 2).sum(dims),
+            ]
         )
-        n = float(count.item())
-        mean = _all_reduce(x.sum(dims, dtype=torch.float64)) / n
-        xmu = x - mean.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-        var = _all_reduce((xmu * xmu).sum(dims, dtype=torch.float64)) / n
-        invstd = torch.rsqrt(var + eps).to(x.dtype)
+        n, s1, s2 = _all_reduce(local).split([1, c, c])
+        n = float(n.item())
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
         shape = (1, -1, *([1] * (x.dim() - 2)))
-        xhat = xmu * invstd.view(shape)
+        invstd = torch.rsqrt(var + eps).to(x.dtype)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.view(shape)
         ctx.save_for_backward(xhat, weight, invstd)
         ctx.n, ctx.dims = n, dims
         y = xhat * weight.view(shape) + bias.view(shape)

@@ -113,6 +113,17 @@ def restore_checkpoint(engine, rank: int) -> dict | None:
     return client["cadist"]
 
 
+def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One optimiser step on a batch from the stream (uint8 images are normalised on the device)."""
+    x = batch["image"].to(device, non_blocking=True)
+    x = (normalize_uint8(x) if x.dtype == torch.uint8 else x).to(dtype)
+    y = batch["label"].to(device, non_blocking=True)
+    loss = segmentation_loss(engine(x), y)
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
 def _mean_over_ranks(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -193,22 +204,20 @@ def train_worker(cfg: dict) -> None:
         normalize=False,
     )
     step = state["step"]
-    if rank == 0 and step:
-        print(f"[cadist] resumed at step {step}")
+    if step:
+        tracker.log_metrics({"train/resumed_from_step": step}, step)
+        if rank == 0:
+            print(f"[cadist] resumed from the checkpoint of step {step}", flush=True)
     engine.train()
     t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     while step < t.iterations:
         epoch, start = divmod(step, d.steps_per_epoch)
         train.set_epoch(epoch, start)
         for batch in make_loader(train, pin_memory=on_gpu):
-            x = normalize_uint8(batch["image"].to(device, non_blocking=True)).to(dtype)
-            y = batch["label"].to(device, non_blocking=True)
-            loss = segmentation_loss(engine(x), y)
-            engine.backward(loss)
-            engine.step()
+            loss = train_step(engine, batch, device, dtype)
             step += 1
             state["step"] = step
-            seen += x.shape[0]
+            seen += batch["label"].shape[0]
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
             metrics = {}
             if step % t.log_every == 0 or step == t.iterations:

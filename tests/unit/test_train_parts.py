@@ -147,7 +147,9 @@ def _syncbn_rank(rank, world, port, q):
     errs = {
         "out": (y.detach() - y_ref[rank * 2 : (rank + 1) * 2]).abs().max().item(),
         "grad_x": (xs.grad - xr.grad[rank * 2 : (rank + 1) * 2]).abs().max().item(),
-        "grad_p": max((a - p.grad).abs().max().item() for a, p in zip(grads, ref.parameters())),
+        "grad_p": max(
+            (a - p.grad).abs().max().item() for a, p in zip(grads, ref.parameters(), strict=True)
+        ),
         "running": (m[1].running_var - ref[1].running_var).abs().max().item(),
     }
     q.put((rank, errs))

@@ -1,0 +1,265 @@
+"""Training on real components: a local Ray cluster (2 workers), DeepSpeed on the CPU (gloo),
+real WebDataset shards and a real MLflow SQLite store."""
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from cadist.config import load_job
+from cadist.data.shards import build_shards
+from cadist.data.synthetic import write_tree
+from cadist.errors import ConfigError
+from cadist.train.driver import run_training
+
+pytestmark = pytest.mark.slow
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_tree(root / "cs", num_train=16, num_val=6, height=64, width=128, seed=1)
+    build_shards(root / "cs", "train", root / "shards", samples_per_shard=2, progress=False)
+    build_shards(root / "cs", "val", root / "shards", samples_per_shard=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}},
+    )
+    yield
+    ray.shutdown()
+
+
+def make_job(workdir, name, **extra):
+    overrides = {
+        "name": name,
+        "data.train_shards": str(workdir / "shards" / "train-manifest.json"),
+        "data.val_shards": str(workdir / "shards" / "val-manifest.json"),
+        "data.crop_size": 64,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 4,
+        "data.steps_per_epoch": 10,
+        "train.iterations": 30,
+        "train.batch_size": 4,
+        "train.log_every": 5,
+        "train.checkpoint_every": 10,
+        "eval.interval": 15,
+        "eval.log_images": 2,
+        "cluster.storage_path": str(workdir / "runs"),
+        "mlflow.tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
+        "mlflow.experiment": "itest",
+    }
+    overrides.update(extra)
+    return load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _artifacts(client, run_id, path=""):
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
+    job = make_job(workdir, "itest-main")
+    r = run_training(job, "itest")
+    assert r.metrics["step"] == 30 and 0 <= r.metrics["val/miou"] <= 1
+    client = MlflowClient(r.tracking_uri)
+    run = client.get_run(r.run_id)
+    assert run.info.status == "FINISHED"
+    loss = [
+        m.value
+        for m in sorted(client.get_metric_history(r.run_id, "train/loss"), key=lambda m: m.step)
+    ]
+    assert len(loss) == 6 and loss[-1] < 0.8 * loss[0], loss  # the loss falls
+    m = run.data.metrics
+    for key in (
+        "train/lr",
+        "train/images_per_s",
+        "val/miou",
+        "val/iou/road",
+        "val/iou/sky",
+        "macs/backbone_gmac",
+        "macs/total_gmac",
+    ):
+        assert key in m, key
+    assert m["val/miou"] == pytest.approx(r.metrics["val/miou"])
+    assert m["train/lr"] == pytest.approx(1e-6)  # the poly schedule's floor at the last step
+    assert (
+        run.data.params["train.iterations"] == "30"
+        and run.data.params["model.name"] == "deeplabv3_resnet_tiny"
+    )
+    tags = run.data.tags
+    assert tags["cadist.world_size"] == "2" and tags["cadist.device"] == "cpu"
+    assert tags["cadist.version"] and len(tags["cadist.git_commit"]) >= 7
+    arts = _artifacts(client, r.run_id)
+    for a in (
+        "config/job.yaml",
+        "eval/iou_last.csv",
+        "eval/iou_best.csv",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ):
+        assert a in arts, (a, arts)
+    assert sum(a.startswith("predictions/step_00000030/") for a in arts) == 2
+    kept = sorted(p.name for p in (workdir / "runs" / "itest-main").glob("step_*"))
+    assert kept == ["step_00000020", "step_00000030"]  # keep_checkpoints: 2
+    ckpt = Path(r.checkpoint)
+    assert (ckpt / "model.pt").is_file() and (ckpt / "rng_rank1.json").is_file()
+
+    # rerunning the same job name resumes from step 30 instead of starting over
+    r2 = run_training(make_job(workdir, "itest-main", **{"train.iterations": 40}), "itest")
+    assert r2.run_id == r.run_id and r2.metrics["step"] == 40
+    steps = [m.step for m in client.get_metric_history(r.run_id, "train/loss")]
+    assert sorted(steps) == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert client.get_run(r.run_id).data.metrics["train/resumed_from_step"] == 30
+
+
+def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
+    job = make_job(workdir, "itest-kill", **{"train.iterations": 60, "eval.interval": 60})
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", run_training(job, "itest")))
+    t.start()
+    ckpt = workdir / "runs" / "itest-kill" / "step_00000020"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert ckpt.exists(), "no checkpoint appeared"
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))
+    ]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    t.join(400)
+    assert not t.is_alive()
+    r = box["r"]
+    assert r.metrics["step"] == 60
+    client = MlflowClient(r.tracking_uri)
+    resumed = client.get_metric_history(r.run_id, "train/resumed_from_step")
+    assert resumed and resumed[-1].value >= 20
+    assert client.get_run(r.run_id).info.status == "FINISHED"
+
+
+def test_unreachable_tracking_server_fails_before_training(workdir):
+    job = make_job(workdir, "itest-nomlflow", **{"mlflow.tracking_uri": "http://127.0.0.1:9"})
+    t0 = time.time()
+    with pytest.raises(
+        ConfigError, match=r"MLflow tracking server http://127.0.0.1:9 cannot be reached"
+    ):
+        run_training(job, "itest")
+    assert time.time() - t0 < 30
+    assert not (workdir / "runs" / "itest-nomlflow").exists()
+
+
+def test_missing_shards_fail_on_the_driver(workdir):
+    job = make_job(
+        workdir,
+        "itest-noshards",
+        **{"data.train_shards": str(workdir / "nope-{000000..000003}.tar")},
+    )
+    with pytest.raises(
+        ConfigError, match=r"data\.train_shards: shard .*nope-000000\.tar does not exist"
+    ):
+        run_training(job, "itest")
+    job = make_job(workdir, "itest-few", **{"data.num_workers": 8})
+    with pytest.raises(
+        ConfigError, match=r"8 shards for cluster\.num_workers 2 × data\.num_workers 8 = 16"
+    ):
+        run_training(job, "itest")
+
+
+# -- a 2-worker DeepSpeed step equals a 1-process step on the concatenated batch -----------------
+def _one_step_worker(cfg):
+    import ray.train
+
+    from cadist.config import JobConfig
+    from cadist.train.loop import segmentation_loss
+    from cadist.train.worker import build_engine
+
+    job = JobConfig.model_validate(cfg["job"])
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    engine = build_engine(job, False, world, torch.device("cpu"))
+    x, y = torch.load(cfg["batch"], weights_only=True)
+    n = x.shape[0] // world
+    for _ in range(2):
+        loss = segmentation_loss(engine(x[rank * n : (rank + 1) * n]), y[rank * n : (rank + 1) * n])
+        engine.backward(loss)
+        engine.step()
+    if rank == 0:
+        torch.save(engine.module.state_dict(), cfg["out"])
+    ray.train.report({"done": 1})
+
+
+def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cadist.models.build import build_model
+    from cadist.train.loop import param_groups, poly_lambdas, seed_everything, segmentation_loss
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 64, 64, generator=g), torch.randint(0, 19, (4, 64, 64), generator=g)
+    torch.save((x, y), tmp_path / "batch.pt")
+    for stage in (0, 2):
+        job = make_job(workdir, f"itest-eq{stage}", **{"deepspeed.zero_stage": stage})
+        out = tmp_path / f"ds{stage}.pt"
+        TorchTrainer(
+            _one_step_worker,
+            train_loop_config={
+                "job": job.model_dump(),
+                "batch": str(tmp_path / "batch.pt"),
+                "out": str(out),
+            },
+            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+            run_config=RunConfig(name=f"eq{stage}", storage_path=str(tmp_path / "ray")),
+        ).fit()
+        seed_everything(job.train.seed)
+        ref = build_model(job.model.name, job.model.output_stride)
+        groups = param_groups(ref, job.train.lr_backbone, job.train.lr_head)
+        opt = torch.optim.SGD(
+            groups,
+            lr=job.train.lr_head,
+            momentum=job.train.momentum,
+            weight_decay=job.train.weight_decay,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, poly_lambdas(groups, job.train.iterations, job.train.poly_power, job.train.min_lr)
+        )
+        for _ in range(2):
+            loss = segmentation_loss(
+                ref(x), y
+            )  # no ignored pixels: the global mean = mean of halves
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        got = torch.load(out, weights_only=True)
+        worst = max(
+            (got[k].float() - v.float()).abs().max().item() for k, v in ref.state_dict().items()
+        )
+        changed = max(
+            (got[k].float() - v.float()).abs().max().item()
+            for k, v in build_model(job.model.name, 16).state_dict().items()
+            if v.is_floating_point()
+        )
+        assert worst < 1e-4, (stage, worst)
+        assert changed > 1e-3  # the weights did move
