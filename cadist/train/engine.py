@@ -25,6 +25,7 @@ def deepspeed_config(job: JobConfig, on_gpu: bool) -> dict:
         "zero_optimization": {"stage": job.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch SGD with two groups (§8) under ZeRO 1/2
         "bf16": {"enabled": uses_bf16(job, on_gpu)},
+        "gradient_clipping": job.deepspeed.gradient_clipping,  # DeepSpeed defaults to 1.0
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

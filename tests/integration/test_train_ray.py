@@ -197,6 +197,7 @@ def _one_step_worker(cfg):
     job = JobConfig.model_validate(cfg["job"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     engine = build_engine(job, False, world, torch.device("cpu"))
+    _no_dropout(engine.module)  # dropout masks are random per process; the rest must match exactly
     x, y = torch.load(cfg["batch"], weights_only=True)
     n = x.shape[0] // world
     for _ in range(2):
@@ -206,6 +207,12 @@ def _one_step_worker(cfg):
     if rank == 0:
         torch.save(engine.module.state_dict(), cfg["out"])
     ray.train.report({"done": 1})
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
 
 
 def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
@@ -234,6 +241,7 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
         ).fit()
         seed_everything(job.train.seed)
         ref = build_model(job.model.name, job.model.output_stride)
+        _no_dropout(ref)
         groups = param_groups(ref, job.train.lr_backbone, job.train.lr_head)
         opt = torch.optim.SGD(
             groups,
