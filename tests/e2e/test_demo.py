@@ -1,0 +1,31 @@
+"""The demo as a user runs it: `cadist demo` in a fresh folder (shortened with --set)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def test_cadist_demo_end_to_end(tmp_path):
+    cadist = Path(sys.executable).parent / "cadist"
+    r = subprocess.run([str(cadist), "demo", "--workdir", str(tmp_path), "--set",
+                        "train.iterations=150", "--set", "eval.interval=150"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = re.search(r"final val mIoU ([0-9.]+) .* chance level ≈ ([0-9.]+)", r.stdout)
+    assert m, r.stdout
+    miou, chance = float(m.group(1)), float(m.group(2))
+    assert miou > 2 * chance, (miou, chance)  # clearly above chance after 150 CPU steps
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in r.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cadist-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["val/miou"] == pytest.approx(miou, abs=1e-4)
+    for sub in ("data/synth/leftImg8bit/train", "shards/demo/train-manifest.json",
+                "cadist_runs/demo/step_00000150"):
+        assert (tmp_path / sub).exists(), sub
