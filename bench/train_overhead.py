@@ -85,7 +85,7 @@ def _ray_worker(cfg):
     import ray.train
 
     from cadist.config import JobConfig
-    from cadist.train.worker import build_engine, train_step
+    from cadist.train.engine import build_engine, train_step
 
     job = JobConfig.model_validate(cfg["job"])
     torch.set_num_threads(cfg["threads"])

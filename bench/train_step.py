@@ -2,7 +2,9 @@
 DeepSpeed): images/s and the loss over steps on real generated data, CPU or GPU.
 
 It is the smoke test of training on a GPU and the baseline that the distributed path's overhead is
-measured against. Prints one JSON object.
+measured against. `--engine deepspeed` runs the same steps through cadist's DeepSpeed engine
+(`cadist.train.engine.build_engine`, one rank, bf16 per the job's "auto" on GPUs) instead of a bare
+optimizer. Prints one JSON object.
 
     python bench/train_step.py [--model deeplabv3_resnet101 --output-stride 16 --batch 8 --crop 768
                                 --steps 20 --device cuda --dtype bf16 --channels-last]
@@ -14,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,7 +53,11 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--engine", default="plain", choices=["plain", "deepspeed"])
+    ap.add_argument("--zero-stage", type=int, default=0)
     args = ap.parse_args()
+    if args.engine == "deepspeed":
+        return deepspeed_steps(args)
     dev = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(args.model, args.output_stride).to(dev).train()
@@ -78,6 +85,7 @@ def main():
     steady = times[2:] or times
     out = {
         "bench": "train_step",
+        "engine": "plain",
         "model": args.model,
         "output_stride": args.output_stride,
         "batch": args.batch,
@@ -96,6 +104,78 @@ def main():
     if dev.type == "cuda":
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     print(json.dumps(out))
+
+
+def deepspeed_steps(args):
+    import os
+
+    import torch.distributed as dist
+
+    from cadist.config import load_job
+    from cadist.train.engine import build_engine, train_step
+
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", 0)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1)
+    root = Path(__file__).resolve().parents[1]
+    job = load_job(
+        root / "jobs" / "demo.yaml",
+        [
+            "name=bench",
+            f"model.name={args.model}",
+            f"model.output_stride={args.output_stride}",
+            f"train.batch_size={args.batch}",
+            "cluster.num_workers=1",
+            "train.lr_backbone=0.01",
+            f"deepspeed.zero_stage={args.zero_stage}",
+            f"deepspeed.bf16={'true' if args.dtype == 'bf16' else 'false'}",
+        ],
+    )
+    on_gpu = dev.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(dev)
+    engine = build_engine(job, on_gpu, 1, dev)
+    if args.channels_last:
+        engine.module.to(memory_format=torch.channels_last)
+    dtype = next(engine.module.parameters()).dtype
+    x, y = make_batch(args.batch, args.height, args.width, args.crop)
+    batch = {"image": x.to(dev), "label": y.to(dev)}
+    losses, times = [], []
+    for _ in range(args.steps):
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(train_step(engine, batch, dev, dtype).item())
+        times.append(time.perf_counter() - t0)
+    steady = times[2:] or times
+    out = {
+        "bench": "train_step",
+        "engine": "deepspeed",
+        "zero_stage": args.zero_stage,
+        "bf16": "torch_autocast" if args.dtype == "bf16" else None,
+        "model": args.model,
+        "output_stride": args.output_stride,
+        "batch": args.batch,
+        "crop": args.crop,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
+        "param_dtype": str(dtype),
+        "channels_last": args.channels_last,
+        "torch": torch.__version__,
+        "ms_per_step": round(statistics.median(steady) * 1000, 2),
+        "images_per_s": round(args.batch / statistics.median(steady), 2),
+        "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4),
+        "losses": [round(v, 4) for v in losses],
+    }
+    if on_gpu:
+        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    print(json.dumps(out))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,56 +17,18 @@ import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
-from cadist.models.build import build_model
-from cadist.models.weights import load_backbone, load_weights, save_weights
+from cadist.models.weights import save_weights
 from cadist.predict import colorize
 from cadist.tracking import NullTracker, Tracker
-from cadist.train.engine import deepspeed_config, make_engine
-from cadist.train.loop import (
-    evaluate,
-    param_groups,
-    poly_lambdas,
-    rng_state,
-    seed_everything,
-    segmentation_loss,
-    set_rng_state,
-)
-from cadist.train.syncbn import convert_to_distributed_bn
+from cadist.train.engine import build_engine, train_step
+from cadist.train.loop import evaluate, rng_state, set_rng_state
 
 CKPT_TAG = "state"
-
-
-def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device):
-    seed_everything(job.train.seed)  # identical initialisation on every rank
-    model = build_model(job.model.name, job.model.output_stride)
-    if job.model.backbone_weights:
-        load_backbone(model, job.model.backbone_weights)
-    if job.model.weights:
-        load_weights(model, job.model.weights, expect_name=job.model.name)
-    if world > 1:  # batch statistics over the global batch, on GPUs and on the CPU alike
-        model = (
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            if on_gpu
-            else convert_to_distributed_bn(model)
-        )
-    model.to(device)
-    groups = param_groups(model, job.train.lr_backbone, job.train.lr_head)
-    opt = torch.optim.SGD(
-        groups,
-        lr=job.train.lr_head,
-        momentum=job.train.momentum,
-        weight_decay=job.train.weight_decay,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, poly_lambdas(groups, job.train.iterations, job.train.poly_power, job.train.min_lr)
-    )
-    return make_engine(model, opt, sched, deepspeed_config(job, on_gpu))
 
 
 def _rng_to_json(state: dict) -> dict:
@@ -111,17 +73,6 @@ def restore_checkpoint(engine, rank: int) -> dict | None:
         if rng.exists():
             set_rng_state(_rng_from_json(json.loads(rng.read_text())))
     return client["cadist"]
-
-
-def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One optimiser step on a batch from the stream (uint8 images are normalised on the device)."""
-    x = batch["image"].to(device, non_blocking=True)
-    x = (normalize_uint8(x) if x.dtype == torch.uint8 else x).to(dtype)
-    y = batch["label"].to(device, non_blocking=True)
-    loss = segmentation_loss(engine(x), y)
-    engine.backward(loss)
-    engine.step()
-    return loss
 
 
 def _mean_over_ranks(value: float, device) -> float:

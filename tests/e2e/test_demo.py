@@ -13,9 +13,21 @@ pytestmark = pytest.mark.slow
 
 def test_cadist_demo_end_to_end(tmp_path):
     cadist = Path(sys.executable).parent / "cadist"
-    r = subprocess.run([str(cadist), "demo", "--workdir", str(tmp_path), "--set",
-                        "train.iterations=150", "--set", "eval.interval=150"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            str(cadist),
+            "demo",
+            "--workdir",
+            str(tmp_path),
+            "--set",
+            "train.iterations=150",
+            "--set",
+            "eval.interval=150",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = re.search(r"final val mIoU ([0-9.]+) .* chance level ≈ ([0-9.]+)", r.stdout)
     assert m, r.stdout
@@ -26,6 +38,9 @@ def test_cadist_demo_end_to_end(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("cadist-demo").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["val/miou"] == pytest.approx(miou, abs=1e-4)
-    for sub in ("data/synth/leftImg8bit/train", "shards/demo/train-manifest.json",
-                "cadist_runs/demo/step_00000150"):
+    for sub in (
+        "data/synth/leftImg8bit/train",
+        "shards/demo/train-manifest.json",
+        "cadist_runs/demo/step_00000150",
+    ):
         assert (tmp_path / sub).exists(), sub

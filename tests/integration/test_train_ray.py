@@ -191,8 +191,8 @@ def _one_step_worker(cfg):
     import ray.train
 
     from cadist.config import JobConfig
+    from cadist.train.engine import build_engine
     from cadist.train.loop import segmentation_loss
-    from cadist.train.worker import build_engine
 
     job = JobConfig.model_validate(cfg["job"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()

@@ -169,3 +169,22 @@ def test_distributed_batchnorm_equals_one_process_on_the_whole_batch():
     for rank, errs in results.items():
         assert errs["out"] < 1e-5 and errs["grad_x"] < 2e-5 and errs["grad_p"] < 1e-5, (rank, errs)
         assert errs["running"] < 1e-6, (rank, errs)
+
+
+def test_deepspeed_config_is_generated_from_the_job():
+    from cadist.train.engine import deepspeed_config
+
+    job = load_job(
+        os.path.join(JOBS, "deeplabv3_r101_os8.yaml"),
+        ["cluster.num_workers=4", "deepspeed.zero_stage=2"],
+    )
+    gpu, cpu = deepspeed_config(job, True), deepspeed_config(job, False)
+    assert (gpu["train_batch_size"], gpu["train_micro_batch_size_per_gpu"]) == (8, 2)
+    assert gpu["zero_optimization"] == {"stage": 2} and gpu["gradient_clipping"] == 0.0
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert not gpu["bf16"]["enabled"]
+    assert "torch_autocast" not in cpu and not cpu["bf16"]["enabled"]  # fp32 on the CPU accelerator
+    forced = deepspeed_config(
+        load_job(os.path.join(JOBS, "demo.yaml"), ["deepspeed.bf16=true"]), False
+    )
+    assert forced["torch_autocast"]["enabled"]
