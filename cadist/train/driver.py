@@ -136,7 +136,10 @@ def run_training(job: JobConfig, source: str = "<job>", address: str | None = No
     check_data(job, source)
     job = _absolute(job)
     storage = Path(job.cluster.storage_path)
-    storage.mkdir(parents=True, exist_ok=True)
+    (storage / ".cadist").mkdir(parents=True, exist_ok=True)
+    resolved = storage / ".cadist" / f"{job.name}.yaml"  # the resolved job, beside Ray's run folder
+    resolved.with_suffix(".yaml.tmp").write_text(job.to_yaml())
+    os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
     uri = run_id = None
     tracker = NullTracker()
     if job.mlflow.enabled:

@@ -69,6 +69,19 @@ def make_job(workdir, name, **extra):
     return load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
 
 
+def _ignored_pixels(workdir):
+    import numpy as np
+    from PIL import Image
+
+    from cadist.data.cityscapes import label_lut
+
+    lut = label_lut()
+    return sum(
+        int((lut[np.asarray(Image.open(p))] == 255).sum())
+        for p in (workdir / "cs" / "gtFine" / "val").glob("*/*_labelIds.png")
+    )
+
+
 def _artifacts(client, run_id, path=""):
     out = []
     for a in client.list_artifacts(run_id, path):
@@ -122,6 +135,14 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     assert kept == ["step_00000020", "step_00000030"]  # keep_checkpoints: 2
     ckpt = Path(r.checkpoint)
     assert (ckpt / "model.pt").is_file() and (ckpt / "rng_rank1.json").is_file()
+    assert load_job(workdir / "runs" / ".cadist" / "itest-main.yaml") == job
+
+    # `cadist eval` on the last checkpoint reproduces the mIoU the 2-worker run logged
+    from cadist.evaluate import evaluate_job
+
+    ev = evaluate_job(job, ckpt)
+    assert ev["miou"] == pytest.approx(r.metrics["val/miou"], abs=1e-9)
+    assert ev["pixels"] == 6 * 64 * 128 - _ignored_pixels(workdir)
 
     # rerunning the same job name resumes from step 30 instead of starting over
     r2 = run_training(make_job(workdir, "itest-main", **{"train.iterations": 40}), "itest")
