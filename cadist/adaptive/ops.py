@@ -1,0 +1,144 @@
+"""Operations on element lists (N, C): the irregular 3×3 convolution (§3.4), 1×1 convolutions,
+BatchNorm and ReLU (§3.6). Weights keep the dense shapes and names, so dense checkpoints load as is.
+
+The irregular convolution is a gather of the 9 taps followed by one matrix multiply per chunk of
+elements. A custom autograd function recomputes the gather in the backward pass instead of storing
+the 9× larger gathered tensor. On `meta` tensors every op only produces the output shape (MAC
+counting without arithmetic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_ROWS = 16384  # elements per gather+GEMM chunk: bounds the gathered buffer (rows × 9 × Cin)
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows] for an (N, C) list; shape-only on the meta device."""
+    if x.is_meta:
+        return x.new_empty(rows.shape[0], x.shape[1])
+    return x.index_select(0, rows)
+
+
+def _weight9(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) → (9·Cin, Cout) with tap-major rows: row 9-block t = tap 3(i+1)+(j+1)."""
+    cout, cin = weight.shape[:2]
+    return weight.permute(2, 3, 1, 0).reshape(9 * cin, cout)
+
+
+class _IrregularConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, idx):
+        n, cin = x.shape
+        xp = torch.cat([x, x.new_zeros(1, cin)])  # row n: the zero padding tap
+        w9 = _weight9(weight)
+        out = x.new_empty(idx.shape[0], weight.shape[0])
+        for s in range(0, idx.shape[0], CHUNK_ROWS):
+            g = xp.index_select(0, idx[s : s + CHUNK_ROWS].reshape(-1)).view(-1, 9 * cin)
+            torch.mm(g, w9, out=out[s : s + CHUNK_ROWS])
+        ctx.save_for_backward(x, weight, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, idx = ctx.saved_tensors
+        n, cin = x.shape
+        grad_out = grad_out.contiguous()
+        w9 = _weight9(weight)
+        xp = torch.cat([x, x.new_zeros(1, cin)])
+        grad_w9 = torch.zeros_like(w9) if ctx.needs_input_grad[1] else None
+        grad_xp = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
+        for s in range(0, idx.shape[0], CHUNK_ROWS):
+            rows = idx[s : s + CHUNK_ROWS].reshape(-1)
+            go = grad_out[s : s + CHUNK_ROWS]
+            if grad_w9 is not None:
+                g = xp.index_select(0, rows).view(-1, 9 * cin)
+                grad_w9.addmm_(g.t(), go)
+            if grad_xp is not None:
+                grad_xp.index_add_(0, rows, torch.mm(go, w9.t()).view(-1, cin))
+        grad_x = grad_xp[:n] if grad_xp is not None else None
+        grad_w = None
+        if grad_w9 is not None:
+            cout = weight.shape[0]
+            grad_w = grad_w9.view(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
+        return grad_x, grad_w, None
+
+
+def irregular_conv(
+    x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y_e = Σ_taps W[:, :, i+1, j+1] · x[idx[e, tap]] (+ bias); idx (M, 9), row N = zero tap."""
+    if x.is_meta:
+        return x.new_empty(idx.shape[0], weight.shape[0])
+    out = _IrregularConv.apply(x, weight, idx)
+    return out + bias if bias is not None else out
+
+
+class IrregularConv3x3(nn.Module):
+    """A 3×3 convolution over an element list (§3.4), weights (Cout, Cin, 3, 3) as the dense conv.
+
+    `strided=True` marks the stride-carrying conv of a stage's first block: the method's counting
+    rule charges it at every input element although only the kept ones are computed (§10.1).
+    """
+
+    def __init__(self, cin: int, cout: int, bias: bool = False, strided: bool = False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.strided = cin, cout, strided
+        self.weight = nn.Parameter(torch.empty(cout, cin, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return irregular_conv(x, self.weight, idx, self.bias)
+
+    def count_macs(self, inp, out):
+        per = 9 * self.in_channels * self.out_channels
+        actual = per * out.shape[0] + (
+            self.out_channels * out.shape[0] if self.bias is not None else 0
+        )
+        reference = per * (inp.shape[0] if self.strided else out.shape[0])
+        if self.bias is not None:
+            reference += self.out_channels * out.shape[0]
+        return "conv", float(reference), float(actual)
+
+
+class PointwiseConv(nn.Module):
+    """A 1×1 convolution over an element list; weight (Cout, Cin, 1, 1) as the dense conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.in_channels, self.out_channels = cin, cout
+        self.weight = nn.Parameter(torch.empty(cout, cin, 1, 1))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:
+            return x.new_empty(x.shape[0], self.out_channels)
+        return F.linear(x, self.weight.view(self.out_channels, self.in_channels))
+
+    def count_macs(self, inp, out):
+        m = float(self.in_channels * self.out_channels * out.shape[0])
+        return "conv", m, m
+
+
+class ListBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over an element list: statistics over all elements of the batch, each once, no
+    padding (§3.6). Parameter and buffer names are those of `nn.BatchNorm2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:
+            return x.new_empty(x.shape)
+        return super().forward(x)
+
+    def count_macs(self, inp, out):
+        m = 2.0 * inp.numel()
+        return "bn", m, m
+
+
+class ListReLU(nn.ReLU):
+    def count_macs(self, inp, out):
+        m = float(out.numel())
+        return "relu", m, m

@@ -1,0 +1,124 @@
+"""Adaptive ResNet stages (method.md §3.9, §4): the dense stem and early stages, then stages that
+run on element lists, each performing one adaptive downsampling step, then back to a dense map.
+
+Modes (§4.1, §4.2):
+* "os8to16": layer2 output (OS8) is the finest grid; layer3 and layer4 adaptive; mask ∈ {0, 1}.
+* "os8to32": same stages; mask ∈ {0, 2}.
+* "os16to32": layer3 dense with its stride (OS16 finest grid); only layer4 adaptive; mask ∈ {0, 1}.
+Parameter names and shapes equal the dense ResNet's, so dense weights load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cadist.adaptive.layout import MixedLayout
+from cadist.adaptive.ops import IrregularConv3x3, ListBatchNorm, ListReLU, PointwiseConv, take_rows
+from cadist.models.resnet import BACKBONE_BN_MOMENTUM, Bottleneck, ResNet, ResNetSpec
+
+#: mode → (dense output stride of the finest grid, names of the adaptive stages)
+MODES = {
+    "os8to16": (8, ("layer3", "layer4")),
+    "os8to32": (8, ("layer3", "layer4")),
+    "os16to32": (16, ("layer4",)),
+}
+
+
+def _bn(c: int) -> ListBatchNorm:
+    # momentum 0.01 like every backbone BN (the reference keeps 0.1 for its 1-D BNs, §3.6 quirk)
+    return ListBatchNorm(c, momentum=BACKBONE_BN_MOMENTUM)
+
+
+class AdaptiveBottleneck(nn.Module):
+    """Bottleneck on an element list; `step` = k for a stage's first block (performs step k)."""
+
+    def __init__(self, inplanes: int, planes: int, t: int, step: int | None):
+        super().__init__()
+        out = planes * Bottleneck.expansion
+        self.t, self.step = t, step
+        self.conv1 = PointwiseConv(inplanes, planes)
+        self.bn1 = _bn(planes)
+        self.conv2 = IrregularConv3x3(planes, planes, strided=step is not None)
+        self.bn2 = _bn(planes)
+        self.conv3 = PointwiseConv(planes, out)
+        self.bn3 = _bn(out)
+        self.relu = ListReLU(inplace=True)
+        self.downsample = (
+            nn.Sequential(PointwiseConv(inplanes, out), _bn(out))
+            if step is not None or inplanes != out
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, layout: MixedLayout, k_in: int) -> torch.Tensor:
+        """x: (N_{k_in}, C) → (N_k, 4·planes) with k = step (first block) or k_in."""
+        idx = layout.table(k_in, self.t)
+        keep = None
+        if self.step is not None and not layout.is_identity(self.step):
+            keep = layout.selection(self.step)
+            idx = idx.index_select(0, keep)  # evaluate the strided conv only where it is kept
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out, idx)))
+        out = self.bn3(self.conv3(out))
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(take_rows(x, keep) if keep is not None else x)
+        return self.relu(out + identity)
+
+
+class AdaptiveStage(nn.ModuleList):
+    """Adaptive stage number k (1-based): first block t = 2^(k−1) and step k, others t = 2^k.
+    A ModuleList, so parameter names are layerK.i.* as in the dense ResNet."""
+
+    def __init__(self, inplanes: int, planes: int, blocks: int, k: int):
+        layers = [AdaptiveBottleneck(inplanes, planes, 1 << (k - 1), k)]
+        layers += [AdaptiveBottleneck(planes * 4, planes, 1 << k, None) for _ in range(1, blocks)]
+        super().__init__(layers)
+        self.k = k
+
+    def forward(self, x: torch.Tensor, layout: MixedLayout) -> torch.Tensor:
+        for i, blk in enumerate(self):
+            x = blk(x, layout, self.k - 1 if i == 0 else self.k)
+        return x
+
+
+class AdaptiveResNet(nn.Module):
+    """(B, 3, H, W) image + (B, H0, W0) pooling mask → (B, C, H0, W0) dense map at the finest grid."""
+
+    def __init__(self, spec: ResNetSpec, mode: str = "os8to16"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"adaptive mode {mode!r}: expected one of {', '.join(MODES)}")
+        finest, adaptive = MODES[mode]
+        self.mode, self.spec, self.finest_stride = mode, spec, finest
+        self.num_steps = len(adaptive)
+        dense = ResNet(spec, finest)
+        self.conv1, self.bn1, self.relu, self.maxpool = (
+            dense.conv1,
+            dense.bn1,
+            dense.relu,
+            dense.maxpool,
+        )
+        self.layer1, self.layer2 = dense.layer1, dense.layer2
+        w = spec.width
+        if mode == "os16to32":
+            self.layer3 = dense.layer3
+            self.layer4 = AdaptiveStage(w * 16, w * 8, spec.blocks[3], 1)
+        else:
+            self.layer3 = AdaptiveStage(w * 8, w * 4, spec.blocks[2], 1)
+            self.layer4 = AdaptiveStage(w * 16, w * 8, spec.blocks[3], 2)
+        self.adaptive = adaptive
+
+    def dense_part(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.layer3(x) if self.mode == "os16to32" else x
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        feats = self.dense_part(x)
+        layout = MixedLayout(mask.to(feats.device if not feats.is_meta else "cpu"), self.num_steps)
+        f = MixedLayout.from_dense(feats)
+        for name in self.adaptive:
+            f = getattr(self, name)(f, layout)
+        self.last_layout = layout
+        return layout.to_dense(f, self.num_steps)
