@@ -31,18 +31,23 @@ _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 @dataclass
 class MacCount:
-    """Counts per category (conv, bn, relu, pool) in MACs for one image."""
+    """Counts per category (conv, bn, relu, pool) in MACs for one image: `by_kind` under the
+    method's rules, `actual_by_kind` what cadist computes (they differ only for adaptive models,
+    whose strided convolution is evaluated at the kept elements only)."""
 
-    by_kind: dict[str, float] = field(
-        default_factory=lambda: {"conv": 0.0, "bn": 0.0, "relu": 0.0, "pool": 0.0}
-    )
+    by_kind: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_KINDS, 0.0))
+    actual_by_kind: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_KINDS, 0.0))
 
     @property
     def total(self) -> float:
         return sum(self.by_kind.values())
 
-    def gmac(self, kind: str | None = None) -> float:
-        return (self.total if kind is None else self.by_kind[kind]) / 1e9
+    def gmac(self, kind: str | None = None, actual: bool = False) -> float:
+        d = self.actual_by_kind if actual else self.by_kind
+        return (sum(d.values()) if kind is None else d[kind]) / 1e9
+
+
+_KINDS = ("conv", "bn", "relu", "pool")
 
 
 def conv_macs(module: nn.Module, out: torch.Tensor) -> float:
@@ -57,23 +62,28 @@ def conv_macs(module: nn.Module, out: torch.Tensor) -> float:
 
 def module_macs(
     module: nn.Module, inp: torch.Tensor, out: torch.Tensor
-) -> tuple[str, float] | None:
-    """(kind, MACs per image) of one module call, or None if the rules do not count it.
+) -> tuple[str, float, float] | None:
+    """(kind, MACs under the rules, MACs computed) of one module call per image, or None.
 
-    Modules with a `count_macs(inp, out) -> (kind, macs)` method (the irregular convolutions of
-    the adaptive networks) count themselves.
+    Dense modules count per image (divided by the batch size). Modules with a
+    `count_macs(inp, out) -> (kind, rule_macs, actual_macs)` method (the element-list operations
+    of the adaptive networks) count the whole call: count those with batch size 1.
     """
-    b = out.shape[0] if out.dim() > 0 else 1
     if hasattr(module, "count_macs"):
         return module.count_macs(inp, out)
+    b = out.shape[0] if out.dim() > 0 else 1
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return "conv", conv_macs(module, out) / 1.0
+        m = conv_macs(module, out)
+        return "conv", m, m
     if isinstance(module, _BNS):
-        return "bn", 2.0 * inp.numel() / b
+        m = 2.0 * inp.numel() / b
+        return "bn", m, m
     if isinstance(module, nn.ReLU):
-        return "relu", float(out.numel()) / b
+        m = float(out.numel()) / b
+        return "relu", m, m
     if isinstance(module, _POOLS):
-        return "pool", float(inp.numel()) / b
+        m = float(inp.numel()) / b
+        return "pool", m, m
     return None
 
 
@@ -101,8 +111,9 @@ class MacCounter:
         def hook(module, inputs, output):
             got = module_macs(module, inputs[0], output)
             if got is not None:
-                kind, macs = got
-                self.counts[name].by_kind[kind] += macs
+                kind, rule, actual = got
+                self.counts[name].by_kind[kind] += rule
+                self.counts[name].actual_by_kind[kind] += actual
 
         return hook
 
@@ -133,4 +144,42 @@ def count_dense(
         "total_gmac": bb.gmac() + hd.gmac(),
         "backbone_conv_gmac": bb.gmac("conv"),
         "head_conv_gmac": hd.gmac("conv"),
+    }
+
+
+def count_adaptive(
+    name: str,
+    mask: torch.Tensor,
+    height: int,
+    width: int,
+    adaptive_mode: str = "os8to16",
+    num_classes: int = 19,
+) -> dict:
+    """GMac of an adaptive model for one image with pooling mask `mask` (1, H0, W0), shapes only.
+
+    `backbone_gmac` follows the method's rules (§10.1, including the strided conv charged at every
+    input element); `backbone_gmac_actual` is what cadist computes. `edge_gmac` is the two gradient
+    convolutions of the edge mask, reported separately (§10.2)."""
+    from cadist.adaptive.masks import high_res_fraction
+    from cadist.models.build import build_model
+
+    if mask.dim() != 3 or mask.shape[0] != 1:
+        raise ValueError(f"count one image at a time: mask (1, H0, W0), got {tuple(mask.shape)}")
+    with torch.device("meta"):
+        model = build_model(name, adaptive_mode=adaptive_mode, num_classes=num_classes).eval()
+        x = torch.empty(1, 3, height, width)
+    with torch.no_grad(), MacCounter(backbone=model.backbone, head=model.classifier) as c:
+        model(x, mask=mask.cpu())
+    bb, hd = c.counts["backbone"], c.counts["head"]
+    return {
+        "model": name,
+        "adaptive_mode": adaptive_mode,
+        "input_hw": [height, width],
+        "high_res_fraction": float(high_res_fraction(mask)[0]),
+        "backbone_gmac": bb.gmac(),
+        "backbone_gmac_actual": bb.gmac(actual=True),
+        "head_gmac": hd.gmac(),
+        "total_gmac": bb.gmac() + hd.gmac(),
+        "total_gmac_actual": bb.gmac(actual=True) + hd.gmac(actual=True),
+        "edge_gmac": 2 * 9 * height * width / 1e9,
     }

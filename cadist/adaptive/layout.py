@@ -21,8 +21,8 @@ def anchor_offset(level: int) -> int:
 
 
 # tap (i, j) ∈ {−1, 0, 1}², row-major: tap index 3·(i+1) + (j+1) (§3.4)
-_TAPS_Y = torch.tensor([-1, -1, -1, 0, 0, 0, 1, 1, 1])
-_TAPS_X = torch.tensor([-1, 0, 1, -1, 0, 1, -1, 0, 1])
+_TAPS_Y = torch.tensor([-1, -1, -1, 0, 0, 0, 1, 1, 1], device="cpu")
+_TAPS_X = torch.tensor([-1, 0, 1, -1, 0, 1, -1, 0, 1], device="cpu")
 
 
 @dataclass

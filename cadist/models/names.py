@@ -5,3 +5,11 @@ from typing import Literal, get_args
 DenseModelName = Literal["deeplabv3_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet_tiny"]
 DENSE_MODELS: tuple[str, ...] = get_args(DenseModelName)
 OUTPUT_STRIDES = (8, 16)
+
+AdaptiveModelName = Literal[
+    "deeplabv3_batch_ap_resnet101", "deeplabv3_batch_ap_resnet50", "deeplabv3_batch_ap_resnet_tiny"
+]
+ADAPTIVE_MODELS: tuple[str, ...] = get_args(AdaptiveModelName)
+ModelName = Literal[DenseModelName, AdaptiveModelName]
+ALL_MODELS = DENSE_MODELS + ADAPTIVE_MODELS
+AdaptiveMode = Literal["os8to16", "os8to32", "os16to32"]

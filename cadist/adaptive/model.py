@@ -1,0 +1,35 @@
+"""DeepLabv3 with a content-adaptive backbone (method.md §4): mask from the input, adaptive
+ResNet, the ordinary head on the dense map at the finest grid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cadist.adaptive.masks import EdgeMask
+from cadist.adaptive.resnet import AdaptiveResNet
+from cadist.models.deeplab import DeepLabHead
+
+
+class AdaptiveDeepLabV3(nn.Module):
+    """(B, 3, H, W) → (B, C, H, W) logits; `mask` overrides the generator (B, H/os, W/os).
+
+    After each forward `last_mask` holds the pooling mask used (for logging and MAC counts)."""
+
+    def __init__(self, backbone: AdaptiveResNet, classifier: DeepLabHead, mask_fn: EdgeMask):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+        self.mask_fn = mask_fn
+        self.last_mask: torch.Tensor | None = None
+
+    def make_mask(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mask_fn(x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            mask = self.make_mask(x)
+        self.last_mask = mask
+        logits = self.classifier(self.backbone(x, mask))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
