@@ -79,6 +79,10 @@ def model_state_from(obj, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"export"
         )
     sd = _strip(sd, "module.")
+    from cadist.adaptive.convert import from_reference, is_reference_adaptive_layout
+
+    if is_reference_adaptive_layout(sd):  # the reference's released edge model (§4.4)
+        sd = from_reference(sd)
     if any(k.startswith("classifier.0.convs") for k in sd):  # torchvision DeepLabv3 layout
         sd = {
             ("classifier." + k if k.startswith("classifier.") else k): v

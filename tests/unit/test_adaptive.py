@@ -1,0 +1,277 @@
+"""The content-adaptive method: equivalences E1/E2/E2b/E2c, the fast irregular convolution against a
+tap-by-tap oracle, batching, the edge mask, checkpoint layouts and MAC counting."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cadist.adaptive.convert import from_reference, to_reference
+from cadist.adaptive.layout import MixedLayout
+from cadist.adaptive.masks import EdgeMask
+from cadist.adaptive.ops import irregular_conv
+from cadist.macs import count_adaptive
+from cadist.models.build import build_model
+from cadist.models.weights import load_weights
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    dense8 = build_model("deeplabv3_resnet_tiny", 8).eval()
+    _randomise_bn(dense8)
+    ada = build_model("deeplabv3_batch_ap_resnet_tiny").eval()
+    ada.load_state_dict(dense8.state_dict())  # dense OS8 weights load unchanged
+    return dense8, ada
+
+
+def up2(x):
+    return x.repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+
+# -- equivalences (§5) ------------------------------------------------------------------------
+def test_e1_all_high_res_equals_dense_os8(pair):
+    dense8, ada = pair
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        got = ada(x, mask=torch.zeros(2, 8, 16, dtype=torch.long))
+        assert (got - dense8(x)).abs().max() < 1e-4
+    # training mode too (all masks ≡ 0: no padding, same statistics)
+    dense8.train(), ada.train()
+    try:
+        with torch.no_grad():
+            a = ada.backbone(x, torch.zeros(2, 8, 16, dtype=torch.long))
+            d = dense8.backbone(x)
+        assert (a - d).abs().max() < 1e-4
+    finally:
+        dense8.eval(), ada.eval()
+
+
+def test_e2_all_low_res_equals_dense_os16_backbone_and_e2b_aspp(pair):
+    dense8, ada = pair
+    dense16 = build_model("deeplabv3_resnet_tiny", 16).eval()
+    dense16.load_state_dict(dense8.state_dict())
+    x = torch.randn(2, 3, 64, 128)
+    ones = torch.ones(2, 8, 16, dtype=torch.long)
+    with torch.no_grad():
+        f16 = dense16.backbone(x)
+        fa = ada.backbone(x, ones)
+        assert (fa - up2(f16)).abs().max() < 1e-4  # E2
+        aspp8, aspp16 = ada.classifier.classifier[0], dense16.classifier.classifier[0]
+        assert (aspp8(fa) - up2(aspp16(f16))).abs().max() < 1e-4  # E2b
+        diff = (ada(x, mask=ones) - dense16(x)).abs().max()
+        assert diff > 1e-3  # E2c: not equal
+    ada.train(), dense16.train()
+    try:
+        with torch.no_grad():  # E2 in training mode: BN sees the same multiset
+            assert (ada.backbone(x, ones) - up2(dense16.backbone(x))).abs().max() < 1e-4
+    finally:
+        ada.eval()
+
+
+def test_batch_of_different_masks_equals_images_one_by_one(pair):
+    _, ada = pair
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 64, 128, generator=g)
+    masks = (torch.rand(3, 2, 4, generator=g) < torch.tensor([0.2, 0.5, 0.9]).view(3, 1, 1)).long()
+    masks = masks.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    with torch.no_grad():
+        batch = ada(x, mask=masks)
+        for i in range(3):
+            assert (batch[i] - ada(x[i : i + 1], mask=masks[i : i + 1])[0]).abs().max() < 1e-4
+
+
+# -- the fast irregular convolution vs a tap-by-tap oracle -------------------------------------
+def _random_mask(g, h, w):
+    """Multi-level mask (values 0..2) satisfying the block constraint."""
+    m2 = (
+        (torch.rand(h // 4, w // 4, generator=g) < 0.3)
+        .repeat_interleave(4, 0)
+        .repeat_interleave(4, 1)
+    )
+    m1 = (
+        (torch.rand(h // 2, w // 2, generator=g) < 0.5)
+        .repeat_interleave(2, 0)
+        .repeat_interleave(2, 1)
+    )
+    return (m1 | m2).long() + m2.long()
+
+
+def _oracle_elements(mask, k):
+    cur = np.minimum(mask.numpy(), k)
+    h, w = cur.shape
+    elems = []
+    for lvl in range(k + 1):
+        s = 2**lvl
+        for y in range(0, h, s):
+            for x in range(0, w, s):
+                if (cur[y : y + s, x : x + s] == lvl).all():
+                    elems.append((lvl, y, x))
+    lookup = {}
+    for i, (lvl, y, x) in enumerate(elems):
+        for dy in range(2**lvl):
+            for dx in range(2**lvl):
+                lookup[(y + dy, x + dx)] = i
+    return elems, lookup
+
+
+def _oracle_conv(mask, k, t, feats, weight):
+    elems, lookup = _oracle_elements(mask, k)
+    h, w = mask.shape
+    out = []
+    for lvl, y, x in elems:
+        off = 2**lvl // 2
+        acc = torch.zeros(weight.shape[0], dtype=feats.dtype)
+        for i in (-1, 0, 1):
+            for j in (-1, 0, 1):
+                py, px = y + off + t * i, x + off + t * j
+                if 0 <= py < h and 0 <= px < w:
+                    acc = acc + weight[:, :, i + 1, j + 1] @ feats[lookup[(py, px)]]
+        out.append(acc)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("k,t", [(0, 1), (1, 2), (2, 4), (2, 2)])
+def test_fast_irregular_conv_equals_tap_by_tap_oracle(k, t):
+    g = torch.Generator().manual_seed(10 * k + t)
+    masks = torch.stack([_random_mask(g, 8, 12) for _ in range(2)])
+    layout = MixedLayout(masks, 2)
+    e = layout.elements(k)
+    n0, n1 = (int(c) for c in e.counts)
+    assert [n0, n1] == [len(_oracle_elements(m, k)[0]) for m in masks]
+    x = torch.randn(e.n, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    fast = irregular_conv(x, w, layout.table(k, t))
+    slow = torch.cat(
+        [_oracle_conv(masks[0], k, t, x[:n0], w), _oracle_conv(masks[1], k, t, x[n0:], w)]
+    )
+    assert torch.allclose(fast, slow, atol=1e-10)
+    r = torch.randn(fast.shape, dtype=torch.float64, generator=g)
+    gx_f, gw_f = torch.autograd.grad((fast * r).sum(), (x, w))
+    gx_s, gw_s = torch.autograd.grad((slow * r).sum(), (x, w))
+    assert torch.allclose(gx_f, gx_s, atol=1e-10) and torch.allclose(gw_f, gw_s, atol=1e-10)
+
+
+def test_strided_step_keeps_the_top_left_member():
+    g = torch.Generator().manual_seed(5)
+    mask = _random_mask(g, 8, 12)[None]
+    layout = MixedLayout(mask, 2)
+    for k in (1, 2):
+        prev, _ = _oracle_elements(mask[0], k - 1)
+        cur, _ = _oracle_elements(mask[0], k)
+        _, prev_lookup = _oracle_elements(mask[0], k - 1)
+        expect = [prev_lookup[(y, x)] for (_, y, x) in cur]
+        assert layout.selection(k).tolist() == expect
+        e = layout.elements(k)
+        assert list(zip(e.level.tolist(), e.y0.tolist(), e.x0.tolist(), strict=True)) == cur
+
+
+def test_layout_rejects_invalid_masks():
+    with pytest.raises(ValueError, match="block constraint"):
+        MixedLayout(torch.tensor([[[1, 0], [0, 0]]]), 1)
+    with pytest.raises(ValueError, match="not divisible"):
+        MixedLayout(torch.zeros(1, 6, 6, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        MixedLayout(torch.full((1, 4, 4), 2), 1)
+
+
+# -- edge mask (§6), golden cases derived by hand ------------------------------------------------
+def _normalised(rgb01):
+    return (rgb01 - MEAN) / STD
+
+
+def test_edge_mask_uniform_grey_marks_top_and_left_strips():
+    x = _normalised(torch.full((1, 3, 128, 256), 0.5))  # g ≈ 0.183 > τ = 0.15
+    m = EdgeMask()(x)[0]
+    expect = torch.ones(16, 32, dtype=torch.long)
+    expect[:4, :] = 0  # the top 32-pixel strip (zero padding above fires)
+    expect[:, :4] = 0  # the left 32-pixel strip
+    assert torch.equal(m, expect)
+    assert int(EdgeMask(variant="corrected")(x).sum()) == 16 * 32  # no border artefacts
+
+
+def test_edge_mask_black_image_is_all_low_res():
+    # right/bottom borders fire (g < −τ) but the widened response never reaches a sampled pixel
+    x = _normalised(torch.zeros(1, 3, 128, 256))
+    assert int(EdgeMask()(x).sum()) == 16 * 32
+
+
+def test_edge_mask_single_bright_pixel():
+    img = torch.zeros(1, 3, 128, 256)
+    img[:, :, 40, 44] = 1.0  # edges at (40, 43) (gx) and (39, 44) (gy)
+    m = EdgeMask()(_normalised(img))[0]
+    expect = torch.ones(16, 32, dtype=torch.long)
+    expect[4:8, 4:8] = 0  # sampled pixels (40, 40), (40, 48) → cells (5, 5), (5, 6) → block (1, 1)
+    assert torch.equal(m, expect)
+
+
+def test_edge_mask_one_sided_threshold_and_subsampling():
+    dark_to_bright = torch.zeros(1, 3, 128, 256)
+    dark_to_bright[:, :, :, 100:] = 1.0
+    bright_to_dark = 0.6 * (1.0 - dark_to_bright)
+    up = EdgeMask()(_normalised(dark_to_bright))[0]
+    down = EdgeMask()(_normalised(bright_to_dark))[0]
+    assert (up[:, 12] == 0).all()  # cells around column 100 px keep high resolution
+    assert (down[4:, 8:16] == 1).all()  # a bright→dark step is not detected by the reference…
+    assert (
+        EdgeMask(variant="corrected")(_normalised(bright_to_dark))[0][:, 12] == 0
+    ).all()  # …but is here
+    # trimap 3: an edge whose widened response misses the sampled top-left pixels is lost
+    img = torch.zeros(1, 3, 128, 256)
+    img[:, :, 44, 44] = 1.0
+    assert int(EdgeMask(trimap_width=3)(_normalised(img)).sum()) == 16 * 32
+    assert int(EdgeMask(trimap_width=3, variant="corrected")(_normalised(img)).sum()) < 16 * 32
+
+
+# -- checkpoints (§4.4) -------------------------------------------------------------------------
+def test_reference_edge_checkpoint_layout_round_trips(tmp_path, pair):
+    _, ada = pair
+    ref_sd = to_reference(ada.state_dict())
+    assert ref_sd["backbone.layer3.0.conv2.conv.weight"].shape == (64, 64, 9, 1)
+    assert ref_sd["backbone.layer3.0.conv1.weight"].shape == (64, 128, 1)
+    assert "backbone.layer4.0.downsample.norm1.running_var" in ref_sd
+    assert ref_sd["backbone.layer2.0.conv1.weight"].dim() == 4  # dense stages untouched
+    w = ada.state_dict()["backbone.layer3.0.conv2.weight"]
+    assert torch.equal(
+        ref_sd["backbone.layer3.0.conv2.conv.weight"][:, :, 3 * 0 + 2, 0], w[:, :, 0, 2]
+    )
+    back = from_reference(ref_sd)
+    assert set(back) == set(ada.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in ada.state_dict().items())
+    name = "best_deeplabv3_batch_ap_resnet_tiny_cityscapes_modeedges_os16till8.pth"
+    torch.save({"model_state": ref_sd, "cur_itrs": 5, "best_score": 0.5}, tmp_path / name)
+    fresh = build_model("deeplabv3_batch_ap_resnet_tiny").eval()
+    load_weights(fresh, tmp_path / name)
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ada(x))
+
+
+# -- MACs (§10) ---------------------------------------------------------------------------------
+def test_adaptive_backbone_macs_follow_the_reference_formula():
+    g = torch.Generator().manual_seed(0)
+    for share in (0.0, 0.3, 0.7, 1.0):
+        blocks = torch.rand(1, 32, 64, generator=g) < share
+        mask = (~blocks).long().repeat_interleave(4, 1).repeat_interleave(4, 2)
+        r = count_adaptive("deeplabv3_batch_ap_resnet101", mask, 1024, 2048)
+        p = r["high_res_fraction"]
+        assert p == pytest.approx(float(blocks.float().mean()))
+        assert r["backbone_gmac"] == pytest.approx(431.25 + 992.33 * p, abs=0.01)
+        # cadist evaluates the strided conv at the kept elements only: 9·256·256·(N_in − N_out)
+        saved = 9 * 256 * 256 * (32768 - (p * 32768 + (1 - p) * 8192)) / 1e9
+        assert r["backbone_gmac"] - r["backbone_gmac_actual"] == pytest.approx(saved, abs=0.01)
+        assert r["head_gmac"] == pytest.approx(511.48, abs=0.005)
+        assert r["edge_gmac"] == pytest.approx(0.0377, abs=1e-4)
