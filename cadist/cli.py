@@ -134,42 +134,144 @@ def shards_verify(manifest):
 
 # -- models -------------------------------------------------------------------------------------
 def _model_options(f):
-    from cadist.models.names import DENSE_MODELS
+    from cadist.models.names import ALL_MODELS
 
-    f = click.option(
-        "--output-stride",
-        default=16,
-        show_default=True,
-        type=click.Choice(["8", "16"]),
-        help="Output stride of the dense model.",
-    )(f)
-    return click.option(
-        "--model",
-        required=True,
-        type=click.Choice(DENSE_MODELS),
-        help="Model name (as in the reference implementation).",
-    )(f)
+    opts = [
+        click.option(
+            "--model",
+            required=True,
+            type=click.Choice(ALL_MODELS),
+            help="Model name (as in the reference implementation).",
+        ),
+        click.option(
+            "--output-stride",
+            default=16,
+            show_default=True,
+            type=click.Choice(["8", "16"]),
+            help="Output stride of a dense model.",
+        ),
+        click.option(
+            "--adaptive-mode",
+            default="os8to16",
+            show_default=True,
+            type=click.Choice(["os8to16", "os8to32", "os16to32"]),
+            help="Adaptive models: which stages adapt (method §4).",
+        ),
+        click.option(
+            "--edge-threshold",
+            default=0.15,
+            show_default=True,
+            type=float,
+            help="Adaptive models: edge threshold τ (§6).",
+        ),
+        click.option(
+            "--trimap-width",
+            default=11,
+            show_default=True,
+            type=click.IntRange(1),
+            help="Adaptive models: trimap width w (§6).",
+        ),
+        click.option(
+            "--mask-variant",
+            default="reference",
+            show_default=True,
+            type=click.Choice(["reference", "corrected"]),
+            help="Adaptive models: the reference's edge mask or the corrected one.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant):
+    from cadist.models.build import build_model
+
+    return build_model(
+        model,
+        int(output_stride),
+        adaptive_mode=adaptive_mode,
+        edge_threshold=edge_threshold,
+        trimap_width=trimap_width,
+        mask_variant=mask_variant,
+    )
 
 
 @main.command("macs")
 @_model_options
 @click.option("--height", default=1024, show_default=True, type=click.IntRange(32))
 @click.option("--width", default=2048, show_default=True, type=click.IntRange(32))
+@click.option(
+    "--image",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Adaptive models: count for this image (its own size).",
+)
+@click.option("--shards", help="Adaptive models: count over these validation shards (mean ± std).")
+@click.option("--limit", type=click.IntRange(1), help="With --shards: at most this many images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def macs_cmd(model, output_stride, height, width, as_json):
-    """Count multiply-adds per image under the method's counting rules (backbone, head, total)."""
-    from cadist.macs import count_dense
+def macs_cmd(
+    model,
+    output_stride,
+    adaptive_mode,
+    edge_threshold,
+    trimap_width,
+    mask_variant,
+    height,
+    width,
+    image,
+    shards,
+    limit,
+    as_json,
+):
+    """Count multiply-adds per image under the method's counting rules (backbone, head, total).
 
-    r = count_dense(model, int(output_stride), height, width)
+    Adaptive models are counted per image, content-dependent: pass --image or --shards."""
+    from cadist.macs import count_dense
+    from cadist.models.build import is_adaptive
+
+    if not is_adaptive(model):
+        r = count_dense(model, int(output_stride), height, width)
+        if as_json:
+            _print_json(r)
+            return
+        click.echo(f"{model} OS{output_stride} at {height}×{width} (GMac per image)")
+        click.echo(
+            f"  backbone {r['backbone_gmac']:10.2f}   (convolutions only {r['backbone_conv_gmac']:.2f})"
+        )
+        click.echo(
+            f"  head     {r['head_gmac']:10.2f}   (convolutions only {r['head_conv_gmac']:.2f})"
+        )
+        click.echo(f"  total    {r['total_gmac']:10.2f}")
+        return
+    from cadist.adaptive.stats import count_images
+
+    if not image and not shards:
+        raise CadistError(
+            f"{model} is content-adaptive: its MACs depend on the image; pass --image "
+            f"PNG or --shards SPEC"
+        )
+    net = _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant)
+    r = count_images(net, model, adaptive_mode, image=image, shards=shards, limit=limit)
     if as_json:
         _print_json(r)
         return
-    click.echo(f"{model} OS{output_stride} at {height}×{width} (GMac per image)")
+    n = r["num_images"]
     click.echo(
-        f"  backbone {r['backbone_gmac']:10.2f}   (convolutions only {r['backbone_conv_gmac']:.2f})"
+        f"{model} ({adaptive_mode}, τ={edge_threshold}, trimap {trimap_width}, "
+        f"{mask_variant} mask) over {n} image{'s' if n > 1 else ''} at {r['input_hw'][0]}×{r['input_hw'][1]}"
     )
-    click.echo(f"  head     {r['head_gmac']:10.2f}   (convolutions only {r['head_conv_gmac']:.2f})")
-    click.echo(f"  total    {r['total_gmac']:10.2f}")
+    click.echo(
+        f"  high-res fraction p   {r['high_res_fraction']:.4f} ± {r['high_res_fraction_std']:.4f}"
+    )
+    click.echo(
+        f"  backbone (method)     {r['backbone_gmac']:9.2f} ± {r['backbone_gmac_std']:.2f} GMac"
+    )
+    click.echo(
+        f"  backbone (computed)   {r['backbone_gmac_actual']:9.2f} ± {r['backbone_gmac_actual_std']:.2f} GMac"
+    )
+    click.echo(
+        f"  head                  {r['head_gmac']:9.2f} GMac; edge gradients {r['edge_gmac']:.4f} GMac"
+    )
 
 
 @main.command("predict")
@@ -192,22 +294,42 @@ def macs_cmd(model, output_stride, height, width, as_json):
 @click.option(
     "--save-logits", is_flag=True, help="Also write <stem>_logits.npy, float32 (C, H, W)."
 )
+@click.option(
+    "--save-mask",
+    is_flag=True,
+    help="Adaptive models: also write <stem>_mask.npy, uint8 (H/8, W/8), 0 = OS8, 1 = OS16.",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 … or auto.")
-def predict_cmd(model, output_stride, ckpt, images, out, save_logits, device):
+def predict_cmd(
+    model,
+    output_stride,
+    adaptive_mode,
+    edge_threshold,
+    trimap_width,
+    mask_variant,
+    ckpt,
+    images,
+    out,
+    save_logits,
+    save_mask,
+    device,
+):
     """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png."""
     import torch
 
-    from cadist.models.build import build_model
+    from cadist.models.build import is_adaptive
     from cadist.models.weights import load_weights
     from cadist.predict import write_prediction
 
+    if save_mask and not is_adaptive(model):
+        raise CadistError(f"--save-mask: {model} is a dense model and has no pooling mask")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = build_model(model, int(output_stride))
+    net = _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant)
     load_weights(net, ckpt, expect_name=model)
     net.to(device).eval()
     for image in images:
-        paths = write_prediction(net, image, out, device, save_logits)
+        paths = write_prediction(net, image, out, device, save_logits, save_mask)
         click.echo(" ".join(str(p) for p in paths.values()))
 
 

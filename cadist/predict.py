@@ -52,8 +52,10 @@ def write_prediction(
     out: str | Path,
     device: str = "cpu",
     save_logits: bool = False,
+    save_mask: bool = False,
 ) -> dict[str, Path]:
-    """Write `<stem>_pred.png`, `<stem>_overlay.png` (and `<stem>_logits.npy`) into `out`."""
+    """Write `<stem>_pred.png`, `<stem>_overlay.png` (and `<stem>_logits.npy`, and for adaptive
+    models `<stem>_mask.npy`: uint8 pooling mask at the finest grid, 0 = finest resolution)."""
     image, out = Path(image), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     img = load_rgb(image)
@@ -66,4 +68,7 @@ def write_prediction(
     if save_logits:
         paths["logits"] = out / f"{image.stem}_logits.npy"
         np.save(paths["logits"], logits.numpy().astype(np.float32))
+    if save_mask:
+        paths["mask"] = out / f"{image.stem}_mask.npy"
+        np.save(paths["mask"], model.last_mask[0].cpu().numpy().astype(np.uint8))
     return paths

@@ -1,0 +1,68 @@
+"""Per-image statistics of adaptive models: pooling masks, high-res fraction and MACs over an image
+or a shard set (mean ± std), as `cadist macs` reports them."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from cadist.data.transforms import normalized_input
+from cadist.macs import count_adaptive
+
+
+def _images(image: str | None, shards: str | None, limit: int | None):
+    if image:
+        from cadist.predict import load_rgb
+
+        yield load_rgb(image)
+        return
+    from cadist.data.stream import ShardStream, make_loader
+
+    stream = ShardStream(shards, train=False, batch_size=1, normalize=False)
+    for i, batch in enumerate(make_loader(stream)):
+        if limit and i >= limit:
+            return
+        yield batch["image"][0].permute(1, 2, 0).numpy()
+
+
+def count_images(
+    model,
+    name: str,
+    mode: str,
+    image: str | None = None,
+    shards: str | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Mean and std over images of the high-res fraction and GMac (method's rules and computed)."""
+    rows = []
+    for img in _images(image, shards, limit):
+        x = normalized_input(img).unsqueeze(0)
+        mask = model.make_mask(x)
+        rows.append(count_adaptive(name, mask, x.shape[2], x.shape[3], mode))
+    if not rows:
+        raise ValueError("no images to count")
+    out = {
+        "model": name,
+        "adaptive_mode": mode,
+        "num_images": len(rows),
+        "input_hw": rows[0]["input_hw"],
+        "head_gmac": rows[0]["head_gmac"],
+        "edge_gmac": rows[0]["edge_gmac"],
+    }
+    for key in (
+        "high_res_fraction",
+        "backbone_gmac",
+        "backbone_gmac_actual",
+        "total_gmac",
+        "total_gmac_actual",
+    ):
+        vals = [r[key] for r in rows]
+        out[key] = statistics.fmean(vals)
+        out[key + "_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+@torch.no_grad()
+def mask_of(model, x: torch.Tensor) -> torch.Tensor:
+    return model.make_mask(x)
