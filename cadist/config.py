@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cadist.errors import ConfigError
-from cadist.models.names import DenseModelName
+from cadist.models.names import AdaptiveMode, ModelName
 
 
 class _Section(BaseModel):
@@ -21,10 +21,20 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: DenseModelName = "deeplabv3_resnet101"
-    """Model name as in the reference implementation."""
+    name: ModelName = "deeplabv3_resnet101"
+    """Model name as in the reference implementation: dense `deeplabv3_resnet*` or content-adaptive
+    `deeplabv3_batch_ap_resnet*` (edge mask)."""
     output_stride: Literal[8, 16] = 16
-    """Output stride of the dense backbone (8 or 16)."""
+    """Output stride of a dense backbone (8 or 16); adaptive models take theirs from adaptive_mode."""
+    adaptive_mode: AdaptiveMode = "os8to16"
+    """Adaptive models: os8to16 (the paper's), os8to32 or os16to32 (method §4)."""
+    edge_threshold: float = Field(0.15, gt=0)
+    """Adaptive models: edge threshold τ of the mask (§6; the released model: 0.15)."""
+    trimap_width: int = Field(11, ge=1)
+    """Adaptive models: trimap width w (§6; the released model: 11)."""
+    mask_variant: Literal["reference", "corrected"] = "reference"
+    """Adaptive models: the reference's edge mask (one-sided, border artefacts, 4×4 blocks) or the
+    corrected one (|gradient|, no border artefacts, 2×2 blocks)."""
     backbone_weights: str | None = None
     """torchvision ImageNet ResNet state dict to initialise the backbone (e.g. resnet101-63fe2227.pth);
     None: random initialisation (only sensible for the tiny demo model)."""

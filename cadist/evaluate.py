@@ -30,7 +30,15 @@ def resolve_weights(path: str | Path) -> Path:
 
 def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
     """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9)."""
-    model = build_model(job.model.name, job.model.output_stride)
+    m = job.model
+    model = build_model(
+        m.name,
+        m.output_stride,
+        adaptive_mode=m.adaptive_mode,
+        edge_threshold=m.edge_threshold,
+        trimap_width=m.trimap_width,
+        mask_variant=m.mask_variant,
+    )
     load_weights(model, resolve_weights(ckpt), expect_name=job.model.name)
     model.to(device)
     val = ShardStream(
@@ -41,7 +49,10 @@ def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
         skip_bad=job.data.skip_bad,
         allow_pipe=job.data.allow_pipe,
     )
-    cm, _ = evaluate(model, make_loader(val), torch.device(device))
+    cm, _, extra = evaluate(model, make_loader(val), torch.device(device))
     out = cm.summary(CLASS_NAMES)
     out["pixels"] = int(cm.mat.sum())
+    out["images"] = extra["images"]
+    if getattr(model, "last_mask", None) is not None:
+        out["high_res_fraction"] = extra["high_res_sum"] / max(1, extra["images"])
     return out

@@ -3,7 +3,9 @@ or a shard set (mean ± std), as `cadist macs` reports them."""
 
 from __future__ import annotations
 
+import functools
 import statistics
+from dataclasses import dataclass
 
 import torch
 
@@ -63,6 +65,38 @@ def count_images(
     return out
 
 
-@torch.no_grad()
-def mask_of(model, x: torch.Tensor) -> torch.Tensor:
-    return model.make_mask(x)
+@dataclass(frozen=True)
+class MacLine:
+    """Backbone GMac as a function of the high-res fraction p for one input size: every count of
+    the method is linear in the number of elements per level, so two counts (p = 0 and p = 1)
+    give the line exactly: gmac(p) = low + (high − low)·p."""
+
+    low: float
+    high: float
+    low_actual: float
+    high_actual: float
+    head_gmac: float
+
+    def backbone(self, p: float, actual: bool = False) -> float:
+        lo, hi = (self.low_actual, self.high_actual) if actual else (self.low, self.high)
+        return lo + (hi - lo) * p
+
+
+@functools.lru_cache(maxsize=32)
+def mac_line(name: str, mode: str, height: int, width: int) -> MacLine:
+    from cadist.adaptive.resnet import MODES
+
+    finest = MODES[mode][0]
+    low_value = 2 if mode == "os8to32" else 1
+    h0, w0 = height // finest, width // finest
+    lo = count_adaptive(
+        name, torch.full((1, h0, w0), low_value, dtype=torch.long), height, width, mode
+    )
+    hi = count_adaptive(name, torch.zeros(1, h0, w0, dtype=torch.long), height, width, mode)
+    return MacLine(
+        lo["backbone_gmac"],
+        hi["backbone_gmac"],
+        lo["backbone_gmac_actual"],
+        hi["backbone_gmac_actual"],
+        lo["head_gmac"],
+    )

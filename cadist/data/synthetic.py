@@ -31,8 +31,21 @@ _SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 # Texture noise (std, of 255) per labelId: low like a real camera's, so that the edge mask (§6, τ ≈ 9
 # grey levels) fires at object boundaries and textured vegetation, not everywhere.
 _NOISE = {
-    ROAD: 2.0, SIDEWALK: 2.0, BUILDING: 1.5, WALL: 1.5, VEGETATION: 8.0, TERRAIN: 1.5, SKY: 1.0,
-    CAR: 1.5, PERSON: 2.0, POLE: 1.0, TSIGN: 1.0, TLIGHT: 1.0, FENCE: 2.0, EGO: 1.0, STATIC: 3.0,
+    ROAD: 2.0,
+    SIDEWALK: 2.0,
+    BUILDING: 1.5,
+    WALL: 1.5,
+    VEGETATION: 8.0,
+    TERRAIN: 1.5,
+    SKY: 1.0,
+    CAR: 1.5,
+    PERSON: 2.0,
+    POLE: 1.0,
+    TSIGN: 1.0,
+    TLIGHT: 1.0,
+    FENCE: 2.0,
+    EGO: 1.0,
+    STATIC: 3.0,
 }
 
 

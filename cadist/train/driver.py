@@ -83,9 +83,10 @@ def val_image_size(job: JobConfig) -> tuple[int, int] | None:
 def log_macs(tracker, job: JobConfig) -> None:
     """The model's GMac per validation image (method §10 rules) as `macs/*` metrics at step 0."""
     from cadist.macs import count_dense
+    from cadist.models.build import is_adaptive
 
     hw = val_image_size(job)
-    if hw is None:
+    if hw is None or is_adaptive(job.model.name):  # adaptive models: per evaluation (worker)
         return
     m = count_dense(job.model.name, job.model.output_stride, *hw)
     tracker.log_metrics(

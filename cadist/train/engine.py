@@ -69,7 +69,15 @@ def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, c
 
 def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device):
     seed_everything(job.train.seed)  # identical initialisation on every rank
-    model = build_model(job.model.name, job.model.output_stride)
+    m = job.model
+    model = build_model(
+        m.name,
+        m.output_stride,
+        adaptive_mode=m.adaptive_mode,
+        edge_threshold=m.edge_threshold,
+        trimap_width=m.trimap_width,
+        mask_variant=m.mask_variant,
+    )
     if job.model.backbone_weights:
         load_backbone(model, job.model.backbone_weights)
     if job.model.weights:

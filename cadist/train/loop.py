@@ -71,28 +71,36 @@ def evaluate(
     device: torch.device,
     num_classes: int = 19,
     keep: int = 0,
-) -> tuple[ConfusionMatrix, list[dict]]:
-    """Predict every batch at full resolution; returns the local confusion matrix and the first
-    `keep` samples as {"key", "image", "label", "pred"} (CPU tensors) for logging."""
+) -> tuple[ConfusionMatrix, list[dict], dict]:
+    """Predict every batch at full resolution.
+
+    Returns the local confusion matrix, the first `keep` samples as {"key", "image", "label",
+    "pred"[, "mask"]} (CPU tensors) for logging, and sums for adaptive models:
+    {"images": n, "high_res_sum": Σ per-image high-res fraction} (0 for dense models)."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     cm = ConfusionMatrix(num_classes, device)
-    kept = []
+    kept, images, high_res = [], 0, 0.0
     for batch in batches:
         x = batch["image"].to(device, non_blocking=True)
         x = x.to(dtype) if x.is_floating_point() else x
         pred = model(x).argmax(1)
+        mask = getattr(model, "last_mask", None)
+        images += x.shape[0]
+        if mask is not None:
+            high_res += float((mask == 0).float().mean(dim=(1, 2)).sum())
         y = batch["label"].to(device, non_blocking=True)
         cm.update(pred, y)
         for i in range(min(len(batch["key"]), keep - len(kept))):
-            kept.append(
-                {
-                    "key": batch["key"][i],
-                    "image": batch["image"][i].float().cpu(),
-                    "label": batch["label"][i].cpu(),
-                    "pred": pred[i].cpu(),
-                }
-            )
+            item = {
+                "key": batch["key"][i],
+                "image": batch["image"][i].float().cpu(),
+                "label": batch["label"][i].cpu(),
+                "pred": pred[i].cpu(),
+            }
+            if mask is not None:
+                item["mask"] = mask[i].cpu()
+            kept.append(item)
     model.train(was_training)
-    return cm, kept
+    return cm, kept, {"images": images, "high_res_sum": high_res}

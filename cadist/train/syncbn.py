@@ -60,8 +60,13 @@ class _SyncBNFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-class DistributedBatchNorm2d(nn.BatchNorm2d):
-    """Drop-in `nn.BatchNorm2d` whose training statistics span all ranks of the default group."""
+class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Drop-in BatchNorm for (N, C, H, W) maps and (N, C) element lists whose training statistics
+    span all ranks of the default group."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected (N, C, …) input, got {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (
@@ -84,11 +89,17 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
+DistributedBatchNorm2d = DistributedBatchNorm  # the name of the first release
+
+
 def convert_to_distributed_bn(module: nn.Module) -> nn.Module:
-    """Replace every `nn.BatchNorm2d` (in place, keeping parameters, buffers and momentum)."""
+    """Replace every BatchNorm (2-D maps and element-list BNs; in place, keeping parameters,
+    buffers and momentum)."""
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = DistributedBatchNorm2d(
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            child, DistributedBatchNorm
+        ):
+            new = DistributedBatchNorm(
                 child.num_features,
                 child.eps,
                 child.momentum,

@@ -22,6 +22,7 @@ from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
+from cadist.models.build import is_adaptive
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
 from cadist.tracking import NullTracker, Tracker
@@ -100,16 +101,47 @@ def _log_eval(tracker, job: JobConfig, cm, kept: list[dict], step: int, best: bo
         tracker.log_text(table, "eval/iou_best.csv")
     for k in kept:
         img = (denormalize(k["image"]).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        strip = np.concatenate(
-            [
-                img,
-                colorize(k["label"].numpy().astype(np.uint8)),
-                colorize(k["pred"].numpy().astype(np.uint8)),
-            ],
-            axis=1,
+        parts = [
+            img,
+            colorize(k["label"].numpy().astype(np.uint8)),
+            colorize(k["pred"].numpy().astype(np.uint8)),
+        ]
+        if "mask" in k:  # darken the regions the adaptive backbone ran at low resolution
+            parts.append(mask_overlay(img, k["mask"].numpy()))
+        tracker.log_image(
+            np.concatenate(parts, axis=1), f"predictions/step_{step:08d}/{k['key']}.png"
         )
-        tracker.log_image(strip, f"predictions/step_{step:08d}/{k['key']}.png")
     return s["miou"]
+
+
+def mask_overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(H, W, 3) image with the cells of mask > 0 (downsampled) darkened; mask at the finest grid."""
+    s = img.shape[0] // mask.shape[0]
+    low = np.kron(mask > 0, np.ones((s, s), bool))
+    out = img.copy()
+    out[low] = (out[low] * 0.35).astype(np.uint8)
+    return out
+
+
+def _log_adaptive(tracker, job: JobConfig, extra: dict, kept_shape, step: int, device) -> dict:
+    """Mean high-res fraction over all validation images (all ranks) and the GMac it implies."""
+    from cadist.adaptive.stats import mac_line
+
+    t = torch.tensor([extra["high_res_sum"], extra["images"]], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    p = float(t[0] / t[1].clamp_min(1))
+    if isinstance(tracker, NullTracker):  # ranks > 0: only the collective above
+        return {"val/high_res_fraction": p}
+    line = mac_line(job.model.name, job.model.adaptive_mode, *kept_shape)
+    metrics = {
+        "val/high_res_fraction": p,
+        "macs/backbone_gmac": line.backbone(p),
+        "macs/backbone_gmac_computed": line.backbone(p, actual=True),
+        "macs/total_gmac": line.backbone(p) + line.head_gmac,
+    }
+    tracker.log_metrics(metrics, step)
+    return metrics
 
 
 def train_worker(cfg: dict) -> None:
@@ -189,13 +221,17 @@ def train_worker(cfg: dict) -> None:
                     )
                 t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             if step % job.eval.interval == 0 or step == t.iterations:
-                cm, kept = evaluate(
+                cm, kept, extra = evaluate(
                     engine.module,
                     _on_device(make_loader(val), device, dtype),
                     device,
-                    keep=job.eval.log_images if rank == 0 else 0,
+                    keep=max(1, job.eval.log_images) if rank == 0 else 0,
                 )
                 cm.all_reduce()
+                if is_adaptive(job.model.name):
+                    hw = tuple(kept[0]["label"].shape) if kept else _val_hw(job)
+                    metrics.update(_log_adaptive(tracker, job, extra, hw, step, device))
+                kept = kept[: job.eval.log_images]
                 miou = cm.miou()
                 is_best = miou > state["best_miou"]  # the summed matrix is the same on every rank
                 _log_eval(tracker, job, cm, kept, step, is_best)
@@ -233,6 +269,12 @@ def train_worker(cfg: dict) -> None:
                 step=step,
             )
             tracker.log_artifact(Path(tmp) / "last.pt", "checkpoints")
+
+
+def _val_hw(job: JobConfig) -> tuple[int, int]:
+    from cadist.train.driver import val_image_size
+
+    return val_image_size(job) or (0, 0)
 
 
 def _on_device(batches, device, dtype):

@@ -292,3 +292,35 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
         )
         assert worst < 1e-4, (stage, worst)
         assert changed > 1e-3  # the weights did move
+
+
+def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
+    job = make_job(
+        workdir,
+        "itest-edge",
+        **{
+            "model.name": "deeplabv3_batch_ap_resnet_tiny",
+            "train.iterations": 10,
+            "eval.interval": 10,
+            "eval.log_images": 1,
+        },
+    )
+    r = run_training(job, "itest")
+    assert r.metrics["step"] == 10
+    client = MlflowClient(r.tracking_uri)
+    m = client.get_run(r.run_id).data.metrics
+    p = m["val/high_res_fraction"]
+    assert 0.0 <= p <= 1.0
+    # the logged GMac follows the method's line for this input size (64×128: OS8 grid 8×16)
+    from cadist.adaptive.stats import mac_line
+
+    line = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", 64, 128)
+    assert m["macs/backbone_gmac"] == pytest.approx(line.backbone(p), rel=1e-9)
+    assert m["macs/backbone_gmac_computed"] <= m["macs/backbone_gmac"]
+    arts = _artifacts(client, r.run_id)
+    pred = [a for a in arts if a.startswith("predictions/step_00000010/")]
+    assert len(pred) == 1
+    local = client.download_artifacts(r.run_id, pred[0], str(workdir))
+    from PIL import Image
+
+    assert Image.open(local).size == (4 * 128, 64)  # image | truth | prediction | mask overlay
