@@ -30,40 +30,53 @@ def _weight9(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _IrregularConv(torch.autograd.Function):
+    """Gather + GEMM. Under autocast the products run in the autocast dtype (e.g. bf16) while the
+    weight gradient and the scattered input gradient accumulate in float32."""
+
     @staticmethod
     def forward(ctx, x, weight, idx):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         n, cin = x.shape
-        xp = torch.cat([x, x.new_zeros(1, cin)])  # row n: the zero padding tap
-        w9 = _weight9(weight)
-        out = x.new_empty(idx.shape[0], weight.shape[0])
-        for s in range(0, idx.shape[0], CHUNK_ROWS):
-            g = xp.index_select(0, idx[s : s + CHUNK_ROWS].reshape(-1)).view(-1, 9 * cin)
-            torch.mm(g, w9, out=out[s : s + CHUNK_ROWS])
+        with torch.autocast(dev, enabled=False):
+            xp = torch.cat([x.to(dt), x.new_zeros(1, cin, dtype=dt)])  # row n: the zero tap
+            w9 = _weight9(weight).to(dt)
+            out = xp.new_empty(idx.shape[0], weight.shape[0])
+            for s in range(0, idx.shape[0], CHUNK_ROWS):
+                g = xp.index_select(0, idx[s : s + CHUNK_ROWS].reshape(-1)).view(-1, 9 * cin)
+                torch.mm(g, w9, out=out[s : s + CHUNK_ROWS])
         ctx.save_for_backward(x, weight, idx)
+        ctx.dt = dt
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, idx = ctx.saved_tensors
+        dt = ctx.dt
         n, cin = x.shape
-        grad_out = grad_out.contiguous()
-        w9 = _weight9(weight)
-        xp = torch.cat([x, x.new_zeros(1, cin)])
-        grad_w9 = torch.zeros_like(w9) if ctx.needs_input_grad[1] else None
-        grad_xp = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
-        for s in range(0, idx.shape[0], CHUNK_ROWS):
-            rows = idx[s : s + CHUNK_ROWS].reshape(-1)
-            go = grad_out[s : s + CHUNK_ROWS]
-            if grad_w9 is not None:
-                g = xp.index_select(0, rows).view(-1, 9 * cin)
-                grad_w9.addmm_(g.t(), go)
-            if grad_xp is not None:
-                grad_xp.index_add_(0, rows, torch.mm(go, w9.t()).view(-1, cin))
-        grad_x = grad_xp[:n] if grad_xp is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            grad_out = grad_out.to(dt).contiguous()
+            w9 = _weight9(weight).to(dt)
+            xp = torch.cat([x.to(dt), x.new_zeros(1, cin, dtype=dt)])
+            need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            acc = dt if dt in (torch.float32, torch.float64) else torch.float32
+            grad_w9 = torch.zeros(w9.shape, dtype=acc, device=x.device) if need_w else None
+            grad_xp = torch.zeros(n + 1, cin, dtype=acc, device=x.device) if need_x else None
+            for s in range(0, idx.shape[0], CHUNK_ROWS):
+                rows = idx[s : s + CHUNK_ROWS].reshape(-1)
+                go = grad_out[s : s + CHUNK_ROWS]
+                if need_w:
+                    g = xp.index_select(0, rows).view(-1, 9 * cin)
+                    prod = torch.mm(g.t(), go)
+                    grad_w9 += prod.to(acc)
+                if need_x:
+                    gx = torch.mm(go, w9.t()).view(-1, cin)
+                    grad_xp.index_add_(0, rows, gx.to(acc))
+        grad_x = grad_xp[:n].to(x.dtype) if need_x else None
         grad_w = None
-        if grad_w9 is not None:
+        if need_w:
             cout = weight.shape[0]
-            grad_w = grad_w9.view(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
+            grad_w = grad_w9.view(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous().to(weight.dtype)
         return grad_x, grad_w, None
 
 

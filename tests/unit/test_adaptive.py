@@ -275,3 +275,23 @@ def test_adaptive_backbone_macs_follow_the_reference_formula():
         assert r["backbone_gmac"] - r["backbone_gmac_actual"] == pytest.approx(saved, abs=0.01)
         assert r["head_gmac"] == pytest.approx(511.48, abs=0.005)
         assert r["edge_gmac"] == pytest.approx(0.0377, abs=1e-4)
+
+
+def test_irregular_conv_under_bf16_autocast_is_close_to_fp32():
+    g = torch.Generator().manual_seed(7)
+    masks = torch.stack([_random_mask(g, 8, 12) for _ in range(2)])
+    layout = MixedLayout(masks, 2)
+    idx = layout.table(1, 2)
+    x = torch.randn(layout.elements(1).n, 16, generator=g, requires_grad=True)
+    w = torch.randn(8, 16, 3, 3, generator=g, requires_grad=True)
+    ref = irregular_conv(x, w, idx)
+    gx_ref, gw_ref = torch.autograd.grad(ref.sum(), (x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = irregular_conv(x, w, idx)
+    assert out.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(out.float().sum(), (x, w))
+    assert gx.dtype == torch.float32 and gw.dtype == torch.float32
+    rel = (out.float() - ref).abs().max() / ref.abs().max()
+    assert rel < 2e-2
+    assert (gw - gw_ref).abs().max() / gw_ref.abs().max() < 2e-2
+    assert (gx - gx_ref).abs().max() / gx_ref.abs().max() < 2e-2
