@@ -153,6 +153,20 @@ class MixedLayout:
             self._selection[k] = prev.lookup.view(-1)[flat]
         return self._selection[k]
 
+    def pool_members(self, k: int) -> torch.Tensor:
+        """(N_k, 4) rows of the step-(k−1) list pooled into each step-k element (§3.5, max-pool
+        variant): the four quadrants of a new level-k box; an unchanged element lists itself 4×."""
+        key = -k  # cached beside the selections
+        if key not in self._selection:
+            prev, cur = self.elements(k - 1), self.elements(k)
+            _, h, w = self.shape
+            half = torch.where(cur.level == k, 1 << (k - 1), 0)
+            dy = torch.stack([torch.zeros_like(half), torch.zeros_like(half), half, half], 1)
+            dx = torch.stack([torch.zeros_like(half), half, torch.zeros_like(half), half], 1)
+            flat = (cur.b[:, None] * h + cur.y0[:, None] + dy) * w + cur.x0[:, None] + dx
+            self._selection[key] = prev.lookup.view(-1)[flat]
+        return self._selection[key]
+
     def is_identity(self, k: int) -> bool:
         """True when step k changes nothing (e.g. layer4's step when the mask is {0, 1})."""
         return self.elements(k).n == self.elements(k - 1).n

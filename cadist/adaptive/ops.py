@@ -23,6 +23,14 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, rows)
 
 
+def max_pool_step(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """The max-pool adaptive step (§3.5): channel-wise max over each element's 4 members.
+    x (N_{k−1}, C), members (N_k, 4) from `MixedLayout.pool_members(k)` → (N_k, C)."""
+    if x.is_meta:
+        return x.new_empty(members.shape[0], x.shape[1])
+    return x.index_select(0, members.reshape(-1)).view(members.shape[0], 4, -1).amax(1)
+
+
 def _weight9(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, Cin, 3, 3) → (9·Cin, Cout) with tap-major rows: row 9-block t = tap 3(i+1)+(j+1)."""
     cout, cin = weight.shape[:2]

@@ -295,3 +295,124 @@ def test_irregular_conv_under_bf16_autocast_is_close_to_fp32():
     assert rel < 2e-2
     assert (gw - gw_ref).abs().max() / gw_ref.abs().max() < 2e-2
     assert (gx - gx_ref).abs().max() / gx_ref.abs().max() < 2e-2
+
+
+def test_max_pool_step_equals_dense_pooling_and_the_oracle():
+    from cadist.adaptive.ops import max_pool_step
+
+    g = torch.Generator().manual_seed(11)
+    # uniform mask ≡ 2: two max-pool steps equal two dense 2×2 max-pools (raster order per image)
+    x = torch.randn(2, 3, 8, 12, generator=g)
+    layout = MixedLayout(torch.full((2, 8, 12), 2), 2)
+    f = MixedLayout.from_dense(x)
+    f = max_pool_step(max_pool_step(f, layout.pool_members(1)), layout.pool_members(2))
+    dense = nn.functional.max_pool2d(nn.functional.max_pool2d(x, 2), 2)
+    assert torch.equal(f, dense.permute(0, 2, 3, 1).reshape(-1, 3))
+    # random multi-level mask: each new element is the max of its quadrant elements (oracle)
+    mask = _random_mask(g, 8, 12)[None]
+    layout = MixedLayout(mask, 2)
+    for k in (1, 2):
+        prev, prev_lookup = _oracle_elements(mask[0], k - 1)
+        cur, _ = _oracle_elements(mask[0], k)
+        feats = torch.randn(len(prev), 4, generator=g)
+        got = max_pool_step(feats, layout.pool_members(k))
+        for i, (lvl, y, x0) in enumerate(cur):
+            if lvl == k:
+                h = 2 ** (k - 1)
+                quads = [prev_lookup[(y + a, x0 + b)] for a in (0, h) for b in (0, h)]
+                assert torch.equal(got[i], feats[quads].amax(0))
+            else:
+                assert torch.equal(got[i], feats[prev_lookup[(y, x0)]])
+
+
+@pytest.mark.parametrize("mode,dense_os", [("os16to32", 16), ("os8to32", 8)])
+def test_other_modes_equal_the_dense_backbone_when_nothing_is_downsampled(mode, dense_os):
+    from cadist.adaptive.resnet import AdaptiveResNet
+    from cadist.models.resnet import SPECS, ResNet
+
+    torch.manual_seed(0)
+    dense = ResNet(SPECS["resnet_tiny"], dense_os).eval()
+    _randomise_bn(dense)
+    ada = AdaptiveResNet(SPECS["resnet_tiny"], mode).eval()
+    ada.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 3, 128, 128)
+    h0 = 128 // dense_os
+    with torch.no_grad():
+        assert (ada(x, torch.zeros(2, h0, h0, dtype=torch.long)) - dense(x)).abs().max() < 1e-4
+        # everything downsampled: the dense OS32 backbone, replicated to the finest grid
+        d32 = ResNet(SPECS["resnet_tiny"], 32).eval()
+        d32.load_state_dict(dense.state_dict())
+        low = 2 if mode == "os8to32" else 1
+        rep = 32 // dense_os
+        ref = d32(x).repeat_interleave(rep, 2).repeat_interleave(rep, 3)
+        assert (ada(x, torch.full((2, h0, h0), low)) - ref).abs().max() < 1e-4
+
+
+def test_predict_and_macs_cli_for_the_edge_model(tmp_path, pair):
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from cadist.cli import main
+    from cadist.models.weights import save_weights
+
+    _, ada = pair
+    save_weights(ada, tmp_path / "edge.pt", model="deeplabv3_batch_ap_resnet_tiny")
+    img = np.zeros((64, 128, 3), np.uint8)
+    img[20:40, 30:90] = 255  # a bright rectangle: its dark→bright edges keep high resolution
+    Image.fromarray(img).save(tmp_path / "rect.png")
+    r = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            "deeplabv3_batch_ap_resnet_tiny",
+            "--ckpt",
+            str(tmp_path / "edge.pt"),
+            "--image",
+            str(tmp_path / "rect.png"),
+            "--out",
+            str(tmp_path / "o"),
+            "--save-mask",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    mask = np.load(tmp_path / "o" / "rect_mask.npy")
+    assert mask.dtype == np.uint8 and mask.shape == (8, 16)
+    expect = EdgeMask()(_normalised(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255))[0]
+    assert np.array_equal(mask, expect.numpy().astype(np.uint8))
+    assert 0 < mask.mean() < 1
+    r = CliRunner().invoke(
+        main,
+        [
+            "macs",
+            "--model",
+            "deeplabv3_batch_ap_resnet_tiny",
+            "--image",
+            str(tmp_path / "rect.png"),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["high_res_fraction"] == pytest.approx(1 - mask.mean())
+    assert d["num_images"] == 1 and d["input_hw"] == [64, 128]
+    r = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            "deeplabv3_resnet_tiny",
+            "--ckpt",
+            str(tmp_path / "edge.pt"),
+            "--image",
+            str(tmp_path / "rect.png"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--save-mask",
+        ],
+    )
+    assert r.exit_code == 2 and "dense model and has no pooling mask" in r.output
