@@ -54,20 +54,11 @@ def make_batch(args):
 def plain_loop(job, batch, steps, warmup):
     from cadist.data.transforms import normalize_uint8
     from cadist.models.build import build_model
-    from cadist.train.loop import param_groups, poly_lambdas, seed_everything, segmentation_loss
+    from cadist.train.loop import make_optimizer, seed_everything, segmentation_loss
 
     seed_everything(job.train.seed)
     model = build_model(job.model.name, job.model.output_stride).train()
-    groups = param_groups(model, job.train.lr_backbone, job.train.lr_head)
-    opt = torch.optim.SGD(
-        groups,
-        lr=job.train.lr_head,
-        momentum=job.train.momentum,
-        weight_decay=job.train.weight_decay,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, poly_lambdas(groups, job.train.iterations, job.train.poly_power, job.train.min_lr)
-    )
+    opt, sched = make_optimizer(model, job.train)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()

@@ -41,6 +41,17 @@ class ModelConfig(_Section):
     weights: str | None = None
     """Whole-model weights to start from (reference checkpoint, torchvision or cadist export)."""
 
+    def build_kwargs(self) -> dict[str, Any]:
+        """Arguments of `cadist.models.build.build_model` for this section."""
+        return {
+            "name": self.name,
+            "output_stride": self.output_stride,
+            "adaptive_mode": self.adaptive_mode,
+            "edge_threshold": self.edge_threshold,
+            "trimap_width": self.trimap_width,
+            "mask_variant": self.mask_variant,
+        }
+
 
 class DataConfig(_Section):
     train_shards: str = "shards/cityscapes/train-manifest.json"

@@ -30,15 +30,7 @@ def resolve_weights(path: str | Path) -> Path:
 
 def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
     """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9)."""
-    m = job.model
-    model = build_model(
-        m.name,
-        m.output_stride,
-        adaptive_mode=m.adaptive_mode,
-        edge_threshold=m.edge_threshold,
-        trimap_width=m.trimap_width,
-        mask_variant=m.mask_variant,
-    )
+    model = build_model(**job.model.build_kwargs())
     load_weights(model, resolve_weights(ckpt), expect_name=job.model.name)
     model.to(device)
     val = ShardStream(

@@ -13,7 +13,7 @@ from cadist.config import JobConfig
 from cadist.data.transforms import normalize_uint8
 from cadist.models.build import build_model
 from cadist.models.weights import load_backbone, load_weights
-from cadist.train.loop import param_groups, poly_lambdas, seed_everything, segmentation_loss
+from cadist.train.loop import make_optimizer, seed_everything, segmentation_loss
 from cadist.train.syncbn import convert_to_distributed_bn
 
 
@@ -69,15 +69,7 @@ def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, c
 
 def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device):
     seed_everything(job.train.seed)  # identical initialisation on every rank
-    m = job.model
-    model = build_model(
-        m.name,
-        m.output_stride,
-        adaptive_mode=m.adaptive_mode,
-        edge_threshold=m.edge_threshold,
-        trimap_width=m.trimap_width,
-        mask_variant=m.mask_variant,
-    )
+    model = build_model(**job.model.build_kwargs())
     if job.model.backbone_weights:
         load_backbone(model, job.model.backbone_weights)
     if job.model.weights:
@@ -89,16 +81,7 @@ def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device)
             else convert_to_distributed_bn(model)
         )
     model.to(device)
-    groups = param_groups(model, job.train.lr_backbone, job.train.lr_head)
-    opt = torch.optim.SGD(
-        groups,
-        lr=job.train.lr_head,
-        momentum=job.train.momentum,
-        weight_decay=job.train.weight_decay,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, poly_lambdas(groups, job.train.iterations, job.train.poly_power, job.train.min_lr)
-    )
+    opt, sched = make_optimizer(model, job.train)
     return make_engine(model, opt, sched, deepspeed_config(job, on_gpu))
 
 

@@ -39,6 +39,17 @@ def poly_lambdas(
     return [make(g["lr"]) for g in groups]
 
 
+def make_optimizer(model: nn.Module, t) -> tuple[torch.optim.Optimizer, object]:
+    """The §8 optimiser and schedule for `model`: SGD (momentum, weight decay on everything) over
+    backbone/head groups, poly LambdaLR. `t` is a `TrainConfig` (any object with its fields)."""
+    groups = param_groups(model, t.lr_backbone, t.lr_head)
+    opt = torch.optim.SGD(groups, lr=t.lr_head, momentum=t.momentum, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, poly_lambdas(groups, t.iterations, t.poly_power, t.min_lr)
+    )
+    return opt, sched
+
+
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over valid pixels (255 ignored), mean; logits (B, C, H, W), labels (B, H, W)."""
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)

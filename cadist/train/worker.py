@@ -238,16 +238,7 @@ def train_worker(cfg: dict) -> None:
                 if is_best:
                     state["best_miou"] = miou
                     if rank == 0:
-                        with tempfile.TemporaryDirectory() as tmp:
-                            save_weights(
-                                engine.module,
-                                Path(tmp) / "best.pt",
-                                model=job.model.name,
-                                output_stride=job.model.output_stride,
-                                step=step,
-                                miou=miou,
-                            )
-                            tracker.log_artifact(Path(tmp) / "best.pt", "checkpoints")
+                        _log_weights(tracker, engine, job, "best.pt", step=step, miou=miou)
                 metrics.update({"val/miou": miou})
                 if rank == 0:
                     print(
@@ -260,15 +251,22 @@ def train_worker(cfg: dict) -> None:
             if step >= t.iterations:
                 break
     if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_weights(
-                engine.module,
-                Path(tmp) / "last.pt",
-                model=job.model.name,
-                output_stride=job.model.output_stride,
-                step=step,
-            )
-            tracker.log_artifact(Path(tmp) / "last.pt", "checkpoints")
+        _log_weights(tracker, engine, job, "last.pt", step=step)
+
+
+def _log_weights(tracker, engine, job: JobConfig, filename: str, **meta) -> None:
+    """A weights-only export (with the model section, so it can be rebuilt) → MLflow checkpoints/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        save_weights(
+            engine.module,
+            path,
+            model=job.model.name,
+            model_config=job.model.model_dump(),
+            output_stride=job.model.output_stride,
+            **meta,
+        )
+        tracker.log_artifact(path, "checkpoints")
 
 
 def _val_hw(job: JobConfig) -> tuple[int, int]:

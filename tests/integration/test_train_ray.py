@@ -241,7 +241,7 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
     from ray.train.torch import TorchTrainer
 
     from cadist.models.build import build_model
-    from cadist.train.loop import param_groups, poly_lambdas, seed_everything, segmentation_loss
+    from cadist.train.loop import make_optimizer, seed_everything, segmentation_loss
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     g = torch.Generator().manual_seed(0)
@@ -263,16 +263,7 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
         seed_everything(job.train.seed)
         ref = build_model(job.model.name, job.model.output_stride)
         _no_dropout(ref)
-        groups = param_groups(ref, job.train.lr_backbone, job.train.lr_head)
-        opt = torch.optim.SGD(
-            groups,
-            lr=job.train.lr_head,
-            momentum=job.train.momentum,
-            weight_decay=job.train.weight_decay,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, poly_lambdas(groups, job.train.iterations, job.train.poly_power, job.train.min_lr)
-        )
+        opt, sched = make_optimizer(ref, job.train)
         for _ in range(2):
             loss = segmentation_loss(
                 ref(x), y
