@@ -175,7 +175,8 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
     assert r.metrics["step"] == 60
     client = MlflowClient(r.tracking_uri)
     resumed = client.get_metric_history(r.run_id, "train/resumed_from_step")
-    assert resumed and resumed[-1].value >= 20
+    # it restarts from a registered checkpoint (a hard kill may lose the newest one, so ≥ 10)
+    assert resumed and resumed[-1].value in (10, 20, 30, 40, 50)
     assert client.get_run(r.run_id).info.status == "FINISHED"
 
 
