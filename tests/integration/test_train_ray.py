@@ -316,3 +316,9 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
     from PIL import Image
 
     assert Image.open(local).size == (4 * 128, 64)  # image | truth | prediction | mask overlay
+    # `cadist eval` of the final checkpoint reproduces the logged mIoU and high-res fraction
+    from cadist.evaluate import evaluate_job
+
+    ev = evaluate_job(job, r.checkpoint)
+    assert ev["miou"] == pytest.approx(m["val/miou"], abs=1e-9)
+    assert ev["high_res_fraction"] == pytest.approx(p, abs=1e-9)
