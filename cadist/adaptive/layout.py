@@ -14,12 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-
-def anchor_offset(level: int) -> int:
-    """⌊2^ℓ / 2⌋: the anchor's offset inside its box (§3.3): 0, 1, 2, 4, …"""
-    return (1 << level) // 2
-
-
 # tap (i, j) ∈ {−1, 0, 1}², row-major: tap index 3·(i+1) + (j+1) (§3.4)
 _TAPS_Y = torch.tensor([-1, -1, -1, 0, 0, 0, 1, 1, 1], device="cpu")
 _TAPS_X = torch.tensor([-1, 0, 1, -1, 0, 1, -1, 0, 1], device="cpu")

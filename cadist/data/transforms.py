@@ -12,25 +12,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-GREY = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-
-
-def to_unit_tensor(img: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 → (3, H, W) float32 in [0, 1]."""
-    if not (img.flags.writeable and img.flags.c_contiguous):
-        img = np.array(img)
-    return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
-
-
-def normalize_(x: torch.Tensor) -> torch.Tensor:
-    """In place: (x − mean) / std per channel, x of shape (3, H, W) or (B, 3, H, W) in [0, 1]."""
-    return x.sub_(MEAN.to(x.device)).div_(STD.to(x.device))
+# device="cpu" explicitly: an import inside a `torch.device("meta")` block must not make them meta
+MEAN = torch.tensor([0.485, 0.456, 0.406], device="cpu").view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225], device="cpu").view(3, 1, 1)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `normalize_` (new tensor), clamped to [0, 1]."""
+    """Inverse of the §1.2 normalisation (new tensor), clamped to [0, 1]."""
     return (x * STD.to(x.device) + MEAN.to(x.device)).clamp_(0, 1)
 
 
@@ -63,20 +51,8 @@ def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_batch(images: list[np.ndarray]) -> torch.Tensor:
-    """§1.2 for a list of equally sized (H, W, 3) uint8 arrays (any strides) → (B, 3, H, W) float32.
-
-    Writes straight into the batch tensor: one uint8→float copy and one fused multiply-add per
-    value, no intermediate tensors (this is the loader's hot path).
-    """
-    h, w = images[0].shape[:2]
-    out = torch.empty(len(images), 3, h, w)
-    for i, img in enumerate(images):
-        if img.shape != (h, w, 3):
-            raise ValueError(f"image {i} has shape {img.shape}, expected {(h, w, 3)}")
-        if not img.flags.writeable:
-            img = np.array(img)
-        out[i].copy_(torch.from_numpy(img).permute(2, 0, 1))
-    return torch.addcmul(_SHIFT, out, _SCALE, out=out)
+    """§1.2 for a list of equally sized (H, W, 3) uint8 arrays (any strides) → (B, 3, H, W) float32."""
+    return normalize_uint8(stack_images(images))
 
 
 def adjust_brightness(im: Image.Image, f: float) -> Image.Image:

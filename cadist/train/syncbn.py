@@ -89,9 +89,6 @@ class DistributedBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-DistributedBatchNorm2d = DistributedBatchNorm  # the name of the first release
-
-
 def convert_to_distributed_bn(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm (2-D maps and element-list BNs; in place, keeping parameters,
     buffers and momentum)."""
