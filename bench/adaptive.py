@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`
+from bench.common import timed  # noqa: E402
 from cadist.adaptive.resnet import AdaptiveResNet
 from cadist.macs import MacCounter, count_adaptive
 from cadist.models.resnet import SPECS, ResNet
@@ -34,23 +36,6 @@ def block_mask(b: int, h0: int, w0: int, p: float, seed: int = 0) -> torch.Tenso
         m = (~keep).long().view(h0 // 4, w0 // 4)
         out.append(m.repeat_interleave(4, 0).repeat_interleave(4, 1))
     return torch.stack(out)
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, warmup, repeats, dev):
-    ts = []
-    for i in range(warmup + repeats):
-        _sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        if i >= warmup:
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1000
 
 
 def run_model(model, x, mask, dev, dtype, warmup, repeats):

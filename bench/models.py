@@ -12,36 +12,25 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`
+from bench.common import timed  # noqa: E402
 from cadist.macs import count_dense
 from cadist.models.build import build_model
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_forward(model, x, warmup, repeats, dtype):
-    times = []
-    ctx = (
-        torch.autocast(x.device.type, dtype=torch.bfloat16)
-        if dtype == "bf16"
-        else torch.autocast(x.device.type, enabled=False)
-    )
-    with torch.inference_mode(), ctx:
-        for i in range(warmup + repeats):
-            _sync(x.device)
-            t0 = time.perf_counter()
+    ac = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def fwd():
+        with torch.inference_mode(), ac:
             model(x)
-            _sync(x.device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+
+    return timed(fwd, warmup, repeats, x.device)
 
 
 def main():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`
+from bench.common import step_report  # noqa: E402
 from cadist.data.cityscapes import label_lut
 from cadist.data.synthetic import render_scene
 from cadist.data.transforms import TrainTransform, normalize_batch
@@ -82,27 +84,7 @@ def main():
         opt.step()
         losses.append(loss.item())  # syncs
         times.append(time.perf_counter() - t0)
-    steady = times[2:] or times
-    out = {
-        "bench": "train_step",
-        "engine": "plain",
-        "model": args.model,
-        "output_stride": args.output_stride,
-        "batch": args.batch,
-        "crop": args.crop,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "dtype": args.dtype,
-        "channels_last": args.channels_last,
-        "torch": torch.__version__,
-        "ms_per_step": round(statistics.median(steady) * 1000, 2),
-        "images_per_s": round(args.batch / statistics.median(steady), 2),
-        "loss_first": round(losses[0], 4),
-        "loss_last": round(losses[-1], 4),
-        "losses": [round(v, 4) for v in losses],
-    }
-    if dev.type == "cuda":
-        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    out = step_report(args, dev, losses, times, engine="plain", dtype=args.dtype)
     print(json.dumps(out))
 
 
@@ -151,29 +133,16 @@ def deepspeed_steps(args):
         t0 = time.perf_counter()
         losses.append(train_step(engine, batch, dev, dtype).item())
         times.append(time.perf_counter() - t0)
-    steady = times[2:] or times
-    out = {
-        "bench": "train_step",
-        "engine": "deepspeed",
-        "zero_stage": args.zero_stage,
-        "bf16": "torch_autocast" if args.dtype == "bf16" else None,
-        "model": args.model,
-        "output_stride": args.output_stride,
-        "batch": args.batch,
-        "crop": args.crop,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
-        "param_dtype": str(dtype),
-        "channels_last": args.channels_last,
-        "torch": torch.__version__,
-        "ms_per_step": round(statistics.median(steady) * 1000, 2),
-        "images_per_s": round(args.batch / statistics.median(steady), 2),
-        "loss_first": round(losses[0], 4),
-        "loss_last": round(losses[-1], 4),
-        "losses": [round(v, 4) for v in losses],
-    }
-    if on_gpu:
-        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    out = step_report(
+        args,
+        dev,
+        losses,
+        times,
+        engine="deepspeed",
+        zero_stage=args.zero_stage,
+        bf16="torch_autocast" if args.dtype == "bf16" else None,
+        param_dtype=str(dtype),
+    )
     print(json.dumps(out))
     dist.destroy_process_group()
 
