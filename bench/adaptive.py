@@ -5,6 +5,11 @@ masks of 4×4-cell blocks with exactly that share), beside the ideal MAC ratio (
 MACs as cadist computes them / dense OS8 MACs). Goals: CPU time ratio to OS8 ≤ 1.5 × the MAC ratio;
 GPU speedup ≥ 0.75 of the ideal. Prints one JSON object.
 
+Variants (each compared with the dense backbones in the same form): "eager" is the training form
+under autocast; "folded" is the inference form of `cadist.models.fold` (BN folded into the convs,
+weights in --dtype; the fused Triton gather-GEMM on CUDA); "folded_torch" is the folded form with
+torch's gather + matmul, to see what the kernel adds.
+
     python bench/adaptive.py [--model resnet101 --sizes 512x1024 --fractions 0.1,0.25,0.5 --device cpu]
 """
 
@@ -20,9 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`
 from bench.common import timed  # noqa: E402
+from cadist.adaptive import kernels
 from cadist.adaptive.resnet import AdaptiveResNet
 from cadist.macs import MacCounter, count_adaptive
+from cadist.models.fold import fold_batchnorm
 from cadist.models.resnet import SPECS, ResNet
+
+VARIANTS = ("eager", "folded", "folded_torch")
 
 
 def block_mask(b: int, h0: int, w0: int, p: float, seed: int = 0) -> torch.Tensor:
@@ -38,7 +47,8 @@ def block_mask(b: int, h0: int, w0: int, p: float, seed: int = 0) -> torch.Tenso
     return torch.stack(out)
 
 
-def run_model(model, x, mask, dev, dtype, warmup, repeats):
+def run_model(model, x, mask, dev, dtype, warmup, repeats, train=True):
+    """(forward ms, forward+backward ms or None) under bf16 autocast or in float32."""
     args = (x,) if mask is None else (x, mask)
     ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
@@ -53,7 +63,13 @@ def run_model(model, x, mask, dev, dtype, warmup, repeats):
         out.float().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    return timed(fwd, warmup, repeats, dev), timed(fwd_bwd, warmup, repeats, dev)
+    f = timed(fwd, warmup, repeats, dev)
+    return f, timed(fwd_bwd, warmup, repeats, dev) if train else None
+
+
+def folded(model, dtype):
+    """Inference form: BN folded, weights (and later inputs) in the bench dtype, no autocast."""
+    return fold_batchnorm(model).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
 def dense_gmac(spec, os_, h, w):
@@ -75,7 +91,15 @@ def main():
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--variants",
+        default="eager,folded",
+        help="eager: the training form under autocast (forward and forward+backward); folded: "
+        "BN folded, weights in --dtype, inference only (the Triton kernel on CUDA); "
+        "folded_torch: folded with torch's gather + matmul instead of the kernel",
+    )
     args = ap.parse_args()
+    fractions = [float(v) for v in args.fractions.split(",")]
     dev = torch.device(args.device)
     spec = SPECS[args.model]
     torch.manual_seed(0)
@@ -87,48 +111,62 @@ def main():
         "resnet50": "deeplabv3_batch_ap_resnet50",
         "resnet_tiny": "deeplabv3_batch_ap_resnet_tiny",
     }[args.model]
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--variants {','.join(sorted(unknown))}: expected some of {','.join(VARIANTS)}")
+    models = {"eager": (dense8, dense16, ada)}
+    if any(v.startswith("folded") for v in variants):
+        models["folded"] = tuple(folded(m, args.dtype) for m in (dense8, dense16, ada))
     rows = []
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
         x = torch.randn(args.batch, 3, h, w, device=dev)
-        g8 = dense_gmac(spec, 8, h, w)
-        base = {}
-        for label, model in (("dense_os8", dense8), ("dense_os16", dense16)):
-            f, fb = run_model(model, x, None, dev, args.dtype, args.warmup, args.repeats)
-            base[label] = (f, fb)
-            g = g8 if label == "dense_os8" else dense_gmac(spec, 16, h, w)
-            rows.append(
-                {
+        g8, g16 = dense_gmac(spec, 8, h, w), dense_gmac(spec, 16, h, w)
+        masks = {p: block_mask(args.batch, h // 8, w // 8, p).to(dev) for p in fractions}
+        macs = {p: count_adaptive(name, masks[p][:1].cpu(), h, w) for p in fractions}
+        for variant in variants:
+            d8, d16, am = models["folded" if variant.startswith("folded") else "eager"]
+            kernels.set_impl("torch" if variant == "folded_torch" else "auto")
+            eager = variant == "eager"
+            xv = x if eager or args.dtype == "fp32" else x.bfloat16()
+            dt = args.dtype if eager else "fp32"  # folded models carry their dtype
+            base = {}
+            for label, model, g in (("dense_os8", d8, g8), ("dense_os16", d16, g16)):
+                f, fb = run_model(model, xv, None, dev, dt, args.warmup, args.repeats, eager)
+                base[label] = (f, fb)
+                rows.append(
+                    {"input_hw": [h, w], "variant": variant, "backbone": label,
+                     "p": 1.0 if label == "dense_os8" else 0.0, "gmac": round(g, 2),
+                     "fwd_ms": round(f, 2), "fwd_bwd_ms": None if fb is None else round(fb, 2)}
+                )  # fmt: skip
+            for p in fractions:
+                f, fb = run_model(am, xv, masks[p], dev, dt, args.warmup, args.repeats, eager)
+                mac_ratio = macs[p]["backbone_gmac_actual"] / g8
+                row = {
                     "input_hw": [h, w],
-                    "backbone": label,
-                    "p": 1.0 if label == "dense_os8" else 0.0,
-                    "gmac": round(g, 2),
-                    "fwd_ms": round(f, 2),
-                    "fwd_bwd_ms": round(fb, 2),
-                }
-            )
-        for p in (float(v) for v in args.fractions.split(",")):
-            mask = block_mask(args.batch, h // 8, w // 8, p).to(dev)
-            mac = count_adaptive(name, mask[:1].cpu(), h, w)
-            f, fb = run_model(ada, x, mask, dev, args.dtype, args.warmup, args.repeats)
-            mac_ratio = mac["backbone_gmac_actual"] / g8
-            rows.append(
-                {
-                    "input_hw": [h, w],
+                    "variant": variant,
                     "backbone": "adaptive_os8to16",
                     "p": p,
-                    "gmac": round(mac["backbone_gmac_actual"], 2),
-                    "gmac_method_rules": round(mac["backbone_gmac"], 2),
+                    "gmac": round(macs[p]["backbone_gmac_actual"], 2),
+                    "gmac_method_rules": round(macs[p]["backbone_gmac"], 2),
                     "fwd_ms": round(f, 2),
-                    "fwd_bwd_ms": round(fb, 2),
                     "mac_ratio_to_os8": round(mac_ratio, 4),
                     "fwd_time_ratio_to_os8": round(f / base["dense_os8"][0], 4),
-                    "fwd_bwd_time_ratio_to_os8": round(fb / base["dense_os8"][1], 4),
                     "fwd_time_over_mac_ratio": round(f / base["dense_os8"][0] / mac_ratio, 3),
-                    "fwd_bwd_time_over_mac_ratio": round(fb / base["dense_os8"][1] / mac_ratio, 3),
-                    "fwd_speedup_vs_ideal": round((base["dense_os8"][0] / f) / (1 / mac_ratio), 3),
+                    "fwd_speedup_vs_ideal": round(mac_ratio * base["dense_os8"][0] / f, 3),
                 }
-            )
+                if fb is not None:
+                    row |= {
+                        "fwd_bwd_ms": round(fb, 2),
+                        "fwd_bwd_time_ratio_to_os8": round(fb / base["dense_os8"][1], 4),
+                        "fwd_bwd_time_over_mac_ratio": round(
+                            fb / base["dense_os8"][1] / mac_ratio, 3
+                        ),
+                        "fwd_bwd_speedup_vs_ideal": round(mac_ratio * base["dense_os8"][1] / fb, 3),
+                    }
+                rows.append(row)
+    kernels.set_impl("auto")
     print(
         json.dumps(
             {

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # tap (i, j) ∈ {−1, 0, 1}², row-major: tap index 3·(i+1) + (j+1) (§3.4)
 _TAPS_Y = torch.tensor([-1, -1, -1, 0, 0, 0, 1, 1, 1], device="cpu")
@@ -54,6 +55,9 @@ class MixedLayout:
         self.num_steps = num_steps
         b, h, w = mask.shape
         self.shape = (b, h, w)
+        s = 1 << num_steps
+        if h % s or w % s:
+            raise ValueError(f"finest grid {h}×{w} is not divisible by 2^{num_steps} = {s}")
         if check:
             self._check()
         self._elements: dict[int, Elements] = {}
@@ -61,23 +65,24 @@ class MixedLayout:
         self._selection: dict[int, torch.Tensor] = {}
 
     def _check(self) -> None:
-        b, h, w = self.shape
-        s = 1 << self.num_steps
-        if h % s or w % s:
-            raise ValueError(f"finest grid {h}×{w} is not divisible by 2^{self.num_steps} = {s}")
-        lo, hi = int(self.mask.min()), int(self.mask.max())
-        if lo < 0 or hi > self.num_steps:
-            raise ValueError(f"mask values {lo}..{hi} outside 0..{self.num_steps}")
+        ok = (self.mask.min() >= 0) & (self.mask.max() <= self.num_steps)
+        boxes = []
         for lvl in range(1, self.num_steps + 1):
             k = 1 << lvl
             ge = (self.mask >= lvl).float().unsqueeze(1)
-            mx = torch.nn.functional.max_pool2d(ge, k, k)
-            mn = -torch.nn.functional.max_pool2d(-ge, k, k)
-            if not torch.equal(mx, mn):
-                raise ValueError(
-                    f"mask violates the block constraint: {{M ≥ {lvl}}} is not a union "
-                    f"of aligned {k}×{k} boxes"
-                )
+            # a k×k box is uniform iff its max equals its min
+            boxes.append(torch.equal(F.max_pool2d(ge, k, k), -F.max_pool2d(-ge, k, k)))
+        if bool(ok) and all(boxes):  # one host sync for the value range
+            return
+        lo, hi = int(self.mask.min()), int(self.mask.max())
+        if lo < 0 or hi > self.num_steps:
+            raise ValueError(f"mask values {lo}..{hi} outside 0..{self.num_steps}")
+        lvl = boxes.index(False) + 1
+        k = 1 << lvl
+        raise ValueError(
+            f"mask violates the block constraint: {{M ≥ {lvl}}} is not a union of aligned "
+            f"{k}×{k} boxes"
+        )
 
     # -- element lists ---------------------------------------------------------------------------
     def elements(self, k: int) -> Elements:
@@ -87,36 +92,30 @@ class MixedLayout:
         return self._elements[k]
 
     def _build(self, k: int) -> Elements:
+        """Every box of every level ≤ k is a *slot* (image-major, then level, then raster order:
+        §3.2 order); a slot is an element iff its top-left cell has current level = its level.
+        One cumulative sum numbers the elements, one `nonzero` lists them."""
         bsz, h, w = self.shape
         dev = self.mask.device
         cur = self.mask.clamp(max=k)
-        parts = []
-        for lvl in range(0, k + 1):
-            s = 1 << lvl
-            at = (cur[:, ::s, ::s] == lvl).nonzero()  # (n, 3): b, qy, qx in b-major raster order
-            if at.numel():
-                parts.append(
-                    torch.stack(
-                        [at[:, 0], torch.full_like(at[:, 0], lvl), at[:, 1] * s, at[:, 2] * s], 1
-                    )
-                )
-        allp = torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.long, device=dev)
-        order = torch.sort(allp[:, 0], stable=True).indices  # image-major; levels stay ascending
-        allp = allp[order]
-        b, level, y0, x0 = allp.unbind(1)
-        n = allp.shape[0]
-        lookup = torch.empty(bsz, h, w, dtype=torch.long, device=dev)
-        idx = torch.arange(n, device=dev)
-        for lvl in range(0, k + 1):
-            s = 1 << lvl
-            sel = level == lvl
-            if not bool(sel.any()):
-                continue
-            coarse = torch.zeros(bsz, h // s, w // s, dtype=torch.long, device=dev)
-            coarse[b[sel], y0[sel] // s, x0[sel] // s] = idx[sel]
-            fine = coarse.repeat_interleave(s, 1).repeat_interleave(s, 2)
-            lookup = torch.where(cur == lvl, fine, lookup)
-        counts = torch.bincount(b, minlength=bsz)
+        sizes = [(h >> lvl) * (w >> lvl) for lvl in range(k + 1)]
+        per_image = sum(sizes)
+        offs = torch.tensor([0] + sizes, device=dev).cumsum(0)  # level → first slot in an image
+        ind = torch.cat(
+            [(cur[:, :: 1 << lvl, :: 1 << lvl] == lvl).reshape(bsz, -1) for lvl in range(k + 1)], 1
+        ).reshape(-1)
+        number = ind.cumsum(0) - 1  # slot → element index (valid where ind)
+        slots = ind.nonzero().squeeze(1) if k else torch.arange(bsz * h * w, device=dev)
+        b, r = slots // per_image, slots % per_image
+        level = torch.searchsorted(offs[1:-1], r, right=True)
+        q, gw = r - offs[level], w >> level
+        y0, x0 = (q // gw) << level, (q % gw) << level
+        yy = torch.arange(h, device=dev).view(1, h, 1)
+        xx = torch.arange(w, device=dev).view(1, 1, w)
+        bb = torch.arange(bsz, device=dev).view(bsz, 1, 1)
+        cell_slot = bb * per_image + offs[cur] + (yy >> cur) * (w >> cur) + (xx >> cur)
+        lookup = number[cell_slot]
+        counts = ind.view(bsz, per_image).sum(1)
         return Elements(b, level, y0, x0, lookup, counts)
 
     # -- tables ----------------------------------------------------------------------------------
@@ -136,6 +135,23 @@ class MixedLayout:
             idx = e.lookup.view(-1)[flat]
             self._tables[key] = torch.where(inside, idx, torch.full_like(idx, e.n))
         return self._tables[key]
+
+    def step_table(self, k: int, t: int) -> torch.Tensor:
+        """(N_k, 9) taps at spacing t on the step-(k−1) list, for the elements that step k keeps:
+        the stride-carrying conv evaluated only where its output survives (§3.5)."""
+        key = (-k, t)
+        if key not in self._tables:
+            full = self.table(k - 1, t)
+            self._tables[key] = (
+                full if self.is_identity(k) else full.index_select(0, self.selection(k))
+            )
+        return self._tables[key]
+
+    def prepare(self, tables: list[tuple[int, int, bool]]) -> None:
+        """Build every table a network needs up front — (k, t, strided) triples — so the forward
+        pass itself never waits on the device (building uses `nonzero`, a host sync)."""
+        for k, t, strided in tables:
+            self.step_table(k, t) if strided else self.table(k, t)
 
     def selection(self, k: int) -> torch.Tensor:
         """(N_k,) rows of the step-(k−1) list that step k keeps, in step-k order (§3.5, strided

@@ -28,8 +28,9 @@ class AdaptiveDeepLabV3(nn.Module):
         return self.mask_fn(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        given = mask is not None
         if mask is None:
             mask = self.make_mask(x)
         self.last_mask = mask
-        logits = self.classifier(self.backbone(x, mask))
+        logits = self.classifier(self.backbone(x, mask, check_mask=given))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

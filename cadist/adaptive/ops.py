@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cadist.adaptive import kernels
+
 CHUNK_ROWS = 16384  # elements per gather+GEMM chunk: bounds the gathered buffer (rows × 9 × Cin)
 
 
@@ -47,12 +49,15 @@ class _IrregularConv(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         n, cin = x.shape
         with torch.autocast(dev, enabled=False):
-            xp = torch.cat([x.to(dt), x.new_zeros(1, cin, dtype=dt)])  # row n: the zero tap
             w9 = _weight9(weight).to(dt)
-            out = xp.new_empty(idx.shape[0], weight.shape[0])
-            for s in range(0, idx.shape[0], CHUNK_ROWS):
-                g = xp.index_select(0, idx[s : s + CHUNK_ROWS].reshape(-1)).view(-1, 9 * cin)
-                torch.mm(g, w9, out=out[s : s + CHUNK_ROWS])
+            if kernels.use_triton(x):  # fused gather + GEMM; index n reads zeros
+                out = kernels.gather_gemm(x.to(dt).contiguous(), idx.contiguous(), w9)
+            else:
+                xp = torch.cat([x.to(dt), x.new_zeros(1, cin, dtype=dt)])  # row n: the zero tap
+                out = xp.new_empty(idx.shape[0], weight.shape[0])
+                for s in range(0, idx.shape[0], CHUNK_ROWS):
+                    g = xp.index_select(0, idx[s : s + CHUNK_ROWS].reshape(-1)).view(-1, 9 * cin)
+                    torch.mm(g, w9, out=out[s : s + CHUNK_ROWS])
         ctx.save_for_backward(x, weight, idx)
         ctx.dt = dt
         return out

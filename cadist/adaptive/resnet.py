@@ -30,7 +30,27 @@ def _bn(c: int) -> ListBatchNorm:
     return ListBatchNorm(c, momentum=BACKBONE_BN_MOMENTUM)
 
 
-class AdaptiveBottleneck(nn.Module):
+class BlockTables:
+    """Which index table a block reads: blocks carry `t` (tap spacing) and `step` (the adaptive
+    step the block performs, or None)."""
+
+    t: int
+    step: int | None
+
+    def needs(self, k_in: int) -> tuple[int, int, bool]:
+        """The (k, t, strided) table this block reads (see `MixedLayout.prepare`)."""
+        return (self.step, self.t, True) if self.step is not None else (k_in, self.t, False)
+
+    def tables(self, layout: MixedLayout, k_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The 3×3 index table and, for a block that performs a step, the kept rows (else None).
+        The strided conv is evaluated only where its output is kept."""
+        if self.step is None:
+            return layout.table(k_in, self.t), None
+        keep = None if layout.is_identity(self.step) else layout.selection(self.step)
+        return layout.step_table(self.step, self.t), keep
+
+
+class AdaptiveBottleneck(BlockTables, nn.Module):
     """Bottleneck on an element list; `step` = k for a stage's first block (performs step k)."""
 
     def __init__(self, inplanes: int, planes: int, t: int, step: int | None):
@@ -52,11 +72,7 @@ class AdaptiveBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: MixedLayout, k_in: int) -> torch.Tensor:
         """x: (N_{k_in}, C) → (N_k, 4·planes) with k = step (first block) or k_in."""
-        idx = layout.table(k_in, self.t)
-        keep = None
-        if self.step is not None and not layout.is_identity(self.step):
-            keep = layout.selection(self.step)
-            idx = idx.index_select(0, keep)  # evaluate the strided conv only where it is kept
+        idx, keep = self.tables(layout, k_in)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out, idx)))
         out = self.bn3(self.conv3(out))
@@ -76,9 +92,16 @@ class AdaptiveStage(nn.ModuleList):
         super().__init__(layers)
         self.k = k
 
+    def k_in(self, i: int) -> int:
+        """Adaptive steps applied before block i."""
+        return self.k - 1 if i == 0 else self.k
+
+    def needs(self) -> list[tuple[int, int, bool]]:
+        return sorted({blk.needs(self.k_in(i)) for i, blk in enumerate(self)})
+
     def forward(self, x: torch.Tensor, layout: MixedLayout) -> torch.Tensor:
         for i, blk in enumerate(self):
-            x = blk(x, layout, self.k - 1 if i == 0 else self.k)
+            x = blk(x, layout, self.k_in(i))
         return x
 
 
@@ -114,9 +137,18 @@ class AdaptiveResNet(nn.Module):
         x = self.layer2(self.layer1(x))
         return self.layer3(x) if self.mode == "os16to32" else x
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def layout(self, mask: torch.Tensor, device: torch.device, check: bool = True) -> MixedLayout:
+        """The batch's layout with every table the adaptive stages read already built."""
+        mask = mask.to("cpu" if device.type == "meta" else device)
+        layout = MixedLayout(mask, self.num_steps, check=check)
+        layout.prepare([n for name in self.adaptive for n in getattr(self, name).needs()])
+        return layout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, check_mask: bool = True) -> torch.Tensor:
+        """`check_mask=False` skips validating the mask (for masks made by cadist's generators)."""
+        # tables first: their host syncs then wait on nothing, and the stages enqueue sync-free
+        layout = self.layout(mask, x.device, check_mask)
         feats = self.dense_part(x)
-        layout = MixedLayout(mask.to(feats.device if not feats.is_meta else "cpu"), self.num_steps)
         f = MixedLayout.from_dense(feats)
         for name in self.adaptive:
             f = getattr(self, name)(f, layout)

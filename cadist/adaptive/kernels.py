@@ -1,0 +1,141 @@
+"""A fused gather + matrix-multiply kernel (Triton) for the irregular 3×3 convolution at inference.
+
+`gather_conv` in folded.py materialises the gathered taps (M, 9·Cin) and multiplies; on a GPU that
+buffer costs as much memory traffic as the multiply costs time. This kernel instead loads each tile
+of gathered rows straight from the index table into on-chip memory (an "implicit GEMM", as dense
+convolution libraries do), adds the bias and applies ReLU before the single store.
+
+Triton ships with PyTorch's CUDA builds; it is imported lazily and only used when present. Tests run
+the same kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def available() -> bool:
+    """True when Triton imports and `CADIST_TRITON` is not "0"."""
+    if os.environ.get("CADIST_TRITON", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: "auto": the Triton kernel on CUDA when Triton imports, else torch's gather + matmul;
+#: "triton": the kernel everywhere (on the CPU through Triton's interpreter); "torch": never
+_IMPL = {"impl": "auto"}
+
+
+def set_impl(impl: str) -> None:
+    """Choose how irregular convolutions run (benchmarks compare both in one process)."""
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"irregular conv implementation {impl!r}: expected auto, triton or torch")
+    _IMPL["impl"] = impl
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    impl = _IMPL["impl"]
+    return impl == "triton" or (impl == "auto" and x.is_cuda and available())
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_gemm(
+        x_ptr,  # (≥ NROWS, CIN) rows; an idx entry ≥ NROWS reads zeros (taps outside the image)
+        idx_ptr,  # (M, 9) row of each tap
+        w_ptr,  # (9·CIN, COUT) tap-major weights
+        b_ptr,  # (COUT,) bias
+        o_ptr,  # (M, COUT) output
+        M,
+        NROWS,
+        CIN,
+        COUT,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        RELU: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,  # dot in float32 (Triton's CPU interpreter multiplies bf16 wrongly)
+    ):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        m_ok, n_ok = rm < M, rn < COUT
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for tap in range(9):
+            rows = tl.load(idx_ptr + rm * 9 + tap, mask=m_ok, other=0).to(tl.int64)
+            r_ok = m_ok & (rows < NROWS)
+            for k0 in range(0, CIN, BK):
+                rk = k0 + tl.arange(0, BK)
+                k_ok = rk < CIN
+                a = tl.load(
+                    x_ptr + rows[:, None] * CIN + rk[None, :],
+                    mask=r_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + (tap * CIN + rk)[:, None] * COUT + rn[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0,
+                )
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc += tl.dot(a, b, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        tl.store(
+            o_ptr + rm[:, None] * COUT + rn[None, :],
+            acc.to(o_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+
+    return gather_gemm
+
+
+def _tiles(m: int, cin: int, cout: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_warps): 128×128 output tiles where the sizes allow, K in steps of 64."""
+    bn = 128 if cout >= 128 else max(16, 1 << (cout - 1).bit_length())
+    bk = 64 if cin >= 64 else max(16, 1 << (cin - 1).bit_length())
+    bm = 128 if m >= 128 else 64
+    return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4
+
+
+def gather_gemm(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    w9: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """[relu](Σ_taps x[idx[:, tap]] · w9[tap block] [+ bias]): x (N, Cin), idx (M, 9) with entries
+    ≥ N reading zeros, w9 (9·Cin, Cout) → (M, Cout) in x's dtype, accumulated in float32."""
+    m, cin, cout = idx.shape[0], x.shape[1], w9.shape[1]
+    assert x.is_contiguous() and idx.is_contiguous() and w9.is_contiguous(), "contiguous inputs"
+    assert w9.shape[0] == 9 * cin and idx.shape[1] == 9, "w9 is (9·Cin, Cout), idx is (M, 9)"
+    out = torch.empty(m, cout, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    bm, bn, bk, warps = _tiles(m, cin, cout)
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if tf32 else "ieee"
+    grid = ((m + bm - 1) // bm, (cout + bn - 1) // bn)
+    _kernel()[grid](
+        x, idx, w9, out if bias is None else bias, out, m, x.shape[0], cin, cout,
+        BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None, RELU=relu, PRECISION=precision, UPCAST=x.device.type == "cpu",
+        num_warps=warps, num_stages=3,
+    )  # fmt: skip
+    return out
