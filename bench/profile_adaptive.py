@@ -14,8 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.adaptive import block_mask
-from cadist.adaptive.layout import MixedLayout
 from cadist.adaptive.resnet import AdaptiveResNet
+from cadist.models.fold import fold_batchnorm
 from cadist.models.resnet import SPECS
 
 
@@ -27,13 +27,18 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--model", default="resnet101")
+    ap.add_argument("--folded", action="store_true", help="the inference form (BN folded, --dtype)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     h, w = (int(v) for v in args.size.split("x"))
     model = AdaptiveResNet(SPECS[args.model]).to(dev).eval()
     x = torch.randn(args.batch, 3, h, w, device=dev)
+    if args.folded:
+        dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model, x = fold_batchnorm(model).to(dt), x.to(dt)
     mask = block_mask(args.batch, h // 8, w // 8, args.p).to(dev)
-    ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    bf16_autocast = args.dtype == "bf16" and not args.folded
+    ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16_autocast)
 
     def sync():
         if dev.type == "cuda":
@@ -44,7 +49,7 @@ def main():
             model(x, mask)
         sync()
         t0 = time.perf_counter()
-        MixedLayout(mask, 2).table(1, 2)
+        model.layout(mask, dev)
         sync()
         layout_ms = (time.perf_counter() - t0) * 1000
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -63,6 +68,7 @@ def main():
                 "size": [h, w],
                 "batch": args.batch,
                 "p": args.p,
+                "folded": args.folded,
                 "layout_build_ms": round(layout_ms, 2),
                 "top": [
                     {

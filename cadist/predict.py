@@ -26,8 +26,10 @@ def load_rgb(path: str | Path) -> np.ndarray:
 def predict_logits(
     model: torch.nn.Module, img: np.ndarray, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """(C, H, W) float32 logits at input resolution for one (H, W, 3) uint8 image (§1.2, §1.4)."""
-    x = normalized_input(img).unsqueeze(0).to(device)
+    """(C, H, W) float32 logits at input resolution for one (H, W, 3) uint8 image (§1.2, §1.4);
+    the input takes the dtype of the model's weights."""
+    dtype = next(model.parameters()).dtype
+    x = normalized_input(img).unsqueeze(0).to(device, dtype)
     return model.eval()(x)[0].float().cpu()
 
 

@@ -46,8 +46,19 @@ def use_triton(x: torch.Tensor) -> bool:
     return impl == "triton" or (impl == "auto" and x.is_cuda and available())
 
 
+#: tile configurations tried once per (Cin, Cout) on a GPU (BM, BN, BK, warps, stages)
+CONFIGS = [
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+
+
 @functools.cache
-def _kernel():
+def _kernel(autotune: bool):
     import triton
     import triton.language as tl
 
@@ -74,25 +85,27 @@ def _kernel():
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         m_ok, n_ok = rm < M, rn < COUT
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for tap in range(9):
+        # one flat loop over (tap, K block) so loads pipeline across tap boundaries
+        kt = tl.cdiv(CIN, BK)
+        for kk in range(0, 9 * kt):
+            tap = kk // kt
+            rk = (kk % kt) * BK + tl.arange(0, BK)
+            k_ok = rk < CIN
             rows = tl.load(idx_ptr + rm * 9 + tap, mask=m_ok, other=0).to(tl.int64)
             r_ok = m_ok & (rows < NROWS)
-            for k0 in range(0, CIN, BK):
-                rk = k0 + tl.arange(0, BK)
-                k_ok = rk < CIN
-                a = tl.load(
-                    x_ptr + rows[:, None] * CIN + rk[None, :],
-                    mask=r_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                b = tl.load(
-                    w_ptr + (tap * CIN + rk)[:, None] * COUT + rn[None, :],
-                    mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc += tl.dot(a, b, input_precision=PRECISION)
+            a = tl.load(
+                x_ptr + rows[:, None] * CIN + rk[None, :],
+                mask=r_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + (tap * CIN + rk)[:, None] * COUT + rn[None, :],
+                mask=k_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if RELU:
@@ -103,7 +116,13 @@ def _kernel():
             mask=m_ok[:, None] & n_ok[None, :],
         )
 
-    return gather_gemm
+    if not autotune:
+        return gather_gemm
+    configs = [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in CONFIGS
+    ]
+    return triton.autotune(configs=configs, key=["CIN", "COUT"])(gather_gemm)
 
 
 def _tiles(m: int, cin: int, cout: int) -> tuple[int, int, int, int]:
@@ -129,13 +148,22 @@ def gather_gemm(
     out = torch.empty(m, cout, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    bm, bn, bk, warps = _tiles(m, cin, cout)
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if tf32 else "ieee"
-    grid = ((m + bm - 1) // bm, (cout + bn - 1) // bn)
-    _kernel()[grid](
-        x, idx, w9, out if bias is None else bias, out, m, x.shape[0], cin, cout,
-        BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None, RELU=relu, PRECISION=precision, UPCAST=x.device.type == "cpu",
-        num_warps=warps, num_stages=3,
-    )  # fmt: skip
+    # float32 follows the dense convolution it replaces: TF32 where cuDNN may use it
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    args = (x, idx, w9, out if bias is None else bias, out, m, x.shape[0], cin, cout)
+    flags = dict(HAS_BIAS=bias is not None, RELU=relu, PRECISION="tf32" if tf32 else "ieee")
+    if x.is_cuda:
+
+        def grid(meta):
+            return (triton_cdiv(m, meta["BM"]), triton_cdiv(cout, meta["BN"]))
+
+        _kernel(True)[grid](*args, **flags, UPCAST=False)
+    else:  # Triton's interpreter (tests): one fixed tiling, float32 products
+        bm, bn, bk, warps = _tiles(m, cin, cout)
+        grid = (triton_cdiv(m, bm), triton_cdiv(cout, bn))
+        _kernel(False)[grid](*args, **flags, UPCAST=True, BM=bm, BN=bn, BK=bk, num_warps=warps)
     return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -385,6 +385,33 @@ def test_predict_and_macs_cli_for_the_edge_model(tmp_path, pair):
     expect = EdgeMask()(_normalised(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255))[0]
     assert np.array_equal(mask, expect.numpy().astype(np.uint8))
     assert 0 < mask.mean() < 1
+    # bf16 inference: same mask (computed in float32), logits close to float32's
+    for precision in ("fp32", "bf16"):
+        r = CliRunner().invoke(
+            main,
+            [
+                "predict",
+                "--model",
+                "deeplabv3_batch_ap_resnet_tiny",
+                "--ckpt",
+                str(tmp_path / "edge.pt"),
+                "--image",
+                str(tmp_path / "rect.png"),
+                "--out",
+                str(tmp_path / precision),
+                "--save-mask",
+                "--save-logits",
+                "--precision",
+                precision,
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        assert np.array_equal(np.load(tmp_path / precision / "rect_mask.npy"), mask)
+    l32, l16 = (np.load(tmp_path / p / "rect_logits.npy") for p in ("fp32", "bf16"))
+    assert np.linalg.norm(l16 - l32) / np.linalg.norm(l32) < 3e-2
+    with torch.no_grad():
+        ref = ada(_normalised(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255))[0]
+    assert np.abs(l32 - ref.numpy()).max() <= 1e-4 * np.abs(l32).max()
     r = CliRunner().invoke(
         main,
         [
