@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -43,7 +44,10 @@ def set_impl(impl: str) -> None:
 
 def use_triton(x: torch.Tensor) -> bool:
     impl = _IMPL["impl"]
-    return impl == "triton" or (impl == "auto" and x.is_cuda and available())
+    return impl == "triton" or (impl == "auto" and x.is_cuda and available() and not _FAILED)
+
+
+_FAILED: list[str] = []  # the error of a kernel that failed to compile or launch (then: torch)
 
 
 #: tile configurations tried once per (Cin, Cout) on a GPU (BM, BN, BK, warps, stages)
@@ -157,12 +161,31 @@ def gather_gemm(
         def grid(meta):
             return (triton_cdiv(m, meta["BM"]), triton_cdiv(cout, meta["BN"]))
 
-        _kernel(True)[grid](*args, **flags, UPCAST=False)
+        try:
+            _kernel(True)[grid](*args, **flags, UPCAST=False)
+        except Exception as exn:  # a Triton/driver combination that cannot build it: fall back
+            if _IMPL["impl"] == "triton":
+                raise
+            _FAILED.append(f"{type(exn).__name__}: {exn}")
+            warnings.warn(
+                f"cadist: the fused irregular-conv kernel failed ({_FAILED[0][:300]}); "
+                "using torch's gather + matmul from now on",
+                stacklevel=2,
+            )
+            return _torch_gather_gemm(x, idx, w9, bias, relu)
     else:  # Triton's interpreter (tests): one fixed tiling, float32 products
         bm, bn, bk, warps = _tiles(m, cin, cout)
         grid = (triton_cdiv(m, bm), triton_cdiv(cout, bn))
         _kernel(False)[grid](*args, **flags, UPCAST=True, BM=bm, BN=bn, BK=bk, num_warps=warps)
     return out
+
+
+def _torch_gather_gemm(x, idx, w9, bias, relu):
+    xp = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    out = xp[idx.clamp(max=x.shape[0])].view(idx.shape[0], -1) @ w9
+    if bias is not None:
+        out += bias
+    return out.relu_() if relu else out
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -220,3 +220,32 @@ def test_fused_gather_gemm_kernel_in_the_triton_interpreter():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "kernel ok" in out.stdout
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", "ieee"), ("fp32", "tf32")])
+def test_fused_kernel_compiles_for_hopper_with_a_pipelined_tensor_core_loop(dtype, precision):
+    """Compiled ahead of time for sm_90 (H100/H200) with the alignment the JIT sees for torch
+    tensors: the K loop must use warp-group MMAs fed by asynchronous copies (software pipelining),
+    i.e. the gathered loads overlap the multiplies instead of stalling them."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cadist.adaptive import kernels
+
+    names = ["x_ptr", "idx_ptr", "w_ptr", "b_ptr", "o_ptr", "M", "NROWS", "CIN", "COUT"]
+    ptr = f"*{dtype}"
+    sig = dict(zip(names, [ptr, "*i64", ptr, ptr, ptr, "i32", "i32", "i32", "i32"], strict=True))
+    const = {"BM": 128, "BN": 128, "BK": 64, "HAS_BIAS": True, "RELU": True}
+    const |= {"PRECISION": precision, "UPCAST": False}
+    sig |= {k: "constexpr" for k in const}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8)}
+    compiled = triton.compile(
+        ASTSource(kernels._kernel(False), sig, const, aligned),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 8, "num_stages": 3},
+    )
+    ttgir = compiled.asm["ttgir"]
+    assert "ttng.warp_group_dot" in ttgir  # Hopper tensor-core MMA
+    assert ttgir.count("ttg.async_copy_global_to_local") >= 2  # gathered A and weight tiles
+    assert "cp.async" in compiled.asm["ptx"]
