@@ -178,15 +178,41 @@ def _model_options(f):
             type=click.Choice(["reference", "corrected"]),
             help="Adaptive models: the reference's edge mask or the corrected one.",
         ),
+        click.option(
+            "--mask-sampling",
+            default="gumbel",
+            show_default=True,
+            type=click.Choice(["gumbel", "argmax"]),
+            help="Learned-mask models: Gumbel noise at inference as the reference (§7.2), or the "
+            "deterministic arg-max.",
+        ),
+        click.option(
+            "--gumbel-tau",
+            default=1.0,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Learned-mask models: Gumbel-softmax temperature (§7.2).",
+        ),
+        click.option(
+            "--seed",
+            default=0,
+            show_default=True,
+            type=int,
+            help="Learned-mask models: seed of the Gumbel noise.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant):
+def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant, **kw):
+    """The model for prediction and counting; learned-mask models as their inference network."""
+    import torch
+
     from cadist.models.build import build_model
 
+    torch.manual_seed(kw.get("seed", 0))  # the Gumbel noise of learned masks
     return build_model(
         model,
         int(output_stride),
@@ -194,6 +220,9 @@ def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, ma
         edge_threshold=edge_threshold,
         trimap_width=trimap_width,
         mask_variant=mask_variant,
+        gumbel_tau=kw.get("gumbel_tau", 1.0),
+        mask_sampling=kw.get("mask_sampling", "gumbel"),
+        network="inference",
     )
 
 
@@ -208,6 +237,11 @@ def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, ma
 )
 @click.option("--shards", help="Adaptive models: count over these validation shards (mean ± std).")
 @click.option("--limit", type=click.IntRange(1), help="With --shards: at most this many images.")
+@click.option(
+    "--ckpt",
+    type=click.Path(dir_okay=False),
+    help="Learned-mask models (required): weights whose mask estimator decides the mask.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def macs_cmd(
     model,
@@ -216,18 +250,22 @@ def macs_cmd(
     edge_threshold,
     trimap_width,
     mask_variant,
+    mask_sampling,
+    gumbel_tau,
+    seed,
     height,
     width,
     image,
     shards,
     limit,
+    ckpt,
     as_json,
 ):
     """Count multiply-adds per image under the method's counting rules (backbone, head, total).
 
     Adaptive models are counted per image, content-dependent: pass --image or --shards."""
     from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive
+    from cadist.models.build import is_adaptive, is_learned
 
     if not is_adaptive(model):
         r = count_dense(model, int(output_stride), height, width)
@@ -250,15 +288,30 @@ def macs_cmd(
             f"{model} is content-adaptive: its MACs depend on the image; pass --image "
             f"PNG or --shards SPEC"
         )
-    net = _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant)
-    r = count_images(net, model, adaptive_mode, image=image, shards=shards, limit=limit)
+    if is_learned(model) and not ckpt:
+        raise CadistError(
+            f"{model}: its mask comes from its trained mask estimator; pass --ckpt WEIGHTS"
+        )
+    net = _build(
+        model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant,
+        mask_sampling=mask_sampling, gumbel_tau=gumbel_tau, seed=seed,
+    )  # fmt: skip
+    if ckpt:
+        from cadist.models.weights import load_weights
+
+        load_weights(net, ckpt, expect_name=model)
+    r = count_images(net.eval(), model, adaptive_mode, image=image, shards=shards, limit=limit)
     if as_json:
         _print_json(r)
         return
     n = r["num_images"]
+    how = (
+        f"learned mask, {mask_sampling}, τ={gumbel_tau}, seed {seed}"
+        if is_learned(model)
+        else f"{adaptive_mode}, τ={edge_threshold}, trimap {trimap_width}, {mask_variant} mask"
+    )
     click.echo(
-        f"{model} ({adaptive_mode}, τ={edge_threshold}, trimap {trimap_width}, "
-        f"{mask_variant} mask) over {n} image{'s' if n > 1 else ''} at {r['input_hw'][0]}×{r['input_hw'][1]}"
+        f"{model} ({how}) over {n} image{'s' if n > 1 else ''} at {r['input_hw'][0]}×{r['input_hw'][1]}"
     )
     click.echo(
         f"  high-res fraction p   {r['high_res_fraction']:.4f} ± {r['high_res_fraction_std']:.4f}"
@@ -269,9 +322,12 @@ def macs_cmd(
     click.echo(
         f"  backbone (computed)   {r['backbone_gmac_actual']:9.2f} ± {r['backbone_gmac_actual_std']:.2f} GMac"
     )
-    click.echo(
-        f"  head                  {r['head_gmac']:9.2f} GMac; edge gradients {r['edge_gmac']:.4f} GMac"
+    extra = (
+        f"mask estimator {r['mask_estimator_gmac']:.2f} GMac (in the backbone)"
+        if is_learned(model)
+        else f"edge gradients {r['edge_gmac']:.4f} GMac"
     )
+    click.echo(f"  head                  {r['head_gmac']:9.2f} GMac; {extra}")
 
 
 @main.command("predict")
@@ -321,6 +377,9 @@ def predict_cmd(
     save_mask,
     device,
     precision,
+    mask_sampling,
+    gumbel_tau,
+    seed,
 ):
     """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png."""
     import torch
@@ -334,7 +393,10 @@ def predict_cmd(
         raise CadistError(f"--save-mask: {model} is a dense model and has no pooling mask")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant)
+    net = _build(
+        model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant,
+        mask_sampling=mask_sampling, gumbel_tau=gumbel_tau, seed=seed,
+    )  # fmt: skip
     load_weights(net, ckpt, expect_name=model)
     # inference form: BN folded into the convolutions (same function, fewer passes)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -22,8 +22,8 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: ModelName = "deeplabv3_resnet101"
-    """Model name as in the reference implementation: dense `deeplabv3_resnet*` or content-adaptive
-    `deeplabv3_batch_ap_resnet*` (edge mask)."""
+    """Model name as in the reference implementation: dense `deeplabv3_resnet*`, content-adaptive
+    `deeplabv3_batch_ap_resnet*` (edge mask) or `deeplabv3_ad_resnet*` (learned mask)."""
     output_stride: Literal[8, 16] = 16
     """Output stride of a dense backbone (8 or 16); adaptive models take theirs from adaptive_mode."""
     adaptive_mode: AdaptiveMode = "os8to16"
@@ -35,6 +35,14 @@ class ModelConfig(_Section):
     mask_variant: Literal["reference", "corrected"] = "reference"
     """Adaptive models: the reference's edge mask (one-sided, border artefacts, 4×4 blocks) or the
     corrected one (|gradient|, no border artefacts, 2×2 blocks)."""
+    gumbel_tau: float = Field(1.0, gt=0)
+    """Learned-mask models: temperature τ of the Gumbel-softmax mask sample (§7.2; released: 1)."""
+    target_low_res: float = Field(0.3, ge=0, le=1)
+    """Learned-mask models: target low-resolution share ρ of the ratio loss (§7.4; default 0.3,
+    the released model: 0.5)."""
+    mask_sampling: Literal["gumbel", "argmax"] = "gumbel"
+    """Learned-mask models at evaluation: draw Gumbel noise as the reference does (§7.2 quirk:
+    stochastic, seed-dependent results) or take the deterministic arg-max."""
     backbone_weights: str | None = None
     """torchvision ImageNet ResNet state dict to initialise the backbone (e.g. resnet101-63fe2227.pth);
     None: random initialisation (only sensible for the tiny demo model)."""
@@ -50,6 +58,9 @@ class ModelConfig(_Section):
             "edge_threshold": self.edge_threshold,
             "trimap_width": self.trimap_width,
             "mask_variant": self.mask_variant,
+            "gumbel_tau": self.gumbel_tau,
+            "target_low_res": self.target_low_res,
+            "mask_sampling": self.mask_sampling,
         }
 
 
@@ -79,6 +90,8 @@ class TrainConfig(_Section):
     """Global batch size, split evenly over the workers."""
     lr_backbone: float = Field(0.01, gt=0)
     lr_head: float = Field(0.1, gt=0)
+    lr_mask_estimator: float = Field(0.001, gt=0)
+    """Learned-mask models: learning rate of the mask estimator (§8: 0.001)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, gt=0)
@@ -100,6 +113,9 @@ class EvalConfig(_Section):
     """Validation images per rank and batch."""
     log_images: int = Field(3, ge=0)
     """Validation predictions logged to MLflow as images at each evaluation."""
+    learned_inference: bool = True
+    """Learned-mask models: also evaluate the irregular inference network (§7.5) built from the
+    current weights (`val/miou_inference`), beside the training network (`val/miou`)."""
 
 
 class ClusterConfig(_Section):
@@ -152,6 +168,16 @@ class JobConfig(_Section):
             raise ValueError(
                 f"train.batch_size {self.train.batch_size} is not divisible by cluster.num_workers "
                 f"{n}; use a multiple of {n} (e.g. {n * max(1, self.train.batch_size // n)})"
+            )
+        if self.model.name.startswith("deeplabv3_ad_") and self.model.adaptive_mode != "os8to16":
+            raise ValueError(
+                f"model.adaptive_mode {self.model.adaptive_mode}: learned-mask models "
+                f"({self.model.name}) are OS 8→16 only; set model.adaptive_mode: os8to16"
+            )
+        if self.model.name.startswith("deeplabv3_ad_") and self.data.crop_size % 32:
+            raise ValueError(
+                f"data.crop_size {self.data.crop_size}: learned-mask models need crops divisible "
+                f"by 32 (2×2 mask blocks at OS16); use {self.data.crop_size // 32 * 32}"
             )
         return self
 

@@ -10,7 +10,7 @@ from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.errors import CheckpointError
-from cadist.models.build import build_model
+from cadist.models.build import build_model, is_learned
 from cadist.models.weights import load_weights
 from cadist.train.loop import evaluate
 
@@ -47,4 +47,12 @@ def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
     out["images"] = extra["images"]
     if getattr(model, "last_mask", None) is not None:
         out["high_res_fraction"] = extra["high_res_sum"] / max(1, extra["images"])
+    if is_learned(job.model.name) and job.eval.learned_inference:
+        # the irregular inference network of the same weights (§7.5), as training logs it
+        net = build_model(**job.model.build_kwargs() | {"network": "inference"})
+        load_weights(net, resolve_weights(ckpt), expect_name=job.model.name)
+        cm_i, _, extra_i = evaluate(net.to(device), make_loader(val), torch.device(device))
+        out["high_res_fraction_train"] = out["high_res_fraction"]
+        out["miou_inference"] = cm_i.miou()
+        out["high_res_fraction"] = extra_i["high_res_sum"] / max(1, extra_i["images"])
     return out

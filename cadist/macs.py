@@ -159,18 +159,32 @@ def count_adaptive(
 
     `backbone_gmac` follows the method's rules (§10.1, including the strided conv charged at every
     input element); `backbone_gmac_actual` is what cadist computes. `edge_gmac` is the two gradient
-    convolutions of the edge mask, reported separately (§10.2)."""
+    convolutions of the edge mask, reported separately (§10.2); learned-mask models report
+    `mask_estimator_gmac` instead, which is part of their backbone count."""
     from cadist.adaptive.masks import high_res_fraction
     from cadist.models.build import build_model
 
     if mask.dim() != 3 or mask.shape[0] != 1:
         raise ValueError(f"count one image at a time: mask (1, H0, W0), got {tuple(mask.shape)}")
     with torch.device("meta"):
-        model = build_model(name, adaptive_mode=adaptive_mode, num_classes=num_classes).eval()
+        model = build_model(
+            name, adaptive_mode=adaptive_mode, num_classes=num_classes, network="inference"
+        ).eval()
         x = torch.empty(1, 3, height, width)
+    estimator = model.backbone.mask_estimator  # learned mode: part of the backbone (§10.2)
     with torch.no_grad(), MacCounter(backbone=model.backbone, head=model.classifier) as c:
         model(x, mask=mask.cpu())
+        est_gmac = 0.0
+        if estimator is not None:
+            before = c.counts["backbone"].gmac()
+            estimator(torch.empty(1, model.backbone.spec.layer2_channels, *mask.shape[1:]))
+            est_gmac = c.counts["backbone"].gmac() - before
     bb, hd = c.counts["backbone"], c.counts["head"]
+    extra = (
+        {"mask_estimator_gmac": est_gmac}
+        if estimator is not None
+        else {"edge_gmac": 2 * 9 * height * width / 1e9}
+    )
     return {
         "model": name,
         "adaptive_mode": adaptive_mode,
@@ -181,5 +195,5 @@ def count_adaptive(
         "head_gmac": hd.gmac(),
         "total_gmac": bb.gmac() + hd.gmac(),
         "total_gmac_actual": bb.gmac(actual=True) + hd.gmac(actual=True),
-        "edge_gmac": 2 * 9 * height * width / 1e9,
+        **extra,
     }

@@ -1,5 +1,6 @@
-"""DeepLabv3 with a content-adaptive backbone (method.md §4): mask from the input, adaptive
-ResNet, the ordinary head on the dense map at the finest grid."""
+"""DeepLabv3 with a content-adaptive backbone (method.md §4): mask from the input (edge mask, §6)
+or from the backbone's features (learned mask, §7.5), adaptive ResNet, the ordinary head on the
+dense map at the finest grid."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class AdaptiveDeepLabV3(nn.Module):
 
     After each forward `last_mask` holds the pooling mask used (for logging and MAC counts)."""
 
-    def __init__(self, backbone: AdaptiveResNet, classifier: DeepLabHead, mask_fn: EdgeMask):
+    def __init__(self, backbone: AdaptiveResNet, classifier: DeepLabHead, mask_fn: EdgeMask | None):
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
@@ -25,12 +26,16 @@ class AdaptiveDeepLabV3(nn.Module):
         self.last_mask: torch.Tensor | None = None
 
     def make_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooling mask for images x; learned masks need the backbone's layer2 features."""
+        if self.mask_fn is None:
+            return self.backbone.learned_mask(self.backbone.dense_part(x))
         return self.mask_fn(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         given = mask is not None
-        if mask is None:
-            mask = self.make_mask(x)
-        self.last_mask = mask
-        logits = self.classifier(self.backbone(x, mask, check_mask=given))
+        if mask is None and self.mask_fn is not None:
+            mask = self.mask_fn(x)
+        feats = self.backbone(x, mask, check_mask=given)  # mask None: the learned estimator
+        self.last_mask = self.backbone.last_mask
+        logits = self.classifier(feats)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

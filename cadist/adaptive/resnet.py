@@ -131,6 +131,9 @@ class AdaptiveResNet(nn.Module):
             self.layer3 = AdaptiveStage(w * 8, w * 4, spec.blocks[2], 1)
             self.layer4 = AdaptiveStage(w * 16, w * 8, spec.blocks[3], 2)
         self.adaptive = adaptive
+        # learned mode (§7.5): set by cadist.models.build; None for masks given from outside
+        self.mask_estimator: nn.Module | None = None
+        self.tau, self.sampling = 1.0, "gumbel"
 
     def dense_part(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -144,11 +147,34 @@ class AdaptiveResNet(nn.Module):
         layout.prepare([n for name in self.adaptive for n in getattr(self, name).needs()])
         return layout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, check_mask: bool = True) -> torch.Tensor:
-        """`check_mask=False` skips validating the mask (for masks made by cadist's generators)."""
-        # tables first: their host syncs then wait on nothing, and the stages enqueue sync-free
-        layout = self.layout(mask, x.device, check_mask)
-        feats = self.dense_part(x)
+    def learned_mask(self, feats: torch.Tensor) -> torch.Tensor:
+        """Learned mode (§7.5): the pooling mask sampled from the mask estimator on layer2's output
+        (the estimator, `tau` and `sampling` are set by `cadist.models.build`)."""
+        from cadist.adaptive.learned import pooling_mask, sample_mask
+
+        if feats.is_meta:
+            self.mask_estimator(feats)  # counted by MAC hooks; shapes only
+            b, _, h, w = feats.shape
+            return torch.zeros(b, h, w, dtype=torch.long)
+        return pooling_mask(sample_mask(self.mask_estimator(feats), self.tau, self.sampling))
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, check_mask: bool = True
+    ) -> torch.Tensor:
+        """`mask` (B, H0, W0); None: from the learned mask estimator. `check_mask=False` skips
+        validating it (for masks made by cadist's generators). After the call `last_mask` holds
+        the mask used."""
+        if mask is None:
+            if getattr(self, "mask_estimator", None) is None:
+                raise ValueError("this adaptive backbone has no mask estimator: pass a mask")
+            feats = self.dense_part(x)
+            mask = self.learned_mask(feats)
+            layout = self.layout(mask, x.device, check=False)
+        else:
+            # tables first: their host syncs then wait on nothing, the stages enqueue sync-free
+            layout = self.layout(mask, x.device, check_mask)
+            feats = self.dense_part(x)
+        self.last_mask = mask
         f = MixedLayout.from_dense(feats)
         for name in self.adaptive:
             f = getattr(self, name)(f, layout)

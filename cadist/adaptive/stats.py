@@ -50,8 +50,10 @@ def count_images(
         "num_images": len(rows),
         "input_hw": rows[0]["input_hw"],
         "head_gmac": rows[0]["head_gmac"],
-        "edge_gmac": rows[0]["edge_gmac"],
     }
+    for key in ("edge_gmac", "mask_estimator_gmac"):  # edge-mask / learned-mask models
+        if key in rows[0]:
+            out[key] = rows[0][key]
     for key in (
         "high_res_fraction",
         "backbone_gmac",

@@ -10,6 +10,11 @@ AdaptiveModelName = Literal[
     "deeplabv3_batch_ap_resnet101", "deeplabv3_batch_ap_resnet50", "deeplabv3_batch_ap_resnet_tiny"
 ]
 ADAPTIVE_MODELS: tuple[str, ...] = get_args(AdaptiveModelName)
-ModelName = Literal[DenseModelName, AdaptiveModelName]
-ALL_MODELS = DENSE_MODELS + ADAPTIVE_MODELS
+#: learned-mask models (§7); the name is the reference's ("ad" = adaptive downsampling)
+LearnedModelName = Literal[
+    "deeplabv3_ad_resnet101", "deeplabv3_ad_resnet50", "deeplabv3_ad_resnet_tiny"
+]
+LEARNED_MODELS: tuple[str, ...] = get_args(LearnedModelName)
+ModelName = Literal[DenseModelName, AdaptiveModelName, LearnedModelName]
+ALL_MODELS = DENSE_MODELS + ADAPTIVE_MODELS + LEARNED_MODELS
 AdaptiveMode = Literal["os8to16", "os8to32", "os16to32"]

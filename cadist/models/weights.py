@@ -135,6 +135,12 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
         for k, v in _strip(_strip(obj, "module."), "backbone.").items()
         if not k.startswith("fc.")
     }
+    if hasattr(model.backbone, "layer3_high_res"):  # learned-mask training network (§7.3)
+        from cadist.adaptive.learned import expand_imagenet
+
+        sd = expand_imagenet(sd)  # both branches start from the same weights
+        own = model.backbone.state_dict()  # the mask estimator keeps its initialisation
+        sd.update({k: v for k, v in own.items() if k.startswith("mask_estimator.")})
     check_and_load(model.backbone, sd, path, "the backbone (torchvision ResNet names)")
 
 
@@ -151,6 +157,12 @@ def load_weights(model: nn.Module, path: str | Path, expect_name: str | None = N
             f"{meta.get('output_stride')}), not {expect_name}; pass --model "
             f"{meta['model']}"
         )
+    from cadist.adaptive import learned
+
+    if learned.is_training_layout(sd):  # a learned-mask training checkpoint (§7.6)
+        sd = learned.without_leftovers(sd)
+        if not hasattr(getattr(model, "backbone", None), "layer3_high_res"):
+            sd = learned.inference_state(sd)  # → the irregular inference network (§7.5)
     check_and_load(model, sd, path, f"model {expect_name or type(model).__name__}")
     return meta
 

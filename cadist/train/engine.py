@@ -13,7 +13,7 @@ from cadist.config import JobConfig
 from cadist.data.transforms import normalize_uint8
 from cadist.models.build import build_model
 from cadist.models.weights import load_backbone, load_weights
-from cadist.train.loop import make_optimizer, seed_everything, segmentation_loss
+from cadist.train.loop import make_optimizer, seed_everything, training_loss
 from cadist.train.syncbn import convert_to_distributed_bn
 
 
@@ -90,7 +90,7 @@ def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) ->
     x = batch["image"].to(device, non_blocking=True)
     x = (normalize_uint8(x) if x.dtype == torch.uint8 else x).to(dtype)
     y = batch["label"].to(device, non_blocking=True)
-    loss = segmentation_loss(engine(x), y)
+    loss = training_loss(engine.module, engine(x), y)
     engine.backward(loss)
     engine.step()
     return loss

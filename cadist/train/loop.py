@@ -15,17 +15,26 @@ from cadist.data.cityscapes import IGNORE_INDEX
 from cadist.eval.miou import ConfusionMatrix
 
 
-def param_groups(model: nn.Module, lr_backbone: float, lr_head: float) -> list[dict]:
-    """Backbone parameters at `lr_backbone`, everything else (the head) at `lr_head`.
+def param_groups(
+    model: nn.Module, lr_backbone: float, lr_head: float, lr_mask: float = 0.001
+) -> list[dict]:
+    """Backbone parameters at `lr_backbone`, the head at `lr_head`, and — for learned-mask models —
+    the mask estimator at `lr_mask` (a third group, last). Shared (tied) parameters appear once.
 
     Weight decay applies to all parameters, BN and biases included (§8)."""
-    backbone, head = [], []
-    for name, p in model.named_parameters():
-        (backbone if name.startswith("backbone.") else head).append(p)
-    return [
+    backbone, head, mask = [], [], []
+    for name, p in model.named_parameters():  # named_parameters() skips tied duplicates
+        if name.startswith("backbone.mask_estimator."):
+            mask.append(p)
+        else:
+            (backbone if name.startswith("backbone.") else head).append(p)
+    groups = [
         {"params": backbone, "lr": lr_backbone, "name": "backbone"},
         {"params": head, "lr": lr_head, "name": "head"},
     ]
+    if mask:
+        groups.append({"params": mask, "lr": lr_mask, "name": "mask_estimator"})
+    return groups
 
 
 def poly_lambdas(
@@ -42,7 +51,7 @@ def poly_lambdas(
 def make_optimizer(model: nn.Module, t) -> tuple[torch.optim.Optimizer, object]:
     """The §8 optimiser and schedule for `model`: SGD (momentum, weight decay on everything) over
     backbone/head groups, poly LambdaLR. `t` is a `TrainConfig` (any object with its fields)."""
-    groups = param_groups(model, t.lr_backbone, t.lr_head)
+    groups = param_groups(model, t.lr_backbone, t.lr_head, getattr(t, "lr_mask_estimator", 1e-3))
     opt = torch.optim.SGD(groups, lr=t.lr_head, momentum=t.momentum, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, poly_lambdas(groups, t.iterations, t.poly_power, t.min_lr)
@@ -53,6 +62,14 @@ def make_optimizer(model: nn.Module, t) -> tuple[torch.optim.Optimizer, object]:
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over valid pixels (255 ignored), mean; logits (B, C, H, W), labels (B, H, W)."""
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def training_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The segmentation loss plus the model's own term of this forward pass, if it has one (the
+    learned-mask ratio loss (r − ρ)², §7.4, weight 1)."""
+    loss = segmentation_loss(logits, labels)
+    aux = getattr(model, "aux_loss", None)
+    return loss if aux is None else loss + aux
 
 
 def seed_everything(seed: int) -> None:

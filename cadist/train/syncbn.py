@@ -105,6 +105,8 @@ def convert_to_distributed_bn(module: nn.Module) -> nn.Module:
             )
             new.load_state_dict(child.state_dict())
             new.to(child.weight.device)
+            if child.affine:  # the same Parameter objects: ties (learned-mask branches) survive
+                new.weight, new.bias = child.weight, child.bias
             setattr(module, name, new)
         else:
             convert_to_distributed_bn(child)

@@ -22,7 +22,7 @@ from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
-from cadist.models.build import is_adaptive
+from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
 from cadist.tracking import NullTracker, Tracker
@@ -127,10 +127,7 @@ def _log_adaptive(tracker, job: JobConfig, extra: dict, kept_shape, step: int, d
     """Mean high-res fraction over all validation images (all ranks) and the GMac it implies."""
     from cadist.adaptive.stats import mac_line
 
-    t = torch.tensor([extra["high_res_sum"], extra["images"]], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    p = float(t[0] / t[1].clamp_min(1))
+    p = _mean_fraction(extra, device)
     if isinstance(tracker, NullTracker):  # ranks > 0: only the collective above
         return {"val/high_res_fraction": p}
     line = mac_line(job.model.name, job.model.adaptive_mode, *kept_shape)
@@ -142,6 +139,43 @@ def _log_adaptive(tracker, job: JobConfig, extra: dict, kept_shape, step: int, d
     }
     tracker.log_metrics(metrics, step)
     return metrics
+
+
+def _eval_learned(tracker, job: JobConfig, model, val, extra, hw, step: int, device) -> dict:
+    """Learned-mask models (§7.5): the training network's high-res share, then — unless
+    `eval.learned_inference` is off — the irregular inference network built from the current
+    weights: its mIoU, high-res share and the MACs that implies (what the method reports)."""
+    from cadist.adaptive.learned import inference_state
+
+    p_train = _mean_fraction(extra, device)
+    out = {"val/high_res_fraction_train": p_train}
+    if not job.eval.learned_inference:
+        tracker.log_metrics(out, step)
+        return out | _log_adaptive(tracker, job, extra, hw, step, device)
+    kw = job.model.build_kwargs() | {"network": "inference"}
+    dtype = next(model.parameters()).dtype
+    net = build_model(**kw).to(device, dtype)
+    net.load_state_dict(inference_state(model.state_dict()))
+    cm, _, extra_inf = evaluate(net, _on_device(make_loader(val), device, dtype), device)
+    cm.all_reduce()
+    out["val/miou_inference"] = cm.miou()
+    tracker.log_metrics(out, step)
+    return out | _log_adaptive(tracker, job, extra_inf, hw, step, device)
+
+
+def _learned_train_metrics(engine) -> dict:
+    """Learned-mask models: the mask estimator's learning rate and the last ratio loss (§7.4)."""
+    aux = getattr(engine.module, "aux_loss", None)
+    if aux is None:
+        return {}
+    return {"train/lr_mask_estimator": engine.get_lr()[2], "train/ratio_loss": float(aux.detach())}
+
+
+def _mean_fraction(extra: dict, device) -> float:
+    t = torch.tensor([extra["high_res_sum"], extra["images"]], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
 
 
 def train_worker(cfg: dict) -> None:
@@ -209,6 +243,7 @@ def train_worker(cfg: dict) -> None:
                     "train/loss": _mean_over_ranks(loss_sum / loss_n, device),
                     "train/lr": engine.get_lr()[0],
                     "train/lr_head": engine.get_lr()[1],
+                    **_learned_train_metrics(engine),
                     "train/images_per_s": _mean_over_ranks(seen / elapsed, device) * world,
                     "train/epoch": epoch,
                 }
@@ -230,7 +265,12 @@ def train_worker(cfg: dict) -> None:
                 cm.all_reduce()
                 if is_adaptive(job.model.name):
                     hw = tuple(kept[0]["label"].shape) if kept else _val_hw(job)
-                    metrics.update(_log_adaptive(tracker, job, extra, hw, step, device))
+                    if is_learned(job.model.name):
+                        metrics.update(
+                            _eval_learned(tracker, job, engine.module, val, extra, hw, step, device)
+                        )
+                    else:
+                        metrics.update(_log_adaptive(tracker, job, extra, hw, step, device))
                 kept = kept[: job.eval.log_images]
                 miou = cm.miou()
                 is_best = miou > state["best_miou"]  # the summed matrix is the same on every rank
