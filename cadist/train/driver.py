@@ -16,7 +16,14 @@ from cadist.config import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ConfigError, ShardError
 
-_WORKER_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of the Ray Train workers: CPU workers pin DeepSpeed's CPU accelerator and one
+    OpenMP thread each (ranks share the cores); GPU workers let DeepSpeed find CUDA."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not use_gpu:
+        env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return env
 
 
 @dataclass
@@ -168,7 +175,7 @@ def run_training(job: JobConfig, source: str = "<job>", address: str | None = No
     if not ray.is_initialized():
         ray.init(
             address=address or job.cluster.address or "local",
-            runtime_env={"env_vars": _WORKER_ENV},
+            runtime_env={"env_vars": worker_env(job.cluster.use_gpu)},
             log_to_driver=True,
         )
     trainer = TorchTrainer(

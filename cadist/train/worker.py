@@ -281,8 +281,17 @@ def train_worker(cfg: dict) -> None:
                         _log_weights(tracker, engine, job, "best.pt", step=step, miou=miou)
                 metrics.update({"val/miou": miou})
                 if rank == 0:
+                    more = "".join(
+                        f", {label} {metrics[key]:.4f}"
+                        for key, label in (
+                            ("val/miou_inference", "inference network mIoU"),
+                            ("val/high_res_fraction", "high-res fraction"),
+                        )
+                        if key in metrics
+                    )
                     print(
-                        f"[cadist] step {step}: val mIoU {miou:.4f} (best {state['best_miou']:.4f})",
+                        f"[cadist] step {step}: val mIoU {miou:.4f} (best {state['best_miou']:.4f})"
+                        + more,
                         flush=True,
                     )
                 engine.train()

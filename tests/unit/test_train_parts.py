@@ -188,3 +188,12 @@ def test_deepspeed_config_is_generated_from_the_job():
         load_job(os.path.join(JOBS, "demo.yaml"), ["deepspeed.bf16=true"]), False
     )
     assert forced["torch_autocast"]["enabled"]
+
+
+def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
+    from cadist.train.driver import worker_env
+
+    assert (
+        worker_env(False)["DS_ACCELERATOR"] == "cpu" and worker_env(False)["OMP_NUM_THREADS"] == "1"
+    )
+    assert "DS_ACCELERATOR" not in worker_env(True) and "OMP_NUM_THREADS" not in worker_env(True)
