@@ -1,0 +1,160 @@
+"""Running jobs on a Ray cluster: the cluster file (`ray_cluster.yaml`, Ray's cluster-launcher format)
+and job submission through Ray's Jobs API.
+
+`cadist submit` validates the job here, then submits a constant entry point
+(`python -m cadist.remote`) with the resolved job YAML in the job's environment — no shell command
+is ever built from the job or its values — and the project folder as the job's working directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from cadist.config import JobConfig
+from cadist.errors import CadistError, ConfigError
+
+ENTRYPOINT = "python -m cadist.remote"
+JOB_ENV = "CADIST_JOB_YAML"
+SOURCE_ENV = "CADIST_JOB_SOURCE"
+#: never uploaded with the project (environments, data, outputs)
+UPLOAD_EXCLUDES = [
+    ".venv/",
+    ".git/",
+    "shards/*/",
+    "data/",
+    "cadist_runs/",
+    "mlruns/",
+    "*.db",
+    "bench-out/",
+    "**/__pycache__/",
+    "*.tar",
+    "*.pth",
+    "*.pt",
+]
+
+
+# -- the cluster file ---------------------------------------------------------------------------
+def check_cluster_file(path: str | Path) -> dict:
+    """Validate a Ray cluster-launcher YAML offline (Ray's schema and defaults) and cadist's own
+    expectations. Returns a summary with `warnings`; raises `ConfigError` naming the key."""
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exn:
+        raise ConfigError(f"{path}: cannot read the cluster file ({exn.strerror})") from None
+    except yaml.YAMLError as exn:
+        raise ConfigError(f"{path}: not valid YAML ({exn})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping (Ray cluster-launcher format)")
+    schema_file = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    schema = json.loads(schema_file.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(raw), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.path) or "(top level)"
+        raise ConfigError(
+            f"{path}: {where}: {e.message.splitlines()[0]}"
+            f"{f' ({len(errors)} problems in all)' if len(errors) > 1 else ''}; see Ray's "
+            f"cluster-launcher configuration reference"
+        )
+    try:
+        full = prepare_config(copy.deepcopy(raw))
+        validate_config(full)
+    except Exception as exn:  # Ray's own checks raise ValueError/ValidationError/…
+        raise ConfigError(f"{path}: {type(exn).__name__}: {str(exn).splitlines()[0]}") from None
+    warnings = []
+    head_cmds = " ".join(full.get("head_start_ray_commands", []))
+    if "--head" in head_cmds and "--dashboard-host=127.0.0.1" not in head_cmds:
+        warnings.append(
+            "head_start_ray_commands: the dashboard (and the job API, which runs code) is not "
+            "bound to 127.0.0.1; add --dashboard-host=127.0.0.1 and use `ray dashboard` to reach it"
+        )
+    types = full.get("available_node_types", {})
+    return {
+        "cluster_name": full.get("cluster_name"),
+        "provider": full["provider"].get("type"),
+        "head_node_type": full.get("head_node_type"),
+        "node_types": {
+            name: {
+                "resources": t.get("resources", {}),
+                "min_workers": t.get("min_workers", 0),
+                "max_workers": t.get("max_workers", 0),
+            }
+            for name, t in types.items()
+        },
+        "max_workers": full.get("max_workers"),
+        "warnings": warnings,
+    }
+
+
+# -- job submission -----------------------------------------------------------------------------
+def submission_env(job: JobConfig, source: str) -> dict[str, str]:
+    return {JOB_ENV: job.to_yaml(), SOURCE_ENV: source}
+
+
+def submit_job(
+    job: JobConfig,
+    source: str,
+    address: str,
+    working_dir: str | Path | None = ".",
+    wait: bool = True,
+    echo: Callable[[str], None] = print,
+    timeout_s: float | None = None,
+) -> tuple[str, str]:
+    """Submit `job` to the Ray cluster whose dashboard is at `address`; with `wait`, follow its
+    logs and return (submission id, final status). `working_dir=None`: use the cadist installed
+    on the cluster instead of uploading this project."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    runtime_env: dict = {"env_vars": submission_env(job, source)}
+    if working_dir is not None:
+        root = Path(working_dir).resolve()
+        if not (root / "cadist" / "__init__.py").is_file():
+            raise ConfigError(
+                f"{root}: not a cadist project folder (no cadist/ package) to upload; run from the "
+                "project root or pass --no-upload to use the cadist installed on the cluster"
+            )
+        runtime_env |= {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES}
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as exn:
+        raise CadistError(
+            f"Ray job API at {address}: {type(exn).__name__}: {str(exn).splitlines()[0]}; is the "
+            "cluster up and the dashboard forwarded (`ray dashboard ray_cluster.yaml`)?"
+        ) from None
+    sid = client.submit_job(
+        entrypoint=ENTRYPOINT,
+        runtime_env=runtime_env,
+        submission_id=f"cadist-{job.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        metadata={"cadist_job": job.name, "cadist_source": source},
+    )
+    echo(f"submitted {sid} to {address}")
+    if not wait:
+        return sid, str(client.get_job_status(sid))
+    asyncio.run(_follow(client, sid, echo, timeout_s))
+    status = client.get_job_status(sid)
+    if status != JobStatus.SUCCEEDED:
+        raise CadistError(
+            f"job {sid} ended {status}; its log: `ray job logs {sid} --address {address}`"
+        )
+    return sid, str(status)
+
+
+async def _follow(client, sid: str, echo, timeout_s: float | None) -> None:
+    async def tail():
+        async for chunk in client.tail_job_logs(sid):
+            for line in chunk.splitlines():
+                echo(line)
+
+    await asyncio.wait_for(tail(), timeout_s)

@@ -1,0 +1,132 @@
+"""Job submission to a real Ray cluster through Ray's Jobs API (a local head with its dashboard on
+127.0.0.1), and the cluster file's offline validation."""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from cadist.cli import main
+from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job
+from cadist.config import load_job
+from cadist.data.shards import build_shards
+from cadist.data.synthetic import write_tree
+from cadist.errors import CadistError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head owned by this test process (stopped with it); dashboard + job API on loopback."""
+    port = _free_port()
+    saved = os.environ["PATH"]
+    # the job's entry point runs `python`: make it this environment's, as the cluster file does
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved}"
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+    )
+    yield f"http://127.0.0.1:{port}"
+    ray.shutdown()
+    os.environ["PATH"] = saved
+
+
+@pytest.mark.slow
+def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
+    write_tree(tmp_path / "cs", num_train=8, num_val=2, height=64, width=128, seed=3)
+    for split in ("train", "val"):
+        build_shards(
+            tmp_path / "cs", split, tmp_path / "shards", samples_per_shard=2, progress=False
+        )
+    overrides = {
+        "name": "submitted",
+        "data.train_shards": tmp_path / "shards" / "train-manifest.json",
+        "data.val_shards": tmp_path / "shards" / "val-manifest.json",
+        "data.crop_size": 64,
+        "data.num_workers": 0,
+        "train.iterations": 4,
+        "train.batch_size": 2,
+        "train.log_every": 2,
+        "train.checkpoint_every": 2,
+        "eval.interval": 4,
+        "cluster.num_workers": 1,
+        "cluster.storage_path": tmp_path / "runs",
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.experiment": "submitted",
+    }
+    job = load_job(ROOT / "jobs" / "demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    lines = []
+    sid, status = submit_job(job, "jobs/demo.yaml", head, working_dir=ROOT, echo=lines.append)
+    assert status == "SUCCEEDED" and sid.startswith("cadist-submitted-")
+    assert any(ln.startswith("checkpoint ") for ln in lines), lines[-5:]  # cadist.remote's
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("submitted").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [2, 4]
+    assert 0.0 <= run.data.metrics["val/miou"] <= 1.0
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(head).get_job_info(sid)
+    assert info.entrypoint == ENTRYPOINT  # constant: the job travels in the environment
+    assert info.metadata["cadist_job"] == "submitted"
+
+
+def test_a_failing_job_is_reported_with_its_id(tmp_path, head):
+    job = load_job(
+        ROOT / "jobs" / "demo.yaml",
+        [
+            "name=broken",
+            f"data.train_shards={tmp_path}/nowhere-{{000000..000003}}.tar",
+            f"data.val_shards={tmp_path}/nowhere-000000.tar",
+            f"cluster.storage_path={tmp_path / 'runs'}",
+            "mlflow.enabled=false",
+        ],
+    )
+    lines = []
+    with pytest.raises(CadistError, match=r"job cadist-broken-\S+ ended FAILED"):
+        submit_job(job, "jobs/demo.yaml", head, working_dir=ROOT, echo=lines.append)
+    assert any(
+        "does not exist" in ln for ln in lines
+    )  # the driver's one-line error, on the cluster
+
+
+def test_submit_refuses_a_folder_without_cadist(tmp_path):
+    job = load_job(ROOT / "jobs" / "demo.yaml", [])
+    with pytest.raises(ConfigError, match="not a cadist project folder"):
+        submit_job(job, "jobs/demo.yaml", "http://127.0.0.1:9", working_dir=tmp_path)
+
+
+def test_cluster_file_validates_and_names_the_bad_key(tmp_path):
+    r = check_cluster_file(ROOT / "ray_cluster.yaml")
+    assert r["cluster_name"] == "cadist" and r["provider"] == "local" and r["warnings"] == []
+    raw = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    bad = dict(raw, max_workers="two")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"bad.yaml: max_workers: 'two' is not of type 'integer'"):
+        check_cluster_file(tmp_path / "bad.yaml")
+    typo = dict(raw, providr=raw["provider"])
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
+    with pytest.raises(ConfigError, match="providr"):
+        check_cluster_file(tmp_path / "typo.yaml")
+    open_dash = dict(raw)
+    open_dash["head_start_ray_commands"] = ["ray start --head --dashboard-host=0.0.0.0"]
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump(open_dash))
+    assert "127.0.0.1" in check_cluster_file(tmp_path / "open.yaml")["warnings"][0]
+    r = CliRunner().invoke(main, ["cluster", "check", str(tmp_path / "bad.yaml")])
+    assert r.exit_code == 2 and r.output.startswith("error: ")
