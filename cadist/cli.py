@@ -406,6 +406,26 @@ def predict_cmd(
         click.echo(" ".join(str(p) for p in paths.values()))
 
 
+# -- sweeps -------------------------------------------------------------------------------------
+@main.command("tune")
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a top-level sweep key, e.g. --set num_samples=4 (repeatable).",
+)
+def tune_cmd(sweep_file, overrides):
+    """Run a sweep (Ray Tune): each trial is the sweep's base job with searched values, trained
+    like `cadist train` and logged as an MLflow run under the sweep's run; prints the trials and
+    marks the Pareto front of the objectives (e.g. mIoU against GMac)."""
+    from cadist.tune import run_sweep
+
+    r = run_sweep(sweep_file, overrides, echo=click.echo)
+    click.echo(f"results: {r['results_file']}")
+
+
 # -- clusters -----------------------------------------------------------------------------------
 @main.command("submit")
 @click.argument("job_file", type=click.Path(dir_okay=False))

@@ -126,8 +126,14 @@ def _absolute(job: JobConfig) -> JobConfig:
     return job.model_copy(update={"data": data, "model": model, "cluster": cluster})
 
 
-def run_training(job: JobConfig, source: str = "<job>", address: str | None = None) -> TrainResult:
-    """Train (or resume) `job` on a Ray cluster; returns the run's final metrics and checkpoint."""
+def run_training(
+    job: JobConfig,
+    source: str = "<job>",
+    address: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train (or resume) `job` on a Ray cluster; returns the run's final metrics and checkpoint.
+    `extra_tags` go on a new MLflow run (a sweep's trials: the parent run)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -159,6 +165,7 @@ def run_training(job: JobConfig, source: str = "<job>", address: str | None = No
             "cadist.world_size": str(job.cluster.num_workers),
             "cadist.device": "gpu" if job.cluster.use_gpu else "cpu",
             "cadist.job": job.name,
+            **(extra_tags or {}),
         }
         run_id = start_or_resume_run(
             uri,

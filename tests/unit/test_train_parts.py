@@ -3,6 +3,7 @@
 import copy
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,40 @@ def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
         worker_env(False)["DS_ACCELERATOR"] == "cpu" and worker_env(False)["OMP_NUM_THREADS"] == "1"
     )
     assert "DS_ACCELERATOR" not in worker_env(True) and "OMP_NUM_THREADS" not in worker_env(True)
+
+
+def test_sweep_file_errors_name_the_file_and_key(tmp_path):
+    import yaml
+
+    from cadist.errors import ConfigError
+    from cadist.tune import load_sweep, pareto
+
+    demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
+
+    def write(**kw):
+        base = {
+            "name": "s",
+            "job": str(demo),
+            "search": {"model.edge_threshold": {"uniform": [0.1, 0.3]}},
+        }
+        base.update(kw)
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(base))
+        return tmp_path / "s.yaml"
+
+    with pytest.raises(ConfigError, match=r"s.yaml: search.*model.trimap_width: value 0 fails"):
+        load_sweep(write(set={"model.name": "deeplabv3_batch_ap_resnet_tiny"},
+                         search={"model.trimap_width": {"randint": [0, 5]}}))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"search.*model.nope.*unknown key"):
+        load_sweep(write(search={"model.nope": {"choice": [1]}}))
+    with pytest.raises(ConfigError, match=r"search: .*loguniform needs 0 < low < high"):
+        load_sweep(write(search={"model.edge_threshold": {"loguniform": [0, 1]}}))
+    with pytest.raises(ConfigError, match=r"objectives: macs/backbone_gmac is reported only by"):
+        load_sweep(write(objectives={"val/miou": "max", "macs/backbone_gmac": "min"}))
+    with pytest.raises(ConfigError, match=r"objectives: .*val/loss: not a reported metric"):
+        load_sweep(write(objectives={"val/loss": "min"}))
+    sweep, fixed, _ = load_sweep(write(), ("num_samples=3",))
+    assert sweep.num_samples == 3 and fixed["model"]["name"] == "deeplabv3_resnet_tiny"
+    rows = [{"metrics": {"a": a, "b": b}} for a, b in ((0.5, 10), (0.6, 12), (0.4, 11), (0.6, 12))]
+    assert pareto(rows, {"a": "max", "b": "min"}) == [True, True, False, True]
+    rows.append({"metrics": {"a": 0.9}})  # a failed trial without the second objective
+    assert pareto(rows, {"a": "max", "b": "min"})[-1] is False

@@ -1,0 +1,318 @@
+"""Sweeps: search spaces over job keys → Ray Tune; every trial is an ordinary cadist job run by the
+same driver (`run_training`: Ray Train + DeepSpeed + MLflow), reported to Tune once it finishes.
+
+A sweep file names a base job, fixed overrides, the searched keys and the objectives, e.g.
+
+    name: edge_sweep
+    job: demo.yaml                       # relative to this file
+    set: {model.name: deeplabv3_batch_ap_resnet_tiny}
+    search:
+      model.edge_threshold: {loguniform: [0.05, 0.5]}
+      model.trimap_width: {choice: [3, 7, 11, 15]}
+    objectives: {val/miou: max, macs/backbone_gmac: min}
+    num_samples: 8
+
+With two objectives the searcher is Optuna's multi-objective sampler and the result is a Pareto
+front (mIoU against multiply-adds); every trial is an MLflow run nested under the sweep's run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cadist.config import JobConfig, parse_overrides, validate_job
+from cadist.errors import ConfigError
+
+#: metrics a trial reports; macs/* and the mask statistics only for content-adaptive models
+METRICS = {
+    "val/miou": False,
+    "val/pixel_accuracy": False,
+    "val/mean_class_accuracy": False,
+    "val/miou_inference": True,
+    "val/high_res_fraction": True,
+    "macs/backbone_gmac": True,
+    "macs/backbone_gmac_computed": True,
+    "macs/total_gmac": True,
+}
+DOMAINS = ("uniform", "loguniform", "choice", "randint", "quniform")
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Sweep name: the Tune experiment, the MLflow parent run, and the prefix of the trials' jobs."""
+    job: str
+    """The base job file, relative to the sweep file."""
+    set: dict[str, Any] = {}
+    """Overrides applied to every trial (dotted job keys)."""
+    search: dict[str, dict[str, list]]
+    """Dotted job key → one domain: {uniform|loguniform: [low, high]}, {choice: [values…]},
+    {randint: [low, high]} (both ends included), {quniform: [low, high, step]}."""
+    objectives: dict[str, Literal["max", "min"]] = {"val/miou": "max"}
+    """One or two reported metrics and their direction (two: a Pareto front)."""
+    num_samples: int = Field(8, ge=1)
+    """Trials in all."""
+    max_concurrent: int = Field(1, ge=1)
+    """Trials running at once (each takes its job's cluster.num_workers × cpus_per_worker)."""
+    searcher: Literal["optuna", "random"] = "optuna"
+    seed: int = 0
+
+    @field_validator("search")
+    @classmethod
+    def _domains(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("empty: name at least one job key to search")
+        for key, dom in v.items():
+            if len(dom) != 1 or next(iter(dom)) not in DOMAINS:
+                raise ValueError(f"{key}: expected one of {', '.join(DOMAINS)}, got {dom}")
+            kind, args = next(iter(dom.items()))
+            need = {"uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3}.get(kind)
+            if need and len(args) != need:
+                raise ValueError(f"{key}: {kind} takes {need} numbers, got {args}")
+            if kind == "choice" and not args:
+                raise ValueError(f"{key}: choice needs at least one value")
+            if kind == "loguniform" and not 0 < args[0] < args[1]:
+                raise ValueError(f"{key}: loguniform needs 0 < low < high, got {args}")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: dict) -> dict:
+        if not 1 <= len(v) <= 2:
+            raise ValueError("name one or two objectives")
+        for m in v:
+            if m not in METRICS:
+                raise ValueError(f"{m}: not a reported metric; choose from {', '.join(METRICS)}")
+        return v
+
+
+def _values(dom: dict[str, list]) -> list:
+    """Representative values of a domain (both ends), to validate the key before any trial."""
+    kind, args = next(iter(dom.items()))
+    return list(args) if kind == "choice" else list(args[:2])
+
+
+def load_sweep(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[SweepConfig, dict, str]:
+    """(sweep, base job tree with the fixed overrides, base job path) — every searched key checked
+    against the job schema with the ends of its domain; errors name the sweep file and key."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such sweep file") from None
+    except yaml.YAMLError as exn:
+        raise ConfigError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
+    for key, value in parse_overrides(overrides):
+        tree[key] = value  # top-level keys of the sweep (num_samples=…, name=…)
+    try:
+        sweep = SweepConfig.model_validate(tree)
+    except ValidationError as exn:
+        err = exn.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    job_path = (path.parent / sweep.job).resolve()
+    try:
+        base = yaml.safe_load(job_path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job: {job_path} does not exist") from None
+    fixed = json.loads(json.dumps(base))
+    for key, value in sweep.set.items():
+        _put(fixed, key, value)
+    job = validate_job(json.loads(json.dumps(fixed)), f"{path}: set")
+    for key, dom in sweep.search.items():
+        for value in _values(dom):
+            trial = json.loads(json.dumps(fixed))
+            _put(trial, key, value)
+            validate_job(trial, f"{path}: search.{key}: value {value!r} fails the job schema at")
+    adaptive = job.model.name.startswith(("deeplabv3_batch_ap_", "deeplabv3_ad_"))
+    for m in sweep.objectives:
+        if METRICS[m] and not adaptive:
+            raise ConfigError(
+                f"{path}: objectives: {m} is reported only by content-adaptive models, and "
+                f"{job.model.name} is dense; use val/miou or sweep an adaptive model"
+            )
+    return sweep, fixed, str(job_path)
+
+
+def _put(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for k in parts[:-1]:
+        node = node.setdefault(k, {})
+    node[parts[-1]] = value
+
+
+def trial_job(fixed: dict, params: dict, name: str, source: str) -> JobConfig:
+    tree = json.loads(json.dumps(fixed))
+    for key, value in params.items():
+        _put(tree, key, value)
+    tree["name"] = name
+    return validate_job(tree, source)
+
+
+def pareto(rows: list[dict], objectives: dict[str, str]) -> list[bool]:
+    """For each row, whether no other row is at least as good in every objective and better in
+    one (rows missing an objective are never on the front)."""
+
+    def key(r):
+        return [
+            r["metrics"].get(m, math.nan) * (1 if d == "max" else -1) for m, d in objectives.items()
+        ]
+
+    vals = [key(r) for r in rows]
+    front = []
+    for i, a in enumerate(vals):
+        if any(math.isnan(x) for x in a):
+            front.append(False)
+            continue
+        dominated = any(
+            j != i
+            and not any(math.isnan(x) for x in b)
+            and all(x >= y for x, y in zip(b, a, strict=True))
+            and any(x > y for x, y in zip(b, a, strict=True))
+            for j, b in enumerate(vals)
+        )
+        front.append(not dominated)
+    return front
+
+
+def _space(sweep: SweepConfig) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, dom in sweep.search.items():
+        kind, args = next(iter(dom.items()))
+        space[key] = {
+            "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a),
+            "choice": lambda a: tune.choice(a),
+            "randint": lambda a: tune.randint(a[0], a[1] + 1),
+            "quniform": lambda a: tune.quniform(*a),
+        }[kind](args)
+    return space
+
+
+def _run_trial(config: dict, ctx: dict) -> None:
+    """One Tune trial: the base job with this trial's values, trained by the ordinary driver."""
+    from ray import tune
+
+    from cadist.train.driver import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    job = trial_job(ctx["fixed"], config, f"{ctx['name']}-{trial_id}", ctx["source"])
+    tags = {"mlflow.parentRunId": ctx["parent_run_id"]} if ctx["parent_run_id"] else {}
+    r = run_training(job, ctx["source"], extra_tags=tags | {"cadist.sweep": ctx["name"]})
+    report = {m: float(v) for m, v in r.metrics.items() if m in METRICS}
+    report |= {"mlflow_run_id": r.run_id or "", "job": job.name}
+    tune.report(report)
+
+
+def run_sweep(path: str | Path, overrides: tuple[str, ...] = (), echo=print) -> dict:
+    """Run a sweep file; returns {"sweep", "trials": [...], "results_file"} and prints a table."""
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from cadist.tracking import Tracker, check_reachable, resolve_uri, start_or_resume_run
+    from cadist.train.driver import _absolute, check_data
+
+    sweep, fixed, job_path = load_sweep(path, overrides)
+    base = _absolute(validate_job(json.loads(json.dumps(fixed)), str(path)))
+    check_data(base, str(path))
+    fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
+    storage = Path(base.cluster.storage_path)
+    parent = None
+    if base.mlflow.enabled:
+        uri = resolve_uri(base.mlflow.tracking_uri)
+        check_reachable(uri)
+        marker = storage / ".cadist" / f"sweep-{sweep.name}.mlflow.json"
+        parent = start_or_resume_run(
+            uri, base.mlflow.experiment, sweep.name, marker, {"cadist.sweep": sweep.name}
+        )
+        tracker = Tracker(uri, parent)
+        tracker.log_params({f"search.{k}": json.dumps(v) for k, v in sweep.search.items()})
+        tracker.log_text(yaml.safe_dump(sweep.model_dump(), sort_keys=False), "sweep/sweep.yaml")
+    metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
+    if sweep.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(metric=metrics, mode=modes, seed=sweep.seed)
+        tune_cfg = tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
+            num_samples=sweep.num_samples,
+        )
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        tune_cfg = tune.TuneConfig(
+            search_alg=BasicVariantGenerator(
+                max_concurrent=sweep.max_concurrent, random_state=sweep.seed
+            ),
+            num_samples=sweep.num_samples,
+            metric=metrics[0],
+            mode=modes[0],
+        )
+    ctx = {"fixed": fixed, "name": sweep.name, "source": str(path), "parent_run_id": parent}
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        from cadist.train.driver import worker_env
+
+        ray.init(
+            address=base.cluster.address or "local",
+            runtime_env={"env_vars": worker_env(base.cluster.use_gpu)},
+        )
+    tuner = tune.Tuner(
+        tune.with_resources(
+            tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
+        ),
+        param_space=_space(sweep),
+        tune_config=tune_cfg,
+        run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=str(storage)),
+    )
+    grid = tuner.fit()
+    rows = []
+    for res in grid:
+        rows.append(
+            {
+                "params": {k: res.config.get(k) for k in sweep.search},
+                "metrics": {m: res.metrics[m] for m in METRICS if res.metrics and m in res.metrics},
+                "job": (res.metrics or {}).get("job"),
+                "mlflow_run_id": (res.metrics or {}).get("mlflow_run_id"),
+                "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}",
+            }
+        )
+    for row, on in zip(rows, pareto(rows, sweep.objectives), strict=True):
+        row["pareto"] = on
+    out = storage / ".cadist" / f"sweep-{sweep.name}.results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    result = {"sweep": sweep.name, "objectives": sweep.objectives, "trials": rows}
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    if parent:
+        tracker.log_artifact(out, "sweep")
+        best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
+        if best:
+            tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
+    echo(_table(rows, sweep))
+    return result | {"results_file": str(out)}
+
+
+def _table(rows: list[dict], sweep: SweepConfig) -> str:
+    keys = list(sweep.search)
+    cols = keys + list(sweep.objectives) + ["pareto"]
+    lines = ["  ".join(cols)]
+    for r in rows:
+        vals = [r["params"].get(k) for k in keys] + [r["metrics"].get(m) for m in sweep.objectives]
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals]
+        cells.append("*" if r["pareto"] else (r["error"] or "")[:60])
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
