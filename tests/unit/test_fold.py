@@ -223,10 +223,13 @@ def test_fused_gather_gemm_kernel_in_the_triton_interpreter():
 
 
 @pytest.mark.parametrize("dtype,precision", [("bf16", "ieee"), ("fp32", "tf32")])
-def test_fused_kernel_compiles_for_hopper_with_a_pipelined_tensor_core_loop(dtype, precision):
+def test_fused_kernel_compiles_for_hopper_with_a_pipelined_tensor_core_loop(
+    dtype, precision, monkeypatch
+):
     """Compiled ahead of time for sm_90 (H100/H200) with the alignment the JIT sees for torch
     tensors: the K loop must use warp-group MMAs fed by asynchronous copies (software pipelining),
     i.e. the gathered loads overlap the multiplies instead of stalling them."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

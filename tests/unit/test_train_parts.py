@@ -22,11 +22,26 @@ JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
 
 # -- config -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "name", ["demo.yaml", "deeplabv3_r101_os16.yaml", "deeplabv3_r101_os8.yaml"]
+    "name",
+    [
+        "demo.yaml",
+        "deeplabv3_r101_os16.yaml",
+        "deeplabv3_r101_os8.yaml",
+        "edge_os8to16.yaml",
+        "learned_os8to16.yaml",
+    ],
 )
 def test_shipped_jobs_validate(name):
     job = load_job(os.path.join(JOBS, name))
     assert job.train.batch_size % job.cluster.num_workers == 0
+
+
+@pytest.mark.parametrize("name", ["sweep_edge.yaml", "sweep_learned.yaml", "sweep_edge_demo.yaml"])
+def test_shipped_sweeps_validate(name):
+    from cadist.tune import load_sweep
+
+    sweep, fixed, job_path = load_sweep(os.path.join(JOBS, name))
+    assert os.path.isfile(job_path) and sweep.search and sweep.objectives
 
 
 def test_paper_jobs_follow_the_recipe():
