@@ -133,6 +133,14 @@ def shards_verify(manifest):
 
 
 # -- models -------------------------------------------------------------------------------------
+def _set_option(what: str):
+    """The repeatable `--set KEY=VALUE` option of job and sweep commands."""
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help=f"Override {what} (repeatable).",
+    )  # fmt: skip
+
+
 def _model_options(f):
     from cadist.models.names import ALL_MODELS
 
@@ -409,13 +417,7 @@ def predict_cmd(
 # -- sweeps -------------------------------------------------------------------------------------
 @main.command("tune")
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a top-level sweep key, e.g. --set num_samples=4 (repeatable).",
-)
+@_set_option("a top-level sweep key, e.g. --set num_samples=4")
 def tune_cmd(sweep_file, overrides):
     """Run a sweep (Ray Tune): each trial is the sweep's base job with searched values, trained
     like `cadist train` and logged as an MLflow run under the sweep's run; prints the trials and
@@ -426,16 +428,103 @@ def tune_cmd(sweep_file, overrides):
     click.echo(f"results: {r['results_file']}")
 
 
+# -- keypoints ----------------------------------------------------------------------------------
+@main.group("hpatches")
+def hpatches_group():
+    """Keypoint descriptors (D2-Net, adaptive APD2Net) on HPatches sequences (method §11, §12)."""
+
+
+@hpatches_group.command("synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--illumination", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--viewpoint", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--height", default=240, show_default=True, type=click.IntRange(64))
+@click.option("--width", default=320, show_default=True, type=click.IntRange(64))
+@click.option("--seed", default=0, show_default=True, type=int)
+def hpatches_synth_cmd(out, illumination, viewpoint, height, width, seed):
+    """Generate sequences in HPatches layout (i_*: brightness, v_*: homography warps)."""
+    from cadist.eval.hpatches import write_sequences
+
+    seqs = write_sequences(out, illumination, viewpoint, height, width, seed)
+    click.echo(f"{len(seqs)} sequences in {out}")
+
+
+@hpatches_group.command("eval")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Sequences folder.")
+@click.option(
+    "--network", default="d2net", show_default=True, type=click.Choice(["d2net", "apd2net"])
+)
+@click.option(
+    "--output-stride", default=4, show_default=True, type=click.Choice(["1", "2", "4", "8"])
+)
+@click.option("--start-stride", default=4, show_default=True, type=click.Choice(["1", "2", "4"]))
+@click.option(
+    "--windows", default="11", show_default=True, help="APD2Net window sizes d0,d1,… (§11.4)."
+)
+@click.option("--weights", type=click.Path(dir_okay=False), help="D2-Net weights (d2_tf.pth).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--mlflow-uri", help="Log the scores as an MLflow run (e.g. sqlite:///mlflow.db).")
+@click.option("--experiment", default="hpatches", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def hpatches_eval_cmd(
+    root, network, output_stride, start_stride, windows, weights, device, mlflow_uri, experiment,
+    as_json,
+):  # fmt: skip
+    """Mean matching accuracy (MMA@1…15 px) of a descriptor network on HPatches sequences."""
+    import torch
+
+    from cadist.eval.hpatches import evaluate
+    from cadist.keypoints.d2net import load_d2net_weights
+    from cadist.keypoints.extract import Method, describe
+
+    try:
+        ws = tuple(int(v) for v in windows.split(",") if v.strip())
+    except ValueError:
+        raise CadistError(f"--windows {windows!r}: expected integers like 21,21") from None
+    method = Method(network, int(output_stride), int(start_stride), ws)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = method.build()
+    if weights:
+        load_d2net_weights(net, weights)
+    else:
+        click.echo("warning: no --weights: random D2-Net weights (a pipeline check, not a score)")
+    net.to(device).eval()
+    r = evaluate(root, lambda rgb: describe(net, method, rgb, device))
+    r = {"method": method.name, "weights": weights} | r
+    if mlflow_uri:
+        from cadist.tracking import Tracker, new_run
+
+        tracker = Tracker(
+            mlflow_uri, new_run(mlflow_uri, experiment, method.name, {"cadist.task": "hpatches"})
+        )
+        tracker.log_params(
+            {"network": network, "method": method.name, "root": str(root), "weights": str(weights)}
+        )
+        tracker.log_metrics({"hpatches/mma_3px": r["mma@3"], "hpatches/features_per_image": r["features_per_image"],
+                             "hpatches/matches_per_pair": r["matches_per_pair"]}, 0)  # fmt: skip
+        for t, v in zip(r["thresholds"], r["mma"], strict=True):
+            tracker.log_metrics({"hpatches/mma": v}, t)
+        tracker.log_text(json.dumps(r, indent=1), "hpatches/results.json")
+        tracker.finish()
+    if as_json:
+        _print_json(r)
+        return
+    click.echo(
+        f"{method.name} on {root}: {r['sequences']['i']} illumination + {r['sequences']['v']} viewpoint sequences"
+    )
+    click.echo(
+        f"  MMA@3 {r['mma@3']:.4f} (illumination {r['mma_illumination'][2]:.4f}, viewpoint {r['mma_viewpoint'][2]:.4f})"
+    )
+    click.echo(
+        f"  features/image {r['features_per_image']:.1f}, matches/pair {r['matches_per_pair']:.1f}"
+    )
+
+
 # -- clusters -----------------------------------------------------------------------------------
 @main.command("submit")
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a job key, e.g. --set train.iterations=1000 (repeatable).",
-)
+@_set_option("a job key, e.g. --set train.iterations=1000")
 @click.option(
     "--address",
     default="http://127.0.0.1:8265",
@@ -494,13 +583,7 @@ def cluster_check_cmd(cluster_file):
 # -- training -----------------------------------------------------------------------------------
 @main.command("train")
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a job key, e.g. --set train.iterations=1000 (repeatable).",
-)
+@_set_option("a job key, e.g. --set train.iterations=1000")
 @click.option(
     "--address", default=None, help="Ray cluster address; default: the job's, else a local Ray."
 )
@@ -531,7 +614,7 @@ def train_cmd(job_file, overrides, address):
     type=click.Path(exists=True),
     help="Weights file or a cadist checkpoint folder (cadist_runs/<job>/step_…).",
 )
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@_set_option("a job key, e.g. --set eval.batch_size=2")
 @click.option("--device", default="auto", show_default=True)
 def eval_cmd(job_file, ckpt, overrides, device):
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON)."""
@@ -553,13 +636,7 @@ def eval_cmd(job_file, ckpt, overrides, device):
     type=click.Path(file_okay=False),
     help="Where data, shards, checkpoints and the MLflow store go.",
 )
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a key of jobs/demo.yaml.",
-)
+@_set_option("a key of jobs/demo.yaml, e.g. --set model.name=deeplabv3_ad_resnet_tiny")
 def demo_cmd(workdir, overrides):
     """Generate data → build shards → train jobs/demo.yaml on a local Ray (2 CPU workers, DeepSpeed)
     → evaluate → log to MLflow. Rerunning resumes (and finishes at once if already done)."""

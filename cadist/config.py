@@ -229,17 +229,23 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read, override and validate a job file; `ConfigError` names file, key, value and the fix."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job file") from None
-    except yaml.YAMLError as exn:
-        raise ConfigError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (name, model, data, …)")
+    tree = read_yaml(path, "job file", "a mapping of sections (name, model, data, …)")
     for key, value in parse_overrides(overrides):
         _set(tree, key, value, str(path))
     return validate_job(tree, str(path))
+
+
+def read_yaml(path: Path, what: str, expected: str) -> dict:
+    """A YAML mapping from `path`; `ConfigError` naming the file otherwise."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except yaml.YAMLError as exn:
+        raise ConfigError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected {expected}")
+    return tree
 
 
 def validate_job(tree: dict, source: str) -> JobConfig:

@@ -92,6 +92,22 @@ def start_or_resume_run(
     return run.info.run_id
 
 
+def new_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """A fresh MLflow run (evaluations that are not resumed, e.g. an HPatches score)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            experiment, artifact_location=_default_artifact_location(uri, experiment)
+        )
+    )
+    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+
 class Tracker:
     """Logs to one MLflow run through the client API (no global active-run state)."""
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cadist.config import JobConfig, parse_overrides, validate_job
+from cadist.config import JobConfig, parse_overrides, read_yaml, validate_job
 from cadist.errors import ConfigError
 
 #: metrics a trial reports; macs/* and the mask statistics only for content-adaptive models
@@ -104,12 +104,7 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Sweep
     """(sweep, base job tree with the fixed overrides, base job path) — every searched key checked
     against the job schema with the ends of its domain; errors name the sweep file and key."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such sweep file") from None
-    except yaml.YAMLError as exn:
-        raise ConfigError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
+    tree = read_yaml(path, "sweep file", "a mapping (name, job, search, objectives, …)")
     for key, value in parse_overrides(overrides):
         tree[key] = value  # top-level keys of the sweep (num_samples=…, name=…)
     try:
@@ -119,10 +114,9 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Sweep
         loc = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
     job_path = (path.parent / sweep.job).resolve()
-    try:
-        base = yaml.safe_load(job_path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: job: {job_path} does not exist") from None
+    if not job_path.is_file():
+        raise ConfigError(f"{path}: job: {job_path} does not exist")
+    base = read_yaml(job_path, "job file", "a mapping of sections (name, model, data, …)")
     fixed = json.loads(json.dumps(base))
     for key, value in sweep.set.items():
         _put(fixed, key, value)

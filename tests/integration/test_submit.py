@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 from cadist.cli import main
 from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job
 from cadist.config import load_job
-from cadist.data.shards import build_shards
-from cadist.data.synthetic import write_tree
 from cadist.errors import CadistError, ConfigError
+
+from ..conftest import tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,15 +49,11 @@ def head():
 
 @pytest.mark.slow
 def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
-    write_tree(tmp_path / "cs", num_train=8, num_val=2, height=64, width=128, seed=3)
-    for split in ("train", "val"):
-        build_shards(
-            tmp_path / "cs", split, tmp_path / "shards", samples_per_shard=2, progress=False
-        )
+    train, val = tiny_shards(tmp_path, seed=3)
     overrides = {
         "name": "submitted",
-        "data.train_shards": tmp_path / "shards" / "train-manifest.json",
-        "data.val_shards": tmp_path / "shards" / "val-manifest.json",
+        "data.train_shards": train,
+        "data.val_shards": val,
         "data.crop_size": 64,
         "data.num_workers": 0,
         "train.iterations": 4,

@@ -8,9 +8,9 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cadist.data.shards import build_shards
-from cadist.data.synthetic import write_tree
 from cadist.tune import run_sweep
+
+from ..conftest import tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -24,18 +24,14 @@ def ray_local():
 
 
 def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_local):
-    write_tree(tmp_path / "cs", num_train=8, num_val=2, height=64, width=128, seed=5)
-    for split in ("train", "val"):
-        build_shards(
-            tmp_path / "cs", split, tmp_path / "shards", samples_per_shard=2, progress=False
-        )
+    train, val = tiny_shards(tmp_path, seed=5)
     sweep = {
         "name": "itest_sweep",
         "job": str(ROOT / "jobs" / "demo.yaml"),
         "set": {
             "model.name": "deeplabv3_batch_ap_resnet_tiny",
-            "data.train_shards": str(tmp_path / "shards" / "train-manifest.json"),
-            "data.val_shards": str(tmp_path / "shards" / "val-manifest.json"),
+            "data.train_shards": str(train),
+            "data.val_shards": str(val),
             "data.crop_size": 64,
             "data.num_workers": 0,
             "train.iterations": 4,
