@@ -501,8 +501,10 @@ def hpatches_eval_cmd(
         tracker.log_params(
             {"network": network, "method": method.name, "root": str(root), "weights": str(weights)}
         )
-        tracker.log_metrics({"hpatches/mma_3px": r["mma@3"], "hpatches/features_per_image": r["features_per_image"],
-                             "hpatches/matches_per_pair": r["matches_per_pair"]}, 0)  # fmt: skip
+        keys = {"mma@3": "hpatches/mma_3px", "features_per_image": "hpatches/features_per_image",
+                "matches_per_pair": "hpatches/matches_per_pair", "gmac_per_image": "macs/gmac_per_image",
+                "high_res_fraction": "hpatches/high_res_fraction"}  # fmt: skip
+        tracker.log_metrics({v: r[k] for k, v in keys.items() if k in r}, 0)
         for t, v in zip(r["thresholds"], r["mma"], strict=True):
             tracker.log_metrics({"hpatches/mma": v}, t)
         tracker.log_text(json.dumps(r, indent=1), "hpatches/results.json")
@@ -519,6 +521,7 @@ def hpatches_eval_cmd(
     click.echo(
         f"  features/image {r['features_per_image']:.1f}, matches/pair {r['matches_per_pair']:.1f}"
     )
+    click.echo(f"  {r['gmac_per_image']:.2f} GMac per image (method's counting rules)")
 
 
 # -- clusters -----------------------------------------------------------------------------------

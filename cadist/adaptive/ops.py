@@ -33,6 +33,21 @@ def max_pool_step(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, members.reshape(-1)).view(members.shape[0], 4, -1).amax(1)
 
 
+class ListMaxPool(nn.Module):
+    """The max-pool adaptive step k on an element list (§3.5): (N_{k−1}, C) → (N_k, C).
+
+    Counting rule (§10.2): charged like a dense 2×2 pool over the whole canvas of level k−1 (every
+    cell, pooled or not); computed: the four members read per element."""
+
+    def forward(self, x: torch.Tensor, layout, k: int) -> torch.Tensor:
+        _, h, w = layout.shape
+        self._canvas = (h >> (k - 1)) * (w >> (k - 1)) * x.shape[1]
+        return max_pool_step(x, layout.pool_members(k))
+
+    def count_macs(self, inp, out):
+        return "pool", float(self._canvas), float(4 * out.numel())
+
+
 def _weight9(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, Cin, 3, 3) → (9·Cin, Cout) with tap-major rows: row 9-block t = tap 3(i+1)+(j+1)."""
     cout, cin = weight.shape[:2]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cadist.adaptive.layout import MixedLayout
-from cadist.adaptive.ops import IrregularConv3x3, ListReLU, max_pool_step
+from cadist.adaptive.ops import IrregularConv3x3, ListMaxPool, ListReLU
 
 #: (index in `model`, kind, channels out); kinds: conv, relu, pool
 LAYERS = [
@@ -105,12 +105,12 @@ class APD2Net(nn.Module):
             elif kind == "relu":
                 layers.append(ListReLU(inplace=True) if adaptive else nn.ReLU(inplace=True))
             else:
-                layers.append(nn.MaxPool2d(2, 2) if idx < self.first_adaptive else nn.Identity())
+                layers.append(nn.MaxPool2d(2, 2) if idx < self.first_adaptive else ListMaxPool())
         self.dense_feature_extraction = _Features(nn.Sequential(*layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = self.dense_feature_extraction.model
-        for idx in range(self.first_adaptive):
+        for idx in range(self.first_adaptive):  # dense until the start stride
             x = model[idx](x)
         layout = MixedLayout(mask.to("cpu" if x.is_meta else x.device), self.num_steps)
         feats = MixedLayout.from_dense(x)
@@ -118,14 +118,26 @@ class APD2Net(nn.Module):
         for idx, kind, _ in LAYERS[self.first_adaptive :]:
             if kind == "pool":
                 k += 1
-                members = layout.pool_members(k)
-                feats = max_pool_step(feats, members)
+                feats = model[idx](feats, layout, k)
             elif kind == "conv":
                 feats = model[idx](feats, layout.table(k, 1 << k))
             else:
                 feats = model[idx](feats)
         self.last_layout = layout
         return layout.to_dense(feats, k)
+
+
+def count_gmac(network: str, stride: int, height: int, width: int, mask=None) -> float:
+    """GMac of one H×W image under the method's rules (§10.1–10.2, shapes only): dense D2-Net at
+    output stride `stride`, or APD2Net at start stride `stride` with pooling mask (1, H/s, W/s)."""
+    from cadist.macs import MacCounter
+
+    with torch.device("meta"):
+        net = D2NetDense(stride) if network == "d2net" else APD2Net(stride)
+        x = torch.empty(1, 3, height, width)
+    with torch.no_grad(), MacCounter(net=net) as c:
+        net(x) if network == "d2net" else net(x, mask.cpu())
+    return c.counts["net"].gmac()
 
 
 def load_d2net_weights(model: nn.Module, path) -> None:

@@ -3,13 +3,14 @@ keypoints (top 512 unique pixels), dense or adaptive D2-Net features, nearest-ce
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
-from cadist.keypoints.d2net import APD2Net, D2NetDense
+from cadist.keypoints.d2net import APD2Net, D2NetDense, count_gmac
 from cadist.keypoints.masks import keypoint_mask
 
 CAFFE_MEANS = np.array([103.939, 116.779, 123.68], np.float32)  # B, G, R
@@ -98,10 +99,15 @@ class Method:
         raise ValueError(f"network {self.network!r}: expected d2net or apd2net")
 
 
+@functools.lru_cache(maxsize=64)
+def _dense_gmac(stride: int, height: int, width: int) -> float:
+    return count_gmac("d2net", stride, height, width)
+
+
 @torch.no_grad()
 def describe(net: torch.nn.Module, method: Method, rgb: np.ndarray, device="cpu") -> dict:
-    """{keypoints (K, 3) [x, y, 1] in original pixels, scores (K,), descriptors (K, 512),
-    high_res_fraction (adaptive only)} for one RGB image."""
+    """{keypoints (K, 3) [x, y, 1] in original pixels, scores (K,), descriptors (K, 512), gmac
+    (the network's multiply-adds for this image, §10.2), high_res_fraction (adaptive only)}."""
     prep = preprocess(rgb)
     h, w = prep.x.shape[-2:]
     pts = sift_keypoints(prep.x)
@@ -111,8 +117,10 @@ def describe(net: torch.nn.Module, method: Method, rgb: np.ndarray, device="cpu"
         mask = keypoint_mask(torch.from_numpy(pts), h, w, method.start_stride, method.windows)
         feats = net(x, mask[None].to(device))[0]
         out["high_res_fraction"] = float((mask == 0).float().mean())
+        out["gmac"] = count_gmac("apd2net", method.start_stride, h, w, mask[None])
     else:
         feats = net(x)[0]
+        out["gmac"] = _dense_gmac(method.output_stride, h, w)
     desc = sample(feats, pts, h, w)
     kp = np.ones((len(pts), 3), np.float32)
     kp[:, 0] = pts[:, 0] * prep.scale_x

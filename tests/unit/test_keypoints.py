@@ -180,3 +180,32 @@ def test_hpatches_cli_scores_and_logs_and_adaptive_with_full_windows_equals_dens
         ada["mma"] == pytest.approx(dense["mma"])
         and ada["matches_per_pair"] == dense["matches_per_pair"]
     )
+
+
+def test_keypoint_network_macs_follow_the_counting_rules():
+    from cadist.keypoints.d2net import count_gmac
+
+    h, w = 480, 640
+    convs = [(3, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 2), (128, 256, 4), (256, 256, 4),
+             (256, 256, 4), (256, 512, 8), (512, 512, 8), (512, 512, 8)]  # fmt: skip
+
+    def dense_os8():  # convs with bias + ReLUs + pools (input values), by hand
+        m = 0
+        for ci, co, s in convs:
+            n = (h // s) * (w // s)
+            m += 9 * ci * co * n + co * n + co * n  # weights, bias, ReLU
+        m += 64 * h * w + 128 * (h // 2) * (w // 2) + 256 * (h // 4) * (w // 4)  # pools
+        return m / 1e9
+
+    assert count_gmac("d2net", 8, h, w) == pytest.approx(dense_os8(), rel=1e-12)
+    for s, levels in ((1, 3), (2, 2), (4, 1)):
+        full = torch.full((1, h // s, w // s), levels, dtype=torch.long)
+        assert count_gmac("apd2net", s, h, w, full) == pytest.approx(dense_os8(), rel=1e-12)
+        zero = torch.zeros(1, h // s, w // s, dtype=torch.long)
+        # all at the start stride: the dense OS s network plus the pools, charged over the full
+        # canvases although nothing is pooled (§10.2)
+        pools = sum((h // s >> (k - 1)) * (w // s >> (k - 1)) * c
+                    for k, c in zip(range(1, levels + 1), (64, 128, 256)[3 - levels:], strict=True))  # fmt: skip
+        assert count_gmac("apd2net", s, h, w, zero) == pytest.approx(
+            count_gmac("d2net", s, h, w) + pools / 1e9, rel=1e-12
+        )
