@@ -463,12 +463,17 @@ def hpatches_synth_cmd(out, illumination, viewpoint, height, width, seed):
 )
 @click.option("--weights", type=click.Path(dir_okay=False), help="D2-Net weights (d2_tf.pth).")
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--save-features",
+    type=click.Path(file_okay=False),
+    help="Also write <dir>/<sequence>/<k>.ppm.<method>.npz (keypoints, scores, descriptors).",
+)
 @click.option("--mlflow-uri", help="Log the scores as an MLflow run (e.g. sqlite:///mlflow.db).")
 @click.option("--experiment", default="hpatches", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def hpatches_eval_cmd(
-    root, network, output_stride, start_stride, windows, weights, device, mlflow_uri, experiment,
-    as_json,
+    root, network, output_stride, start_stride, windows, weights, device, save_features,
+    mlflow_uri, experiment, as_json,
 ):  # fmt: skip
     """Mean matching accuracy (MMA@1…15 px) of a descriptor network on HPatches sequences."""
     import torch
@@ -490,7 +495,12 @@ def hpatches_eval_cmd(
     else:
         click.echo("warning: no --weights: random D2-Net weights (a pipeline check, not a score)")
     net.to(device).eval()
-    r = evaluate(root, lambda rgb: describe(net, method, rgb, device))
+    r = evaluate(
+        root,
+        lambda rgb: describe(net, method, rgb, device),
+        save_to=save_features,
+        suffix=method.name,
+    )
     r = {"method": method.name, "weights": weights} | r
     if mlflow_uri:
         from cadist.tracking import Tracker, new_run

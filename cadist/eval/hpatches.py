@@ -87,8 +87,26 @@ def reprojection_errors(kp1: np.ndarray, kp2: np.ndarray, matches: np.ndarray, h
     return np.linalg.norm(p - kp2[matches[:, 1], :2], axis=1)
 
 
-def evaluate(root: str | Path, describe: Callable[[np.ndarray], dict], progress=None) -> dict:
-    """MMA of a descriptor function (RGB image → {keypoints, descriptors}) over a dataset root."""
+def save_features(path: Path, out: dict) -> None:
+    """One image's features as D2-Net writes them (§11.5): keypoints (K, 3), scores (K,),
+    descriptors (K, 512), float32, in an .npz written to a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        tmp, **{k: np.asarray(out[k], np.float32) for k in ("keypoints", "scores", "descriptors")}
+    )
+    os.replace(tmp, path)
+
+
+def evaluate(
+    root: str | Path,
+    describe: Callable[[np.ndarray], dict],
+    progress=None,
+    save_to: str | Path | None = None,
+    suffix: str = "d2net",
+) -> dict:
+    """MMA of a descriptor function (RGB image → {keypoints, descriptors}) over a dataset root;
+    `save_to`: also write `<save_to>/<sequence>/<k>.ppm.<suffix>.npz` per image."""
     sums = {"i": np.zeros(len(THRESHOLDS)), "v": np.zeros(len(THRESHOLDS))}
     pairs = {"i": 0, "v": 0}
     features, matches_per_pair, extra, gmac = [], {"i": [], "v": []}, [], []
@@ -96,6 +114,9 @@ def evaluate(root: str | Path, describe: Callable[[np.ndarray], dict], progress=
     for n, seq in enumerate(seqs):
         split = seq.name[0]
         out = [describe(read_rgb(seq / f"{k}.ppm")) for k in range(1, 7)]
+        if save_to is not None:
+            for k, o in enumerate(out, 1):
+                save_features(Path(save_to) / seq.name / f"{k}.ppm.{suffix}.npz", o)
         features += [len(o["keypoints"]) for o in out]
         extra += [o["high_res_fraction"] for o in out if "high_res_fraction" in o]
         gmac += [o["gmac"] for o in out if "gmac" in o]

@@ -157,12 +157,20 @@ def test_hpatches_cli_scores_and_logs_and_adaptive_with_full_windows_equals_dens
     common = ["hpatches", "eval", "--root", str(tmp_path / "hp"), "--weights", str(tmp_path / "d2.pth"),
               "--device", "cpu", "--json"]  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    feats = tmp_path / "feats"
     r = CliRunner().invoke(
-        main, [*common, "--network", "d2net", "--output-stride", "2", "--mlflow-uri", uri]
-    )
+        main,
+        [*common, "--network", "d2net", "--output-stride", "2", "--mlflow-uri", uri,
+         "--save-features", str(feats)],
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     dense = json.loads(r.stdout)
     assert 0 <= dense["mma@3"] <= 1 and 0 < dense["features_per_image"] <= 512
+    saved = np.load(feats / "v_generated000" / "3.ppm.d2net_os2.npz")
+    k = len(saved["keypoints"])
+    assert saved["keypoints"].shape == (k, 3) and saved["descriptors"].shape == (k, 512)
+    assert saved["descriptors"].dtype == np.float32 and (saved["scores"] == 1).all()
+    assert dense["gmac_per_image"] > 0
     assert all(
         a <= b for a, b in zip(dense["mma"], dense["mma"][1:], strict=False)
     )  # monotone in θ
