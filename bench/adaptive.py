@@ -8,7 +8,8 @@ GPU speedup ≥ 0.75 of the ideal. Prints one JSON object.
 Variants (each compared with the dense backbones in the same form): "eager" is the training form
 under autocast; "folded" is the inference form of `cadist.models.fold` (BN folded into the convs,
 weights in --dtype; the fused Triton gather-GEMM on CUDA); "folded_torch" is the folded form with
-torch's gather + matmul, to see what the kernel adds.
+torch's gather + matmul, to see what the kernel adds; "eager_torch" likewise for the training form
+(whose forward and backward use the fused kernels on CUDA).
 
     python bench/adaptive.py [--model resnet101 --sizes 512x1024 --fractions 0.1,0.25,0.5 --device cpu]
 """
@@ -31,7 +32,7 @@ from cadist.macs import MacCounter, count_adaptive
 from cadist.models.fold import fold_batchnorm
 from cadist.models.resnet import SPECS, ResNet
 
-VARIANTS = ("eager", "folded", "folded_torch")
+VARIANTS = ("eager", "eager_torch", "folded", "folded_torch")
 
 
 def block_mask(b: int, h0: int, w0: int, p: float, seed: int = 0) -> torch.Tensor:
@@ -127,8 +128,8 @@ def main():
         macs = {p: count_adaptive(name, masks[p][:1].cpu(), h, w) for p in fractions}
         for variant in variants:
             d8, d16, am = models["folded" if variant.startswith("folded") else "eager"]
-            kernels.set_impl("torch" if variant == "folded_torch" else "auto")
-            eager = variant == "eager"
+            kernels.set_impl("torch" if variant.endswith("_torch") else "auto")
+            eager = variant.startswith("eager")
             xv = x if eager or args.dtype == "fp32" else x.bfloat16()
             dt = args.dtype if eager else "fp32"  # folded models carry their dtype
             base = {}

@@ -190,3 +190,131 @@ def _torch_gather_gemm(x, idx, w9, bias, relu):
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+# -- backward: weight gradient (gather-GEMM over elements) and input gradient (GEMM-scatter) ------
+@functools.cache
+def _backward_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def grad_weight(
+        x_ptr,  # (≥ NROWS, CIN) input rows
+        idx_ptr,  # (M, 9)
+        go_ptr,  # (M, COUT) output gradient
+        gw_ptr,  # (9·CIN, COUT) float32, accumulated with atomics (split over M)
+        M,
+        NROWS,
+        CIN,
+        COUT,
+        CHUNK,  # elements per split
+        BR: tl.constexpr,  # rows of gw per program (divides CIN: one tap per program)
+        BN: tl.constexpr,
+        BM: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        rr = tl.program_id(0) * BR + tl.arange(0, BR)
+        tap = (tl.program_id(0) * BR) // CIN
+        c = rr - tap * CIN
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = rn < COUT
+        start = tl.program_id(2) * CHUNK
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        for m0 in range(0, CHUNK, BM):
+            rm = start + m0 + tl.arange(0, BM)
+            m_ok = (rm < M) & (m0 + tl.arange(0, BM) < CHUNK)
+            rows = tl.load(idx_ptr + rm * 9 + tap, mask=m_ok, other=0).to(tl.int64)
+            r_ok = m_ok & (rows < NROWS)
+            a = tl.load(x_ptr + rows[None, :] * CIN + c[:, None], mask=r_ok[None, :], other=0.0)
+            g = tl.load(
+                go_ptr + rm[:, None] * COUT + rn[None, :],
+                mask=m_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                a, g = a.to(tl.float32), g.to(tl.float32)
+            acc += tl.dot(a, g)
+        tl.atomic_add(gw_ptr + rr[:, None] * COUT + rn[None, :], acc, mask=n_ok[None, :])
+
+    @triton.jit
+    def grad_input(
+        go_ptr,  # (M, COUT)
+        idx_ptr,  # (M, 9)
+        w_ptr,  # (9·CIN, COUT)
+        gx_ptr,  # (NROWS, CIN) float32, accumulated with atomics (rows read by several taps)
+        M,
+        NROWS,
+        CIN,
+        COUT,
+        BM: tl.constexpr,
+        BC: tl.constexpr,
+        BO: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rc = tl.program_id(1) * BC + tl.arange(0, BC)
+        tap = tl.program_id(2)
+        m_ok, c_ok = rm < M, rc < CIN
+        acc = tl.zeros((BM, BC), dtype=tl.float32)
+        for o0 in range(0, COUT, BO):
+            ro = o0 + tl.arange(0, BO)
+            o_ok = ro < COUT
+            g = tl.load(
+                go_ptr + rm[:, None] * COUT + ro[None, :],
+                mask=m_ok[:, None] & o_ok[None, :],
+                other=0.0,
+            )
+            wt = tl.load(
+                w_ptr + (tap * CIN + rc)[None, :] * COUT + ro[:, None],
+                mask=o_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                g, wt = g.to(tl.float32), wt.to(tl.float32)
+            acc += tl.dot(g, wt)
+        rows = tl.load(idx_ptr + rm * 9 + tap, mask=m_ok, other=0).to(tl.int64)
+        ok = m_ok & (rows < NROWS)
+        tl.atomic_add(
+            gx_ptr + rows[:, None] * CIN + rc[None, :], acc, mask=ok[:, None] & c_ok[None, :]
+        )
+
+    return grad_weight, grad_input
+
+
+def backward_supported(cin: int) -> bool:
+    """The weight-gradient kernel needs Cin to be a multiple of 16 (one tap per row block)."""
+    return cin % 16 == 0
+
+
+def conv_backward(
+    x: torch.Tensor, idx: torch.Tensor, w9: torch.Tensor, grad_out: torch.Tensor,
+    need_x: bool, need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Gradients of `gather_gemm` (no bias/ReLU) without materialising the (M, 9·Cin) taps:
+    (grad_x (N, Cin), grad_w9 (9·Cin, Cout)), both float32, accumulated with atomics."""
+    m, cin, cout = idx.shape[0], x.shape[1], w9.shape[1]
+    n = x.shape[0]
+    upcast = x.device.type == "cpu"
+    grad_weight, grad_input = _backward_kernels()
+    gx = gw = None
+    if need_w:
+        gw = torch.zeros(9 * cin, cout, dtype=torch.float32, device=x.device)
+        br = 64 if cin % 64 == 0 else 32 if cin % 32 == 0 else 16
+        bn = 128 if cout >= 128 else max(16, 1 << (cout - 1).bit_length())
+        chunk = 4096 if x.is_cuda else 64
+        grid = (9 * cin // br, triton_cdiv(cout, bn), triton_cdiv(m, chunk))
+        grad_weight[grid](
+            x, idx, grad_out, gw, m, n, cin, cout, chunk, BR=br, BN=bn, BM=64, UPCAST=upcast,
+            num_warps=4,
+        )  # fmt: skip
+    if need_x:
+        gx = torch.zeros(n, cin, dtype=torch.float32, device=x.device)
+        bc = 128 if cin >= 128 else max(16, 1 << (cin - 1).bit_length())
+        bo = 64 if cout >= 64 else max(16, 1 << (cout - 1).bit_length())
+        grid = (triton_cdiv(m, 64), triton_cdiv(cin, bc), 9)
+        grad_input[grid](
+            grad_out, idx, w9, gx, m, n, cin, cout, BM=64, BC=bc, BO=bo, UPCAST=upcast,
+            num_warps=4,
+        )  # fmt: skip
+    return gx, gw

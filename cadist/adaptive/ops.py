@@ -82,11 +82,17 @@ class _IrregularConv(torch.autograd.Function):
         x, weight, idx = ctx.saved_tensors
         dt = ctx.dt
         n, cin = x.shape
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.to(dt).contiguous()
             w9 = _weight9(weight).to(dt)
+            if kernels.use_triton(x) and kernels.backward_supported(cin):
+                # fused: the (M, 9·Cin) taps and the (M, 9·Cin) product are never materialised
+                grad_xp, grad_w9 = kernels.conv_backward(
+                    x.to(dt).contiguous(), idx.contiguous(), w9, grad_out, need_x, need_w
+                )
+                return _finish_grads(grad_xp, grad_w9, x, weight, n, cin)
             xp = torch.cat([x.to(dt), x.new_zeros(1, cin, dtype=dt)])
-            need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             acc = dt if dt in (torch.float32, torch.float64) else torch.float32
             grad_w9 = torch.zeros(w9.shape, dtype=acc, device=x.device) if need_w else None
             grad_xp = torch.zeros(n + 1, cin, dtype=acc, device=x.device) if need_x else None
@@ -100,12 +106,17 @@ class _IrregularConv(torch.autograd.Function):
                 if need_x:
                     gx = torch.mm(go, w9.t()).view(-1, cin)
                     grad_xp.index_add_(0, rows, gx.to(acc))
-        grad_x = grad_xp[:n].to(x.dtype) if need_x else None
-        grad_w = None
-        if need_w:
-            cout = weight.shape[0]
-            grad_w = grad_w9.view(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous().to(weight.dtype)
-        return grad_x, grad_w, None
+        return _finish_grads(grad_xp, grad_w9, x, weight, n, cin)
+
+
+def _finish_grads(grad_xp, grad_w9, x, weight, n: int, cin: int):
+    """(grad_x, grad_weight, None) in the inputs' dtypes and the dense weight layout."""
+    grad_x = grad_xp[:n].to(x.dtype) if grad_xp is not None else None
+    grad_w = None
+    if grad_w9 is not None:
+        cout = weight.shape[0]
+        grad_w = grad_w9.view(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous().to(weight.dtype)
+    return grad_x, grad_w, None
 
 
 def irregular_conv(
