@@ -534,6 +534,26 @@ def hpatches_eval_cmd(
     click.echo(f"  {r['gmac_per_image']:.2f} GMac per image (method's counting rules)")
 
 
+# -- results ------------------------------------------------------------------------------------
+@main.command("report")
+@click.option("--experiment", default="cityscapes-adaptive", show_default=True)
+@click.option(
+    "--tracking-uri", default=None, help="MLflow store or server; default: ./mlflow.db as training."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def report_cmd(experiment, tracking_uri, as_json):
+    """The results table of an experiment: best val mIoU per run (and at which step), high-res
+    fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
+    from cadist.report import markdown, summarise
+    from cadist.tracking import resolve_uri, training_runs
+
+    rows = summarise(training_runs(resolve_uri(tracking_uri), experiment))
+    if as_json:
+        _print_json({"experiment": experiment, "runs": rows})
+    else:
+        click.echo(markdown(rows))
+
+
 # -- clusters -----------------------------------------------------------------------------------
 @main.command("submit")
 @click.argument("job_file", type=click.Path(dir_okay=False))

@@ -157,6 +157,45 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def training_runs(uri: str, experiment: str) -> list[dict]:
+    """The training runs of an experiment (those with a `cadist.job` tag), each as {run_id, name,
+    status, params, tags, history: {metric: [(step, value), …]}} for the metrics a report needs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"MLflow at {uri}: no experiment {experiment!r}")
+    out = []
+    for run in client.search_runs([exp.experiment_id], "tags.`cadist.job` != ''"):
+        history = {
+            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+            for key in REPORT_METRICS
+            if key in run.data.metrics
+        }
+        out.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "params": run.data.params,
+                "tags": run.data.tags,
+                "history": history,
+            }
+        )
+    return out
+
+
+#: metrics `cadist report` reads from every run
+REPORT_METRICS = (
+    "val/miou",
+    "val/miou_inference",
+    "val/high_res_fraction",
+    "macs/backbone_gmac",
+    "macs/backbone_gmac_computed",
+)
+
+
 class NullTracker:
     """Tracking off, or a rank that does not log: every call does nothing."""
 

@@ -1,0 +1,57 @@
+"""`cadist report` against a real MLflow store (SQLite): best-during-training mIoU per run and the
+statistics of that evaluation, beside the released numbers."""
+
+import json
+
+from click.testing import CliRunner
+
+from cadist.cli import main
+from cadist.tracking import Tracker, new_run
+
+
+def _run(uri, name, params, history, job=True):
+    rid = new_run(uri, "exp", name, {"cadist.job": name} if job else {"cadist.sweep": name})
+    t = Tracker(uri, rid)
+    t.log_params(params)
+    for key, points in history.items():
+        for step, value in points:
+            t.log_metrics({key: value}, step)
+    t.finish()
+
+
+def test_report_picks_the_best_evaluation_and_its_statistics(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _run(
+        uri,
+        "os16",
+        {"model.name": "deeplabv3_resnet101", "model.output_stride": 16},
+        {"val/miou": [(100, 0.5), (200, 0.7), (300, 0.65)], "macs/backbone_gmac": [(0, 416.76)]},
+    )
+    _run(
+        uri,
+        "edge",
+        {"model.name": "deeplabv3_batch_ap_resnet101", "model.output_stride": 16},
+        {
+            "val/miou": [(100, 0.6), (200, 0.62)],
+            "val/high_res_fraction": [(100, 0.5), (200, 0.4)],
+            "macs/backbone_gmac": [(100, 927.4), (200, 828.2)],
+        },
+    )
+    _run(uri, "a-sweep", {}, {"sweep/best_miou": [(0, 0.7)]}, job=False)  # not a training run
+    r = CliRunner().invoke(main, ["report", "--experiment", "exp", "--tracking-uri", uri, "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["runs"]
+    assert [row["run"] for row in rows] == ["os16", "edge"]  # by backbone GMac
+    dense, edge = rows
+    assert (dense["best_miou"], dense["best_step"], dense["backbone_gmac"]) == (0.7, 200, 416.76)
+    assert dense["paper_miou"] == 0.762 and dense["model"] == "deeplabv3_resnet101 OS16"
+    assert (edge["best_miou"], edge["high_res_fraction"], edge["backbone_gmac"]) == (
+        0.62,
+        0.4,
+        828.2,
+    )
+    assert edge["paper_miou"] == 0.773 and edge["steps"] == 200
+    r = CliRunner().invoke(main, ["report", "--experiment", "exp", "--tracking-uri", uri])
+    assert r.exit_code == 0 and "| edge | deeplabv3_batch_ap_resnet101 | 0.6200 | 200 |" in r.stdout
+    r = CliRunner().invoke(main, ["report", "--experiment", "nope", "--tracking-uri", uri])
+    assert r.exit_code == 2 and "no experiment 'nope'" in r.output
