@@ -76,20 +76,12 @@ def start_or_resume_run(
                 return run_id
         except Exception:  # deleted or from another store: start a new run
             pass
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(
-            experiment, artifact_location=_default_artifact_location(uri, experiment)
-        )
-    )
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run_id = new_run(uri, experiment, run_name, tags)
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     os.replace(tmp, marker)
-    return run.info.run_id
+    return run_id
 
 
 def new_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
