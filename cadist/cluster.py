@@ -117,6 +117,13 @@ def submit_job(
     on the cluster instead of uploading this project."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    uri = job.mlflow.tracking_uri or ""
+    if job.mlflow.enabled and not uri.startswith(("http://", "https://", "databricks")):
+        echo(
+            f"warning: mlflow.tracking_uri {uri or '(default ./mlflow.db)'} is a file on the "
+            "cluster (in the job's working directory if relative); set it to an MLflow server "
+            "the cluster reaches to browse the run from here"
+        )
     runtime_env: dict = {"env_vars": submission_env(job, source)}
     if working_dir is not None:
         root = Path(working_dir).resolve()

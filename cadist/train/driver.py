@@ -123,7 +123,17 @@ def _absolute(job: JobConfig) -> JobConfig:
         }
     )
     cluster = job.cluster.model_copy(update={"storage_path": fix(job.cluster.storage_path)})
-    return job.model_copy(update={"data": data, "model": model, "cluster": cluster})
+    mlflow = job.mlflow
+    if mlflow.enabled:  # the default store (./mlflow.db) and relative SQLite paths, pinned here
+        from cadist.tracking import resolve_uri
+
+        uri = resolve_uri(mlflow.tracking_uri)
+        if uri.startswith("sqlite:///") and not uri[len("sqlite:///") :].startswith("/"):
+            uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+        mlflow = mlflow.model_copy(update={"tracking_uri": uri})
+    return job.model_copy(
+        update={"data": data, "model": model, "cluster": cluster, "mlflow": mlflow}
+    )
 
 
 def run_training(

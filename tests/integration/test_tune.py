@@ -23,7 +23,11 @@ def ray_local():
     ray.shutdown()
 
 
-def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_local):
+def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_local, monkeypatch):
+    # the default MLflow store (./mlflow.db) and storage path are relative to where `cadist tune`
+    # runs, not to the trial actors' working directories
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train, val = tiny_shards(tmp_path, seed=5)
     sweep = {
         "name": "itest_sweep",
@@ -41,9 +45,8 @@ def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_loca
             "eval.interval": 4,
             "eval.log_images": 0,
             "cluster.num_workers": 1,
-            "cluster.storage_path": str(tmp_path / "runs"),
+            "cluster.storage_path": "runs",
             "deepspeed.zero_stage": 0,
-            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "mlflow.experiment": "sweeps",
         },
         "search": {
