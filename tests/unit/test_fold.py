@@ -74,6 +74,18 @@ def test_folded_model_computes_the_same_logits(name, with_mask):
         assert torch.equal(fast.last_mask, model.last_mask)
 
 
+def test_folded_learned_inference_network_computes_the_same_logits():
+    torch.manual_seed(4)
+    net = build_model("deeplabv3_ad_resnet_tiny", network="inference", mask_sampling="argmax")
+    _randomise_bn(net.eval())
+    fast = fold_batchnorm(net)
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        ref, got = net(x), fast(x)
+    assert torch.equal(fast.last_mask, net.last_mask)  # the estimator has no BN: same mask
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 def test_folded_bf16_model_is_close_to_fp32():
     model = _model("deeplabv3_batch_ap_resnet_tiny")
     fast = fold_batchnorm(model).to(torch.bfloat16)
