@@ -1,0 +1,47 @@
+"""The `cadist` command line. Subcommands import their heavy modules lazily, so `--help` is instant;
+they live by area in this package (data, models, training, clusters, keypoints).
+
+A `CadistError` (a user's mistake) is printed as one `error:` line with exit code 2; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from cadist import __version__
+from cadist.errors import CadistError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CadistError as exn:
+            click.echo(f"error: {exn}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cadist")
+def main() -> None:
+    """Content-adaptive downsampling for segmentation CNNs, trained with Ray + DeepSpeed."""
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=1))
+
+
+def _set_option(what: str):
+    """The repeatable `--set KEY=VALUE` option of job and sweep commands."""
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help=f"Override {what} (repeatable).",
+    )  # fmt: skip
+
+
+# the subcommands register themselves on `main` when imported
+from cadist.cli import clusters, data, keypoints, models, training  # noqa: E402, F401

@@ -1,0 +1,66 @@
+"""`cadist submit`, `cadist cluster check`: Ray clusters."""
+
+from __future__ import annotations
+
+import click
+
+from cadist.cli import _set_option, main
+
+
+# -- clusters -----------------------------------------------------------------------------------
+@main.command("submit")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@_set_option("a job key, e.g. --set train.iterations=1000")
+@click.option(
+    "--address",
+    default="http://127.0.0.1:8265",
+    show_default=True,
+    envvar="RAY_API_SERVER_ADDRESS",
+    help="The cluster's Ray dashboard (`ray dashboard ray_cluster.yaml` forwards it here).",
+)
+@click.option(
+    "--no-upload",
+    is_flag=True,
+    help="Use the cadist installed on the cluster instead of uploading this project folder.",
+)
+@click.option("--no-wait", is_flag=True, help="Return after submitting instead of following it.")
+def submit_cmd(job_file, overrides, address, no_upload, no_wait):
+    """Run JOB_FILE on a Ray cluster through Ray's Jobs API (validated here first).
+
+    Paths in the job (shards, storage, MLflow) are read on the cluster: use shared storage, URLs
+    or an MLflow server the cluster can reach."""
+    from cadist.cluster import submit_job
+    from cadist.config import load_job
+
+    job = load_job(job_file, overrides)
+    submit_job(
+        job,
+        str(job_file),
+        address,
+        working_dir=None if no_upload else ".",
+        wait=not no_wait,
+        echo=click.echo,
+    )
+
+
+@main.group("cluster")
+def cluster_group():
+    """The Ray cluster file (`ray_cluster.yaml`)."""
+
+
+@cluster_group.command("check")
+@click.argument("cluster_file", default="ray_cluster.yaml", type=click.Path(dir_okay=False))
+def cluster_check_cmd(cluster_file):
+    """Validate a Ray cluster-launcher YAML offline (schema, Ray's defaults, cadist's checks)."""
+    from cadist.cluster import check_cluster_file
+
+    r = check_cluster_file(cluster_file)
+    click.echo(
+        f"{cluster_file}: cluster {r['cluster_name']!r}, provider {r['provider']}, head "
+        f"{r['head_node_type']}, up to {r['max_workers']} workers"
+    )
+    for name, t in r["node_types"].items():
+        res = ", ".join(f"{k} {v}" for k, v in t["resources"].items()) or "detected at start"
+        click.echo(f"  {name}: resources {res}; workers {t['min_workers']}..{t['max_workers']}")
+    for w in r["warnings"]:
+        click.echo(f"warning: {w}")

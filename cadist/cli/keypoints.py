@@ -1,0 +1,116 @@
+"""`cadist hpatches`: keypoint descriptors on HPatches sequences."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cadist.cli import _print_json, main
+from cadist.errors import CadistError
+
+
+# -- keypoints ----------------------------------------------------------------------------------
+@main.group("hpatches")
+def hpatches_group():
+    """Keypoint descriptors (D2-Net, adaptive APD2Net) on HPatches sequences (method §11, §12)."""
+
+
+@hpatches_group.command("synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--illumination", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--viewpoint", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--height", default=240, show_default=True, type=click.IntRange(64))
+@click.option("--width", default=320, show_default=True, type=click.IntRange(64))
+@click.option("--seed", default=0, show_default=True, type=int)
+def hpatches_synth_cmd(out, illumination, viewpoint, height, width, seed):
+    """Generate sequences in HPatches layout (i_*: brightness, v_*: homography warps)."""
+    from cadist.eval.hpatches import write_sequences
+
+    seqs = write_sequences(out, illumination, viewpoint, height, width, seed)
+    click.echo(f"{len(seqs)} sequences in {out}")
+
+
+@hpatches_group.command("eval")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Sequences folder.")
+@click.option(
+    "--network", default="d2net", show_default=True, type=click.Choice(["d2net", "apd2net"])
+)
+@click.option(
+    "--output-stride", default=4, show_default=True, type=click.Choice(["1", "2", "4", "8"])
+)
+@click.option("--start-stride", default=4, show_default=True, type=click.Choice(["1", "2", "4"]))
+@click.option(
+    "--windows", default="11", show_default=True, help="APD2Net window sizes d0,d1,… (§11.4)."
+)
+@click.option("--weights", type=click.Path(dir_okay=False), help="D2-Net weights (d2_tf.pth).")
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--save-features",
+    type=click.Path(file_okay=False),
+    help="Also write <dir>/<sequence>/<k>.ppm.<method>.npz (keypoints, scores, descriptors).",
+)
+@click.option("--mlflow-uri", help="Log the scores as an MLflow run (e.g. sqlite:///mlflow.db).")
+@click.option("--experiment", default="hpatches", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def hpatches_eval_cmd(
+    root, network, output_stride, start_stride, windows, weights, device, save_features,
+    mlflow_uri, experiment, as_json,
+):  # fmt: skip
+    """Mean matching accuracy (MMA@1…15 px) of a descriptor network on HPatches sequences."""
+    import torch
+
+    from cadist.eval.hpatches import evaluate
+    from cadist.keypoints.d2net import load_d2net_weights
+    from cadist.keypoints.extract import Method, describe
+
+    try:
+        ws = tuple(int(v) for v in windows.split(",") if v.strip())
+    except ValueError:
+        raise CadistError(f"--windows {windows!r}: expected integers like 21,21") from None
+    method = Method(network, int(output_stride), int(start_stride), ws)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = method.build()
+    if weights:
+        load_d2net_weights(net, weights)
+    else:
+        click.echo("warning: no --weights: random D2-Net weights (a pipeline check, not a score)")
+    net.to(device).eval()
+    r = evaluate(
+        root,
+        lambda rgb: describe(net, method, rgb, device),
+        save_to=save_features,
+        suffix=method.name,
+    )
+    r = {"method": method.name, "weights": weights} | r
+    if mlflow_uri:
+        from cadist.tracking import Tracker, new_run
+
+        tracker = Tracker(
+            mlflow_uri, new_run(mlflow_uri, experiment, method.name, {"cadist.task": "hpatches"})
+        )
+        tracker.log_params(
+            {"network": network, "method": method.name, "root": str(root), "weights": str(weights)}
+        )
+        keys = {"mma@3": "hpatches/mma_3px", "features_per_image": "hpatches/features_per_image",
+                "matches_per_pair": "hpatches/matches_per_pair", "gmac_per_image": "macs/gmac_per_image",
+                "high_res_fraction": "hpatches/high_res_fraction"}  # fmt: skip
+        tracker.log_metrics({v: r[k] for k, v in keys.items() if k in r}, 0)
+        for t, v in zip(r["thresholds"], r["mma"], strict=True):
+            tracker.log_metrics({"hpatches/mma": v}, t)
+        tracker.log_text(json.dumps(r, indent=1), "hpatches/results.json")
+        tracker.finish()
+    if as_json:
+        _print_json(r)
+        return
+    click.echo(
+        f"{method.name} on {root}: {r['sequences']['i']} illumination + {r['sequences']['v']} viewpoint sequences"
+    )
+    click.echo(
+        f"  MMA@3 {r['mma@3']:.4f} (illumination {r['mma_illumination'][2]:.4f}, viewpoint {r['mma_viewpoint'][2]:.4f})"
+    )
+    click.echo(
+        f"  features/image {r['features_per_image']:.1f}, matches/pair {r['matches_per_pair']:.1f}"
+    )
+    click.echo(f"  {r['gmac_per_image']:.2f} GMac per image (method's counting rules)")

@@ -1,0 +1,281 @@
+"""`cadist macs`, `cadist predict`, and the model options they share."""
+
+from __future__ import annotations
+
+import click
+
+from cadist.cli import _print_json, main
+from cadist.errors import CadistError
+
+
+def _model_options(f):
+    from cadist.models.names import ALL_MODELS
+
+    opts = [
+        click.option(
+            "--model",
+            required=True,
+            type=click.Choice(ALL_MODELS),
+            help="Model name (as in the reference implementation).",
+        ),
+        click.option(
+            "--output-stride",
+            default=16,
+            show_default=True,
+            type=click.Choice(["8", "16"]),
+            help="Output stride of a dense model.",
+        ),
+        click.option(
+            "--adaptive-mode",
+            default="os8to16",
+            show_default=True,
+            type=click.Choice(["os8to16", "os8to32", "os16to32"]),
+            help="Adaptive models: which stages adapt (method §4).",
+        ),
+        click.option(
+            "--edge-threshold",
+            default=0.15,
+            show_default=True,
+            type=float,
+            help="Adaptive models: edge threshold τ (§6).",
+        ),
+        click.option(
+            "--trimap-width",
+            default=11,
+            show_default=True,
+            type=click.IntRange(1),
+            help="Adaptive models: trimap width w (§6).",
+        ),
+        click.option(
+            "--mask-variant",
+            default="reference",
+            show_default=True,
+            type=click.Choice(["reference", "corrected"]),
+            help="Adaptive models: the reference's edge mask or the corrected one.",
+        ),
+        click.option(
+            "--mask-sampling",
+            default="gumbel",
+            show_default=True,
+            type=click.Choice(["gumbel", "argmax"]),
+            help="Learned-mask models: Gumbel noise at inference as the reference (§7.2), or the "
+            "deterministic arg-max.",
+        ),
+        click.option(
+            "--gumbel-tau",
+            default=1.0,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Learned-mask models: Gumbel-softmax temperature (§7.2).",
+        ),
+        click.option(
+            "--seed",
+            default=0,
+            show_default=True,
+            type=int,
+            help="Learned-mask models: seed of the Gumbel noise.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant, **kw):
+    """The model for prediction and counting; learned-mask models as their inference network."""
+    import torch
+
+    from cadist.models.build import build_model
+
+    torch.manual_seed(kw.get("seed", 0))  # the Gumbel noise of learned masks
+    return build_model(
+        model,
+        int(output_stride),
+        adaptive_mode=adaptive_mode,
+        edge_threshold=edge_threshold,
+        trimap_width=trimap_width,
+        mask_variant=mask_variant,
+        gumbel_tau=kw.get("gumbel_tau", 1.0),
+        mask_sampling=kw.get("mask_sampling", "gumbel"),
+        network="inference",
+    )
+
+
+@main.command("macs")
+@_model_options
+@click.option("--height", default=1024, show_default=True, type=click.IntRange(32))
+@click.option("--width", default=2048, show_default=True, type=click.IntRange(32))
+@click.option(
+    "--image",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Adaptive models: count for this image (its own size).",
+)
+@click.option("--shards", help="Adaptive models: count over these validation shards (mean ± std).")
+@click.option("--limit", type=click.IntRange(1), help="With --shards: at most this many images.")
+@click.option(
+    "--ckpt",
+    type=click.Path(dir_okay=False),
+    help="Learned-mask models (required): weights whose mask estimator decides the mask.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def macs_cmd(
+    model,
+    output_stride,
+    adaptive_mode,
+    edge_threshold,
+    trimap_width,
+    mask_variant,
+    mask_sampling,
+    gumbel_tau,
+    seed,
+    height,
+    width,
+    image,
+    shards,
+    limit,
+    ckpt,
+    as_json,
+):
+    """Count multiply-adds per image under the method's counting rules (backbone, head, total).
+
+    Adaptive models are counted per image, content-dependent: pass --image or --shards."""
+    from cadist.macs import count_dense
+    from cadist.models.build import is_adaptive, is_learned
+
+    if not is_adaptive(model):
+        r = count_dense(model, int(output_stride), height, width)
+        if as_json:
+            _print_json(r)
+            return
+        click.echo(f"{model} OS{output_stride} at {height}×{width} (GMac per image)")
+        click.echo(
+            f"  backbone {r['backbone_gmac']:10.2f}   (convolutions only {r['backbone_conv_gmac']:.2f})"
+        )
+        click.echo(
+            f"  head     {r['head_gmac']:10.2f}   (convolutions only {r['head_conv_gmac']:.2f})"
+        )
+        click.echo(f"  total    {r['total_gmac']:10.2f}")
+        return
+    from cadist.adaptive.stats import count_images
+
+    if not image and not shards:
+        raise CadistError(
+            f"{model} is content-adaptive: its MACs depend on the image; pass --image "
+            f"PNG or --shards SPEC"
+        )
+    if is_learned(model) and not ckpt:
+        raise CadistError(
+            f"{model}: its mask comes from its trained mask estimator; pass --ckpt WEIGHTS"
+        )
+    net = _build(
+        model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant,
+        mask_sampling=mask_sampling, gumbel_tau=gumbel_tau, seed=seed,
+    )  # fmt: skip
+    if ckpt:
+        from cadist.models.weights import load_weights
+
+        load_weights(net, ckpt, expect_name=model)
+    r = count_images(net.eval(), model, adaptive_mode, image=image, shards=shards, limit=limit)
+    if as_json:
+        _print_json(r)
+        return
+    n = r["num_images"]
+    how = (
+        f"learned mask, {mask_sampling}, τ={gumbel_tau}, seed {seed}"
+        if is_learned(model)
+        else f"{adaptive_mode}, τ={edge_threshold}, trimap {trimap_width}, {mask_variant} mask"
+    )
+    click.echo(
+        f"{model} ({how}) over {n} image{'s' if n > 1 else ''} at {r['input_hw'][0]}×{r['input_hw'][1]}"
+    )
+    click.echo(
+        f"  high-res fraction p   {r['high_res_fraction']:.4f} ± {r['high_res_fraction_std']:.4f}"
+    )
+    click.echo(
+        f"  backbone (method)     {r['backbone_gmac']:9.2f} ± {r['backbone_gmac_std']:.2f} GMac"
+    )
+    click.echo(
+        f"  backbone (computed)   {r['backbone_gmac_actual']:9.2f} ± {r['backbone_gmac_actual_std']:.2f} GMac"
+    )
+    extra = (
+        f"mask estimator {r['mask_estimator_gmac']:.2f} GMac (in the backbone)"
+        if is_learned(model)
+        else f"edge gradients {r['edge_gmac']:.4f} GMac"
+    )
+    click.echo(f"  head                  {r['head_gmac']:9.2f} GMac; {extra}")
+
+
+@main.command("predict")
+@_model_options
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Reference checkpoint, torchvision/plain state dict, or cadist export.",
+)
+@click.option(
+    "--image",
+    "images",
+    required=True,
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Image file; repeat for several.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--save-logits", is_flag=True, help="Also write <stem>_logits.npy, float32 (C, H, W)."
+)
+@click.option(
+    "--save-mask",
+    is_flag=True,
+    help="Adaptive models: also write <stem>_mask.npy, uint8 (H/8, W/8), 0 = OS8, 1 = OS16.",
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 … or auto.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Weights and activations; the edge mask is always computed in float32.",
+)
+def predict_cmd(
+    model,
+    output_stride,
+    adaptive_mode,
+    edge_threshold,
+    trimap_width,
+    mask_variant,
+    ckpt,
+    images,
+    out,
+    save_logits,
+    save_mask,
+    device,
+    precision,
+    mask_sampling,
+    gumbel_tau,
+    seed,
+):
+    """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png."""
+    import torch
+
+    from cadist.models.build import is_adaptive
+    from cadist.models.fold import fold_batchnorm
+    from cadist.models.weights import load_weights
+    from cadist.predict import write_prediction
+
+    if save_mask and not is_adaptive(model):
+        raise CadistError(f"--save-mask: {model} is a dense model and has no pooling mask")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = _build(
+        model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant,
+        mask_sampling=mask_sampling, gumbel_tau=gumbel_tau, seed=seed,
+    )  # fmt: skip
+    load_weights(net, ckpt, expect_name=model)
+    # inference form: BN folded into the convolutions (same function, fewer passes)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    net = fold_batchnorm(net).to(device, dtype)
+    for image in images:
+        paths = write_prediction(net, image, out, device, save_logits, save_mask)
+        click.echo(" ".join(str(p) for p in paths.values()))

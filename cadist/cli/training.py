@@ -1,0 +1,113 @@
+"""`cadist train`, `eval`, `demo`, `tune` and `report`."""
+
+from __future__ import annotations
+
+import click
+
+from cadist.cli import _print_json, _set_option, main
+
+
+# -- training -----------------------------------------------------------------------------------
+@main.command("train")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@_set_option("a job key, e.g. --set train.iterations=1000")
+@click.option(
+    "--address", default=None, help="Ray cluster address; default: the job's, else a local Ray."
+)
+def train_cmd(job_file, overrides, address):
+    """Train JOB_FILE on Ray Train + DeepSpeed (rerunning the same job name resumes it)."""
+    from cadist.config import load_job
+    from cadist.train.driver import run_training
+
+    job = load_job(job_file, overrides)
+    r = run_training(job, job_file, address)
+    summary = {
+        "job": job.name,
+        "miou": r.metrics.get("val/miou"),
+        "step": r.metrics.get("step"),
+        "checkpoint": r.checkpoint,
+        "mlflow_run_id": r.run_id,
+    }
+    _print_json(summary)
+    if r.tracking_uri:
+        click.echo(f"browse: mlflow ui --backend-store-uri {r.tracking_uri} --host 127.0.0.1")
+
+
+@main.command("eval")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(exists=True),
+    help="Weights file or a cadist checkpoint folder (cadist_runs/<job>/step_…).",
+)
+@_set_option("a job key, e.g. --set eval.batch_size=2")
+@click.option("--device", default="auto", show_default=True)
+def eval_cmd(job_file, ckpt, overrides, device):
+    """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON)."""
+    import torch
+
+    from cadist.config import load_job
+    from cadist.evaluate import evaluate_job
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _print_json(evaluate_job(load_job(job_file, overrides), ckpt, device))
+
+
+@main.command("demo")
+@click.option(
+    "--workdir",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where data, shards, checkpoints and the MLflow store go.",
+)
+@_set_option("a key of jobs/demo.yaml, e.g. --set model.name=deeplabv3_ad_resnet_tiny")
+def demo_cmd(workdir, overrides):
+    """Generate data → build shards → train jobs/demo.yaml on a local Ray (2 CPU workers, DeepSpeed)
+    → evaluate → log to MLflow. Rerunning resumes (and finishes at once if already done)."""
+    from cadist.demo import run_demo
+
+    summary = run_demo(workdir, overrides)
+    click.echo(
+        f"final val mIoU {summary['miou']:.4f} (best {summary['best_miou']:.4f}) after "
+        f"{summary['step']} steps; chance level ≈ {summary['chance_miou']:.3f}"
+    )
+    click.echo(
+        f"browse the run: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000"
+    )
+
+
+# -- sweeps -------------------------------------------------------------------------------------
+@main.command("tune")
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@_set_option("a top-level sweep key, e.g. --set num_samples=4")
+def tune_cmd(sweep_file, overrides):
+    """Run a sweep (Ray Tune): each trial is the sweep's base job with searched values, trained
+    like `cadist train` and logged as an MLflow run under the sweep's run; prints the trials and
+    marks the Pareto front of the objectives (e.g. mIoU against GMac)."""
+    from cadist.tune import run_sweep
+
+    r = run_sweep(sweep_file, overrides, echo=click.echo)
+    click.echo(f"results: {r['results_file']}")
+
+
+# -- results ------------------------------------------------------------------------------------
+@main.command("report")
+@click.option("--experiment", default="cityscapes-adaptive", show_default=True)
+@click.option(
+    "--tracking-uri", default=None, help="MLflow store or server; default: ./mlflow.db as training."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def report_cmd(experiment, tracking_uri, as_json):
+    """The results table of an experiment: best val mIoU per run (and at which step), high-res
+    fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
+    from cadist.report import markdown, summarise
+    from cadist.tracking import resolve_uri, training_runs
+
+    rows = summarise(training_runs(resolve_uri(tracking_uri), experiment))
+    if as_json:
+        _print_json({"experiment": experiment, "runs": rows})
+    else:
+        click.echo(markdown(rows))
