@@ -13,10 +13,8 @@ from torch import nn
 
 from cadist.adaptive import kernels
 from cadist.adaptive.layout import MixedLayout
+from cadist.adaptive.ops import GATHER_BYTES, addmm_relu, gather_mm  # noqa: F401 (GATHER_BYTES: re-export)
 from cadist.adaptive.resnet import BlockTables
-
-#: bytes of gathered taps materialised at once per irregular conv (rows × 9 × Cin × itemsize)
-GATHER_BYTES = {"cuda": 1 << 30, "cpu": 1 << 27}
 
 
 def fold_affine(weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, bias=None):
@@ -31,15 +29,6 @@ def fold_affine(weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, bias=
     return (weight.double() * scale.view(shape)).to(weight.dtype), new_b.to(weight.dtype)
 
 
-def addmm_relu(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out=None) -> torch.Tensor:
-    """relu(c + a @ b) in one call: cuBLASLt applies bias and ReLU in the GEMM epilogue on CUDA
-    when c is a 1-D bias (torch's private `_addmm_activation`, as `nn.Linear` fusions use)."""
-    fused = getattr(torch, "_addmm_activation", None)
-    if fused is None:  # pragma: no cover - every supported torch has it
-        return torch.addmm(c, a, b, out=out).relu_()
-    return fused(c, a, b) if out is None else fused(c, a, b, out=out)
-
-
 def gather_conv(
     x: torch.Tensor, idx: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor, relu: bool
 ) -> torch.Tensor:
@@ -47,17 +36,7 @@ def gather_conv(
     w9 (9·Cin, Cout) tap-major → (M, Cout) = [relu](Σ_taps x[idx]·W_tap + bias)."""
     if kernels.use_triton(x):
         return kernels.gather_gemm(x, idx, w9, bias, relu)
-    m, cin = idx.shape[0], x.shape[1]
-    budget = GATHER_BYTES.get(x.device.type, GATHER_BYTES["cpu"])
-    rows = max(1, budget // (9 * cin * x.element_size()))
-    mm = addmm_relu if relu else torch.addmm
-    if rows >= m:
-        return mm(bias, x.index_select(0, idx.reshape(-1)).view(m, 9 * cin), w9)
-    out = x.new_empty(m, w9.shape[1])
-    for s in range(0, m, rows):
-        g = x.index_select(0, idx[s : s + rows].reshape(-1)).view(-1, 9 * cin)
-        mm(bias, g, w9, out=out[s : s + rows])
-    return out
+    return gather_mm(x, idx, w9, bias, relu)
 
 
 class FoldedAdaptiveBottleneck(BlockTables, nn.Module):

@@ -181,11 +181,10 @@ def gather_gemm(
 
 
 def _torch_gather_gemm(x, idx, w9, bias, relu):
-    xp = torch.cat([x, x.new_zeros(1, x.shape[1])])
-    out = xp[idx.clamp(max=x.shape[0])].view(idx.shape[0], -1) @ w9
-    if bias is not None:
-        out += bias
-    return out.relu_() if relu else out
+    from cadist.adaptive.ops import gather_mm
+
+    xp = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row N: the zero tap
+    return gather_mm(xp, idx.clamp(max=x.shape[0]), w9, bias, relu)
 
 
 def triton_cdiv(a: int, b: int) -> int:

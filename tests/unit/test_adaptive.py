@@ -362,23 +362,16 @@ def test_predict_and_macs_cli_for_the_edge_model(tmp_path, pair):
     img = np.zeros((64, 128, 3), np.uint8)
     img[20:40, 30:90] = 255  # a bright rectangle: its dark→bright edges keep high resolution
     Image.fromarray(img).save(tmp_path / "rect.png")
-    r = CliRunner().invoke(
-        main,
-        [
-            "predict",
-            "--model",
-            "deeplabv3_batch_ap_resnet_tiny",
-            "--ckpt",
-            str(tmp_path / "edge.pt"),
-            "--image",
-            str(tmp_path / "rect.png"),
-            "--out",
-            str(tmp_path / "o"),
-            "--save-mask",
-            "--device",
-            "cpu",
-        ],
-    )
+
+    def predict(out, *extra):
+        return CliRunner().invoke(
+            main,
+            ["predict", "--model", "deeplabv3_batch_ap_resnet_tiny", "--ckpt",
+             str(tmp_path / "edge.pt"), "--image", str(tmp_path / "rect.png"), "--out",
+             str(tmp_path / out), "--save-mask", *extra],
+        )  # fmt: skip
+
+    r = predict("o", "--device", "cpu")
     assert r.exit_code == 0, r.output
     mask = np.load(tmp_path / "o" / "rect_mask.npy")
     assert mask.dtype == np.uint8 and mask.shape == (8, 16)
@@ -387,24 +380,7 @@ def test_predict_and_macs_cli_for_the_edge_model(tmp_path, pair):
     assert 0 < mask.mean() < 1
     # bf16 inference: same mask (computed in float32), logits close to float32's
     for precision in ("fp32", "bf16"):
-        r = CliRunner().invoke(
-            main,
-            [
-                "predict",
-                "--model",
-                "deeplabv3_batch_ap_resnet_tiny",
-                "--ckpt",
-                str(tmp_path / "edge.pt"),
-                "--image",
-                str(tmp_path / "rect.png"),
-                "--out",
-                str(tmp_path / precision),
-                "--save-mask",
-                "--save-logits",
-                "--precision",
-                precision,
-            ],
-        )
+        r = predict(precision, "--save-logits", "--precision", precision)
         assert r.exit_code == 0, r.output
         assert np.array_equal(np.load(tmp_path / precision / "rect_mask.npy"), mask)
     l32, l16 = (np.load(tmp_path / p / "rect_logits.npy") for p in ("fp32", "bf16"))
