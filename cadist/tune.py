@@ -18,9 +18,11 @@ front (mIoU against multiply-adds); every trial is an MLflow run nested under th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -209,8 +211,77 @@ def _run_trial(config: dict, ctx: dict) -> None:
     tune.report(report)
 
 
-def run_sweep(path: str | Path, overrides: tuple[str, ...] = (), echo=print) -> dict:
-    """Run a sweep file; returns {"sweep", "trials": [...], "results_file"} and prints a table."""
+def _fingerprint(sweep: SweepConfig, fixed: dict) -> str:
+    blob = json.dumps({"sweep": sweep.model_dump(), "job": fixed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _set_aside(paths: list[Path]) -> list[Path]:
+    """Rename the earlier sweep's files out of the way (nothing is deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for p in paths:
+        if p.exists():
+            dest = p.with_name(f"{p.name}.before-{stamp}")
+            os.replace(p, dest)
+            moved.append(dest)
+    return moved
+
+
+def _resume_or_start(
+    storage: Path, sweep: SweepConfig, fixed: dict, source: str, restart: bool, echo
+) -> bool:
+    """Whether the sweep's Tune experiment is resumed (True) or started (False). A rerun of the
+    same sweep resumes it; a sweep file changed since the first run is refused unless `restart`,
+    which sets the earlier run's folder, MLflow marker and state aside and starts afresh."""
+    from ray import tune
+
+    exp_dir = storage / f"sweep-{sweep.name}"
+    state = storage / ".cadist" / f"sweep-{sweep.name}.state.json"
+    marker = storage / ".cadist" / f"sweep-{sweep.name}.mlflow.json"
+    current = {"fingerprint": _fingerprint(sweep, fixed), "sweep": sweep.model_dump(), "job": fixed}
+    if restart:
+        moved = _set_aside([exp_dir, state, marker])
+        if moved:
+            echo(f"restarting sweep {sweep.name}: the earlier run is kept as {moved[0]}")
+    elif tune.Tuner.can_restore(str(exp_dir)):
+        before = json.loads(state.read_text()) if state.is_file() else {}
+        if before.get("fingerprint") != current["fingerprint"]:
+            changed = _changed_keys(
+                {"sweep": before.get("sweep", {}), "job": before.get("job", {})},
+                {"sweep": current["sweep"], "job": current["job"]},
+            )
+            raise ConfigError(
+                f"{source}: sweep {sweep.name} has a run in {exp_dir} that was started with "
+                f"different settings (changed: {', '.join(changed[:6]) or 'unknown'}); undo the "
+                f"change to resume it, or pass --restart to start a new run under this name "
+                f"(the earlier one is kept aside)"
+            )
+        return True
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_name(state.name + ".tmp")
+    tmp.write_text(json.dumps(current, indent=1))
+    os.replace(tmp, state)
+    return False
+
+
+def run_sweep(
+    path: str | Path, overrides: tuple[str, ...] = (), echo=print, restart: bool = False
+) -> dict:
+    """Run a sweep file; returns {"sweep", "trials": [...], "results_file", "resumed"} and prints a
+    table. Rerunning an interrupted sweep resumes it: finished trials are kept, unfinished and
+    failed ones continue from their last training checkpoint."""
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -223,6 +294,7 @@ def run_sweep(path: str | Path, overrides: tuple[str, ...] = (), echo=print) -> 
     check_data(base, str(path))
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
     storage = Path(base.cluster.storage_path)
+    resumed = _resume_or_start(storage, sweep, fixed, str(path), restart, echo)
     parent = None
     if base.mlflow.enabled:
         uri = resolve_uri(base.mlflow.tracking_uri)
@@ -263,14 +335,24 @@ def run_sweep(path: str | Path, overrides: tuple[str, ...] = (), echo=print) -> 
             address=base.cluster.address or "local",
             runtime_env={"env_vars": worker_env(base.cluster.use_gpu)},
         )
-    tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
-        ),
-        param_space=_space(sweep),
-        tune_config=tune_cfg,
-        run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=str(storage)),
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
     )
+    if resumed:
+        tuner = tune.Tuner.restore(
+            str(storage / f"sweep-{sweep.name}"),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+        echo(f"resuming sweep {sweep.name}: finished trials are kept, the others continue")
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_space(sweep),
+            tune_config=tune_cfg,
+            run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=str(storage)),
+        )
     grid = tuner.fit()
     rows = []
     for res in grid:
@@ -297,7 +379,7 @@ def run_sweep(path: str | Path, overrides: tuple[str, ...] = (), echo=print) -> 
         if best:
             tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
     echo(_table(rows, sweep))
-    return result | {"results_file": str(out)}
+    return result | {"results_file": str(out), "resumed": resumed}
 
 
 def _table(rows: list[dict], sweep: SweepConfig) -> str:

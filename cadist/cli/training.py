@@ -83,13 +83,19 @@ def demo_cmd(workdir, overrides):
 @main.command("tune")
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
 @_set_option("a top-level sweep key, e.g. --set num_samples=4")
-def tune_cmd(sweep_file, overrides):
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Start the sweep afresh even if an earlier run of it exists (that run is kept aside).",
+)
+def tune_cmd(sweep_file, overrides, restart):
     """Run a sweep (Ray Tune): each trial is the sweep's base job with searched values, trained
     like `cadist train` and logged as an MLflow run under the sweep's run; prints the trials and
-    marks the Pareto front of the objectives (e.g. mIoU against GMac)."""
+    marks the Pareto front of the objectives (e.g. mIoU against GMac). Rerunning an interrupted
+    sweep resumes it: finished trials are kept, the others continue from their checkpoints."""
     from cadist.tune import run_sweep
 
-    r = run_sweep(sweep_file, overrides, echo=click.echo)
+    r = run_sweep(sweep_file, overrides, echo=click.echo, restart=restart)
     click.echo(f"results: {r['results_file']}")
 
 

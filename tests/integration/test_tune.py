@@ -100,3 +100,114 @@ def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_loca
         assert c.data.metrics["val/miou"] == pytest.approx(t["metrics"]["val/miou"])
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")]
     assert "sweep/sweep-itest_sweep.results.json" in arts
+
+
+def _sweep_dirs(runs: Path, name: str) -> list[Path]:
+    return sorted(p for p in runs.glob(f"{name}-*") if p.is_dir())
+
+
+def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
+    """`cadist tune` killed (SIGKILL to its whole process group, Ray included) while the second
+    trial trains; the rerun keeps the first trial, continues the second from its checkpoint in the
+    same MLflow run, and a changed sweep file is refused unless --restart."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    train, val = tiny_shards(tmp_path, seed=6)
+    sweep = {
+        "name": "itest_resume",
+        "job": str(ROOT / "jobs" / "demo.yaml"),
+        "set": {
+            "model.name": "deeplabv3_batch_ap_resnet_tiny",
+            "data.train_shards": str(train),
+            "data.val_shards": str(val),
+            "data.crop_size": 64,
+            "data.num_workers": 0,
+            "train.iterations": 24,
+            "train.batch_size": 2,
+            "train.log_every": 4,
+            "train.checkpoint_every": 4,
+            "eval.interval": 24,
+            "eval.log_images": 0,
+            "cluster.num_workers": 1,
+            "cluster.storage_path": "runs",
+            "deepspeed.zero_stage": 0,
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.experiment": "sweeps",
+        },
+        "search": {"model.edge_threshold": {"uniform": [0.1, 0.3]}},
+        "objectives": {"val/miou": "max", "macs/backbone_gmac": "min"},
+        "num_samples": 2,
+        "seed": 1,
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "cadist", "tune", "sweep.yaml"]
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    runs = tmp_path / "runs"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # until the second trial has written a checkpoint
+            dirs = _sweep_dirs(runs, "itest_resume")
+            if len(dirs) == 2 and list(dirs[-1].glob("checkpoint_*")):
+                break
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail(
+                "the second trial never checkpointed:\n"
+                + (tmp_path / "first.log").read_text()[-3000:]
+            )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    jobs_before = {p.name for p in _sweep_dirs(runs, "itest_resume")}
+    assert not (runs / ".cadist" / "sweep-itest_resume.results.json").exists()
+
+    # a changed sweep is refused with the keys that changed
+    changed = dict(sweep, num_samples=3)
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    bad = subprocess.run(
+        [*cmd[:-1], "changed.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode != 0
+    assert "sweep.num_samples" in bad.stderr and "--restart" in bad.stderr, bad.stderr
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming sweep itest_resume" in again.stdout
+    result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
+    trials = result["trials"]
+    assert len(trials) == 2 and all(t["error"] is None for t in trials), trials
+    assert {t["job"] for t in trials} == jobs_before  # the same trials, none started anew
+    assert {p.name for p in _sweep_dirs(runs, "itest_resume")} == jobs_before
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweeps").experiment_id
+    parents = client.search_runs([exp], "attributes.run_name = 'itest_resume'")
+    assert len(parents) == 1
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in trials)
+    by_job = {c.data.tags["cadist.job"]: c for c in children}
+    second = by_job[dirs[-1].name]  # the trial that was killed (trial ids count up)
+    resumed = client.get_metric_history(second.info.run_id, "train/resumed_from_step")
+    assert resumed and resumed[-1].value >= 4  # continued from its checkpoint, not from step 0
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(t["metrics"]["val/miou"] > 0 for t in trials)
+
+    # --restart sets the earlier run aside and runs fresh trials
+    fresh = subprocess.run(
+        [*cmd, "--restart", "--set", "num_samples=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert "restarting sweep itest_resume" in fresh.stdout
+    result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
+    assert len(result["trials"]) == 1 and result["trials"][0]["job"] not in jobs_before
+    assert list(runs.glob("sweep-itest_resume.before-*"))
