@@ -50,12 +50,18 @@ def hpatches_synth_cmd(out, illumination, viewpoint, height, width, seed):
     type=click.Path(file_okay=False),
     help="Also write <dir>/<sequence>/<k>.ppm.<method>.npz (keypoints, scores, descriptors).",
 )
+@click.option(
+    "--save-results",
+    type=click.Path(dir_okay=False),
+    help="Write the per-pair results as method §12's cached results file (.npy), for "
+    "`cadist hpatches compare`.",
+)
 @click.option("--mlflow-uri", help="Log the scores as an MLflow run (e.g. sqlite:///mlflow.db).")
 @click.option("--experiment", default="hpatches", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def hpatches_eval_cmd(
     root, network, output_stride, start_stride, windows, weights, device, save_features,
-    mlflow_uri, experiment, as_json,
+    save_results, mlflow_uri, experiment, as_json,
 ):  # fmt: skip
     """Mean matching accuracy (MMA@1…15 px) of a descriptor network on HPatches sequences."""
     import torch
@@ -82,6 +88,7 @@ def hpatches_eval_cmd(
         lambda rgb: describe(net, method, rgb, device),
         save_to=save_features,
         suffix=method.name,
+        save_results=save_results,
     )
     r = {"method": method.name, "weights": weights} | r
     if mlflow_uri:
@@ -100,6 +107,8 @@ def hpatches_eval_cmd(
         for t, v in zip(r["thresholds"], r["mma"], strict=True):
             tracker.log_metrics({"hpatches/mma": v}, t)
         tracker.log_text(json.dumps(r, indent=1), "hpatches/results.json")
+        if save_results:
+            tracker.log_artifact(save_results, "hpatches")
         tracker.finish()
     if as_json:
         _print_json(r)
@@ -114,3 +123,39 @@ def hpatches_eval_cmd(
         f"  features/image {r['features_per_image']:.1f}, matches/pair {r['matches_per_pair']:.1f}"
     )
     click.echo(f"  {r['gmac_per_image']:.2f} GMac per image (method's counting rules)")
+
+
+@hpatches_group.command("compare")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def hpatches_compare_cmd(files, as_json):
+    """The MMA table of HPatches results files (method §12's cached format: cadist's
+    `--save-results` or other evaluations'), one row per file, beside the paper's MMA@3 where the
+    file is named after a method of §13.3 (e.g. d2net_os4.npy, apd2net_s2_21-21.npy). Files are
+    read without executing anything they contain."""
+    from pathlib import Path
+
+    from cadist.eval.hpatches_results import PAPER_MMA3, read_results, summarise
+
+    rows = []
+    for f in files:
+        s = summarise(read_results(f))
+        name = Path(f).name.removesuffix(".npy")
+        rows.append({"file": f, "method": name, "paper_mma@3": PAPER_MMA3.get(name)} | s)
+    if as_json:
+        _print_json({"results": rows})
+        return
+    at = (1, 3, 5, 10)
+    head = ["method", *(f"MMA@{t}" for t in at), "illum. @3", "viewp. @3", "features",
+            "matches", "paper @3"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mma = dict(zip(r["thresholds"], r["mma"], strict=True))
+        i3 = dict(zip(r["thresholds"], r["mma_illumination"], strict=True)).get(3)
+        v3 = dict(zip(r["thresholds"], r["mma_viewpoint"], strict=True)).get(3)
+        cells = [r["method"], *(mma.get(t) for t in at), i3, v3, r["features_per_image"],
+                 r["matches_per_pair"], r["paper_mma@3"]]  # fmt: skip
+        text = [c if isinstance(c, str) else "–" if c is None else f"{c:.4f}" for c in cells]
+        text[-3], text[-2] = f"{r['features_per_image']:.2f}", f"{r['matches_per_pair']:.1f}"
+        lines.append("| " + " | ".join(text) + " |")
+    click.echo("\n".join(lines))

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from cadist.errors import DataError
+from cadist.eval.hpatches_results import THRESHOLDS, PairResults, summarise, write_results
 
 #: high-resolution sequences the method leaves out (§12): 116 − 8 = 108 sequences
 EXCLUDED = frozenset(
@@ -24,7 +25,6 @@ EXCLUDED = frozenset(
         "v_artisans", "v_astronautis", "v_talent",
     }
 )  # fmt: skip
-THRESHOLDS = tuple(range(1, 16))
 
 
 def sequences(root: str | Path) -> list[Path]:
@@ -104,12 +104,13 @@ def evaluate(
     progress=None,
     save_to: str | Path | None = None,
     suffix: str = "d2net",
+    save_results: str | Path | None = None,
 ) -> dict:
     """MMA of a descriptor function (RGB image → {keypoints, descriptors}) over a dataset root;
-    `save_to`: also write `<save_to>/<sequence>/<k>.ppm.<suffix>.npz` per image."""
+    `save_to`: also write `<save_to>/<sequence>/<k>.ppm.<suffix>.npz` per image; `save_results`:
+    the per-pair results as §12's cached results file (`hpatches_results.write_results`)."""
     sums = {"i": np.zeros(len(THRESHOLDS)), "v": np.zeros(len(THRESHOLDS))}
-    pairs = {"i": 0, "v": 0}
-    features, matches_per_pair, extra, gmac = [], {"i": [], "v": []}, [], []
+    splits, features, matches, extra, gmac = [], [], [], [], []
     seqs = sequences(root)
     for n, seq in enumerate(seqs):
         split = seq.name[0]
@@ -125,26 +126,22 @@ def evaluate(
             err = reprojection_errors(
                 out[0]["keypoints"], out[k - 1]["keypoints"], m, read_homography(seq / f"H_1_{k}")
             )
-            pairs[split] += 1
-            matches_per_pair[split].append(len(m))
-            if len(m):
+            splits.append(split)
+            matches.append(len(m))
+            if len(m):  # a pair without matches scores 0
                 sums[split] += np.array([(err <= t).mean() for t in THRESHOLDS])
         if progress:
             progress(n + 1, len(seqs), seq.name)
-    n_all = pairs["i"] + pairs["v"]
-    mma = (sums["i"] + sums["v"]) / max(n_all, 1)
-    res = {
-        "sequences": {"i": pairs["i"] // 5, "v": pairs["v"] // 5},
-        "thresholds": list(THRESHOLDS),
-        "mma": mma.tolist(),
-        "mma_illumination": (sums["i"] / max(pairs["i"], 1)).tolist(),
-        "mma_viewpoint": (sums["v"] / max(pairs["v"], 1)).tolist(),
-        "mma@3": float(mma[2]),
-        "features_per_image": float(np.mean(features)) if features else 0.0,
-        "matches_per_pair": float(
-            np.sum(matches_per_pair["i"] + matches_per_pair["v"]) / max(n_all, 1)
-        ),
-    }
+    raw = PairResults(
+        dict(zip(THRESHOLDS, sums["i"].tolist(), strict=True)),
+        dict(zip(THRESHOLDS, sums["v"].tolist(), strict=True)),
+        splits,
+        features,
+        matches,
+    )
+    if save_results is not None:
+        write_results(save_results, raw)
+    res = summarise(raw)
     if extra:
         res["high_res_fraction"] = float(np.mean(extra))
     if gmac:  # mean over the images, each reference image once per sequence (§10.2)

@@ -161,7 +161,7 @@ def test_hpatches_cli_scores_and_logs_and_adaptive_with_full_windows_equals_dens
     r = CliRunner().invoke(
         main,
         [*common, "--network", "d2net", "--output-stride", "2", "--mlflow-uri", uri,
-         "--save-features", str(feats)],
+         "--save-features", str(feats), "--save-results", str(tmp_path / "d2net_os2.npy")],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     dense = json.loads(r.stdout)
@@ -177,6 +177,12 @@ def test_hpatches_cli_scores_and_logs_and_adaptive_with_full_windows_equals_dens
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("hpatches").experiment_id])
     assert run.data.metrics["hpatches/mma_3px"] == pytest.approx(dense["mma@3"])
+    # the §12 results file: read back to the printed scores, and an artifact of the run
+    from cadist.eval.hpatches_results import read_results, summarise
+
+    assert summarise(read_results(tmp_path / "d2net_os2.npy"))["mma"] == dense["mma"]
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "hpatches")]
+    assert "hpatches/d2net_os2.npy" in arts
     # windows wider than the image keep every cell at the start stride: the dense OS2 result
     r = CliRunner().invoke(
         main, [*common, "--network", "apd2net", "--start-stride", "2", "--windows", "255,255"]
