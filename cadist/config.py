@@ -130,6 +130,9 @@ class ClusterConfig(_Section):
     """Ray cluster address (`auto`, `ray://host:10001`); None: start a local Ray."""
     storage_path: str = "cadist_runs"
     """Where Ray keeps checkpoints and run state (absolute, or relative to the working directory)."""
+    autoscale: bool = False
+    """The Ray cluster adds nodes on demand (an autoscaling cluster from `ray up`): when the nodes
+    that are up cannot hold the workers, wait for more instead of stopping with an error."""
 
 
 class DeepSpeedConfig(_Section):

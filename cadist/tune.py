@@ -287,7 +287,13 @@ def run_sweep(
     from ray.tune.search import ConcurrencyLimiter
 
     from cadist.tracking import Tracker, check_reachable, resolve_uri, start_or_resume_run
-    from cadist.train.driver import _absolute, check_data
+    from cadist.train.driver import (
+        _absolute,
+        check_data,
+        check_resources,
+        cluster_nodes,
+        worker_env,
+    )
 
     sweep, fixed, job_path = load_sweep(path, overrides)
     base = _absolute(validate_job(json.loads(json.dumps(fixed)), str(path)))
@@ -295,6 +301,15 @@ def run_sweep(
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
     storage = Path(base.cluster.storage_path)
     resumed = _resume_or_start(storage, sweep, fixed, str(path), restart, echo)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        ray.init(
+            address=base.cluster.address or "local",
+            runtime_env={"env_vars": worker_env(base.cluster.use_gpu)},
+        )
+    warning = check_resources(base, str(path), cluster_nodes())  # one trial must fit
+    if warning:
+        echo(warning)
     parent = None
     if base.mlflow.enabled:
         uri = resolve_uri(base.mlflow.tracking_uri)
@@ -327,14 +342,6 @@ def run_sweep(
             mode=modes[0],
         )
     ctx = {"fixed": fixed, "name": sweep.name, "source": str(path), "parent_run_id": parent}
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if not ray.is_initialized():
-        from cadist.train.driver import worker_env
-
-        ray.init(
-            address=base.cluster.address or "local",
-            runtime_env={"env_vars": worker_env(base.cluster.use_gpu)},
-        )
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
     )

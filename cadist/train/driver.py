@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,59 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     if not use_gpu:
         env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     return env
+
+
+def worker_request(job: JobConfig) -> dict[str, float]:
+    """Ray resources of one training worker."""
+    return {"CPU": float(job.cluster.cpus_per_worker)} | (
+        {"GPU": 1.0} if job.cluster.use_gpu else {}
+    )
+
+
+def placeable(nodes: list[dict[str, float]], request: dict[str, float]) -> int:
+    """How many workers asking for `request` fit on these nodes' total resources."""
+    return sum(
+        int(min(node.get(k, 0.0) / v for k, v in request.items() if v > 0) + 1e-9) for node in nodes
+    )
+
+
+def check_resources(
+    job: JobConfig, source: str, nodes: list[dict[str, float]], workers: int | None = None
+) -> str | None:
+    """Stop at once when the Ray cluster's nodes cannot hold the job's workers (Ray Train would wait
+    and retry forever); with `cluster.autoscale` return a warning instead. `workers`: how many must
+    fit (default all of the job's)."""
+    need = job.cluster.num_workers if workers is None else workers
+    request = worker_request(job)
+    fit = placeable(nodes, request)
+    if fit >= need:
+        return None
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    have = f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node{'s' * (len(nodes) != 1)}"
+    if job.cluster.use_gpu and gpus == 0:
+        msg = (
+            f"cluster.use_gpu is true and the Ray cluster has no GPU ({have}); set "
+            f"cluster.use_gpu=false to train on CPUs, or point cluster.address at a GPU cluster"
+        )
+    else:
+        per = ", ".join(f"{v:g} {k}" for k, v in request.items())
+        msg = (
+            f"cluster.num_workers {need} needs {need} workers of {per} each and the Ray cluster "
+            f"holds {fit} ({have}); lower cluster.num_workers"
+            + (" or cluster.cpus_per_worker" if request["CPU"] > 1 or fit == 0 else "")
+            + ", or add nodes"
+        )
+    if job.cluster.autoscale:
+        return f"waiting for the autoscaler: {msg}"
+    raise ConfigError(f"{source}: {msg} (or set cluster.autoscale=true if nodes are on the way)")
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of every live node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 @dataclass
@@ -164,11 +218,22 @@ def run_training(
     resolved = storage / ".cadist" / f"{job.name}.yaml"  # the resolved job, beside Ray's run folder
     resolved.with_suffix(".yaml.tmp").write_text(job.to_yaml())
     os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
-    uri = run_id = None
+    uri = resolve_uri(job.mlflow.tracking_uri) if job.mlflow.enabled else None
+    if uri:
+        check_reachable(uri)  # before Ray starts
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        ray.init(
+            address=address or job.cluster.address or "local",
+            runtime_env={"env_vars": worker_env(job.cluster.use_gpu)},
+            log_to_driver=True,
+        )
+    warning = check_resources(job, source, cluster_nodes())  # before the MLflow run opens
+    if warning:
+        print(f"cadist: {warning}", file=sys.stderr)
+    run_id = None
     tracker = NullTracker()
-    if job.mlflow.enabled:
-        uri = resolve_uri(job.mlflow.tracking_uri)
-        check_reachable(uri)
+    if uri:
         tags = {
             "cadist.version": __version__,
             "cadist.git_commit": git_commit(),
@@ -188,13 +253,6 @@ def run_training(
         tracker.log_params(job.flat())
         tracker.log_text(job.to_yaml(), "config/job.yaml")
         log_macs(tracker, job)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if not ray.is_initialized():
-        ray.init(
-            address=address or job.cluster.address or "local",
-            runtime_env={"env_vars": worker_env(job.cluster.use_gpu)},
-            log_to_driver=True,
-        )
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(), "tracking_uri": uri, "run_id": run_id},

@@ -208,6 +208,21 @@ def test_missing_shards_fail_on_the_driver(workdir):
         run_training(job, "itest")
 
 
+def test_a_job_the_ray_cluster_cannot_hold_fails_at_once(workdir, ray_local):
+    """On the 2-CPU local cluster: a GPU job and a 3-worker job stop before any MLflow run or Ray
+    Train run exists (Ray Train itself would retry its worker-group start forever)."""
+    for name, extra, msg in (
+        ("itest-gpu", {"cluster.use_gpu": "true"}, r"cluster\.use_gpu is true and the Ray cluster has no GPU \(2 CPUs"),
+        ("itest-big", {"cluster.num_workers": 3, "train.batch_size": 3}, r"needs 3 workers of 1 CPU each and the Ray cluster holds 2"),
+    ):  # fmt: skip
+        t0 = time.time()
+        with pytest.raises(ConfigError, match=msg):
+            run_training(make_job(workdir, name, **extra), "itest")
+        assert time.time() - t0 < 30
+        assert not (workdir / "runs" / name).exists()
+        assert not (workdir / "runs" / ".cadist" / f"{name}.mlflow.json").exists()
+
+
 # -- a 2-worker DeepSpeed step equals a 1-process step on the concatenated batch -----------------
 def _one_step_worker(cfg):
     import ray.train

@@ -215,6 +215,39 @@ def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
     assert "DS_ACCELERATOR" not in worker_env(True) and "OMP_NUM_THREADS" not in worker_env(True)
 
 
+def test_a_job_that_cannot_fit_the_ray_cluster_is_one_clear_error():
+    from cadist.train.driver import check_resources, placeable
+
+    job = load_job(os.path.join(JOBS, "demo.yaml"), ["cluster.num_workers=4"])
+    assert placeable([{"CPU": 2.0}], {"CPU": 1.0}) == 2
+    two = [{"CPU": 3.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 4.0, "memory": 1e9}]
+    assert placeable(two, {"CPU": 1.0, "GPU": 1.0}) == 3  # min(3, 2) + min(1, 4)
+    assert placeable(two, {"CPU": 1.5}) == 2 and placeable([], {"CPU": 1.0}) == 0
+    with pytest.raises(
+        ConfigError,
+        match=r"^demo\.yaml: cluster\.num_workers 4 needs 4 workers of 1 CPU each and the Ray "
+        r"cluster holds 2 \(2 CPUs and 0 GPUs on 1 node\); lower cluster\.num_workers, or add "
+        r"nodes \(or set cluster\.autoscale=true",
+    ):
+        check_resources(job, "demo.yaml", [{"CPU": 2.0}])
+    assert check_resources(job, "demo.yaml", [{"CPU": 2.0}], workers=2) is None
+    assert check_resources(job, "demo.yaml", [{"CPU": 2.0}, {"CPU": 2.0}]) is None
+    gpu = load_job(
+        os.path.join(JOBS, "demo.yaml"), ["cluster.use_gpu=true", "cluster.num_workers=4"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"cluster\.use_gpu is true and the Ray cluster has no GPU"
+    ):
+        check_resources(gpu, "demo.yaml", [{"CPU": 16.0}])
+    with pytest.raises(ConfigError, match=r"holds 3 \(4 CPUs and 6 GPUs on 2 nodes\)"):
+        check_resources(gpu, "demo.yaml", two)
+    wait = load_job(
+        os.path.join(JOBS, "demo.yaml"), ["cluster.use_gpu=true", "cluster.autoscale=true"]
+    )
+    msg = check_resources(wait, "demo.yaml", [{"CPU": 16.0}])
+    assert msg.startswith("waiting for the autoscaler: cluster.use_gpu is true")
+
+
 def test_sweep_file_errors_name_the_file_and_key(tmp_path):
     import yaml
 
