@@ -282,7 +282,6 @@ def run_sweep(
     """Run a sweep file; returns {"sweep", "trials": [...], "results_file", "resumed"} and prints a
     table. Rerunning an interrupted sweep resumes it: finished trials are kept, unfinished and
     failed ones continue from their last training checkpoint."""
-    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -292,7 +291,7 @@ def run_sweep(
         check_data,
         check_resources,
         cluster_nodes,
-        worker_env,
+        connect_ray,
     )
 
     sweep, fixed, job_path = load_sweep(path, overrides)
@@ -301,12 +300,7 @@ def run_sweep(
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
     storage = Path(base.cluster.storage_path)
     resumed = _resume_or_start(storage, sweep, fixed, str(path), restart, echo)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if not ray.is_initialized():
-        ray.init(
-            address=base.cluster.address or "local",
-            runtime_env={"env_vars": worker_env(base.cluster.use_gpu)},
-        )
+    connect_ray(base.cluster.address, base.cluster.use_gpu, str(path))
     warning = check_resources(base, str(path), cluster_nodes())  # one trial must fit
     if warning:
         echo(warning)

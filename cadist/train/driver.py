@@ -7,6 +7,7 @@ latest checkpoint; the MLflow run is found again through a marker file).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -71,6 +72,57 @@ def check_resources(
     if job.cluster.autoscale:
         return f"waiting for the autoscaler: {msg}"
     raise ConfigError(f"{source}: {msg} (or set cluster.autoscale=true if nodes are on the way)")
+
+
+def _endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that `ray.init(address)` will connect to, where it can be known up front."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address:
+            try:  # the address `ray start` recorded on this machine
+                from ray._private.utils import read_ray_address
+
+                address = read_ray_address() or ""
+            except Exception:
+                return None
+    address = address.removeprefix("ray://")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
+    """Start a local Ray (`None`/`local`) or join the cluster at `address` (`auto`, `host:port`,
+    `ray://host:port`) unless this process is connected already. An address nothing answers at is
+    one error within seconds (Ray itself keeps retrying for minutes)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if ray.is_initialized():
+        return
+    address = address or "local"
+    target = None if address == "local" else _endpoint(address)
+    if target:
+        try:
+            socket.create_connection(target, timeout=5).close()
+        except OSError as exn:
+            raise ConfigError(
+                f"{source}: Ray cluster address {address}: nothing answers at "
+                f"{target[0]}:{target[1]} ({exn.strerror or exn}); start the cluster's head "
+                f"(`ray start --head`), fix cluster.address / --address, or leave it unset for a "
+                f"local Ray"
+            ) from None
+    try:
+        ray.init(address=address, runtime_env={"env_vars": worker_env(use_gpu)}, log_to_driver=True)
+    except (ConnectionError, RuntimeError) as exn:
+        if address == "local":
+            raise
+        raise ConfigError(
+            f"{source}: Ray cluster address {address}: no Ray cluster answers there "
+            f"({str(exn).strip().splitlines()[0]}); check the address (the head's `ray start` "
+            f"prints it), or leave cluster.address unset for a local Ray"
+        ) from None
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -198,7 +250,6 @@ def run_training(
 ) -> TrainResult:
     """Train (or resume) `job` on a Ray cluster; returns the run's final metrics and checkpoint.
     `extra_tags` go on a new MLflow run (a sweep's trials: the parent run)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -221,13 +272,7 @@ def run_training(
     uri = resolve_uri(job.mlflow.tracking_uri) if job.mlflow.enabled else None
     if uri:
         check_reachable(uri)  # before Ray starts
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if not ray.is_initialized():
-        ray.init(
-            address=address or job.cluster.address or "local",
-            runtime_env={"env_vars": worker_env(job.cluster.use_gpu)},
-            log_to_driver=True,
-        )
+    connect_ray(address or job.cluster.address, job.cluster.use_gpu, source)
     warning = check_resources(job, source, cluster_nodes())  # before the MLflow run opens
     if warning:
         print(f"cadist: {warning}", file=sys.stderr)

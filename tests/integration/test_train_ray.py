@@ -223,6 +223,35 @@ def test_a_job_the_ray_cluster_cannot_hold_fails_at_once(workdir, ray_local):
         assert not (workdir / "runs" / ".cadist" / f"{name}.mlflow.json").exists()
 
 
+def test_a_ray_address_nothing_answers_at_is_one_error(workdir, tmp_path):
+    """`cadist train --address host:port` with no Ray there: one line within seconds (Ray itself
+    retries for minutes), no MLflow run."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = make_job(workdir, "itest-noray")
+    (tmp_path / "job.yaml").write_text(job.to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(JOB.parents[1])
+    t0 = time.time()
+    r = subprocess.run(
+        [sys.executable, "-m", "cadist", "train", str(tmp_path / "job.yaml"), "--address",
+         f"127.0.0.1:{port}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and time.time() - t0 < 60
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'job.yaml'}: Ray cluster address 127.0.0.1:{port}: nothing answers "
+        f"at 127.0.0.1:{port} (Connection refused); start the cluster's head (`ray start --head`), "
+        f"fix cluster.address / --address, or leave it unset for a local Ray"
+    )
+    assert not (workdir / "runs" / ".cadist" / "itest-noray.mlflow.json").exists()
+
+
 # -- a 2-worker DeepSpeed step equals a 1-process step on the concatenated batch -----------------
 def _one_step_worker(cfg):
     import ray.train
