@@ -47,7 +47,8 @@ class ModelConfig(_Section):
     """torchvision ImageNet ResNet state dict to initialise the backbone (e.g. resnet101-63fe2227.pth);
     None: random initialisation (only sensible for the tiny demo model)."""
     weights: str | None = None
-    """Whole-model weights to start from (reference checkpoint, torchvision or cadist export)."""
+    """Whole-model weights to start from (reference checkpoint, torchvision or cadist export), or
+    an MLflow URI such as `runs:/<run_id>` (that run's best weights), fetched once by the driver."""
 
     def build_kwargs(self) -> dict[str, Any]:
         """Arguments of `cadist.models.build.build_model` for this section."""

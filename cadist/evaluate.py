@@ -6,32 +6,22 @@ from pathlib import Path
 
 import torch
 
+from cadist.checkpoints import resolve_weights
 from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
-from cadist.errors import CheckpointError
 from cadist.models.build import build_model, is_learned
 from cadist.models.weights import load_weights
 from cadist.train.loop import evaluate
 
 
-def resolve_weights(path: str | Path) -> Path:
-    """A weights file, or a Ray checkpoint directory holding cadist's `model.pt`."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "model.pt").is_file():
-            return p / "model.pt"
-        raise CheckpointError(
-            f"{p}: a folder without model.pt; pass a weights file or a cadist "
-            f"checkpoint folder (cadist_runs/<job>/step_…)"
-        )
-    return p
-
-
 def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
-    """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9)."""
+    """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9); `ckpt`:
+    a weights file, checkpoint folder or MLflow URI (read from the job's tracking store)."""
+    uri = job.mlflow.tracking_uri if job.mlflow.enabled else None
+    ckpt = resolve_weights(ckpt, uri)
     model = build_model(**job.model.build_kwargs())
-    load_weights(model, resolve_weights(ckpt), expect_name=job.model.name)
+    load_weights(model, ckpt, expect_name=job.model.name)
     model.to(device)
     val = ShardStream(
         job.data.val_shards,
@@ -50,7 +40,7 @@ def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
     if is_learned(job.model.name) and job.eval.learned_inference:
         # the irregular inference network of the same weights (§7.5), as training logs it
         net = build_model(**job.model.build_kwargs() | {"network": "inference"})
-        load_weights(net, resolve_weights(ckpt), expect_name=job.model.name)
+        load_weights(net, ckpt, expect_name=job.model.name)
         cm_i, _, extra_i = evaluate(net.to(device), make_loader(val), torch.device(device))
         out["high_res_fraction_train"] = out["high_res_fraction"]
         out["miou_inference"] = cm_i.miou()

@@ -32,6 +32,33 @@ def resolve_uri(configured: str | None, cwd: Path | None = None) -> str:
     return uri
 
 
+def download_artifact(artifact_uri: str, tracking_uri: str | None = None) -> Path:
+    """Fetch an MLflow artifact (`runs:/…`, `models:/…`) into a temporary folder removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import mlflow.artifacts
+
+    uri = resolve_uri(tracking_uri)
+    dst = Path(tempfile.mkdtemp(prefix="cadist-artifact-"))
+    atexit.register(shutil.rmtree, dst, True)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=uri
+        )
+    except Exception as exn:
+        from cadist.errors import CheckpointError
+
+        first = (str(exn).strip().splitlines() or [type(exn).__name__])[0][:300]
+        raise CheckpointError(
+            f"{artifact_uri}: cannot be fetched from the MLflow store {uri} ({first}); check the "
+            f"run id and path (`cadist report` lists runs; a run's weights are under "
+            f"checkpoints/), or point $MLFLOW_TRACKING_URI at the store that holds it"
+        ) from None
+    return Path(local)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail early and clearly when a tracking server is down or a store cannot be created."""
     if uri.startswith(("http://", "https://")):

@@ -290,6 +290,7 @@ def run_sweep(
         _absolute,
         check_data,
         check_resources,
+        check_weights,
         cluster_nodes,
         connect_ray,
     )
@@ -297,6 +298,7 @@ def run_sweep(
     sweep, fixed, job_path = load_sweep(path, overrides)
     base = _absolute(validate_job(json.loads(json.dumps(fixed)), str(path)))
     check_data(base, str(path))
+    check_weights(base, str(path))
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
     storage = Path(base.cluster.storage_path)
     resumed = _resume_or_start(storage, sweep, fixed, str(path), restart, echo)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cadist.cli import _print_json, main
@@ -14,9 +16,9 @@ def _model_options(f):
     opts = [
         click.option(
             "--model",
-            required=True,
             type=click.Choice(ALL_MODELS),
-            help="Model name (as in the reference implementation).",
+            help="Model name (as in the reference implementation); default: the one a cadist "
+            "checkpoint (--ckpt) records, with its settings.",
         ),
         click.option(
             "--output-stride",
@@ -81,6 +83,31 @@ def _model_options(f):
     return f
 
 
+def _from_checkpoint(ckpt: str | None, opts: dict) -> tuple[Path | None, dict]:
+    """Resolve --ckpt (file, checkpoint folder, MLflow URI) and take --model and every model
+    option left at its default from what a cadist export records (its job's model section)."""
+    from click.core import ParameterSource
+
+    from cadist.checkpoints import RECORDED, recorded_model, resolve_weights
+
+    path = resolve_weights(ckpt) if ckpt else None
+    name, config = recorded_model(path) if path else (None, {})
+    opts = dict(opts)
+    if opts["model"] is None:
+        if not name:
+            raise CadistError(
+                "--model is needed"
+                + (f": {ckpt} does not record its model (only cadist's exports do)" if ckpt else "")
+            )
+        opts["model"] = name
+    if name == opts["model"]:
+        ctx = click.get_current_context()
+        for key in RECORDED:
+            if key in config and ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
+                opts[key] = str(config[key]) if key == "output_stride" else config[key]
+    return path, opts
+
+
 def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant, **kw):
     """The model for prediction and counting; learned-mask models as their inference network."""
     import torch
@@ -114,31 +141,21 @@ def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, ma
 @click.option("--limit", type=click.IntRange(1), help="With --shards: at most this many images.")
 @click.option(
     "--ckpt",
-    type=click.Path(dir_okay=False),
-    help="Learned-mask models (required): weights whose mask estimator decides the mask.",
+    metavar="WEIGHTS",
+    help="Learned-mask models (required): weights whose mask estimator decides the mask — a "
+    "file, a checkpoint folder or an MLflow URI (runs:/<run_id>).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def macs_cmd(
-    model,
-    output_stride,
-    adaptive_mode,
-    edge_threshold,
-    trimap_width,
-    mask_variant,
-    mask_sampling,
-    gumbel_tau,
-    seed,
-    height,
-    width,
-    image,
-    shards,
-    limit,
-    ckpt,
-    as_json,
-):
+def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     """Count multiply-adds per image under the method's counting rules (backbone, head, total).
 
     Adaptive models are counted per image, content-dependent: pass --image or --shards."""
+    ckpt, opts = _from_checkpoint(ckpt, opts)
+    model, output_stride, adaptive_mode = (
+        opts["model"],
+        opts["output_stride"],
+        opts["adaptive_mode"],
+    )
     from cadist.macs import count_dense
     from cadist.models.build import is_adaptive, is_learned
 
@@ -167,10 +184,7 @@ def macs_cmd(
         raise CadistError(
             f"{model}: its mask comes from its trained mask estimator; pass --ckpt WEIGHTS"
         )
-    net = _build(
-        model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant,
-        mask_sampling=mask_sampling, gumbel_tau=gumbel_tau, seed=seed,
-    )  # fmt: skip
+    net = _build(**opts)
     if ckpt:
         from cadist.models.weights import load_weights
 
@@ -181,9 +195,10 @@ def macs_cmd(
         return
     n = r["num_images"]
     how = (
-        f"learned mask, {mask_sampling}, τ={gumbel_tau}, seed {seed}"
+        f"learned mask, {opts['mask_sampling']}, τ={opts['gumbel_tau']}, seed {opts['seed']}"
         if is_learned(model)
-        else f"{adaptive_mode}, τ={edge_threshold}, trimap {trimap_width}, {mask_variant} mask"
+        else f"{adaptive_mode}, τ={opts['edge_threshold']}, trimap {opts['trimap_width']}, "
+        f"{opts['mask_variant']} mask"
     )
     click.echo(
         f"{model} ({how}) over {n} image{'s' if n > 1 else ''} at {r['input_hw'][0]}×{r['input_hw'][1]}"
@@ -210,8 +225,10 @@ def macs_cmd(
 @click.option(
     "--ckpt",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="Reference checkpoint, torchvision/plain state dict, or cadist export.",
+    metavar="WEIGHTS",
+    help="Reference checkpoint, torchvision/plain state dict, cadist export or checkpoint folder, "
+    "or an MLflow URI: runs:/<run_id> (its best weights), runs:/<run_id>/checkpoints/last.pt, "
+    "models:/<name>/<version> (store: $MLFLOW_TRACKING_URI, else ./mlflow.db).",
 )
 @click.option(
     "--image",
@@ -238,24 +255,7 @@ def macs_cmd(
     show_default=True,
     help="Weights and activations; the edge mask is always computed in float32.",
 )
-def predict_cmd(
-    model,
-    output_stride,
-    adaptive_mode,
-    edge_threshold,
-    trimap_width,
-    mask_variant,
-    ckpt,
-    images,
-    out,
-    save_logits,
-    save_mask,
-    device,
-    precision,
-    mask_sampling,
-    gumbel_tau,
-    seed,
-):
+def predict_cmd(ckpt, images, out, save_logits, save_mask, device, precision, **opts):
     """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png."""
     import torch
 
@@ -264,14 +264,13 @@ def predict_cmd(
     from cadist.models.weights import load_weights
     from cadist.predict import write_prediction
 
+    ckpt, opts = _from_checkpoint(ckpt, opts)
+    model = opts["model"]
     if save_mask and not is_adaptive(model):
         raise CadistError(f"--save-mask: {model} is a dense model and has no pooling mask")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = _build(
-        model, output_stride, adaptive_mode, edge_threshold, trimap_width, mask_variant,
-        mask_sampling=mask_sampling, gumbel_tau=gumbel_tau, seed=seed,
-    )  # fmt: skip
+    net = _build(**opts)
     load_weights(net, ckpt, expect_name=model)
     # inference form: BN folded into the convolutions (same function, fewer passes)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

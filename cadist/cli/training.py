@@ -38,8 +38,9 @@ def train_cmd(job_file, overrides, address):
 @click.option(
     "--ckpt",
     required=True,
-    type=click.Path(exists=True),
-    help="Weights file or a cadist checkpoint folder (cadist_runs/<job>/step_…).",
+    metavar="WEIGHTS",
+    help="Weights file, a cadist checkpoint folder (cadist_runs/<job>/step_…) or an MLflow URI "
+    "(runs:/<run_id> = its best weights, from the job's tracking store).",
 )
 @_set_option("a job key, e.g. --set eval.batch_size=2")
 @click.option("--device", default="auto", show_default=True)

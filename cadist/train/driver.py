@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cadist import __version__
+from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ConfigError, ShardError
@@ -179,6 +180,26 @@ def check_data(job: JobConfig, source: str) -> None:
             )
 
 
+def check_weights(job: JobConfig, source: str) -> None:
+    """Weight files the job starts from exist — before any worker starts (MLflow URIs are checked
+    when they are fetched)."""
+    for key in ("backbone_weights", "weights"):
+        spec = getattr(job.model, key)
+        if not spec or spec.startswith(MLFLOW_SCHEMES) or "://" in spec:
+            continue
+        if not Path(spec).is_file():
+            raise ConfigError(
+                f"{source}: model.{key}: {spec} does not exist; "
+                + (
+                    "put torchvision's ImageNet ResNet file there (e.g. resnet101-63fe2227.pth) "
+                    "or set it to null for random initialisation"
+                    if key == "backbone_weights"
+                    else "give a weights file, a checkpoint folder's model.pt or an MLflow URI "
+                    "(runs:/<run_id>)"
+                )
+            )
+
+
 def val_image_size(job: JobConfig) -> tuple[int, int] | None:
     """(H, W) of the first validation sample (its JSON record), or None if unreadable."""
     import json
@@ -217,7 +238,8 @@ def _absolute(job: JobConfig) -> JobConfig:
     """Workers may run elsewhere (another cwd, another node): make local paths absolute."""
 
     def fix(p):
-        return str(Path(p).resolve()) if p and "://" not in p and not p.startswith("pipe:") else p
+        local = p and "://" not in p and not p.startswith(("pipe:", *MLFLOW_SCHEMES))
+        return str(Path(p).resolve()) if local else p
 
     data = job.data.model_copy(
         update={"train_shards": fix(job.data.train_shards), "val_shards": fix(job.data.val_shards)}
@@ -242,6 +264,22 @@ def _absolute(job: JobConfig) -> JobConfig:
     )
 
 
+def _fetch_initial_weights(job: JobConfig, dest: Path) -> JobConfig:
+    """model.weights given as an MLflow URI (e.g. the best weights of an earlier run): fetched once
+    on the driver into the run's storage (which every node reads), the job pointed at the copy."""
+    import shutil
+
+    from cadist.checkpoints import resolve_weights
+
+    if not dest.is_file():  # a resumed run keeps the copy it started from
+        local = resolve_weights(job.model.weights, job.mlflow.tracking_uri)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+    model = job.model.model_copy(update={"weights": str(dest)})
+    return job.model_copy(update={"model": model})
+
+
 def run_training(
     job: JobConfig,
     source: str = "<job>",
@@ -263,9 +301,13 @@ def run_training(
     from cadist.train.worker import train_worker
 
     check_data(job, source)
+    check_weights(job, source)
     job = _absolute(job)
     storage = Path(job.cluster.storage_path)
     (storage / ".cadist").mkdir(parents=True, exist_ok=True)
+    weights_source = job.model.weights
+    if weights_source and weights_source.startswith(MLFLOW_SCHEMES):
+        job = _fetch_initial_weights(job, storage / ".cadist" / f"{job.name}.init-weights.pt")
     resolved = storage / ".cadist" / f"{job.name}.yaml"  # the resolved job, beside Ray's run folder
     resolved.with_suffix(".yaml.tmp").write_text(job.to_yaml())
     os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
@@ -285,6 +327,7 @@ def run_training(
             "cadist.world_size": str(job.cluster.num_workers),
             "cadist.device": "gpu" if job.cluster.use_gpu else "cpu",
             "cadist.job": job.name,
+            **({"cadist.weights_source": weights_source} if weights_source else {}),
             **(extra_tags or {}),
         }
         run_id = start_or_resume_run(

@@ -143,6 +143,28 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     ev = evaluate_job(job, ckpt)
     assert ev["miou"] == pytest.approx(r.metrics["val/miou"], abs=1e-9)
     assert ev["pixels"] == 6 * 64 * 128 - _ignored_pixels(workdir)
+    # … and so do the last weights the run logged to MLflow, fetched by URI from the job's store
+    ev_uri = evaluate_job(job, f"runs:/{r.run_id}/checkpoints/last.pt")
+    assert ev_uri["miou"] == pytest.approx(ev["miou"], abs=1e-9)
+
+    # a new job can start from the run's best weights by URI: fetched once into its storage; with
+    # a vanishing learning rate its evaluation reproduces the source run's best mIoU
+    ft = make_job(
+        workdir, "itest-finetune",
+        **{"model.weights": f"runs:/{r.run_id}", "train.iterations": 1, "eval.interval": 1,
+           "train.lr_backbone": 1e-12, "train.lr_head": 1e-12, "train.weight_decay": 0,
+           "train.checkpoint_every": 1},
+    )  # fmt: skip
+    r_ft = run_training(ft, "itest")
+    copy = workdir / "runs" / ".cadist" / "itest-finetune.init-weights.pt"
+    best = client.download_artifacts(r.run_id, "checkpoints/best.pt", str(workdir))
+    assert copy.read_bytes() == Path(best).read_bytes()
+    assert client.get_run(r_ft.run_id).data.tags["cadist.weights_source"] == f"runs:/{r.run_id}"
+    best_miou = max(m.value for m in client.get_metric_history(r.run_id, "val/miou"))
+    assert r_ft.metrics["val/miou"] == pytest.approx(best_miou, abs=1e-3)
+    bad = make_job(workdir, "itest-badweights", **{"model.weights": str(workdir / "nope.pt")})
+    with pytest.raises(ConfigError, match=r"model\.weights: .*nope\.pt does not exist"):
+        run_training(bad, "itest")
 
     # rerunning the same job name resumes from step 30 instead of starting over
     r2 = run_training(make_job(workdir, "itest-main", **{"train.iterations": 40}), "itest")
@@ -407,7 +429,8 @@ def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_lo
     # ZeRO-1 over 2 workers kept the tied branches identical
     import torch
 
-    from cadist.evaluate import evaluate_job, resolve_weights
+    from cadist.checkpoints import resolve_weights
+    from cadist.evaluate import evaluate_job
     from cadist.models.weights import read_file
 
     sd = read_file(resolve_weights(r.checkpoint))["state_dict"]

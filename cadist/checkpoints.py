@@ -1,0 +1,46 @@
+"""Where weights come from: a weights file, a cadist checkpoint folder (`cadist_runs/<job>/step_…`,
+holding `model.pt`), or an MLflow artifact — `runs:/<run_id>/checkpoints/best.pt` (`runs:/<run_id>`
+alone means its best weights) or `models:/<name>/<version>` — fetched from the tracking store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cadist.errors import CheckpointError
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+#: model options a cadist export records (its job's `model` section) and the CLI can take from it
+RECORDED = ("output_stride", "adaptive_mode", "edge_threshold", "trimap_width", "mask_variant",
+            "gumbel_tau", "mask_sampling")  # fmt: skip
+
+
+def resolve_weights(spec: str | Path, tracking_uri: str | None = None) -> Path:
+    """A local weights file for `spec` (see the module doc); MLflow URIs are read from
+    `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+    text = str(spec)
+    if text.startswith(MLFLOW_SCHEMES):
+        from cadist.tracking import download_artifact
+
+        if text.startswith("runs:/") and "/" not in text.removeprefix("runs:/").strip("/"):
+            text = text.rstrip("/") + "/checkpoints/best.pt"
+        return resolve_weights(download_artifact(text, tracking_uri))
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "model.pt").is_file():
+            return p / "model.pt"
+        raise CheckpointError(
+            f"{p}: a folder without model.pt; pass a weights file, a cadist checkpoint folder "
+            f"(cadist_runs/<job>/step_…) or an MLflow URI (runs:/<run_id>/checkpoints/best.pt)"
+        )
+    return p
+
+
+def recorded_model(path: Path) -> tuple[str | None, dict]:
+    """(model name, its recorded `model` section) of a cadist export; (None, {}) for other files."""
+    from cadist.models.weights import read_file
+
+    obj = read_file(path)
+    if not isinstance(obj, dict) or "cadist_format" not in obj:
+        return None, {}
+    return obj.get("model"), dict(obj.get("model_config") or {})
