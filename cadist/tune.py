@@ -376,13 +376,35 @@ def run_sweep(
     result = {"sweep": sweep.name, "objectives": sweep.objectives, "trials": rows}
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
+    plot = None
+    if len(sweep.objectives) == 2:  # the trade-off figure: first objective against the second
+        from cadist.plots import tradeoff_png
+
+        (ym, yd), (xm, xd) = sweep.objectives.items()
+        points = [{"label": _label(r["params"])} | r["metrics"] for r in rows]
+        plot = out.with_name(f"sweep-{sweep.name}.pareto.png")
+        tradeoff_png(points, plot, xm, ym, xd, yd, title=f"sweep {sweep.name}")
     if parent:
         tracker.log_artifact(out, "sweep")
+        if plot:
+            tracker.log_artifact(plot, "sweep")
         best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
         if best:
             tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
     echo(_table(rows, sweep))
-    return result | {"results_file": str(out), "resumed": resumed}
+    return result | {
+        "results_file": str(out),
+        "resumed": resumed,
+        "plot": str(plot) if plot else None,
+    }
+
+
+def _label(params: dict) -> str:
+    """Short point label: the last part of each searched key and its value."""
+    return ", ".join(
+        f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+        for k, v in params.items()
+    )
 
 
 def _table(rows: list[dict], sweep: SweepConfig) -> str:

@@ -106,14 +106,26 @@ def tune_cmd(sweep_file, overrides, restart):
 @click.option(
     "--tracking-uri", default=None, help="MLflow store or server; default: ./mlflow.db as training."
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Also draw best val mIoU against backbone GMac per run, Pareto front marked (PNG).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def report_cmd(experiment, tracking_uri, as_json):
+def report_cmd(experiment, tracking_uri, plot, as_json):
     """The results table of an experiment: best val mIoU per run (and at which step), high-res
     fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
     from cadist.report import markdown, summarise
     from cadist.tracking import resolve_uri, training_runs
 
     rows = summarise(training_runs(resolve_uri(tracking_uri), experiment))
+    if plot:
+        from cadist.plots import tradeoff_png
+
+        x, y = "backbone GMac per image", "best val mIoU"
+        points = [{"label": r["run"], x: r.get("backbone_gmac"), y: r["best_miou"]} for r in rows]
+        front = tradeoff_png(points, plot, x, y, title=f"experiment {experiment}")
+        click.echo(f"plot: {plot} (Pareto front: {', '.join(front) or 'none'})", err=True)
     if as_json:
         _print_json({"experiment": experiment, "runs": rows})
     else:

@@ -100,6 +100,7 @@ def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_loca
         assert c.data.metrics["val/miou"] == pytest.approx(t["metrics"]["val/miou"])
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")]
     assert "sweep/sweep-itest_sweep.results.json" in arts
+    assert "sweep/sweep-itest_sweep.pareto.png" in arts and Path(r["plot"]).is_file()
 
 
 def _sweep_dirs(runs: Path, name: str) -> list[Path]:

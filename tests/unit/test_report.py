@@ -55,3 +55,36 @@ def test_report_picks_the_best_evaluation_and_its_statistics(tmp_path):
     assert r.exit_code == 0 and "| edge | deeplabv3_batch_ap_resnet101 | 0.6200 | 200 |" in r.stdout
     r = CliRunner().invoke(main, ["report", "--experiment", "nope", "--tracking-uri", uri])
     assert r.exit_code == 2 and "no experiment 'nope'" in r.output
+    # the trade-off figure: os16 (0.70 @ 416.76) dominates edge (0.62 @ 828.2)
+    r = CliRunner().invoke(
+        main,
+        ["report", "--experiment", "exp", "--tracking-uri", uri, "--plot", str(tmp_path / "t.png")],
+    )
+    assert r.exit_code == 0, r.output
+    assert "Pareto front: os16)" in r.stderr
+    from PIL import Image
+
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.size == (840, 540)
+
+
+def test_tradeoff_plot_marks_exactly_the_front(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cadist.plots import tradeoff_png
+
+    pts = [
+        {"label": "a", "g": 1.0, "m": 0.50},
+        {"label": "b", "g": 2.0, "m": 0.60},
+        {"label": "c", "g": 2.5, "m": 0.55},  # dominated by b
+        {"label": "d", "g": 3.0, "m": 0.70},
+        {"label": "e", "g": None, "m": 0.99},  # not measured: left out
+    ]
+    front = tradeoff_png(pts, tmp_path / "f.png", "g", "m")
+    assert front == ["a", "b", "d"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "f.png"]  # no temporary file left
+    rgb = np.asarray(Image.open(tmp_path / "f.png").convert("RGB")).astype(int)
+    red = (rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)  # the front's line
+    assert red.sum() > 100
+    assert tradeoff_png(pts[2:3], tmp_path / "one.png", "g", "m") == ["c"]
