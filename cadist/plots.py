@@ -30,10 +30,11 @@ def tradeoff_png(
         if on:
             ax.plot([p[x] for p in on], [p[y] for p in on], "-o", color="tab:red",
                     label="Pareto front", zorder=3)  # fmt: skip
-            ax.legend(loc="lower right")
+            ax.legend(loc="best")
         for p in pts:
             ax.annotate(str(p["label"]), (p[x], p[y]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)  # fmt: skip
+        ax.margins(0.15)  # room for the labels of the outermost points
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.set_title(title)
