@@ -152,6 +152,10 @@ class MlflowConfig(_Section):
     tracking_uri: str | None = None
     """None: $MLFLOW_TRACKING_URI, else a local SQLite store `sqlite:///<cwd>/mlflow.db`."""
     experiment: str = "cadist"
+    register_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Registered-model name: when training ends, the run's best weights become a version of it in
+    MLflow's model registry (`models:/<name>/<version>` or `models:/<name>/latest` for
+    `cadist predict --ckpt`); None: no registration."""
 
 
 class JobConfig(_Section):

@@ -44,8 +44,11 @@ def download_artifact(artifact_uri: str, tracking_uri: str | None = None) -> Pat
     dst = Path(tempfile.mkdtemp(prefix="cadist-artifact-"))
     atexit.register(shutil.rmtree, dst, True)
     try:
+        source = (
+            _model_version_uri(artifact_uri, uri) if artifact_uri.startswith("models:/") else None
+        )
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=uri
+            artifact_uri=source or artifact_uri, dst_path=str(dst), tracking_uri=uri
         )
     except Exception as exn:
         from cadist.errors import CheckpointError
@@ -57,6 +60,64 @@ def download_artifact(artifact_uri: str, tracking_uri: str | None = None) -> Pat
             f"checkpoints/), or point $MLFLOW_TRACKING_URI at the store that holds it"
         ) from None
     return Path(local)
+
+
+def _model_version_uri(model_uri: str, uri: str) -> str:
+    """`models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>` → where that
+    version's files are, looked up in the registry of the same store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    ref = model_uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = str(client.get_model_version_by_alias(name, alias).version)
+    else:
+        name, _, version = ref.partition("/")
+        if version in ("", "latest"):
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in versions))
+    return client.get_model_version_download_uri(name, version)
+
+
+def register_best(uri: str, run_id: str, name: str) -> str | None:
+    """The run's best weights (`checkpoints/best.pt`) as a version of registered model `name`:
+    copied to the run's `registered/step_<step>/model.pt` (later bests do not change it) and
+    registered from there; the same best again returns its existing version. None: no best yet."""
+    import shutil
+    import tempfile
+
+    import torch
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if "checkpoints/best.pt" not in {a.path for a in client.list_artifacts(run_id, "checkpoints")}:
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix="cadist-register-"))
+    try:
+        best = Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp)))
+        meta = torch.load(best, map_location="cpu", weights_only=True)
+        step = int(meta.get("step", 0))
+        source = f"runs:/{run_id}/registered/step_{step:08d}"
+        try:
+            client.create_registered_model(name)
+        except MlflowException:  # exists already
+            pass
+        for v in client.search_model_versions(f"name = '{name}'"):
+            if v.source == source:
+                return str(v.version)
+        (tmp / "model").mkdir()
+        shutil.move(best, tmp / "model" / "model.pt")
+        client.log_artifact(run_id, str(tmp / "model" / "model.pt"), f"registered/step_{step:08d}")
+        tags = {"step": str(step), "model": str(meta.get("model", ""))}
+        if "miou" in meta:
+            tags["val_miou"] = f"{float(meta['miou']):.6f}"
+        return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -361,6 +361,13 @@ def run_training(
     except Exception:
         tracker.finish("FAILED")
         raise
+    if run_id and job.mlflow.register_model:
+        from cadist.tracking import register_best
+
+        version = register_best(uri, run_id, job.mlflow.register_model)
+        if version:
+            tracker.set_tags({"cadist.registered_model": f"{job.mlflow.register_model}/{version}"})
+            print(f"registered models:/{job.mlflow.register_model}/{version}", file=sys.stderr)
     tracker.finish("FINISHED")
     ckpt = result.checkpoint.path if result.checkpoint else None
     return TrainResult(run_id, uri, ckpt, dict(result.metrics or {}))

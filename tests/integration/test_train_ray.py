@@ -90,7 +90,7 @@ def _artifacts(client, run_id, path=""):
 
 
 def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
-    job = make_job(workdir, "itest-main")
+    job = make_job(workdir, "itest-main", **{"mlflow.register_model": "itest-model"})
     r = run_training(job, "itest")
     assert r.metrics["step"] == 30 and 0 <= r.metrics["val/miou"] <= 1
     client = MlflowClient(r.tracking_uri)
@@ -147,6 +147,18 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     ev_uri = evaluate_job(job, f"runs:/{r.run_id}/checkpoints/last.pt")
     assert ev_uri["miou"] == pytest.approx(ev["miou"], abs=1e-9)
 
+    # the best weights became version 1 of the registered model; by name they score the best mIoU
+    best_miou = max(m.value for m in client.get_metric_history(r.run_id, "val/miou"))
+    (v1,) = client.search_model_versions("name = 'itest-model'")
+    assert (
+        str(v1.version) == "1"
+        and v1.run_id == r.run_id
+        and v1.source.startswith(f"runs:/{r.run_id}/registered/step_")
+    )
+    assert client.get_run(r.run_id).data.tags["cadist.registered_model"] == "itest-model/1"
+    ev_reg = evaluate_job(job, "models:/itest-model/latest")
+    assert ev_reg["miou"] == pytest.approx(best_miou, abs=1e-9)
+
     # a new job can start from the run's best weights by URI: fetched once into its storage; with
     # a vanishing learning rate its evaluation reproduces the source run's best mIoU
     ft = make_job(
@@ -160,7 +172,6 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     best = client.download_artifacts(r.run_id, "checkpoints/best.pt", str(workdir))
     assert copy.read_bytes() == Path(best).read_bytes()
     assert client.get_run(r_ft.run_id).data.tags["cadist.weights_source"] == f"runs:/{r.run_id}"
-    best_miou = max(m.value for m in client.get_metric_history(r.run_id, "val/miou"))
     assert r_ft.metrics["val/miou"] == pytest.approx(best_miou, abs=1e-3)
     bad = make_job(workdir, "itest-badweights", **{"model.weights": str(workdir / "nope.pt")})
     with pytest.raises(ConfigError, match=r"model\.weights: .*nope\.pt does not exist"):
@@ -172,6 +183,9 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     steps = [m.step for m in client.get_metric_history(r.run_id, "train/loss")]
     assert sorted(steps) == [5, 10, 15, 20, 25, 30, 35, 40]
     assert client.get_run(r.run_id).data.metrics["train/resumed_from_step"] == 30
+    # registering again adds a version only for a new best, from its own immutable copy
+    versions = client.search_model_versions("name = 'itest-model'")
+    assert len({v.source for v in versions}) == len(versions) >= 1
 
 
 def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
