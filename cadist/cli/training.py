@@ -44,16 +44,32 @@ def train_cmd(job_file, overrides, address):
 )
 @_set_option("a job key, e.g. --set eval.batch_size=2")
 @click.option("--device", default="auto", show_default=True)
-def eval_cmd(job_file, ckpt, overrides, device):
-    """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON)."""
+@click.option(
+    "--log",
+    "log_run",
+    is_flag=True,
+    help="Also record the evaluation as an MLflow run in the job's experiment (for `cadist report`).",
+)
+@click.option("--run-name", help="Name of that run; default: <job name>-eval.")
+def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name):
+    """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
+    adaptive models also the high-res fraction."""
     import torch
 
     from cadist.config import load_job
-    from cadist.evaluate import evaluate_job
+    from cadist.evaluate import evaluate_job, log_evaluation
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    _print_json(evaluate_job(load_job(job_file, overrides), ckpt, device))
+    job = load_job(job_file, overrides)
+    if log_run:  # an unreachable store fails before the evaluation, not after
+        from cadist.tracking import check_reachable, resolve_uri
+
+        check_reachable(resolve_uri(job.mlflow.tracking_uri))
+    result = evaluate_job(job, ckpt, device)
+    if log_run:
+        result["mlflow_run_id"] = log_evaluation(job, ckpt, result, run_name)
+    _print_json(result)
 
 
 @main.command("demo")

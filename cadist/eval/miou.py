@@ -70,3 +70,19 @@ class ConfusionMatrix:
             "fw_iou": self.frequency_weighted_iou(),
             "iou": dict(zip(names, self.iou(), strict=True)),
         }
+
+
+def val_metrics(summary: dict) -> dict[str, float]:
+    """A `ConfusionMatrix.summary` as the metrics training and `cadist eval --log` record."""
+    return {
+        "val/miou": summary["miou"],
+        "val/pixel_accuracy": summary["pixel_accuracy"],
+        "val/mean_class_accuracy": summary["mean_class_accuracy"],
+    } | {f"val/iou/{name}": v for name, v in summary["iou"].items()}
+
+
+def iou_csv(summary: dict) -> str:
+    """Per-class IoU as `class,iou` lines (empty for a class absent from labels and predictions)."""
+    return "class,iou\n" + "".join(
+        f"{n},{'' if math.isnan(v) else f'{v:.4f}'}\n" for n, v in summary["iou"].items()
+    )

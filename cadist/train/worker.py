@@ -8,7 +8,6 @@ DeepSpeed checkpoint, `ray.train.report`) the same number of times.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
+from cadist.eval.miou import iou_csv, val_metrics
 from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
@@ -86,16 +86,8 @@ def _mean_over_ranks(value: float, device) -> float:
 
 def _log_eval(tracker, job: JobConfig, cm, kept: list[dict], step: int, best: bool) -> float:
     s = cm.summary(CLASS_NAMES)
-    metrics = {
-        "val/miou": s["miou"],
-        "val/pixel_accuracy": s["pixel_accuracy"],
-        "val/mean_class_accuracy": s["mean_class_accuracy"],
-    }
-    metrics.update({f"val/iou/{name}": v for name, v in s["iou"].items()})
-    tracker.log_metrics(metrics, step)
-    table = "class,iou\n" + "".join(
-        f"{n},{'' if math.isnan(v) else f'{v:.4f}'}\n" for n, v in s["iou"].items()
-    )
+    tracker.log_metrics(val_metrics(s), step)
+    table = iou_csv(s)
     tracker.log_text(table, "eval/iou_last.csv")
     if best:
         tracker.log_text(table, "eval/iou_best.csv")

@@ -2,6 +2,7 @@
 statistics of that evaluation, beside the released numbers."""
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -88,3 +89,58 @@ def test_tradeoff_plot_marks_exactly_the_front(tmp_path):
     red = (rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)  # the front's line
     assert red.sum() > 100
     assert tradeoff_png(pts[2:3], tmp_path / "one.png", "g", "m") == ["c"]
+
+
+def test_eval_log_records_a_run_that_report_lists(tmp_path):
+    """`cadist eval --log` of a dense and an adaptive checkpoint on generated shards: MLflow runs
+    with the evaluation's numbers and GMac, listed by `cadist report` beside training runs."""
+    import pytest
+    import torch
+
+    from cadist.adaptive.stats import mac_line
+    from cadist.macs import count_dense
+    from cadist.models.build import build_model
+    from cadist.models.weights import save_weights
+
+    from ..conftest import tiny_shards
+
+    train, val = tiny_shards(tmp_path, num_train=2, num_val=2, seed=4)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = str(Path(__file__).parents[2] / "jobs" / "demo.yaml")
+    common = ["--set", f"data.train_shards={train}", "--set", f"data.val_shards={val}",
+              "--set", "data.num_workers=0", "--set", f"mlflow.tracking_uri={uri}",
+              "--set", "mlflow.experiment=evals", "--set", "cluster.num_workers=1",
+              "--device", "cpu", "--log"]  # fmt: skip
+    out = {}
+    for name, os_ in (("deeplabv3_resnet_tiny", 16), ("deeplabv3_batch_ap_resnet_tiny", 16)):
+        torch.manual_seed(0)
+        save_weights(build_model(name, os_), tmp_path / f"{name}.pt", model=name)
+        r = CliRunner().invoke(
+            main,
+            ["eval", job, "--ckpt", str(tmp_path / f"{name}.pt"), "--set", f"model.name={name}",
+             "--set", f"name={name}", *common],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        out[name] = json.loads(r.stdout)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    dense, ada = out["deeplabv3_resnet_tiny"], out["deeplabv3_batch_ap_resnet_tiny"]
+    run = client.get_run(dense["mlflow_run_id"])
+    assert run.info.run_name == "deeplabv3_resnet_tiny-eval" and run.info.status == "FINISHED"
+    assert run.data.metrics["val/miou"] == pytest.approx(dense["miou"])
+    assert run.data.metrics["macs/backbone_gmac"] == pytest.approx(
+        count_dense("deeplabv3_resnet_tiny", 16, 64, 128)["backbone_gmac"]
+    )
+    assert run.data.tags["cadist.weights_source"].endswith("deeplabv3_resnet_tiny.pt")
+    arun = client.get_run(ada["mlflow_run_id"])
+    p = ada["high_res_fraction"]
+    assert 0 < p <= 1 and arun.data.metrics["val/high_res_fraction"] == pytest.approx(p)
+    line = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", 64, 128)
+    assert arun.data.metrics["macs/backbone_gmac"] == pytest.approx(line.backbone(p))
+    r = CliRunner().invoke(
+        main, ["report", "--experiment", "evals", "--tracking-uri", uri, "--json"]
+    )
+    rows = {row["run"]: row for row in json.loads(r.stdout)["runs"]}
+    assert rows["deeplabv3_batch_ap_resnet_tiny-eval"]["best_miou"] == pytest.approx(ada["miou"])
+    assert rows["deeplabv3_resnet_tiny-eval"]["best_step"] == 0
