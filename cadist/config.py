@@ -134,6 +134,10 @@ class ClusterConfig(_Section):
     autoscale: bool = False
     """The Ray cluster adds nodes on demand (an autoscaling cluster from `ray up`): when the nodes
     that are up cannot hold the workers, wait for more instead of stopping with an error."""
+    start_timeout_s: float = Field(120, gt=0)
+    """Seconds Ray Train may take to start all workers — at the beginning and after a failure.
+    Without `autoscale`, a second start that times out (nodes lost for good) ends the run with an
+    error instead of waiting forever; rerunning the job resumes from its last checkpoint."""
 
 
 class DeepSpeedConfig(_Section):

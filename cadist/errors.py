@@ -24,3 +24,7 @@ class ShardError(CadistError):
 
 class CheckpointError(CadistError):
     """A checkpoint or weights file cannot be loaded into the requested model."""
+
+
+class ClusterError(CadistError):
+    """The Ray cluster cannot run the job (any more): too few nodes, or nodes lost for good."""

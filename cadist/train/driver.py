@@ -17,7 +17,7 @@ from cadist import __version__
 from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig
 from cadist.data.stream import expand_shards
-from cadist.errors import ConfigError, ShardError
+from cadist.errors import ClusterError, ConfigError, ShardError
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
@@ -54,9 +54,8 @@ def check_resources(
     fit = placeable(nodes, request)
     if fit >= need:
         return None
-    cpus = sum(n.get("CPU", 0.0) for n in nodes)
     gpus = sum(n.get("GPU", 0.0) for n in nodes)
-    have = f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node{'s' * (len(nodes) != 1)}"
+    have = _describe(nodes)
     if job.cluster.use_gpu and gpus == 0:
         msg = (
             f"cluster.use_gpu is true and the Ray cluster has no GPU ({have}); set "
@@ -124,6 +123,31 @@ def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
             f"({str(exn).strip().splitlines()[0]}); check the address (the head's `ray start` "
             f"prints it), or leave cluster.address unset for a local Ray"
         ) from None
+
+
+def _is_start_failure(exn: BaseException) -> bool:
+    """Whether a failed fit() ended on worker groups that could not start (not a training bug)."""
+    from ray.train.v2._internal.exceptions import (
+        InsufficientClusterResourcesError,
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+
+    kinds = (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError,
+             InsufficientClusterResourcesError)  # fmt: skip
+    seen = set()
+    while exn is not None and id(exn) not in seen:
+        seen.add(id(exn))
+        if isinstance(exn, kinds):
+            return True
+        exn = exn.__cause__ or exn.__context__ or getattr(exn, "controller_failure", None)
+    return False
+
+
+def _describe(nodes: list[dict[str, float]]) -> str:
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    return f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node{'s' * (len(nodes) != 1)}"
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -352,14 +376,28 @@ def run_training(
         run_config=RunConfig(
             name=job.name,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=job.cluster.max_failures),
+            failure_config=FailureConfig(
+                max_failures=job.cluster.max_failures,
+                # worker groups that cannot start (nodes gone): retry once unless nodes may come
+                controller_failure_limit=-1 if job.cluster.autoscale else 1,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
         ),
     )
+    # read by Ray Train's controller, which the driver's environment is passed to at fit()
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.start_timeout_s)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as exn:
         tracker.finish("FAILED")
+        if _is_start_failure(exn):
+            raise ClusterError(
+                f"{source}: job {job.name}: Ray Train could not start its "
+                f"{job.cluster.num_workers} workers within cluster.start_timeout_s "
+                f"{job.cluster.start_timeout_s:g} s, twice (nodes lost or busy? the cluster now "
+                f"holds {_describe(cluster_nodes())}); rerun the same command once it has the "
+                f"nodes again — training resumes from its last checkpoint"
+            ) from None
         raise
     if run_id and job.mlflow.register_model:
         from cadist.tracking import register_best

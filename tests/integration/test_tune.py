@@ -23,6 +23,28 @@ def ray_local():
     ray.shutdown()
 
 
+def _fixed(train, val, iterations: int, log_every: int) -> dict:
+    """The sweeps' fixed overrides: the tiny edge model on generated shards, one CPU worker,
+    checkpoints every 4 steps, one evaluation at the end."""
+    return {
+        "model.name": "deeplabv3_batch_ap_resnet_tiny",
+        "data.train_shards": str(train),
+        "data.val_shards": str(val),
+        "data.crop_size": 64,
+        "data.num_workers": 0,
+        "train.iterations": iterations,
+        "train.batch_size": 2,
+        "train.log_every": log_every,
+        "train.checkpoint_every": 4,
+        "eval.interval": iterations,
+        "eval.log_images": 0,
+        "cluster.num_workers": 1,
+        "cluster.storage_path": "runs",
+        "deepspeed.zero_stage": 0,
+        "mlflow.experiment": "sweeps",
+    }
+
+
 def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_local, monkeypatch):
     # the default MLflow store (./mlflow.db) and storage path are relative to where `cadist tune`
     # runs, not to the trial actors' working directories
@@ -32,23 +54,7 @@ def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_loca
     sweep = {
         "name": "itest_sweep",
         "job": str(ROOT / "jobs" / "demo.yaml"),
-        "set": {
-            "model.name": "deeplabv3_batch_ap_resnet_tiny",
-            "data.train_shards": str(train),
-            "data.val_shards": str(val),
-            "data.crop_size": 64,
-            "data.num_workers": 0,
-            "train.iterations": 4,
-            "train.batch_size": 2,
-            "train.log_every": 2,
-            "train.checkpoint_every": 4,
-            "eval.interval": 4,
-            "eval.log_images": 0,
-            "cluster.num_workers": 1,
-            "cluster.storage_path": "runs",
-            "deepspeed.zero_stage": 0,
-            "mlflow.experiment": "sweeps",
-        },
+        "set": _fixed(train, val, iterations=4, log_every=2),
         "search": {
             "model.edge_threshold": {"loguniform": [0.02, 2.0]},
             "model.trimap_width": {"choice": [1, 21]},
@@ -122,24 +128,8 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     sweep = {
         "name": "itest_resume",
         "job": str(ROOT / "jobs" / "demo.yaml"),
-        "set": {
-            "model.name": "deeplabv3_batch_ap_resnet_tiny",
-            "data.train_shards": str(train),
-            "data.val_shards": str(val),
-            "data.crop_size": 64,
-            "data.num_workers": 0,
-            "train.iterations": 24,
-            "train.batch_size": 2,
-            "train.log_every": 4,
-            "train.checkpoint_every": 4,
-            "eval.interval": 24,
-            "eval.log_images": 0,
-            "cluster.num_workers": 1,
-            "cluster.storage_path": "runs",
-            "deepspeed.zero_stage": 0,
-            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "mlflow.experiment": "sweeps",
-        },
+        "set": _fixed(train, val, iterations=24, log_every=4)
+        | {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "search": {"model.edge_threshold": {"uniform": [0.1, 0.3]}},
         "objectives": {"val/miou": "max", "macs/backbone_gmac": "min"},
         "num_samples": 2,
@@ -155,9 +145,11 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     runs = tmp_path / "runs"
     deadline = time.time() + 300
     try:
-        while time.time() < deadline:  # until the second trial has written a checkpoint
-            dirs = _sweep_dirs(runs, "itest_resume")
-            if len(dirs) == 2 and list(dirs[-1].glob("checkpoint_*")):
+        order = []  # trial run folders in the order they appear (trial ids are random)
+        while time.time() < deadline:  # until Ray Train registered a checkpoint of the 2nd trial
+            order += [d for d in _sweep_dirs(runs, "itest_resume") if d not in order]
+            snap = order[1] / "checkpoint_manager_snapshot.json" if len(order) == 2 else None
+            if snap and snap.is_file() and "checkpoint_dir_name" in snap.read_text():
                 break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
@@ -196,7 +188,7 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in trials)
     by_job = {c.data.tags["cadist.job"]: c for c in children}
-    second = by_job[dirs[-1].name]  # the trial that was killed (trial ids count up)
+    second = by_job[order[1].name]  # the trial that was killed
     resumed = client.get_metric_history(second.info.run_id, "train/resumed_from_step")
     assert resumed and resumed[-1].value >= 4  # continued from its checkpoint, not from step 0
     assert all(c.info.status == "FINISHED" for c in children)

@@ -1,0 +1,94 @@
+"""A node lost for good on a (simulated) two-node Ray cluster: the run ends with one clear error
+within about two start timeouts instead of waiting forever, and rerunning the same job on a
+cluster that has the nodes again resumes from the last checkpoint."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
+
+from cadist.config import load_job
+from cadist.errors import ClusterError
+from cadist.train.driver import run_training
+
+from ..conftest import tiny_shards
+
+pytestmark = pytest.mark.slow
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
+
+
+def test_lost_node_is_an_error_and_the_rerun_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    train, val = tiny_shards(tmp_path, num_train=8, seed=7)
+    overrides = {
+        "name": "itest-nodeloss",
+        "data.train_shards": str(train),
+        "data.val_shards": str(val),
+        "data.crop_size": 64,
+        "data.num_workers": 0,
+        "train.iterations": 400,
+        "train.batch_size": 2,
+        "train.log_every": 10,
+        "train.checkpoint_every": 10,
+        "eval.interval": 400,
+        "eval.log_images": 0,
+        "cluster.num_workers": 2,
+        "cluster.max_failures": 1,
+        "cluster.start_timeout_s": 8,
+        "cluster.storage_path": str(tmp_path / "runs"),
+        "deepspeed.zero_stage": 0,
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.experiment": "nodeloss",
+    }
+    job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    try:
+        box = {}
+
+        def fit():
+            try:
+                box["result"] = run_training(job, "itest")
+            except Exception as exn:  # noqa: BLE001 - handed to the main thread
+                box["error"] = exn
+
+        t = threading.Thread(target=fit)
+        t.start()
+        first = tmp_path / "runs" / "itest-nodeloss" / "step_00000010"
+        deadline = time.time() + 240
+        while not first.exists() and time.time() < deadline and t.is_alive():
+            time.sleep(0.2)
+        assert first.exists(), box
+        cluster.remove_node(worker)  # from the main thread (Ray's requirement)
+        t0 = time.time()
+        t.join(timeout=240)
+        assert not t.is_alive(), "training hung after the node was lost"
+        err = box.get("error")
+        assert isinstance(err, ClusterError), box
+        assert "could not start its 2 workers within cluster.start_timeout_s 8 s" in str(err)
+        assert "1 CPUs and 0 GPUs on 1 node" in str(
+            err
+        ) and "resumes from its last checkpoint" in str(err)
+        assert time.time() - t0 < 120
+        run_id = json.loads(
+            (tmp_path / "runs" / ".cadist" / "itest-nodeloss.mlflow.json").read_text()
+        )["run_id"]
+        client = MlflowClient(overrides["mlflow.tracking_uri"])
+        assert client.get_run(run_id).info.status == "FAILED"
+
+        cluster.add_node(num_cpus=1)  # the node is back: the same job resumes and finishes
+        short = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()] + ["train.iterations=40",
+                                                                           "eval.interval=40"])  # fmt: skip
+        r = run_training(short, "itest")
+        assert r.run_id == run_id and r.metrics["step"] == 40
+        resumed = client.get_run(run_id).data.metrics["train/resumed_from_step"]
+        assert resumed >= 10
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
