@@ -117,8 +117,18 @@ def tune_cmd(sweep_file, overrides, restart):
 
 
 # -- results ------------------------------------------------------------------------------------
+#: the experiments the paper's jobs log to (jobs/deeplabv3_r101_os*.yaml, edge/learned_os8to16.yaml)
+PAPER_EXPERIMENTS = ("cityscapes-dense", "cityscapes-adaptive")
+
+
 @main.command("report")
-@click.option("--experiment", default="cityscapes-adaptive", show_default=True)
+@click.option(
+    "--experiment",
+    "experiments",
+    multiple=True,
+    help="MLflow experiment to read (repeatable); default: the paper jobs' cityscapes-dense and "
+    "cityscapes-adaptive, whichever exist.",
+)
 @click.option(
     "--tracking-uri", default=None, help="MLflow store or server; default: ./mlflow.db as training."
 )
@@ -128,13 +138,32 @@ def tune_cmd(sweep_file, overrides, restart):
     help="Also draw best val mIoU against backbone GMac per run, Pareto front marked (PNG).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def report_cmd(experiment, tracking_uri, plot, as_json):
-    """The results table of an experiment: best val mIoU per run (and at which step), high-res
-    fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
+def report_cmd(experiments, tracking_uri, plot, as_json):
+    """The results table of one or more experiments: best val mIoU per run (and at which step),
+    high-res fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
+    from cadist.errors import ConfigError
     from cadist.report import markdown, summarise
     from cadist.tracking import resolve_uri, training_runs
 
-    rows = summarise(training_runs(resolve_uri(tracking_uri), experiment))
+    uri = resolve_uri(tracking_uri)
+    runs = []
+    if experiments:
+        for e in experiments:
+            runs += training_runs(uri, e)
+    else:
+        for e in PAPER_EXPERIMENTS:
+            try:
+                runs += training_runs(uri, e)
+                experiments += (e,)
+            except ConfigError:  # not created yet
+                pass
+        if not experiments:
+            raise ConfigError(
+                f"MLflow at {uri}: none of the paper jobs' experiments "
+                f"({', '.join(PAPER_EXPERIMENTS)}) exists; name one with --experiment"
+            )
+    experiment = ", ".join(experiments)
+    rows = summarise(runs)
     if plot:
         from cadist.plots import tradeoff_png
 
@@ -143,6 +172,6 @@ def report_cmd(experiment, tracking_uri, plot, as_json):
         front = tradeoff_png(points, plot, x, y, title=f"experiment {experiment}")
         click.echo(f"plot: {plot} (Pareto front: {', '.join(front) or 'none'})", err=True)
     if as_json:
-        _print_json({"experiment": experiment, "runs": rows})
+        _print_json({"experiment": experiment, "experiments": list(experiments), "runs": rows})
     else:
         click.echo(markdown(rows))

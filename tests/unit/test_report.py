@@ -144,3 +144,29 @@ def test_eval_log_records_a_run_that_report_lists(tmp_path):
     rows = {row["run"]: row for row in json.loads(r.stdout)["runs"]}
     assert rows["deeplabv3_batch_ap_resnet_tiny-eval"]["best_miou"] == pytest.approx(ada["miou"])
     assert rows["deeplabv3_resnet_tiny-eval"]["best_step"] == 0
+
+
+def test_report_reads_the_paper_experiments_together_by_default(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    empty = CliRunner().invoke(main, ["report", "--tracking-uri", uri])
+    assert empty.exit_code == 2 and "none of the paper jobs' experiments" in empty.output
+    for exp, name, model, gmac, miou in (
+        ("cityscapes-dense", "os8", "deeplabv3_resnet101", 1423.58, 0.77),
+        ("cityscapes-adaptive", "edge", "deeplabv3_batch_ap_resnet101", 900.0, 0.76),
+        ("other", "elsewhere", "deeplabv3_resnet101", 416.76, 0.70),
+    ):
+        rid = new_run(uri, exp, name, {"cadist.job": name})
+        t = Tracker(uri, rid)
+        t.log_params({"model.name": model, "model.output_stride": 8})
+        t.log_metrics({"val/miou": miou, "macs/backbone_gmac": gmac}, 100)
+        t.finish()
+    r = CliRunner().invoke(main, ["report", "--tracking-uri", uri, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["experiments"] == ["cityscapes-dense", "cityscapes-adaptive"]
+    assert [row["run"] for row in out["runs"]] == ["edge", "os8"]  # by GMac
+    r = CliRunner().invoke(
+        main, ["report", "--tracking-uri", uri, "--experiment", "other", "--experiment",
+               "cityscapes-dense", "--json"],
+    )  # fmt: skip
+    assert [row["run"] for row in json.loads(r.stdout)["runs"]] == ["elsewhere", "os8"]
