@@ -64,52 +64,20 @@ def hpatches_eval_cmd(
     save_results, mlflow_uri, experiment, as_json,
 ):  # fmt: skip
     """Mean matching accuracy (MMA@1…15 px) of a descriptor network on HPatches sequences."""
-    import torch
-
-    from cadist.eval.hpatches import evaluate
-    from cadist.keypoints.d2net import load_d2net_weights
-    from cadist.keypoints.extract import Method, describe
+    from cadist.keypoints.extract import Method
 
     try:
         ws = tuple(int(v) for v in windows.split(",") if v.strip())
     except ValueError:
         raise CadistError(f"--windows {windows!r}: expected integers like 21,21") from None
     method = Method(network, int(output_stride), int(start_stride), ws)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = method.build()
-    if weights:
-        load_d2net_weights(net, weights)
-    else:
-        click.echo("warning: no --weights: random D2-Net weights (a pipeline check, not a score)")
-    net.to(device).eval()
-    r = evaluate(
-        root,
-        lambda rgb: describe(net, method, rgb, device),
-        save_to=save_features,
-        suffix=method.name,
-        save_results=save_results,
-    )
-    r = {"method": method.name, "weights": weights} | r
+    if not weights:
+        click.echo(
+            "warning: no --weights: random D2-Net weights (a pipeline check, not a score)", err=True
+        )
+    r = _score(method, root, weights, device, save_features, save_results)
     if mlflow_uri:
-        from cadist.tracking import Tracker, new_run
-
-        tracker = Tracker(
-            mlflow_uri, new_run(mlflow_uri, experiment, method.name, {"cadist.task": "hpatches"})
-        )
-        tracker.log_params(
-            {"network": network, "method": method.name, "root": str(root), "weights": str(weights)}
-        )
-        keys = {"mma@3": "hpatches/mma_3px", "features_per_image": "hpatches/features_per_image",
-                "matches_per_pair": "hpatches/matches_per_pair", "gmac_per_image": "macs/gmac_per_image",
-                "high_res_fraction": "hpatches/high_res_fraction"}  # fmt: skip
-        tracker.log_metrics({v: r[k] for k, v in keys.items() if k in r}, 0)
-        for t, v in zip(r["thresholds"], r["mma"], strict=True):
-            tracker.log_metrics({"hpatches/mma": v}, t)
-        tracker.log_text(json.dumps(r, indent=1), "hpatches/results.json")
-        if save_results:
-            tracker.log_artifact(save_results, "hpatches")
-        tracker.finish()
+        _log_score(r, method, root, weights, mlflow_uri, experiment, save_results)
     if as_json:
         _print_json(r)
         return
@@ -125,6 +93,104 @@ def hpatches_eval_cmd(
     click.echo(f"  {r['gmac_per_image']:.2f} GMac per image (method's counting rules)")
 
 
+def _score(method, root, weights, device, save_features=None, save_results=None) -> dict:
+    """One descriptor network over a sequences folder (`evaluate`), weights loaded if given."""
+    import torch
+
+    from cadist.eval.hpatches import evaluate
+    from cadist.keypoints.d2net import load_d2net_weights
+    from cadist.keypoints.extract import describe
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = method.build()
+    if weights:
+        load_d2net_weights(net, weights)
+    net.to(device).eval()
+    r = evaluate(
+        root,
+        lambda rgb: describe(net, method, rgb, device),
+        save_to=save_features,
+        suffix=method.name,
+        save_results=save_results,
+    )
+    return {"method": method.name, "weights": weights} | r
+
+
+def _log_score(r, method, root, weights, mlflow_uri, experiment, save_results=None) -> str:
+    """A score as an MLflow run: MMA@3 and the MMA curve, features, matches, GMac per image."""
+    from cadist.tracking import Tracker, new_run
+
+    tracker = Tracker(
+        mlflow_uri, new_run(mlflow_uri, experiment, method.name, {"cadist.task": "hpatches"})
+    )
+    tracker.log_params({"network": method.network, "method": method.name, "root": str(root),
+                        "weights": str(weights)})  # fmt: skip
+    keys = {"mma@3": "hpatches/mma_3px", "features_per_image": "hpatches/features_per_image",
+            "matches_per_pair": "hpatches/matches_per_pair", "gmac_per_image": "macs/gmac_per_image",
+            "high_res_fraction": "hpatches/high_res_fraction"}  # fmt: skip
+    tracker.log_metrics({v: r[k] for k, v in keys.items() if k in r}, 0)
+    for t, v in zip(r["thresholds"], r["mma"], strict=True):
+        tracker.log_metrics({"hpatches/mma": v}, t)
+    tracker.log_text(json.dumps(r, indent=1), "hpatches/results.json")
+    if save_results:
+        tracker.log_artifact(save_results, "hpatches")
+    tracker.finish()
+    return tracker.run_id
+
+
+@hpatches_group.command("table")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Sequences folder.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="D2-Net weights (d2_tf.pth).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder of the results files (<method>.npy); a method whose file exists is not run again.",
+)
+@click.option(
+    "--methods",
+    default=None,
+    help="Comma-separated method names (d2net_os4, apd2net_s2_21-21, …); default: the 13 of the "
+    "paper's table (§13.3).",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--mlflow-uri", help="Also log each method's score as an MLflow run.")
+@click.option("--experiment", default="hpatches", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def hpatches_table_cmd(root, weights, out, methods, device, mlflow_uri, experiment, as_json):
+    """The paper's keypoint table: every method scored on the same SIFT keypoints (computed once
+    per image), one §12 results file each in OUT, then the MMA table beside the paper's MMA@3.
+    Rerunning continues where it stopped."""
+    from pathlib import Path
+
+    from cadist.eval.hpatches import sequences
+    from cadist.eval.hpatches_results import PAPER_MMA3
+    from cadist.keypoints.extract import Method
+
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(PAPER_MMA3)
+    try:
+        chosen = [Method.from_name(n) for n in names]
+    except ValueError as exn:
+        raise CadistError(f"--methods: {exn}") from None
+    sequences(root)  # a wrong folder fails before any network runs
+    if not weights:
+        click.echo("warning: no --weights: random D2-Net weights (a pipeline check, not a score)",
+                   err=True)  # fmt: skip
+    files = []
+    for n, method in enumerate(chosen, 1):
+        path = Path(out) / f"{method.name}.npy"
+        files.append(str(path))
+        if path.is_file():
+            click.echo(f"[{n}/{len(chosen)}] {method.name}: {path} exists, kept", err=True)
+            continue
+        r = _score(method, root, weights, device, save_results=path)
+        if mlflow_uri:
+            _log_score(r, method, root, weights, mlflow_uri, experiment, path)
+        click.echo(f"[{n}/{len(chosen)}] {method.name}: MMA@3 {r['mma@3']:.4f}", err=True)
+    _print_compare(files, as_json)
+
+
 @hpatches_group.command("compare")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -133,6 +199,10 @@ def hpatches_compare_cmd(files, as_json):
     `--save-results` or other evaluations'), one row per file, beside the paper's MMA@3 where the
     file is named after a method of §13.3 (e.g. d2net_os4.npy, apd2net_s2_21-21.npy). Files are
     read without executing anything they contain."""
+    _print_compare(files, as_json)
+
+
+def _print_compare(files, as_json: bool) -> None:
     from pathlib import Path
 
     from cadist.eval.hpatches_results import PAPER_MMA3, read_results, summarise

@@ -223,3 +223,39 @@ def test_keypoint_network_macs_follow_the_counting_rules():
         assert count_gmac("apd2net", s, h, w, zero) == pytest.approx(
             count_gmac("d2net", s, h, w) + pools / 1e9, rel=1e-12
         )
+
+
+def test_hpatches_table_runs_each_method_once_on_shared_sift_keypoints(tmp_path, monkeypatch):
+    from cadist.eval.hpatches_results import PAPER_MMA3
+    from cadist.keypoints import extract
+    from cadist.keypoints.extract import Method
+
+    for name in PAPER_MMA3:  # the paper's method names parse and print back
+        assert Method.from_name(name).name == name
+    with pytest.raises(ValueError, match="apd2net_s2_21-21"):
+        Method.from_name("apd2net_two")
+    torch.manual_seed(0)
+    torch.save({"model": D2NetDense(8).state_dict()}, tmp_path / "d2.pth")
+    write_sequences(tmp_path / "hp", illumination=1, viewpoint=1, height=64, width=96, seed=3)
+    calls = []
+    real = extract.sift_keypoints
+    monkeypatch.setattr(extract, "sift_keypoints", lambda x: calls.append(1) or real(x))
+    extract._SIFT_CACHE.clear()
+    cmd = ["hpatches", "table", "--root", str(tmp_path / "hp"), "--weights", str(tmp_path / "d2.pth"),
+           "--out", str(tmp_path / "res"), "--methods", "d2net_os8,apd2net_s4_3", "--device", "cpu",
+           "--json"]  # fmt: skip
+    r = CliRunner().invoke(main, cmd)
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["results"]
+    assert [x["method"] for x in rows] == ["d2net_os8", "apd2net_s4_3"]
+    assert [x["paper_mma@3"] for x in rows] == [0.5500, 0.5563]
+    assert len(calls) == 12  # 2 sequences × 6 images, SIFT once per image for both methods
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
+        "apd2net_s4_3.npy",
+        "d2net_os8.npy",
+    ]
+    again = CliRunner().invoke(main, cmd)  # rerun: both files kept, the same table
+    assert again.exit_code == 0 and again.stderr.count("exists, kept") == 2
+    assert json.loads(again.stdout)["results"] == rows and len(calls) == 12
+    bad = CliRunner().invoke(main, [*cmd[:8], "--methods", "d2net_os3x"])
+    assert bad.exit_code != 0 and "--methods: method 'd2net_os3x'" in bad.output
