@@ -38,7 +38,7 @@ def test_shipped_jobs_validate(name):
 
 @pytest.mark.parametrize("name", ["sweep_edge.yaml", "sweep_learned.yaml", "sweep_edge_demo.yaml"])
 def test_shipped_sweeps_validate(name):
-    from cadist.tune import load_sweep
+    from cadist.sweeps import load_sweep
 
     sweep, fixed, job_path = load_sweep(os.path.join(JOBS, name))
     assert os.path.isfile(job_path) and sweep.search and sweep.objectives
@@ -207,7 +207,7 @@ def test_deepspeed_config_is_generated_from_the_job():
 
 
 def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
-    from cadist.train.driver import worker_env
+    from cadist.train.raycluster import worker_env
 
     assert (
         worker_env(False)["DS_ACCELERATOR"] == "cpu" and worker_env(False)["OMP_NUM_THREADS"] == "1"
@@ -216,7 +216,7 @@ def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
 
 
 def test_a_job_that_cannot_fit_the_ray_cluster_is_one_clear_error():
-    from cadist.train.driver import check_resources, placeable
+    from cadist.train.raycluster import check_resources, placeable
 
     job = load_job(os.path.join(JOBS, "demo.yaml"), ["cluster.num_workers=4"])
     assert placeable([{"CPU": 2.0}], {"CPU": 1.0}) == 2
@@ -252,7 +252,7 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
     import yaml
 
     from cadist.errors import ConfigError
-    from cadist.tune import load_sweep, pareto
+    from cadist.sweeps import load_sweep, pareto
 
     demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 
