@@ -138,7 +138,7 @@ def run_sweep(
 
     from cadist.tracking import Tracker, check_reachable, resolve_uri, start_or_resume_run
     from cadist.train.driver import _absolute, check_data, check_weights
-    from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray
+    from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, trial_slots
 
     sweep, fixed, job_path = load_sweep(path, overrides)
     base = _absolute(validate_job(json.loads(json.dumps(fixed)), str(path)))
@@ -148,9 +148,16 @@ def run_sweep(
     storage = Path(base.cluster.storage_path)
     resumed = _resume_or_start(storage, sweep, fixed, str(path), restart, echo)
     connect_ray(base.cluster.address, base.cluster.use_gpu, str(path))
-    warning = check_resources(base, str(path), cluster_nodes())  # one trial must fit
+    nodes = cluster_nodes()
+    warning = check_resources(base, str(path), nodes)  # one trial must fit
     if warning:
         echo(warning)
+    slots = trial_slots(base, nodes, sweep.max_concurrent)
+    if slots < sweep.max_concurrent:
+        echo(
+            f"max_concurrent {sweep.max_concurrent}: the Ray cluster holds {slots} trial(s) of "
+            f"{base.cluster.num_workers} worker(s) at once; running {slots} at a time"
+        )
     parent = None
     if base.mlflow.enabled:
         uri = resolve_uri(base.mlflow.tracking_uri)
@@ -168,16 +175,14 @@ def run_sweep(
 
         searcher = OptunaSearch(metric=metrics, mode=modes, seed=sweep.seed)
         tune_cfg = tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, sweep.max_concurrent),
+            search_alg=ConcurrencyLimiter(searcher, slots),
             num_samples=sweep.num_samples,
         )
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         tune_cfg = tune.TuneConfig(
-            search_alg=BasicVariantGenerator(
-                max_concurrent=sweep.max_concurrent, random_state=sweep.seed
-            ),
+            search_alg=BasicVariantGenerator(max_concurrent=slots, random_state=sweep.seed),
             num_samples=sweep.num_samples,
             metric=metrics[0],
             mode=modes[0],

@@ -65,6 +65,15 @@ def check_resources(
     raise ConfigError(f"{source}: {msg} (or set cluster.autoscale=true if nodes are on the way)")
 
 
+def trial_slots(job: JobConfig, nodes: list[dict[str, float]], wanted: int) -> int:
+    """How many trials of `job` (a sweep's) can train at once: `wanted`, or fewer when the nodes hold
+    fewer jobs of its workers side by side (a trial that cannot start would time out and fail);
+    with `cluster.autoscale` always `wanted`."""
+    if job.cluster.autoscale:
+        return wanted
+    return max(1, min(wanted, placeable(nodes, worker_request(job)) // job.cluster.num_workers))
+
+
 def _endpoint(address: str) -> tuple[str, int] | None:
     """(host, port) that `ray.init(address)` will connect to, where it can be known up front."""
     if address == "auto":

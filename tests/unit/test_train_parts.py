@@ -246,6 +246,14 @@ def test_a_job_that_cannot_fit_the_ray_cluster_is_one_clear_error():
     )
     msg = check_resources(wait, "demo.yaml", [{"CPU": 16.0}])
     assert msg.startswith("waiting for the autoscaler: cluster.use_gpu is true")
+    # a sweep runs at once only as many trials as the nodes hold (queued ones would time out)
+    from cadist.train.raycluster import trial_slots
+
+    pair = load_job(os.path.join(JOBS, "demo.yaml"), ["cluster.num_workers=2"])
+    assert trial_slots(pair, [{"CPU": 2.0}], 4) == 1
+    assert trial_slots(pair, [{"CPU": 4.0}, {"CPU": 3.0}], 4) == 3
+    assert trial_slots(pair, [{"CPU": 16.0}], 2) == 2
+    assert trial_slots(wait, [{"CPU": 16.0}], 5) == 5  # autoscaling: as asked
 
 
 def test_sweep_file_errors_name_the_file_and_key(tmp_path):
