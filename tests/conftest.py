@@ -13,3 +13,13 @@ def tiny_shards(root, num_train: int = 8, num_val: int = 2, seed: int = 3):
     for split in ("train", "val"):
         build_shards(root / "cs", split, root / "shards", samples_per_shard=2, progress=False)
     return root / "shards" / "train-manifest.json", root / "shards" / "val-manifest.json"
+
+
+def registered_checkpoint(run_dir) -> bool:
+    """Whether Ray Train has registered a checkpoint of the run in `run_dir` (a folder on disk may
+    not be registered yet; a crash then restarts from the one before)."""
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return snap.is_file() and "checkpoint_dir_name" in snap.read_text()
+    except OSError:
+        return False

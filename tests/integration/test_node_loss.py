@@ -16,7 +16,7 @@ from cadist.config import load_job
 from cadist.errors import ClusterError
 from cadist.train.driver import run_training
 
-from ..conftest import tiny_shards
+from ..conftest import registered_checkpoint, tiny_shards
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -60,11 +60,11 @@ def test_lost_node_is_an_error_and_the_rerun_resumes(tmp_path, monkeypatch):
 
         t = threading.Thread(target=fit)
         t.start()
-        first = tmp_path / "runs" / "itest-nodeloss" / "step_00000010"
+        run_dir = tmp_path / "runs" / "itest-nodeloss"
         deadline = time.time() + 240
-        while not first.exists() and time.time() < deadline and t.is_alive():
+        while not registered_checkpoint(run_dir) and time.time() < deadline and t.is_alive():
             time.sleep(0.2)
-        assert first.exists(), box
+        assert registered_checkpoint(run_dir), box
         cluster.remove_node(worker)  # from the main thread (Ray's requirement)
         t0 = time.time()
         t.join(timeout=240)

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from cadist.tune import run_sweep
 
-from ..conftest import tiny_shards
+from ..conftest import registered_checkpoint, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -148,8 +148,7 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
         order = []  # trial run folders in the order they appear (trial ids are random)
         while time.time() < deadline:  # until Ray Train registered a checkpoint of the 2nd trial
             order += [d for d in _sweep_dirs(runs, "itest_resume") if d not in order]
-            snap = order[1] / "checkpoint_manager_snapshot.json" if len(order) == 2 else None
-            if snap and snap.is_file() and "checkpoint_dir_name" in snap.read_text():
+            if len(order) == 2 and registered_checkpoint(order[1]):
                 break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
