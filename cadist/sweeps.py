@@ -9,7 +9,14 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cadist.config import JobConfig, parse_overrides, read_yaml, validate_job
 from cadist.errors import ConfigError
@@ -48,6 +55,23 @@ class SweepConfig(BaseModel):
     """Trials running at once (each takes its job's cluster.num_workers × cpus_per_worker)."""
     searcher: Literal["optuna", "random"] = "optuna"
     seed: int = 0
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """fifo: every trial trains to the end. asha: Async Successive Halving — a trial whose objective
+    at an evaluation trails the others' at the same step is stopped early (one objective only)."""
+    grace_steps: int | None = Field(None, ge=1)
+    """asha: steps every trial trains before it may be stopped; None: two evaluations
+    (2 × the base job's eval.interval)."""
+    reduction_factor: float = Field(3, gt=1)
+    """asha: about 1/reduction_factor of the trials reaching each rung go on to the next."""
+
+    @model_validator(mode="after")
+    def _asha_needs_one_objective(self) -> SweepConfig:
+        if self.scheduler == "asha" and len(self.objectives) != 1:
+            raise ValueError(
+                "scheduler asha stops trials on one metric; name one objective (e.g. "
+                "{val/miou: max}), or use scheduler fifo for a Pareto front of two"
+            )
+        return self
 
     @field_validator("search")
     @classmethod
@@ -96,7 +120,8 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Sweep
     except ValidationError as exn:
         err = exn.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+        where = f"{loc}: " if loc else ""
+        raise ConfigError(f"{path}: {where}{err['msg'].removeprefix('Value error, ')}") from None
     job_path = (path.parent / sweep.job).resolve()
     if not job_path.is_file():
         raise ConfigError(f"{path}: job: {job_path} does not exist")

@@ -120,6 +120,13 @@ def register_best(uri: str, run_id: str, name: str) -> str | None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """End a run with `status` (e.g. KILLED for a sweep trial its scheduler stopped)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail early and clearly when a tracking server is down or a store cannot be created."""
     if uri.startswith(("http://", "https://")):

@@ -56,9 +56,21 @@ def _run_trial(config: dict, ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     job = trial_job(ctx["fixed"], config, f"{ctx['name']}-{trial_id}", ctx["source"])
     tags = {"mlflow.parentRunId": ctx["parent_run_id"]} if ctx["parent_run_id"] else {}
-    r = run_training(job, ctx["source"], extra_tags=tags | {"cadist.sweep": ctx["name"]})
+    callbacks = None
+    if ctx.get("asha"):  # every evaluation goes to Tune, whose scheduler may stop this trial
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
+    r = run_training(
+        job,
+        ctx["source"],
+        extra_tags=tags | {"cadist.sweep": ctx["name"]},
+        callbacks=callbacks,
+        report_evals=bool(callbacks),
+        in_sweep=True,
+    )
     report = {m: float(v) for m, v in r.metrics.items() if m in METRICS}
-    report |= {"mlflow_run_id": r.run_id or "", "job": job.name}
+    report |= {"mlflow_run_id": r.run_id or "", "job": job.name, "step": r.metrics.get("step")}
     tune.report(report)
 
 
@@ -173,21 +185,35 @@ def run_sweep(
     if sweep.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(metric=metrics, mode=modes, seed=sweep.seed)
-        tune_cfg = tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, slots),
-            num_samples=sweep.num_samples,
+        searcher = (  # one objective: metric and mode come from the TuneConfig below
+            OptunaSearch(seed=sweep.seed)
+            if len(metrics) == 1
+            else OptunaSearch(metric=metrics, mode=modes, seed=sweep.seed)
         )
+        search_alg = ConcurrencyLimiter(searcher, slots)
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        tune_cfg = tune.TuneConfig(
-            search_alg=BasicVariantGenerator(max_concurrent=slots, random_state=sweep.seed),
-            num_samples=sweep.num_samples,
-            metric=metrics[0],
-            mode=modes[0],
+        search_alg = BasicVariantGenerator(max_concurrent=slots, random_state=sweep.seed)
+    scheduler = None
+    if sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=base.train.iterations,
+            grace_period=sweep.grace_steps or 2 * base.eval.interval,
+            reduction_factor=sweep.reduction_factor,
+            stop_last_trials=False,  # a trial at its last step finishes (final report, MLflow)
         )
-    ctx = {"fixed": fixed, "name": sweep.name, "source": str(path), "parent_run_id": parent}
+    tune_cfg = tune.TuneConfig(
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=sweep.num_samples,
+        **({"metric": metrics[0], "mode": modes[0]} if len(metrics) == 1 else {}),
+    )
+    ctx = {"fixed": fixed, "name": sweep.name, "source": str(path), "parent_run_id": parent,
+           "asha": sweep.scheduler == "asha"}  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
     )
@@ -209,12 +235,24 @@ def run_sweep(
     grid = tuner.fit()
     rows = []
     for res in grid:
+        last = res.metrics or {}
+        job_name = last.get("job") or f"{sweep.name}-{last.get('trial_id', '?')}"
+        # a trial the scheduler stopped never made its final report: its run is found by marker
+        stopped = res.error is None and "job" not in last and "trial_id" in last
+        run_id = last.get("mlflow_run_id") or _run_of(storage, job_name)
+        if (stopped or res.error is not None) and run_id and base.mlflow.enabled:
+            from cadist.tracking import set_status
+
+            status = "KILLED" if stopped else "FAILED"
+            set_status(resolve_uri(base.mlflow.tracking_uri), run_id, status)
         rows.append(
             {
                 "params": {k: res.config.get(k) for k in sweep.search},
-                "metrics": {m: res.metrics[m] for m in METRICS if res.metrics and m in res.metrics},
-                "job": (res.metrics or {}).get("job"),
-                "mlflow_run_id": (res.metrics or {}).get("mlflow_run_id"),
+                "metrics": {m: last[m] for m in METRICS if m in last},
+                "job": job_name,
+                "mlflow_run_id": run_id,
+                "step": last.get("step"),
+                "stopped_early": stopped,
                 "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}",
             }
         )
@@ -249,6 +287,15 @@ def run_sweep(
     }
 
 
+def _run_of(storage: Path, job_name: str) -> str | None:
+    """The MLflow run id a trial's job recorded in its marker file, if any."""
+    marker = storage / ".cadist" / f"{job_name}.mlflow.json"
+    try:
+        return json.loads(marker.read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
 def _label(params: dict) -> str:
     """Short point label: the last part of each searched key and its value."""
     return ", ".join(
@@ -264,6 +311,7 @@ def _table(rows: list[dict], sweep: SweepConfig) -> str:
     for r in rows:
         vals = [r["params"].get(k) for k in keys] + [r["metrics"].get(m) for m in sweep.objectives]
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals]
-        cells.append("*" if r["pareto"] else (r["error"] or "")[:60])
+        note = f"stopped at step {r['step']}" if r.get("stopped_early") else (r["error"] or "")
+        cells.append("*" if r["pareto"] else note[:60])
         lines.append("  ".join(cells))
     return "\n".join(lines)

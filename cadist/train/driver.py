@@ -178,9 +178,14 @@ def run_training(
     source: str = "<job>",
     address: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+    report_evals: bool = False,
+    in_sweep: bool = False,
 ) -> TrainResult:
     """Train (or resume) `job` on a Ray cluster; returns the run's final metrics and checkpoint.
-    `extra_tags` go on a new MLflow run (a sweep's trials: the parent run)."""
+    `extra_tags` go on a new MLflow run (a sweep's trials: the parent run); `callbacks` are Ray Train
+    callbacks (a sweep's: reports to Tune), `report_evals` reports every evaluation to them;
+    `in_sweep`: a failure leaves the MLflow run to the sweep, which marks it FAILED or KILLED."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -236,7 +241,12 @@ def run_training(
         log_macs(tracker, job)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.model_dump(), "tracking_uri": uri, "run_id": run_id},
+        train_loop_config={
+            "job": job.model_dump(),
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "report_evals": report_evals,
+        },
         scaling_config=ScalingConfig(
             num_workers=job.cluster.num_workers,
             use_gpu=job.cluster.use_gpu,
@@ -251,6 +261,7 @@ def run_training(
                 controller_failure_limit=-1 if job.cluster.autoscale else 1,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     # read by Ray Train's controller, which the driver's environment is passed to at fit()
@@ -258,7 +269,8 @@ def run_training(
     try:
         result = trainer.fit()
     except Exception as exn:
-        tracker.finish("FAILED")
+        if not in_sweep:  # a sweep's trials are marked by the sweep (FAILED, or KILLED if stopped)
+            tracker.finish("FAILED")
         if is_start_failure(exn):
             raise ClusterError(
                 f"{source}: job {job.name}: Ray Train could not start its "

@@ -171,7 +171,8 @@ def _mean_fraction(extra: dict, device) -> float:
 
 
 def train_worker(cfg: dict) -> None:
-    """Ray Train entry point; `cfg` = {"job": JobConfig dump, "tracking_uri", "run_id"}."""
+    """Ray Train entry point; `cfg` = {"job": JobConfig dump, "tracking_uri", "run_id",
+    "report_evals": also report every evaluation (without a checkpoint) to Ray Train}."""
     job = JobConfig.model_validate(cfg["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -289,6 +290,8 @@ def train_worker(cfg: dict) -> None:
                 engine.train()
             if step % t.checkpoint_every == 0 or step == t.iterations:
                 save_checkpoint(engine, state, rank, {"step": step, **metrics})
+            elif cfg.get("report_evals") and step % job.eval.interval == 0:
+                ray.train.report({"step": step, **metrics})  # a sweep's scheduler compares trials
             if step >= t.iterations:
                 break
     if rank == 0:

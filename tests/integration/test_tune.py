@@ -1,6 +1,8 @@
 """Sweeps through Ray Tune on a real local Ray: trials are ordinary cadist jobs (Ray Train +
 DeepSpeed), nested MLflow runs under the sweep's run, a multi-objective Pareto front."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from cadist.tune import run_sweep
 from ..conftest import registered_checkpoint, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
+SEED = 6  # the random searcher's seed in the ASHA test: lr_head 0.2, then 1e-9 twice
 pytestmark = pytest.mark.slow
 
 
@@ -203,3 +206,50 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
     assert len(result["trials"]) == 1 and result["trials"][0]["job"] not in jobs_before
     assert list(runs.glob("sweep-itest_resume.before-*"))
+
+
+def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):
+    """One objective with scheduler asha (through the CLI: its local Ray has the dashboard whose
+    state API Ray Train needs to release a stopped trial's workers): every evaluation reaches
+    Tune; trials whose head cannot learn (learning rate 1e-9, backbone frozen alike) trail at the
+    first rung and are stopped — MLflow run KILLED, flagged in the results — the others finish."""
+    import subprocess
+    import sys
+
+    train, val = tiny_shards(tmp_path, seed=8)
+    sweep = {
+        "name": "itest_asha",
+        "job": str(ROOT / "jobs" / "demo.yaml"),
+        "set": _fixed(train, val, iterations=20, log_every=5)
+        | {"model.name": "deeplabv3_resnet_tiny", "eval.interval": 5, "train.checkpoint_every": 10,
+           "train.lr_backbone": 1e-9, "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "search": {"train.lr_head": {"choice": [0.2, 1e-9]}},
+        "objectives": {"val/miou": "max"},
+        "num_samples": 3,
+        "searcher": "random",
+        "scheduler": "asha",
+        "grace_steps": 10,
+        "reduction_factor": 2,
+        "seed": SEED,
+    }  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "cadist", "tune", "sweep.yaml"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = json.loads(
+        (tmp_path / "runs" / ".cadist" / "sweep-itest_asha.results.json").read_text()
+    )["trials"]
+    print(json.dumps(trials, indent=1))
+    assert len(trials) == 3 and all(t["error"] is None for t in trials), trials
+    stopped = [t for t in trials if t["stopped_early"]]
+    done = [t for t in trials if not t["stopped_early"]]
+    assert stopped and done
+    for t in stopped:
+        assert t["step"] < 20 and t["params"]["train.lr_head"] == 1e-9
+    assert all(t["step"] == 20 for t in done)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for t in trials:
+        status = client.get_run(t["mlflow_run_id"]).info.status
+        assert status == ("KILLED" if t["stopped_early"] else "FINISHED"), (t, status)
+    assert r.stdout.count("stopped at step") == len(stopped)

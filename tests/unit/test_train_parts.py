@@ -285,6 +285,9 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
         load_sweep(write(objectives={"val/miou": "max", "macs/backbone_gmac": "min"}))
     with pytest.raises(ConfigError, match=r"objectives: .*val/loss: not a reported metric"):
         load_sweep(write(objectives={"val/loss": "min"}))
+    with pytest.raises(ConfigError, match=r"s\.yaml: scheduler asha stops trials on one metric"):
+        load_sweep(write(set={"model.name": "deeplabv3_batch_ap_resnet_tiny"}, scheduler="asha",
+                         objectives={"val/miou": "max", "macs/backbone_gmac": "min"}))  # fmt: skip
     sweep, fixed, _ = load_sweep(write(), ("num_samples=3",))
     assert sweep.num_samples == 3 and fixed["model"]["name"] == "deeplabv3_resnet_tiny"
     rows = [{"metrics": {"a": a, "b": b}} for a, b in ((0.5, 10), (0.6, 12), (0.4, 11), (0.6, 12))]
