@@ -77,7 +77,7 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(64, ge=1)
     """Samples held for shuffling per loader worker."""
     steps_per_epoch: int = Field(100, ge=1)
-    """Length of one data-stream epoch in steps; shard order is reshuffled every epoch."""
+    """Length of one data-stream epoch in optimiser steps; shard order is reshuffled every epoch."""
     skip_bad: bool = False
     """Skip (and count) corrupt shards and samples instead of stopping."""
     allow_pipe: bool = False
@@ -146,6 +146,11 @@ class DeepSpeedConfig(_Section):
     """bf16 training: "auto" = on with GPUs, fp32 on the CPU accelerator. bf16 runs as torch autocast
     with fp32 weights (DeepSpeed's `torch_autocast`): on an H200 DeepSpeed's bf16-weights mode cost
     213 ms per ResNet-101 step vs 67 ms (bench/results), and failed without channels-last."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimiser step on each worker: each worker runs train.batch_size /
+    (cluster.num_workers × this) images at a time, and the gradients of this many add up before
+    the step — for GPUs too small for the recipe's batch. The step and the schedule are unchanged;
+    BatchNorm statistics then come from each micro-batch (across workers), not the whole batch."""
     gradient_clipping: float = Field(0.0, ge=0)
     """Clip the global gradient norm; 0 = off, as in the method's recipe (§8). Set explicitly
     because DeepSpeed's own default (1.0) would silently shrink the recipe's steps."""
@@ -175,11 +180,22 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobConfig:
-        n = self.cluster.num_workers
-        if self.train.batch_size % n:
+        n, acc = self.cluster.num_workers, self.deepspeed.gradient_accumulation_steps
+        if self.train.batch_size % (n * acc):
+            split = f"cluster.num_workers {n}" + (
+                f" × deepspeed.gradient_accumulation_steps {acc} = {n * acc}" if acc > 1 else ""
+            )
             raise ValueError(
-                f"train.batch_size {self.train.batch_size} is not divisible by cluster.num_workers "
-                f"{n}; use a multiple of {n} (e.g. {n * max(1, self.train.batch_size // n)})"
+                f"train.batch_size {self.train.batch_size} is not divisible by {split}; use a "
+                f"multiple of {n * acc} (e.g. {n * acc * max(1, self.train.batch_size // (n * acc))})"
+                + (" or fewer accumulation steps" if acc > 1 else "")
+            )
+        if n == 1 and self.micro_batch == 1:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} on one worker"
+                + (f" in {acc} accumulation steps" if acc > 1 else "")
+                + " runs 1 image at a time: BatchNorm after the ASPP's image pooling needs 2 or "
+                "more (one value per channel); use batches of 2+ images per step or more workers"
             )
         if self.model.name.startswith("deeplabv3_ad_") and self.model.adaptive_mode != "os8to16":
             raise ValueError(
@@ -194,8 +210,11 @@ class JobConfig(_Section):
         return self
 
     @property
-    def per_worker_batch(self) -> int:
-        return self.train.batch_size // self.cluster.num_workers
+    def micro_batch(self) -> int:
+        """Images one worker runs at a time: the batch split over workers and accumulation steps."""
+        return self.train.batch_size // (
+            self.cluster.num_workers * self.deepspeed.gradient_accumulation_steps
+        )
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys → values, for MLflow params."""

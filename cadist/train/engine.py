@@ -32,8 +32,8 @@ def deepspeed_config(job: JobConfig, on_gpu: bool) -> dict:
     """The DeepSpeed JSON for a job (never hand-edited): batch split, ZeRO stage, precision."""
     return {
         "train_batch_size": job.train.batch_size,
-        "train_micro_batch_size_per_gpu": job.per_worker_batch,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": job.micro_batch,
+        "gradient_accumulation_steps": job.deepspeed.gradient_accumulation_steps,
         "zero_optimization": {"stage": job.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch SGD with two groups (§8) under ZeRO 1/2
         **_precision(job, on_gpu),
@@ -86,7 +86,8 @@ def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device)
 
 
 def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One optimiser step on a batch from the stream (uint8 images are normalised on the device)."""
+    """Forward and backward of one (micro-)batch from the stream (uint8 images are normalised on the
+    device); DeepSpeed steps the optimiser and the schedule at the last micro-batch of each step."""
     x = batch["image"].to(device, non_blocking=True)
     x = (normalize_uint8(x) if x.dtype == torch.uint8 else x).to(dtype)
     y = batch["label"].to(device, non_blocking=True)

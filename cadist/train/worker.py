@@ -187,14 +187,15 @@ def train_worker(cfg: dict) -> None:
         else NullTracker()
     )
     d, t = job.data, job.train
+    acc = job.deepspeed.gradient_accumulation_steps  # micro-batches per optimiser step
     train = ShardStream(
         d.train_shards,
         train=True,
-        batch_size=job.per_worker_batch,
+        batch_size=job.micro_batch,
         rank=rank,
         world_size=world,
         num_workers=d.num_workers,
-        steps_per_epoch=d.steps_per_epoch,
+        steps_per_epoch=d.steps_per_epoch * acc,
         transform=TrainTransform(d.crop_size, d.crop_size),
         seed=t.seed,
         shuffle_buffer=d.shuffle_buffer,
@@ -222,13 +223,15 @@ def train_worker(cfg: dict) -> None:
     t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     while step < t.iterations:
         epoch, start = divmod(step, d.steps_per_epoch)
-        train.set_epoch(epoch, start)
-        for batch in make_loader(train, pin_memory=on_gpu):
+        train.set_epoch(epoch, start * acc)
+        for micro, batch in enumerate(make_loader(train, pin_memory=on_gpu), 1):
             loss = train_step(engine, batch, device, dtype)
-            step += 1
-            state["step"] = step
             seen += batch["label"].shape[0]
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+            if micro % acc:  # DeepSpeed steps the optimiser at the last micro-batch of the step
+                continue
+            step += 1
+            state["step"] = step
             metrics = {}
             if step % t.log_every == 0 or step == t.iterations:
                 elapsed = time.perf_counter() - t0

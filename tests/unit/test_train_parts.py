@@ -77,6 +77,16 @@ def test_overrides_and_one_line_errors(tmp_path):
             ["cluster.num_workers=3"],
             r"train\.batch_size 8 is not divisible by cluster\.num_workers 3",
         ),
+        (
+            ["cluster.num_workers=2", "deepspeed.gradient_accumulation_steps=3"],
+            r"train\.batch_size 8 is not divisible by cluster\.num_workers 2 × "
+            r"deepspeed\.gradient_accumulation_steps 3 = 6; use a multiple of 6 \(e\.g\. 6\) or "
+            r"fewer accumulation steps",
+        ),
+        (
+            ["deepspeed.gradient_accumulation_steps=8"],
+            r"train\.batch_size 8 on one worker in 8 accumulation steps runs 1 image at a time",
+        ),
         (["model.name=resnet9"], r"model\.name: .*'deeplabv3_resnet101'.*\(got 'resnet9'\)"),
         (["name=bad name"], r"name: String should match"),
         (["train.iterations"], r"expected KEY=VALUE"),
@@ -204,6 +214,18 @@ def test_deepspeed_config_is_generated_from_the_job():
         load_job(os.path.join(JOBS, "demo.yaml"), ["deepspeed.bf16=true"]), False
     )
     assert forced["torch_autocast"]["enabled"]
+    acc = deepspeed_config(
+        load_job(
+            os.path.join(JOBS, "deeplabv3_r101_os8.yaml"),
+            ["cluster.num_workers=2", "deepspeed.gradient_accumulation_steps=2"],
+        ),
+        True,
+    )
+    assert (
+        acc["train_batch_size"],
+        acc["train_micro_batch_size_per_gpu"],
+        acc["gradient_accumulation_steps"],
+    ) == (8, 2, 2)
 
 
 def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
