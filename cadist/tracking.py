@@ -228,6 +228,18 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    def note_resume_changes(self, step: int, changes: str, world_size: int) -> None:
+        """A resume with changed settings: appended to the run's `cadist.resume_changes` tag (its
+        params keep the values of the first start), and the world size it now runs at."""
+        earlier = self.client.get_run(self.run_id).data.tags.get("cadist.resume_changes")
+        line = f"step {step}: {changes}"
+        self.set_tags(
+            {
+                "cadist.resume_changes": f"{earlier}; {line}" if earlier else line,
+                "cadist.world_size": str(world_size),
+            }
+        )
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import yaml
@@ -29,6 +28,7 @@ import yaml
 from cadist.config import validate_job
 from cadist.errors import ConfigError
 from cadist.sweeps import METRICS, SweepConfig, load_sweep, pareto, trial_job
+from cadist.train.resume import changed_keys, set_aside
 
 
 def _space(sweep: SweepConfig) -> dict:
@@ -79,29 +79,6 @@ def _fingerprint(sweep: SweepConfig, fixed: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def _set_aside(paths: list[Path]) -> list[Path]:
-    """Rename the earlier sweep's files out of the way (nothing is deleted)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for p in paths:
-        if p.exists():
-            dest = p.with_name(f"{p.name}.before-{stamp}")
-            os.replace(p, dest)
-            moved.append(dest)
-    return moved
-
-
 def _resume_or_start(
     storage: Path, sweep: SweepConfig, fixed: dict, source: str, restart: bool, echo
 ) -> bool:
@@ -115,13 +92,13 @@ def _resume_or_start(
     marker = storage / ".cadist" / f"sweep-{sweep.name}.mlflow.json"
     current = {"fingerprint": _fingerprint(sweep, fixed), "sweep": sweep.model_dump(), "job": fixed}
     if restart:
-        moved = _set_aside([exp_dir, state, marker])
+        moved = set_aside([exp_dir, state, marker])
         if moved:
             echo(f"restarting sweep {sweep.name}: the earlier run is kept as {moved[0]}")
     elif tune.Tuner.can_restore(str(exp_dir)):
         before = json.loads(state.read_text()) if state.is_file() else {}
         if before.get("fingerprint") != current["fingerprint"]:
-            changed = _changed_keys(
+            changed = changed_keys(
                 {"sweep": before.get("sweep", {}), "job": before.get("job", {})},
                 {"sweep": current["sweep"], "job": current["job"]},
             )

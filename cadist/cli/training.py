@@ -14,13 +14,20 @@ from cadist.cli import _print_json, _set_option, main
 @click.option(
     "--address", default=None, help="Ray cluster address; default: the job's, else a local Ray."
 )
-def train_cmd(job_file, overrides, address):
-    """Train JOB_FILE on Ray Train + DeepSpeed (rerunning the same job name resumes it)."""
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Start over: an earlier run of this job name (checkpoints, MLflow run) is kept aside as "
+    "<name>.before-<time>, and a new one begins.",
+)
+def train_cmd(job_file, overrides, address, restart):
+    """Train JOB_FILE on Ray Train + DeepSpeed. Rerunning the same job name resumes it from its
+    last checkpoint; settings that change what is trained are then refused (--restart)."""
     from cadist.config import load_job
     from cadist.train.driver import run_training
 
     job = load_job(job_file, overrides)
-    r = run_training(job, job_file, address)
+    r = run_training(job, job_file, address, restart=restart)
     summary = {
         "job": job.name,
         "miou": r.metrics.get("val/miou"),

@@ -1,7 +1,8 @@
 """The driver: validate on this machine, open the MLflow run, start Ray, fit the `TorchTrainer`.
 
 Rerunning a job of the same name with the same storage path resumes it (Ray Train restores the
-latest checkpoint; the MLflow run is found again through a marker file).
+latest checkpoint; the MLflow run is found again through a marker file); `cadist.train.resume`
+decides which changed settings such a rerun may bring.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from cadist import __version__
 from cadist.checkpoints import MLFLOW_SCHEMES
-from cadist.config import JobConfig
+from cadist.config import JobConfig, read_yaml
 from cadist.data.stream import expand_shards
 from cadist.errors import ClusterError, ConfigError, ShardError
 from cadist.train.raycluster import (
@@ -24,6 +25,7 @@ from cadist.train.raycluster import (
     describe_nodes,
     is_start_failure,
 )
+from cadist.train.resume import check_rerun, set_aside
 
 
 @dataclass
@@ -157,6 +159,18 @@ def _absolute(job: JobConfig) -> JobConfig:
     )
 
 
+def _previous_job(resolved: Path) -> dict | None:
+    """The resolved job an earlier start of this job name wrote (with today's defaults filled in,
+    so a key added since is no change); None on a first start."""
+    if not resolved.is_file():
+        return None
+    tree = read_yaml(resolved, "resolved job", "a job mapping")
+    try:
+        return JobConfig.model_validate(tree).model_dump()
+    except ValueError:  # written by another cadist version: compare what is there
+        return tree
+
+
 def _fetch_initial_weights(job: JobConfig, dest: Path) -> JobConfig:
     """model.weights given as an MLflow URI (e.g. the best weights of an earlier run): fetched once
     on the driver into the run's storage (which every node reads), the job pointed at the copy."""
@@ -181,11 +195,13 @@ def run_training(
     callbacks: list | None = None,
     report_evals: bool = False,
     in_sweep: bool = False,
+    restart: bool = False,
 ) -> TrainResult:
     """Train (or resume) `job` on a Ray cluster; returns the run's final metrics and checkpoint.
     `extra_tags` go on a new MLflow run (a sweep's trials: the parent run); `callbacks` are Ray Train
     callbacks (a sweep's: reports to Tune), `report_evals` reports every evaluation to them;
-    `in_sweep`: a failure leaves the MLflow run to the sweep, which marks it FAILED or KILLED."""
+    `in_sweep`: a failure leaves the MLflow run to the sweep, which marks it FAILED or KILLED;
+    `restart`: set an earlier run of this job name aside and start over (else a rerun resumes)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -203,10 +219,22 @@ def run_training(
     job = _absolute(job)
     storage = Path(job.cluster.storage_path)
     (storage / ".cadist").mkdir(parents=True, exist_ok=True)
+    resolved = storage / ".cadist" / f"{job.name}.yaml"  # the resolved job, beside Ray's run folder
+    marker = storage / ".cadist" / f"{job.name}.mlflow.json"
+    init_weights = storage / ".cadist" / f"{job.name}.init-weights.pt"
+    if restart:
+        moved = set_aside([storage / job.name, resolved, marker, init_weights])
+        if moved:
+            print(f"cadist: restarting job {job.name}; the earlier run is kept as {moved[0]}")
     weights_source = job.model.weights
     if weights_source and weights_source.startswith(MLFLOW_SCHEMES):
-        job = _fetch_initial_weights(job, storage / ".cadist" / f"{job.name}.init-weights.pt")
-    resolved = storage / ".cadist" / f"{job.name}.yaml"  # the resolved job, beside Ray's run folder
+        job = _fetch_initial_weights(job, init_weights)
+    before = _previous_job(resolved)
+    rerun = check_rerun(job.model_dump(), before, storage / job.name, source)
+    if rerun.changes and rerun.step is None:  # nothing to resume: a new MLflow run, right params
+        set_aside([marker])
+    elif rerun.changes:
+        print(f"cadist: resuming job {job.name} at step {rerun.step} with {rerun.describe()}")
     resolved.with_suffix(".yaml.tmp").write_text(job.to_yaml())
     os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
     uri = resolve_uri(job.mlflow.tracking_uri) if job.mlflow.enabled else None
@@ -232,10 +260,12 @@ def run_training(
             uri,
             job.mlflow.experiment,
             job.name,
-            storage / ".cadist" / f"{job.name}.mlflow.json",
+            marker,
             tags,
         )
         tracker = Tracker(uri, run_id)
+        if rerun.step is not None and rerun.changes:  # params stay those of the first start
+            tracker.note_resume_changes(rerun.step, rerun.describe(), job.cluster.num_workers)
         tracker.log_params(job.flat())
         tracker.log_text(job.to_yaml(), "config/job.yaml")
         log_macs(tracker, job)

@@ -1,0 +1,128 @@
+"""Rerunning a job of the same name: what a run resuming from its checkpoint may change, and setting
+an earlier run aside (`cadist train --restart`, `cadist tune --restart`). No Ray here.
+
+A resumed run continues the same MLflow run, whose params are those of its first start, so a rerun
+that would train something else (another model, learning rate, crop, seed…) is refused before
+anything starts; where and how it runs (workers, GPUs, intervals, accumulation, the iteration
+count) may change, and the changes are printed and recorded on the MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cadist.errors import ConfigError
+
+#: job keys (or key prefixes, ending in ".") a resumed run may change
+RESUMABLE = (
+    "cluster.",
+    "data.train_shards",
+    "data.val_shards",
+    "data.num_workers",
+    "data.skip_bad",
+    "data.allow_pipe",
+    "train.iterations",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "eval.",
+    "deepspeed.bf16",
+    "deepspeed.gradient_accumulation_steps",
+    "mlflow.",
+)
+_ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (either side may lack them)."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def set_aside(paths: list[Path]) -> list[Path]:
+    """Rename an earlier run's files out of the way (`<name>.before-<time>`; nothing is deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for p in paths:
+        if p.exists():
+            dest = p.with_name(f"{p.name}.before-{stamp}")
+            os.replace(p, dest)
+            moved.append(dest)
+    return moved
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete cadist checkpoint (`step_<n>/` with weights and DeepSpeed state)."""
+    found = [
+        (int(p.name[5:]), p)
+        for p in run_dir.glob("step_*")
+        if p.name[5:].isdigit() and (p / "model.pt").is_file() and (p / "state").is_dir()
+    ]
+    return max(found) if found else None
+
+
+def zero_world(ckpt: Path) -> int | None:
+    """Data-parallel ranks a checkpoint's ZeRO (stage 1/2) optimizer state is split over; None for
+    stage 0 (the whole state in one file, loadable by any number of workers)."""
+    ranks = {int(m[1]) for p in (ckpt / "state").glob("*") if (m := _ZERO_FILE.match(p.name))}
+    return len(ranks) or None
+
+
+def _value(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree if tree != {} else None
+
+
+@dataclass
+class Rerun:
+    """What a (re)start of a job will do: `step` of the checkpoint it resumes from (None: starts
+    at step 0) and the changed job keys as (key, before, now)."""
+
+    step: int | None = None
+    changes: list[tuple[str, object, object]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {a} → {b}" for k, a, b in self.changes)
+
+
+def check_rerun(job: dict, before: dict | None, run_dir: Path, source: str) -> Rerun:
+    """Compare a job (resolved, as a dict) with the one its earlier start wrote (`before`; None on
+    a first start). Raises ConfigError for a resume that changes what is trained, or that DeepSpeed
+    cannot load (ZeRO state split over another number of workers)."""
+    latest = latest_checkpoint(run_dir)
+    if before is None:
+        return Rerun(step=latest[0] if latest else None)
+    changes = [(k, _value(before, k), _value(job, k)) for k in changed_keys(before, job)]
+    if latest is None:  # nothing to resume: the job starts over with its new settings
+        return Rerun(changes=changes)
+    step, ckpt = latest
+    name = job.get("name")
+    fixed = [(k, a, b) for k, a, b in changes if not k.startswith(RESUMABLE)]
+    if fixed:
+        listed = ", ".join(f"{k} {a} → {b}" for k, a, b in fixed[:6])
+        raise ConfigError(
+            f"{source}: job {name} would resume from its checkpoint at step {step} ({ckpt}), "
+            f"which was trained with other settings ({listed}); a resumed run cannot change "
+            f"these: undo them to resume, give the job a new name, or pass --restart to start "
+            f"over (the earlier run is kept aside)"
+        )
+    world, workers = zero_world(ckpt), job.get("cluster", {}).get("num_workers")
+    if world and workers != world:
+        raise ConfigError(
+            f"{source}: job {name}'s checkpoint at step {step} ({ckpt}) holds ZeRO optimizer "
+            f"state split over {world} workers, which DeepSpeed cannot re-split for "
+            f"cluster.num_workers {workers}; resume with cluster.num_workers={world}, or pass "
+            f"--restart to start over (stage-0 checkpoints resume on any number of workers)"
+        )
+    return Rerun(step=step, changes=changes)

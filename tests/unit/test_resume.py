@@ -1,0 +1,106 @@
+"""Rerunning a job: which changed settings a resume may bring (cadist.train.resume; no Ray)."""
+
+import os
+
+import pytest
+
+from cadist.config import load_job
+from cadist.errors import ConfigError
+from cadist.train.resume import check_rerun, latest_checkpoint, set_aside, zero_world
+
+JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
+
+
+def _job(*overrides, zero=0):
+    """The demo job (2 workers), with ZeRO stage `zero`."""
+    path = os.path.join(JOBS, "demo.yaml")
+    return load_job(path, [f"deepspeed.zero_stage={zero}", *overrides]).model_dump()
+
+
+def _checkpoint(run_dir, step, zero_ranks=0):
+    d = run_dir / f"step_{step:08d}"
+    (d / "state").mkdir(parents=True)
+    (d / "model.pt").write_bytes(b"w")
+    (d / "state" / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    for r in range(zero_ranks):
+        (d / "state" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o")
+    return d
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
+    assert latest_checkpoint(tmp_path / "none") is None
+    _checkpoint(tmp_path, 10)
+    newest = _checkpoint(tmp_path, 20)
+    (tmp_path / "step_00000030").mkdir()  # still being written: no weights, no state
+    assert latest_checkpoint(tmp_path) == (20, newest)
+    assert zero_world(newest) is None
+    assert zero_world(_checkpoint(tmp_path, 40, zero_ranks=2)) == 2
+
+
+def test_a_resume_may_change_how_the_job_runs_but_not_what_it_trains(tmp_path):
+    before = _job()
+    assert check_rerun(before, None, tmp_path, "j.yaml").step is None  # first start
+    _checkpoint(tmp_path, 20)
+    assert check_rerun(before, None, tmp_path, "j.yaml").step == 20  # e.g. an earlier version
+
+    same = check_rerun(_job(), before, tmp_path, "j.yaml")
+    assert (same.step, same.changes) == (20, [])
+
+    ok = check_rerun(
+        _job("cluster.num_workers=1", "train.iterations=900", "eval.interval=50"),
+        before,
+        tmp_path,
+        "j.yaml",
+    )
+    assert ok.step == 20
+    assert ok.changes == [
+        ("cluster.num_workers", 2, 1),
+        ("eval.interval", 200, 50),
+        ("train.iterations", 600, 900),
+    ]
+    assert ok.describe() == (
+        "cluster.num_workers 2 → 1, eval.interval 200 → 50, train.iterations 600 → 900"
+    )
+
+    with pytest.raises(ConfigError) as e:
+        check_rerun(
+            _job("train.lr_head=0.5", "model.trimap_width=7", "cluster.num_workers=1"),
+            before,
+            tmp_path,
+            "j.yaml",
+        )
+    assert str(e.value) == (
+        f"j.yaml: job demo would resume from its checkpoint at step 20 "
+        f"({tmp_path / 'step_00000020'}), which was trained with other settings "
+        f"(model.trimap_width 11 → 7, train.lr_head 0.1 → 0.5); a resumed run cannot change "
+        f"these: undo them to resume, give the job a new name, or pass --restart to start over "
+        f"(the earlier run is kept aside)"
+    )
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage 0 → 2"):
+        check_rerun(_job("deepspeed.zero_stage=2"), before, tmp_path, "j.yaml")
+
+
+def test_without_a_checkpoint_any_change_starts_over(tmp_path):
+    r = check_rerun(_job("train.lr_head=0.5"), _job(), tmp_path, "j.yaml")
+    assert r.step is None and r.changes == [("train.lr_head", 0.1, 0.5)]
+
+
+def test_zero_state_resumes_only_on_as_many_workers(tmp_path):
+    before = _job(zero=1)
+    _checkpoint(tmp_path, 20, zero_ranks=2)
+    assert check_rerun(_job(zero=1), before, tmp_path, "j.yaml").step == 20
+    with pytest.raises(
+        ConfigError,
+        match=r"^j\.yaml: job demo's checkpoint at step 20 .* split over 2 workers, which "
+        r"DeepSpeed cannot re-split for cluster\.num_workers 1; resume with "
+        r"cluster\.num_workers=2, or pass --restart",
+    ):
+        check_rerun(_job("cluster.num_workers=1", zero=1), before, tmp_path, "j.yaml")
+
+
+def test_set_aside_renames_and_deletes_nothing(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("1")
+    moved = set_aside([tmp_path / "run", tmp_path / "missing"])
+    assert len(moved) == 1 and moved[0].name.startswith("run.before-")
+    assert (moved[0] / "x").read_text() == "1" and not (tmp_path / "run").exists()
