@@ -27,8 +27,9 @@ def resolve_weights(spec: str | Path, tracking_uri: str | None = None) -> Path:
         return resolve_weights(download_artifact(text, tracking_uri))
     p = Path(spec)
     if p.is_dir():
-        if (p / "model.pt").is_file():
-            return p / "model.pt"
+        for inside in ("model.pt", "data/model.pt"):  # a checkpoint folder; a registered model
+            if (p / inside).is_file():
+                return p / inside
         raise CheckpointError(
             f"{p}: a folder without model.pt; pass a weights file, a cadist checkpoint folder "
             f"(cadist_runs/<job>/step_…) or an MLflow URI (runs:/<run_id>/checkpoints/best.pt)"

@@ -1,9 +1,10 @@
 """Running jobs on a Ray cluster: the cluster file (`ray_cluster.yaml`, Ray's cluster-launcher format)
 and job submission through Ray's Jobs API.
 
-`cadist submit` validates the job here, then submits a constant entry point
-(`python -m cadist.remote`) with the resolved job YAML in the job's environment — no shell command
-is ever built from the job or its values — and the project folder as the job's working directory.
+`cadist submit` validates the job (or sweep) here, then submits a constant entry point
+(`python -m cadist.remote`) with the job YAML (or the sweep and its base job as JSON) in the job's
+environment — no shell command is ever built from the job or its values — and the project folder
+as the job's working directory.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ import copy
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from cadist.config import JobConfig
 from cadist.errors import CadistError, ConfigError
+from cadist.sweeps import SweepConfig
 
 ENTRYPOINT = "python -m cadist.remote"
 JOB_ENV = "CADIST_JOB_YAML"
+SWEEP_ENV = "CADIST_SWEEP_JSON"
 SOURCE_ENV = "CADIST_JOB_SOURCE"
+RESTART_ENV = "CADIST_RESTART"
 #: never uploaded with the project (environments, data, outputs)
 UPLOAD_EXCLUDES = [
     ".venv/",
@@ -99,8 +104,15 @@ def check_cluster_file(path: str | Path) -> dict:
 
 
 # -- job submission -----------------------------------------------------------------------------
-def submission_env(job: JobConfig, source: str) -> dict[str, str]:
-    return {JOB_ENV: job.to_yaml(), SOURCE_ENV: source}
+def submission_env(job: JobConfig, source: str, restart: bool = False) -> dict[str, str]:
+    return {JOB_ENV: job.to_yaml(), SOURCE_ENV: source, RESTART_ENV: "1" if restart else ""}
+
+
+def sweep_submission_env(
+    sweep: SweepConfig, fixed: dict, source: str, restart: bool = False
+) -> dict[str, str]:
+    blob = json.dumps({"sweep": sweep.model_dump(), "job": fixed})
+    return {SWEEP_ENV: blob, SOURCE_ENV: source, RESTART_ENV: "1" if restart else ""}
 
 
 def submit_job(
@@ -111,20 +123,69 @@ def submit_job(
     wait: bool = True,
     echo: Callable[[str], None] = print,
     timeout_s: float | None = None,
+    restart: bool = False,
 ) -> tuple[str, str]:
     """Submit `job` to the Ray cluster whose dashboard is at `address`; with `wait`, follow its
     logs and return (submission id, final status). `working_dir=None`: use the cadist installed
-    on the cluster instead of uploading this project."""
+    on the cluster instead of uploading this project; `restart`: as `cadist train --restart`."""
+    what = _Submission(
+        f"cadist-{job.name}",
+        submission_env(job, source, restart),
+        {"cadist_job": job.name, "cadist_source": source},
+        (job.mlflow.tracking_uri or "") if job.mlflow.enabled else None,
+    )
+    return _submit(what, address, working_dir, wait, echo, timeout_s)
+
+
+def submit_sweep(
+    sweep: SweepConfig,
+    fixed: dict,
+    source: str,
+    address: str,
+    working_dir: str | Path | None = ".",
+    wait: bool = True,
+    echo: Callable[[str], None] = print,
+    timeout_s: float | None = None,
+    restart: bool = False,
+) -> tuple[str, str]:
+    """Submit a sweep (`load_sweep`'s sweep and base job tree): `cadist tune` run on the cluster,
+    whose driver outlives this machine's connection; otherwise as `submit_job`."""
+    mlflow = fixed.get("mlflow", {})
+    what = _Submission(
+        f"cadist-sweep-{sweep.name}",
+        sweep_submission_env(sweep, fixed, source, restart),
+        {"cadist_sweep": sweep.name, "cadist_source": source},
+        (mlflow.get("tracking_uri") or "") if mlflow.get("enabled", True) else None,
+    )
+    return _submit(what, address, working_dir, wait, echo, timeout_s)
+
+
+@dataclass
+class _Submission:
+    prefix: str  # of the submission id
+    env: dict[str, str]
+    metadata: dict[str, str]
+    tracking_uri: str | None  # None: MLflow off; "": the default store
+
+
+def _submit(
+    what: _Submission,
+    address: str,
+    working_dir: str | Path | None,
+    wait: bool,
+    echo: Callable[[str], None],
+    timeout_s: float | None,
+) -> tuple[str, str]:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    uri = job.mlflow.tracking_uri or ""
-    if job.mlflow.enabled and not uri.startswith(("http://", "https://", "databricks")):
+    uri = what.tracking_uri
+    if uri is not None and not uri.startswith(("http://", "https://", "databricks")):
         echo(
             f"warning: mlflow.tracking_uri {uri or '(default ./mlflow.db)'} is a file on the "
             "cluster (in the job's working directory if relative); set it to an MLflow server "
             "the cluster reaches to browse the run from here"
         )
-    runtime_env: dict = {"env_vars": submission_env(job, source)}
+    runtime_env: dict = {"env_vars": what.env}
     if working_dir is not None:
         root = Path(working_dir).resolve()
         if not (root / "cadist" / "__init__.py").is_file():
@@ -143,8 +204,8 @@ def submit_job(
     sid = client.submit_job(
         entrypoint=ENTRYPOINT,
         runtime_env=runtime_env,
-        submission_id=f"cadist-{job.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        metadata={"cadist_job": job.name, "cadist_source": source},
+        submission_id=f"{what.prefix}-{time.strftime('%Y%m%d-%H%M%S')}",
+        metadata=what.metadata,
     )
     echo(f"submitted {sid} to {address}")
     if not wait:

@@ -1,34 +1,54 @@
 """Entry point of a submitted job on the cluster (`python -m cadist.remote`): the resolved job YAML
-arrives in the job's environment (`CADIST_JOB_YAML`), never on a command line."""
+(or a sweep and its base job, as JSON) arrives in the job's environment (`CADIST_JOB_YAML`,
+`CADIST_SWEEP_JSON`), never on a command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import yaml
 
-from cadist.cluster import JOB_ENV, SOURCE_ENV
+from cadist.cluster import JOB_ENV, RESTART_ENV, SOURCE_ENV, SWEEP_ENV
 from cadist.config import JobConfig
 from cadist.errors import CadistError
 
 
 def main() -> int:
-    text = os.environ.get(JOB_ENV)
-    if not text:
-        print(f"error: {JOB_ENV} is not set; submit jobs with `cadist submit`", file=sys.stderr)
+    job_text, sweep_text = os.environ.get(JOB_ENV), os.environ.get(SWEEP_ENV)
+    if not (job_text or sweep_text):
+        print(
+            f"error: neither {JOB_ENV} nor {SWEEP_ENV} is set; submit jobs and sweeps with "
+            "`cadist submit`",
+            file=sys.stderr,
+        )
         return 2
     source = os.environ.get(SOURCE_ENV, "<submitted job>")
+    restart = os.environ.get(RESTART_ENV) == "1"
     try:
-        job = JobConfig.model_validate(yaml.safe_load(text))
+        if sweep_text:
+            return _sweep(json.loads(sweep_text), source, restart)
+        job = JobConfig.model_validate(yaml.safe_load(job_text))
         from cadist.train.driver import run_training
 
-        r = run_training(job, source, address="auto")  # the cluster this job runs on
+        # the cluster this job runs on
+        r = run_training(job, source, address="auto", restart=restart)
     except CadistError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     print(f"job {job.name}: {r.metrics}")
     print(f"checkpoint {r.checkpoint}; MLflow run {r.run_id} at {r.tracking_uri}")
+    return 0
+
+
+def _sweep(blob: dict, source: str, restart: bool) -> int:
+    from cadist.sweeps import SweepConfig
+    from cadist.tune import run_loaded_sweep
+
+    sweep = SweepConfig.model_validate(blob["sweep"])
+    r = run_loaded_sweep(sweep, blob["job"], source, print, restart, address="auto")
+    print(f"sweep {sweep.name}: results {r['results_file']}")
     return 0
 
 

@@ -84,8 +84,9 @@ def _model_version_uri(model_uri: str, uri: str) -> str:
 
 def register_best(uri: str, run_id: str, name: str) -> str | None:
     """The run's best weights (`checkpoints/best.pt`) as a version of registered model `name`:
-    copied to the run's `registered/step_<step>/model.pt` (later bests do not change it) and
-    registered from there; the same best again returns its existing version. None: no best yet."""
+    copied to the run's `registered/step_<step>/` as an MLflow pyfunc model (`data/model.pt` and
+    `cadist.serving` as its loader; later bests do not change it) and registered from there; the
+    same best again returns its existing version. None: no best yet."""
     import shutil
     import tempfile
 
@@ -109,15 +110,45 @@ def register_best(uri: str, run_id: str, name: str) -> str | None:
         for v in client.search_model_versions(f"name = '{name}'"):
             if v.source == source:
                 return str(v.version)
-        (tmp / "model").mkdir()
-        shutil.move(best, tmp / "model" / "model.pt")
-        client.log_artifact(run_id, str(tmp / "model" / "model.pt"), f"registered/step_{step:08d}")
+        (tmp / "weights").mkdir()
+        shutil.move(best, tmp / "weights" / "model.pt")
+        _save_pyfunc(tmp / "weights" / "model.pt", tmp / "model")
+        client.log_artifacts(run_id, str(tmp / "model"), f"registered/step_{step:08d}")
         tags = {"step": str(step), "model": str(meta.get("model", ""))}
         if "miou" in meta:
             tags["val_miou"] = f"{float(meta['miou']):.6f}"
         return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_pyfunc(weights: Path, dest: Path) -> None:
+    """An MLflow pyfunc model at `dest` around a cadist export: loaded by `cadist.serving` (whose
+    package travels along as code), RGB uint8 images (B, H, W, 3) in, trainIds (B, H, W) out."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    requirements = []
+    for dist in ("torch", "numpy", "pillow", "pydantic", "pyyaml"):
+        try:
+            requirements.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            requirements.append(dist)
+    mlflow.pyfunc.save_model(
+        str(dest),
+        loader_module="cadist.serving",
+        data_path=str(weights),
+        code_paths=[str(Path(__file__).resolve().parent)],
+        signature=ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        ),
+        pip_requirements=requirements,
+    )
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:

@@ -122,6 +122,21 @@ def run_sweep(
     """Run a sweep file; returns {"sweep", "trials": [...], "results_file", "resumed"} and prints a
     table. Rerunning an interrupted sweep resumes it: finished trials are kept, unfinished and
     failed ones continue from their last training checkpoint."""
+    sweep, fixed, _ = load_sweep(path, overrides)
+    return run_loaded_sweep(sweep, fixed, str(path), echo, restart)
+
+
+def run_loaded_sweep(
+    sweep: SweepConfig,
+    fixed: dict,
+    source: str,
+    echo=print,
+    restart: bool = False,
+    address: str | None = None,
+) -> dict:
+    """Run a sweep already read and checked (`load_sweep`): `fixed` is its base job tree with the
+    sweep's fixed overrides, relative paths resolved here (on a cluster: its working directory);
+    `address`: the Ray cluster (default: the base job's, else a local Ray)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -129,16 +144,15 @@ def run_sweep(
     from cadist.train.driver import _absolute, check_data, check_weights
     from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, trial_slots
 
-    sweep, fixed, job_path = load_sweep(path, overrides)
-    base = _absolute(validate_job(json.loads(json.dumps(fixed)), str(path)))
-    check_data(base, str(path))
-    check_weights(base, str(path))
+    base = _absolute(validate_job(json.loads(json.dumps(fixed)), source))
+    check_data(base, source)
+    check_weights(base, source)
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
     storage = Path(base.cluster.storage_path)
-    resumed = _resume_or_start(storage, sweep, fixed, str(path), restart, echo)
-    connect_ray(base.cluster.address, base.cluster.use_gpu, str(path))
+    resumed = _resume_or_start(storage, sweep, fixed, source, restart, echo)
+    connect_ray(address or base.cluster.address, base.cluster.use_gpu, source)
     nodes = cluster_nodes()
-    warning = check_resources(base, str(path), nodes)  # one trial must fit
+    warning = check_resources(base, source, nodes)  # one trial must fit
     if warning:
         echo(warning)
     slots = trial_slots(base, nodes, sweep.max_concurrent)
@@ -189,7 +203,7 @@ def run_sweep(
         num_samples=sweep.num_samples,
         **({"metric": metrics[0], "mode": modes[0]} if len(metrics) == 1 else {}),
     )
-    ctx = {"fixed": fixed, "name": sweep.name, "source": str(path), "parent_run_id": parent,
+    ctx = {"fixed": fixed, "name": sweep.name, "source": source, "parent_run_id": parent,
            "asha": sweep.scheduler == "asha"}  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}

@@ -10,7 +10,7 @@ from cadist.cli import _set_option, main
 # -- clusters -----------------------------------------------------------------------------------
 @main.command("submit")
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@_set_option("a job key, e.g. --set train.iterations=1000")
+@_set_option("a job key, e.g. --set train.iterations=1000; for a sweep a top-level sweep key")
 @click.option(
     "--address",
     default="http://127.0.0.1:8265",
@@ -24,23 +24,32 @@ from cadist.cli import _set_option, main
     help="Use the cadist installed on the cluster instead of uploading this project folder.",
 )
 @click.option("--no-wait", is_flag=True, help="Return after submitting instead of following it.")
-def submit_cmd(job_file, overrides, address, no_upload, no_wait):
-    """Run JOB_FILE on a Ray cluster through Ray's Jobs API (validated here first).
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Start over instead of resuming an earlier run of this job or sweep (kept aside).",
+)
+def submit_cmd(job_file, overrides, address, no_upload, no_wait, restart):
+    """Run JOB_FILE on a Ray cluster through Ray's Jobs API (validated here first). A sweep file
+    (one with `search:`) runs `cadist tune` on the cluster, its driver included.
 
     Paths in the job (shards, storage, MLflow) are read on the cluster: use shared storage, URLs
     or an MLflow server the cluster can reach."""
-    from cadist.cluster import submit_job
-    from cadist.config import load_job
+    from pathlib import Path
 
+    from cadist.cluster import submit_job, submit_sweep
+    from cadist.config import load_job, read_yaml
+
+    where = {"working_dir": None if no_upload else ".", "wait": not no_wait, "echo": click.echo}
+    tree = read_yaml(Path(job_file), "job or sweep file", "a mapping")
+    if "search" in tree:  # a sweep file
+        from cadist.sweeps import load_sweep
+
+        sweep, fixed, _ = load_sweep(job_file, overrides)
+        submit_sweep(sweep, fixed, str(job_file), address, restart=restart, **where)
+        return
     job = load_job(job_file, overrides)
-    submit_job(
-        job,
-        str(job_file),
-        address,
-        working_dir=None if no_upload else ".",
-        wait=not no_wait,
-        echo=click.echo,
-    )
+    submit_job(job, str(job_file), address, restart=restart, **where)
 
 
 @main.group("cluster")

@@ -1,6 +1,7 @@
 """Job submission to a real Ray cluster through Ray's Jobs API (a local head with its dashboard on
 127.0.0.1), and the cluster file's offline validation."""
 
+import json
 import os
 import socket
 import sys
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
-from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job
+from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job, submit_sweep
 from cadist.config import load_job
 from cadist.errors import CadistError, ConfigError
 
@@ -81,6 +82,80 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     info = JobSubmissionClient(head).get_job_info(sid)
     assert info.entrypoint == ENTRYPOINT  # constant: the job travels in the environment
     assert info.metadata["cadist_job"] == "submitted"
+
+
+@pytest.mark.slow
+def test_a_submitted_sweep_runs_its_driver_on_the_cluster(tmp_path, head):
+    """`cadist submit SWEEP`: `cadist tune` runs as the Ray job (trials as Ray Train runs on that
+    cluster), the sweep travelling as JSON in the job's environment."""
+    from cadist.sweeps import load_sweep
+
+    train, val = tiny_shards(tmp_path, seed=4)
+    sweep = {
+        "name": "submitted_sweep",
+        "job": str(ROOT / "jobs" / "demo.yaml"),
+        "set": {
+            "model.name": "deeplabv3_batch_ap_resnet_tiny",
+            "data.train_shards": str(train),
+            "data.val_shards": str(val),
+            "data.crop_size": 64,
+            "data.num_workers": 0,
+            "train.iterations": 2,
+            "train.batch_size": 2,
+            "train.log_every": 2,
+            "train.checkpoint_every": 2,
+            "eval.interval": 2,
+            "eval.log_images": 0,
+            "cluster.num_workers": 1,
+            "cluster.storage_path": str(tmp_path / "runs"),
+            "deepspeed.zero_stage": 0,
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.experiment": "submitted-sweeps",
+        },
+        "search": {"model.trimap_width": {"choice": [1, 21]}},
+        "objectives": {"val/miou": "max", "macs/backbone_gmac": "min"},
+        "num_samples": 2,
+        "searcher": "random",
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    loaded, fixed, _ = load_sweep(tmp_path / "sweep.yaml")
+    lines = []
+    sid, status = submit_sweep(
+        loaded, fixed, "sweep.yaml", head, working_dir=ROOT, echo=lines.append
+    )
+    assert status == "SUCCEEDED" and sid.startswith("cadist-sweep-submitted_sweep-")
+    results = tmp_path / "runs" / ".cadist" / "sweep-submitted_sweep.results.json"
+    assert any(ln == f"sweep submitted_sweep: results {results}" for ln in lines), lines[-5:]
+    trials = json.loads(results.read_text())["trials"]
+    assert len(trials) == 2 and all(t["error"] is None and t["step"] == 2 for t in trials)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("submitted-sweeps").experiment_id
+    runs = client.search_runs([exp])
+    (parent,) = [r for r in runs if r.info.run_name == "submitted_sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in trials)
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(head).get_job_info(sid)
+    assert info.entrypoint == ENTRYPOINT and info.metadata["cadist_sweep"] == "submitted_sweep"
+
+
+def test_a_bad_sweep_is_refused_before_submission(tmp_path):
+    (tmp_path / "sweep.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad",
+                "job": str(ROOT / "jobs" / "demo.yaml"),
+                "search": {"model.trimap_widht": {"choice": [1, 21]}},
+            }
+        )
+    )
+    r = CliRunner().invoke(
+        main, ["submit", str(tmp_path / "sweep.yaml"), "--address", "http://127.0.0.1:9"]
+    )
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: {tmp_path / 'sweep.yaml'}: search.model.trimap_widht")
+    assert "submitted" not in r.output
 
 
 def test_a_failing_job_is_reported_with_its_id(tmp_path, head):
