@@ -3,6 +3,9 @@
 # fused kernel against torch's gather + matmul (values and time), bench/adaptive.py in its four
 # variants, a profile of the folded form, and a training smoke of the adaptive R101. JSON and text land in $OUT (or ./bench-out).
 # Usage: bash bench/gpu_adaptive.sh   (with cadist importable: installed, or PYTHONPATH=.)
+# On a lent GPU machine without cadist's dependencies: `bash bench/gpu_wheels.sh` here first, then
+# run with carry [".whl"]: python3 -m pip install -q --no-index --no-deps --no-compile
+# --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:$PWD bash bench/gpu_adaptive.sh
 set -uo pipefail
 out=${OUT:-bench-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
