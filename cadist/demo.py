@@ -14,7 +14,7 @@ from cadist.errors import ConfigError
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
 
-def run_demo(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
+def run_demo(workdir: str | Path, overrides: tuple[str, ...] = (), restart: bool = False) -> dict:
     from mlflow.tracking import MlflowClient
 
     from cadist.train.driver import run_training
@@ -50,7 +50,7 @@ def run_demo(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
         f"[3/4] training {job.model.name} for {job.train.iterations} steps on "
         f"{job.cluster.num_workers} Ray workers with DeepSpeed (ZeRO-{job.deepspeed.zero_stage})"
     )
-    result = run_training(job, str(DEMO_JOB))
+    result = run_training(job, str(DEMO_JOB), restart=restart)
     click.echo("[4/4] evaluated on the validation shards; logged to MLflow")
     client = MlflowClient(uri)
     hist = client.get_metric_history(result.run_id, "val/miou")

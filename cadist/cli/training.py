@@ -88,12 +88,16 @@ def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name):
     help="Where data, shards, checkpoints and the MLflow store go.",
 )
 @_set_option("a key of jobs/demo.yaml, e.g. --set model.name=deeplabv3_ad_resnet_tiny")
-def demo_cmd(workdir, overrides):
+@click.option(
+    "--restart", is_flag=True, help="Train the demo job over (an earlier run is kept aside)."
+)
+def demo_cmd(workdir, overrides, restart):
     """Generate data → build shards → train jobs/demo.yaml on a local Ray (2 CPU workers, DeepSpeed)
-    → evaluate → log to MLflow. Rerunning resumes (and finishes at once if already done)."""
+    → evaluate → log to MLflow. Rerunning resumes (and finishes at once if already done); a variant
+    (--set model.name=…) wants its own --set name=… or --restart."""
     from cadist.demo import run_demo
 
-    summary = run_demo(workdir, overrides)
+    summary = run_demo(workdir, overrides, restart)
     click.echo(
         f"final val mIoU {summary['miou']:.4f} (best {summary['best_miou']:.4f}) after "
         f"{summary['step']} steps; chance level ≈ {summary['chance_miou']:.3f}"

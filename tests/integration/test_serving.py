@@ -64,9 +64,10 @@ def test_a_registered_version_loads_as_a_pyfunc_model(registered, monkeypatch):
     import mlflow
 
     uri, best, images = registered
+    # through the environment only: a process-wide mlflow.set_registry_uri would leak into other
+    # tests' clients
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     model = mlflow.pyfunc.load_model("models:/served/1")
     got = model.predict(images)
     assert got.dtype == np.uint8 and got.shape == (2, 64, 128)
