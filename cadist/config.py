@@ -138,6 +138,10 @@ class ClusterConfig(_Section):
     """Seconds Ray Train may take to start all workers — at the beginning and after a failure.
     Without `autoscale`, a second start that times out (nodes lost for good) ends the run with an
     error instead of waiting forever; rerunning the job resumes from its last checkpoint."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Ray Train's own messages on the console (worker-group starts, each checkpoint and report);
+    cadist's progress lines always show. INFO shows Ray Train's too (also kept in the Ray
+    session's `logs/train/` files at every level)."""
 
 
 class DeepSpeedConfig(_Section):

@@ -202,7 +202,7 @@ def run_training(
     callbacks (a sweep's: reports to Tune), `report_evals` reports every evaluation to them;
     `in_sweep`: a failure leaves the MLflow run to the sweep, which marks it FAILED or KILLED;
     `restart`: set an earlier run of this job name aside and start over (else a rerun resumes)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cadist.tracking import (
@@ -292,6 +292,7 @@ def run_training(
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=job.cluster.log_level),
         ),
     )
     # read by Ray Train's controller, which the driver's environment is passed to at fit()

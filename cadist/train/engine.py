@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -50,6 +52,18 @@ def _skip_shm_op_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def _quiet_known_notices() -> None:
+    """Two notices every run would print that ask nothing of the user: DeepSpeed's warning about
+    the SGD optimizer under ZeRO (allowed on purpose, see deepspeed_config) and torch's deprecation
+    of a collective that DeepSpeed's ZeRO calls."""
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
+    logging.getLogger("DeepSpeed").addFilter(_not_untested_optimizer)  # once: same object
+
+
+def _not_untested_optimizer(record: logging.LogRecord) -> bool:
+    return "untested optimizer" not in record.getMessage()
+
+
 def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: dict):
     """Wrap model, optimizer and scheduler into a DeepSpeed engine on the existing process group."""
     if not torch.cuda.is_available():
@@ -57,6 +71,7 @@ def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, c
     import deepspeed
 
     _skip_shm_op_build()
+    _quiet_known_notices()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -8,6 +8,8 @@ DeepSpeed checkpoint, `ray.train.report`) the same number of times.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,29 @@ from cadist.train.engine import build_engine, train_step
 from cadist.train.loop import evaluate, rng_state, set_rng_state
 
 CKPT_TAG = "state"
+#: progress lines (rank 0): through logging, which Ray Train sends to the console once and to its
+#: application log; `print` in a Train worker reaches the console twice on Ray 2.60
+log = logging.getLogger("cadist.train")
+
+
+class _RayTrainConsole(logging.Filter):
+    """Holds Ray Train's own records below `cluster.log_level` off the console. Its level filter
+    misses the modules that name their logger by file path (each report, with all its metrics,
+    once per rank); the application log file still gets them."""
+
+    def __init__(self, level: str):
+        super().__init__()
+        self.level = logging.getLevelName(level)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_train = f"{os.sep}ray{os.sep}train{os.sep}" in record.pathname
+        return record.levelno >= self.level or not from_train
+
+
+def _quiet_console(level: str) -> None:
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.addFilter(_RayTrainConsole(level))
 
 
 def _rng_to_json(state: dict) -> dict:
@@ -174,6 +199,7 @@ def train_worker(cfg: dict) -> None:
     """Ray Train entry point; `cfg` = {"job": JobConfig dump, "tracking_uri", "run_id",
     "report_evals": also report every evaluation (without a checkpoint) to Ray Train}."""
     job = JobConfig.model_validate(cfg["job"])
+    _quiet_console(job.cluster.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = job.cluster.use_gpu
@@ -218,7 +244,7 @@ def train_worker(cfg: dict) -> None:
     if step:
         tracker.log_metrics({"train/resumed_from_step": step}, step)
         if rank == 0:
-            print(f"[cadist] resumed from the checkpoint of step {step}", flush=True)
+            log.info(f"[cadist] resumed from the checkpoint of step {step}")
     engine.train()
     t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     while step < t.iterations:
@@ -245,10 +271,9 @@ def train_worker(cfg: dict) -> None:
                 }
                 tracker.log_metrics(metrics, step)
                 if rank == 0:
-                    print(
+                    log.info(
                         f"[cadist] step {step}/{t.iterations} loss {metrics['train/loss']:.4f} "
-                        f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s",
-                        flush=True,
+                        f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s"
                     )
                 t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             if step % job.eval.interval == 0 or step == t.iterations:
@@ -285,10 +310,9 @@ def train_worker(cfg: dict) -> None:
                         )
                         if key in metrics
                     )
-                    print(
+                    log.info(
                         f"[cadist] step {step}: val mIoU {miou:.4f} (best {state['best_miou']:.4f})"
-                        + more,
-                        flush=True,
+                        + more
                     )
                 engine.train()
             if step % t.checkpoint_every == 0 or step == t.iterations:

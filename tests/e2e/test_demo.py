@@ -34,6 +34,11 @@ def test_cadist_demo_end_to_end(tmp_path):
     miou, chance = float(m.group(1)), float(m.group(2))
     assert miou > 2 * chance, (miou, chance)  # clearly above chance after 150 CPU steps
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in r.stdout
+    # the console: each progress line once (print in a Ray Train worker showed twice), and none of
+    # Ray Train's per-report lines below cluster.log_level (WARNING)
+    console = r.stdout + r.stderr
+    assert console.count("[cadist] step 100/150 loss") == 1, console[-3000:]
+    assert "Reporting training result" not in console
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("cadist-demo").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
