@@ -295,7 +295,9 @@ def training_runs(uri: str, experiment: str) -> list[dict]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ConfigError(f"MLflow at {uri}: no experiment {experiment!r}")
+        raise ConfigError(
+            f"MLflow at {uri}: no experiment {experiment!r}; {experiments_there(uri)}"
+        )
     out = []
     for run in client.search_runs([exp.experiment_id], "tags.`cadist.job` != ''"):
         history = {
@@ -314,6 +316,19 @@ def training_runs(uri: str, experiment: str) -> list[dict]:
             }
         )
     return out
+
+
+def experiments_there(uri: str) -> str:
+    """'experiments there: a, b' (those with runs), for errors that name a missing one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    names = sorted(
+        e.name
+        for e in client.search_experiments()
+        if client.search_runs([e.experiment_id], max_results=1)
+    )
+    return f"experiments there: {', '.join(names)}" if names else "it holds no runs yet"
 
 
 #: metrics `cadist report` reads from every run

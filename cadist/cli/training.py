@@ -154,7 +154,7 @@ def report_cmd(experiments, tracking_uri, plot, as_json):
     high-res fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
     from cadist.errors import ConfigError
     from cadist.report import markdown, summarise
-    from cadist.tracking import resolve_uri, training_runs
+    from cadist.tracking import experiments_there, resolve_uri, training_runs
 
     uri = resolve_uri(tracking_uri)
     runs = []
@@ -171,7 +171,8 @@ def report_cmd(experiments, tracking_uri, plot, as_json):
         if not experiments:
             raise ConfigError(
                 f"MLflow at {uri}: none of the paper jobs' experiments "
-                f"({', '.join(PAPER_EXPERIMENTS)}) exists; name one with --experiment"
+                f"({', '.join(PAPER_EXPERIMENTS)}) exists; name one with --experiment "
+                f"({experiments_there(uri)})"
             )
     experiment = ", ".join(experiments)
     rows = summarise(runs)

@@ -55,7 +55,7 @@ def test_report_picks_the_best_evaluation_and_its_statistics(tmp_path):
     r = CliRunner().invoke(main, ["report", "--experiment", "exp", "--tracking-uri", uri])
     assert r.exit_code == 0 and "| edge | deeplabv3_batch_ap_resnet101 | 0.6200 | 200 |" in r.stdout
     r = CliRunner().invoke(main, ["report", "--experiment", "nope", "--tracking-uri", uri])
-    assert r.exit_code == 2 and "no experiment 'nope'" in r.output
+    assert r.exit_code == 2 and "no experiment 'nope'; experiments there: exp" in r.output
     # the trade-off figure: os16 (0.70 @ 416.76) dominates edge (0.62 @ 828.2)
     r = CliRunner().invoke(
         main,
@@ -150,6 +150,7 @@ def test_report_reads_the_paper_experiments_together_by_default(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     empty = CliRunner().invoke(main, ["report", "--tracking-uri", uri])
     assert empty.exit_code == 2 and "none of the paper jobs' experiments" in empty.output
+    assert "(it holds no runs yet)" in empty.output
     for exp, name, model, gmac, miou in (
         ("cityscapes-dense", "os8", "deeplabv3_resnet101", 1423.58, 0.77),
         ("cityscapes-adaptive", "edge", "deeplabv3_batch_ap_resnet101", 900.0, 0.76),
