@@ -44,4 +44,20 @@ def recorded_model(path: Path) -> tuple[str | None, dict]:
     obj = read_file(path)
     if not isinstance(obj, dict) or "cadist_format" not in obj:
         return None, {}
-    return obj.get("model"), dict(obj.get("model_config") or {})
+    if obj.get("model"):
+        return obj["model"], dict(obj.get("model_config") or {})
+    return _model_of_run(path)
+
+
+def _model_of_run(path: Path) -> tuple[str | None, dict]:
+    """A training checkpoint written before checkpoints recorded their model
+    (`<storage>/<job>/step_…/model.pt`): the model section of the job its run resolved
+    (`<storage>/.cadist/<job>.yaml`, which a resumed run cannot change)."""
+    from cadist.config import read_yaml
+
+    step_dir = path.parent
+    job = step_dir.parent.parent / ".cadist" / f"{step_dir.parent.name}.yaml"
+    if path.name != "model.pt" or not step_dir.name.startswith("step_") or not job.is_file():
+        return None, {}
+    model = read_yaml(job, "resolved job", "a job mapping").get("model") or {}
+    return model.get("name"), dict(model)

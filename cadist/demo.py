@@ -62,6 +62,9 @@ def run_demo(workdir: str | Path, overrides: tuple[str, ...] = (), restart: bool
         "run_id": result.run_id,
         "tracking_uri": uri,
         "chance_miou": chance_miou(client, result.run_id),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "job": str(Path(job.cluster.storage_path) / ".cadist" / f"{job.name}.yaml"),
+        "val_image": str(next(iter(sorted((data / "leftImg8bit" / "val").glob("*/*.png"))), "")),
     }
 
 

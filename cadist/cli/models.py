@@ -97,7 +97,12 @@ def _from_checkpoint(ckpt: str | None, opts: dict) -> tuple[Path | None, dict]:
         if not name:
             raise CadistError(
                 "--model is needed"
-                + (f": {ckpt} does not record its model (only cadist's exports do)" if ckpt else "")
+                + (
+                    f": {ckpt} does not record its model (cadist's exports and training "
+                    f"checkpoints do; a foreign weights file needs --model)"
+                    if ckpt
+                    else ""
+                )
             )
         opts["model"] = name
     if name == opts["model"]:

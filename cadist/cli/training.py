@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from cadist.cli import _print_json, _set_option, main
@@ -105,6 +107,14 @@ def demo_cmd(workdir, overrides, restart):
     click.echo(
         f"browse the run: mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port 5000"
     )
+    if summary["checkpoint"]:
+        ckpt = shlex.quote(summary["checkpoint"])
+        click.echo(f"evaluate it: cadist eval {shlex.quote(summary['job'])} --ckpt {ckpt}")
+        if summary["val_image"]:
+            click.echo(
+                f"predict: cadist predict --ckpt {ckpt} --image "
+                f"{shlex.quote(summary['val_image'])} --out predictions"
+            )
 
 
 # -- sweeps -------------------------------------------------------------------------------------

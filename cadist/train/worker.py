@@ -75,13 +75,15 @@ def _rng_from_json(d: dict) -> dict:
     }
 
 
-def save_checkpoint(engine, state: dict, rank: int, metrics: dict) -> None:
-    """Every rank writes its part (DeepSpeed state, its RNG); Ray merges them into one checkpoint."""
+def save_checkpoint(engine, job: JobConfig, state: dict, rank: int, metrics: dict) -> None:
+    """Every rank writes its part (DeepSpeed state, its RNG); Ray merges them into one checkpoint.
+    Its `model.pt` records the model like an export, so `cadist predict --ckpt <step folder>` needs
+    no --model."""
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"cadist": dict(state)})
         (Path(d) / f"rng_rank{rank}.json").write_text(json.dumps(_rng_to_json(rng_state())))
         if rank == 0:
-            save_weights(engine.module, Path(d) / "model.pt", step=state["step"])
+            save_weights(engine.module, Path(d) / "model.pt", **_recorded(job), step=state["step"])
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -316,7 +318,7 @@ def train_worker(cfg: dict) -> None:
                     )
                 engine.train()
             if step % t.checkpoint_every == 0 or step == t.iterations:
-                save_checkpoint(engine, state, rank, {"step": step, **metrics})
+                save_checkpoint(engine, job, state, rank, {"step": step, **metrics})
             elif cfg.get("report_evals") and step % job.eval.interval == 0:
                 ray.train.report({"step": step, **metrics})  # a sweep's scheduler compares trials
             if step >= t.iterations:
@@ -329,15 +331,17 @@ def _log_weights(tracker, engine, job: JobConfig, filename: str, **meta) -> None
     """A weights-only export (with the model section, so it can be rebuilt) → MLflow checkpoints/."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / filename
-        save_weights(
-            engine.module,
-            path,
-            model=job.model.name,
-            model_config=job.model.model_dump(),
-            output_stride=job.model.output_stride,
-            **meta,
-        )
+        save_weights(engine.module, path, **_recorded(job), **meta)
         tracker.log_artifact(path, "checkpoints")
+
+
+def _recorded(job: JobConfig) -> dict:
+    """What an export records of its model, for predict, eval and serving to rebuild it."""
+    return {
+        "model": job.model.name,
+        "model_config": job.model.model_dump(),
+        "output_stride": job.model.output_stride,
+    }
 
 
 def _val_hw(job: JobConfig) -> tuple[int, int]:

@@ -1,6 +1,8 @@
 """The demo as a user runs it: `cadist demo` in a fresh folder (shortened with --set)."""
 
+import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +51,20 @@ def test_cadist_demo_end_to_end(tmp_path):
         "cadist_runs/demo/step_00000150",
     ):
         assert (tmp_path / sub).exists(), sub
+    # the next steps the demo prints work as printed: eval reproduces the final mIoU, predict
+    # writes the class map of a validation image
+    lines = {
+        ln.split(": ", 1)[0]: ln.split(": ", 1)[1] for ln in r.stdout.splitlines() if ": " in ln
+    }
+    ev = subprocess.run(
+        [str(cadist), *shlex.split(lines["evaluate it"])[1:]],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads(ev.stdout)["miou"] == pytest.approx(miou, abs=1e-4)
+    pr = subprocess.run(
+        [str(cadist), *shlex.split(lines["predict"])[1:]],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert pr.returncode == 0, pr.stderr[-3000:]
+    assert len(list((tmp_path / "predictions").glob("*_pred.png"))) == 1

@@ -136,6 +136,11 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     ckpt = Path(r.checkpoint)
     assert (ckpt / "model.pt").is_file() and (ckpt / "rng_rank1.json").is_file()
     assert load_job(workdir / "runs" / ".cadist" / "itest-main.yaml") == job
+    # the checkpoint's weights record their model, as exports do (predict needs no --model)
+    from cadist.checkpoints import recorded_model
+
+    name, section = recorded_model(ckpt / "model.pt")
+    assert (name, section) == (job.model.name, job.model.model_dump())
 
     # `cadist eval` on the last checkpoint reproduces the mIoU the 2-worker run logged
     from cadist.evaluate import evaluate_job

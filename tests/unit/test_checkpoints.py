@@ -102,3 +102,25 @@ def test_bad_weight_sources_are_one_clear_error(logged):
         "--model is needed: " + str(tmp_path / "empty.pt") + " does not record its model"
         in r.output
     )
+
+
+def test_an_older_training_checkpoint_takes_its_model_from_the_run_s_job(logged):
+    """Checkpoints written before they recorded their model (weights and step only): the model
+    section comes from the job the run resolved beside them (<storage>/.cadist/<job>.yaml)."""
+    tmp_path, _ = logged
+    torch.manual_seed(0)
+    step = tmp_path / "runs" / "edge-job" / "step_00000040"
+    save_weights(build_model(MODEL).eval(), step / "model.pt", step=40)
+    (tmp_path / "runs" / ".cadist").mkdir()
+    job = {"name": "edge-job", "model": {"name": MODEL, "edge_threshold": 0.3,
+           "trimap_width": 3, "mask_variant": "corrected"}}  # fmt: skip
+    (tmp_path / "runs" / ".cadist" / "edge-job.yaml").write_text(json.dumps(job))
+    explicit = _mask(
+        tmp_path, "b", "--ckpt", str(tmp_path / "best.pt"), "--model", MODEL,
+        "--edge-threshold", "0.3", "--trimap-width", "3", "--mask-variant", "corrected",
+    )  # fmt: skip
+    assert np.array_equal(_mask(tmp_path, "s", "--ckpt", str(step)), explicit)
+    # without that job file, it is a foreign weights file: --model is needed
+    (tmp_path / "runs" / ".cadist" / "edge-job.yaml").unlink()
+    r = CliRunner().invoke(main, ["predict", "--ckpt", str(step), "--image", "x.png", "--out", "o"])
+    assert r.exit_code != 0 and "does not record its model" in r.output
