@@ -114,7 +114,18 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Sweep
     path = Path(path)
     tree = read_yaml(path, "sweep file", "a mapping (name, job, search, objectives, …)")
     for key, value in parse_overrides(overrides):
-        tree[key] = value  # top-level keys of the sweep (num_samples=…, name=…)
+        if "." not in key:  # a top-level key of the sweep (num_samples=…, name=…)
+            tree[key] = value
+            continue
+        job_key = key.removeprefix("set.")  # a job key fixed for every trial
+        if job_key in (tree.get("search") or {}):
+            raise ConfigError(
+                f"{path}: --set {key}: {job_key} is searched by the sweep; fix it by removing it "
+                f"from search, or narrow its domain there"
+            )
+        if not isinstance(tree.get("set") or {}, dict):
+            raise ConfigError(f"{path}: set: expected a mapping of job keys to values")
+        tree["set"] = {**(tree.get("set") or {}), job_key: value}
     try:
         sweep = SweepConfig.model_validate(tree)
     except ValidationError as exn:

@@ -10,7 +10,10 @@ from cadist.cli import _set_option, main
 # -- clusters -----------------------------------------------------------------------------------
 @main.command("submit")
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@_set_option("a job key, e.g. --set train.iterations=1000; for a sweep a top-level sweep key")
+@_set_option(
+    "a job key, e.g. --set train.iterations=1000 (for a sweep: fixed for every trial, or a "
+    "top-level sweep key such as num_samples=4)"
+)
 @click.option(
     "--address",
     default="http://127.0.0.1:8265",

@@ -120,7 +120,10 @@ def demo_cmd(workdir, overrides, restart):
 # -- sweeps -------------------------------------------------------------------------------------
 @main.command("tune")
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
-@_set_option("a top-level sweep key, e.g. --set num_samples=4")
+@_set_option(
+    "a top-level sweep key (--set num_samples=4), or fix a job key for every trial "
+    "(--set train.iterations=50, as the sweep's `set`)"
+)
 @click.option(
     "--restart",
     is_flag=True,

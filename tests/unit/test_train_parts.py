@@ -312,6 +312,16 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
                          objectives={"val/miou": "max", "macs/backbone_gmac": "min"}))  # fmt: skip
     sweep, fixed, _ = load_sweep(write(), ("num_samples=3",))
     assert sweep.num_samples == 3 and fixed["model"]["name"] == "deeplabv3_resnet_tiny"
+    # a dotted --set fixes a job key for every trial (plain, or as the sweep's set.<key>)
+    sweep, fixed, _ = load_sweep(
+        write(set={"train.iterations": 200}), ("train.iterations=40", "set.eval.interval=20")
+    )
+    assert (fixed["train"]["iterations"], fixed["eval"]["interval"]) == (40, 20)
+    assert sweep.set == {"train.iterations": 40, "eval.interval": 20}
+    with pytest.raises(ConfigError, match=r"--set model.edge_threshold: model.edge_threshold is searched"):
+        load_sweep(write(), ("model.edge_threshold=0.2",))
+    with pytest.raises(ConfigError, match=r"s\.yaml: set: .*train.iterations.*"):
+        load_sweep(write(), ("train.iterations=0",))
     rows = [{"metrics": {"a": a, "b": b}} for a, b in ((0.5, 10), (0.6, 12), (0.4, 11), (0.6, 12))]
     assert pareto(rows, {"a": "max", "b": "min"}) == [True, True, False, True]
     rows.append({"metrics": {"a": 0.9}})  # a failed trial without the second objective
