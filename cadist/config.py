@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cadist.errors import ConfigError
 from cadist.models.names import AdaptiveMode, ModelName
@@ -130,7 +137,21 @@ class ClusterConfig(_Section):
     address: str | None = None
     """Ray cluster address (`auto`, `ray://host:10001`); None: start a local Ray."""
     storage_path: str = "cadist_runs"
-    """Where Ray keeps checkpoints and run state (absolute, or relative to the working directory)."""
+    """Where Ray keeps checkpoints and run state (absolute, or relative to the working directory);
+    on several nodes, a filesystem every node mounts at the same path (NFS and the like)."""
+
+    @field_validator("storage_path")
+    @classmethod
+    def _a_filesystem_path(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(
+                f"{v}: cloud storage URIs are not supported (cadist keeps each run's resolved job "
+                f"and MLflow link beside Ray's run folder, on a filesystem); use a directory every "
+                f"node mounts at the same path, e.g. an NFS or a cloud bucket mounted with "
+                f"s3fs/gcsfuse"
+            )
+        return v
+
     autoscale: bool = False
     """The Ray cluster adds nodes on demand (an autoscaling cluster from `ray up`): when the nodes
     that are up cannot hold the workers, wait for more instead of stopping with an error."""

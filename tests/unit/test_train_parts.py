@@ -90,6 +90,11 @@ def test_overrides_and_one_line_errors(tmp_path):
         (["model.name=resnet9"], r"model\.name: .*'deeplabv3_resnet101'.*\(got 'resnet9'\)"),
         (["name=bad name"], r"name: String should match"),
         (["train.iterations"], r"expected KEY=VALUE"),
+        (
+            ["cluster.storage_path=s3://bucket/runs"],
+            r"cluster\.storage_path: s3://bucket/runs: cloud storage URIs are not supported .*"
+            r"mounts at the same path",
+        ),
     ]
     for overrides, pattern in cases:
         with pytest.raises(ConfigError, match=pattern) as e:
