@@ -101,16 +101,9 @@ class _IrregularConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, idx):
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        n, cin = x.shape
-        with torch.autocast(dev, enabled=False):
-            w9 = _weight9(weight).to(dt)
-            if kernels.use_triton(x):  # fused gather + GEMM; index n reads zeros
-                out = kernels.gather_gemm(x.to(dt).contiguous(), idx.contiguous(), w9)
-            else:
-                xp = torch.cat([x.to(dt), x.new_zeros(1, cin, dtype=dt)])  # row n: the zero tap
-                out = gather_mm(xp, idx, w9)
+        dt = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _conv_forward(x, _weight9(weight).to(dt), idx, dt)
         ctx.save_for_backward(x, weight, idx)
         ctx.dt = dt
         return out
@@ -145,6 +138,18 @@ class _IrregularConv(torch.autograd.Function):
                     gx = torch.mm(go, w9.t()).view(-1, cin)
                     grad_xp.index_add_(0, rows, gx.to(acc))
         return _finish_grads(grad_xp, grad_w9, x, weight, n, cin)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _conv_forward(x: torch.Tensor, w9: torch.Tensor, idx: torch.Tensor, dt) -> torch.Tensor:
+    if kernels.use_triton(x):  # fused gather + GEMM; index n reads zeros
+        return kernels.gather_gemm(x.to(dt).contiguous(), idx.contiguous(), w9)
+    xp = torch.cat([x.to(dt), x.new_zeros(1, x.shape[1], dtype=dt)])  # row n: the zero tap
+    return gather_mm(xp, idx, w9)
 
 
 def _finish_grads(grad_xp, grad_w9, x, weight, n: int, cin: int):
@@ -182,7 +187,25 @@ class IrregularConv3x3(nn.Module):
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return irregular_conv(x, self.weight, idx, self.bias)
+        if x.is_meta or (
+            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        ):
+            return irregular_conv(x, self.weight, idx, self.bias)
+        # no autograd (evaluation): the GEMM-layout weights are laid out once per weight update
+        dt = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _conv_forward(x, self._w9(dt), idx, dt)
+        return out + self.bias if self.bias is not None else out
+
+    def _w9(self, dt: torch.dtype) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, dt, w.device)
+        cached = getattr(self, "_w9_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, _weight9(w.detach()).to(dt).contiguous())
+            self._w9_cache = cached
+        return cached[1]
 
     def count_macs(self, inp, out):
         per = 9 * self.in_channels * self.out_channels

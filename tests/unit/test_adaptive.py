@@ -419,3 +419,39 @@ def test_predict_and_macs_cli_for_the_edge_model(tmp_path, pair):
         ],
     )
     assert r.exit_code == 2 and "dense model and has no pooling mask" in r.output
+
+
+def test_evaluation_reuses_laid_out_weights_until_they_change():
+    """Without autograd, IrregularConv3x3 lays its weights out for the GEMM once per update; an
+    optimiser step, load_state_dict or a dtype change under autocast must not see stale ones."""
+    from cadist.adaptive.ops import IrregularConv3x3
+
+    g = torch.Generator().manual_seed(3)
+    masks = torch.stack([_random_mask(g, 8, 12) for _ in range(2)])
+    layout = MixedLayout(masks, 2)
+    idx = layout.table(1, 2)
+    conv = IrregularConv3x3(6, 4, bias=True)
+    x = torch.randn(layout.elements(1).n, 6, generator=g)
+
+    def reference():
+        return irregular_conv(x, conv.weight.detach(), idx, conv.bias.detach())
+
+    with torch.no_grad():
+        first = conv(x, idx)
+        assert torch.equal(first, reference())
+        assert conv._w9_cache[1] is conv._w9(torch.float32)  # reused, not rebuilt
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    conv(x.requires_grad_(), idx).square().sum().backward()  # the autograd path
+    opt.step()
+    x = x.detach()
+    with torch.inference_mode():
+        after_step = conv(x, idx)
+    assert not torch.allclose(after_step, first) and torch.equal(after_step, reference())
+    conv.load_state_dict({"weight": torch.randn(4, 6, 3, 3, generator=g), "bias": conv.bias})
+    with torch.no_grad():
+        fp32 = conv(x, idx)
+        assert torch.equal(fp32, reference())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = conv(x, idx)  # products in bf16 (the bias add promotes, as on the autograd path)
+            assert torch.equal(low, irregular_conv(x, conv.weight, idx, conv.bias))
+            assert not torch.equal(low, fp32)

@@ -323,7 +323,9 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
     )
     assert (fixed["train"]["iterations"], fixed["eval"]["interval"]) == (40, 20)
     assert sweep.set == {"train.iterations": 40, "eval.interval": 20}
-    with pytest.raises(ConfigError, match=r"--set model.edge_threshold: model.edge_threshold is searched"):
+    with pytest.raises(
+        ConfigError, match=r"--set model.edge_threshold: model.edge_threshold is searched"
+    ):
         load_sweep(write(), ("model.edge_threshold=0.2",))
     with pytest.raises(ConfigError, match=r"s\.yaml: set: .*train.iterations.*"):
         load_sweep(write(), ("train.iterations=0",))
