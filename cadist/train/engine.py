@@ -110,3 +110,57 @@ def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) ->
     engine.backward(loss)
     engine.step()
     return loss
+
+
+def load_resharded(engine, ckpt_dir: str, tag: str, saved_world: int) -> dict:
+    """Resume a ZeRO 1/2 checkpoint written by `saved_world` ranks on another number of ranks.
+
+    DeepSpeed refuses to load partitioned optimizer state on a new data-parallel size, and its
+    universal-checkpoint converter handles Adam's state only. The recipe's SGD keeps one momentum
+    buffer per parameter group, partitioned like the group's flat fp32 copy: the parameters laid end
+    to end, zero padding at the end only. So: load weights, schedule and client state without the
+    optimizer (DeepSpeed then rebuilds the fp32 partitions from the fp32 weights, exactly), set the
+    learning rates from the schedule, join the saved momentum partitions and hand this rank its
+    slice of the new partitioning.
+    Returns the client state."""
+    import torch.distributed as dist
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    _, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=False)
+    zero = engine.optimizer
+    # the learning rates live in the optimizer state not loaded: take them from the schedule
+    for group, lr in zip(
+        zero.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True
+    ):
+        group["lr"] = lr
+    rank, world = dist.get_rank(), dist.get_world_size()
+    saved = []
+    for r in range(saved_world):
+        path = os.path.join(ckpt_dir, tag, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            saved.append(
+                torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+            )
+    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        group = engine.optimizer.bit16_groups[i]
+        total = sum(p.numel() for p in group)
+        in_ckpt = sum(f.numel for sd in saved for f in sd["param_slice_mappings"][i].values())
+        if in_ckpt != total or any(any(sd["param_alignment_paddings"][i]) for sd in saved):
+            raise RuntimeError(
+                f"{ckpt_dir}: ZeRO parameter group {i} holds {in_ckpt} values laid out for "
+                f"{saved_world} ranks, the model's group {total}; this checkpoint cannot be "
+                f"re-split: resume with cluster.num_workers={saved_world}"
+            )
+        states = [sd["base_optimizer_state"]["state"].get(i, {}) for sd in saved]
+        if not all("momentum_buffer" in s for s in states):
+            continue  # no momentum yet (or SGD without momentum): nothing to carry over
+        full = torch.cat([s["momentum_buffer"].float() for s in states])[:total]
+        size = flat.numel()
+        padded = torch.zeros(size * world, dtype=flat.dtype, device=flat.device)
+        padded[:total] = full.to(flat.device)
+        zero.optimizer.state[flat]["momentum_buffer"] = padded[
+            rank * size : (rank + 1) * size
+        ].clone()
+    return client

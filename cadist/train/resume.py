@@ -98,8 +98,9 @@ class Rerun:
 
 def check_rerun(job: dict, before: dict | None, run_dir: Path, source: str) -> Rerun:
     """Compare a job (resolved, as a dict) with the one its earlier start wrote (`before`; None on
-    a first start). Raises ConfigError for a resume that changes what is trained, or that DeepSpeed
-    cannot load (ZeRO state split over another number of workers)."""
+    a first start). Raises ConfigError for a resume that changes what is trained. Another number
+    of workers is a change like any other: ZeRO 1/2 optimizer state is re-split on loading
+    (`engine.load_resharded`)."""
     latest = latest_checkpoint(run_dir)
     if before is None:
         return Rerun(step=latest[0] if latest else None)
@@ -116,13 +117,5 @@ def check_rerun(job: dict, before: dict | None, run_dir: Path, source: str) -> R
             f"which was trained with other settings ({listed}); a resumed run cannot change "
             f"these: undo them to resume, give the job a new name, or pass --restart to start "
             f"over (the earlier run is kept aside)"
-        )
-    world, workers = zero_world(ckpt), job.get("cluster", {}).get("num_workers")
-    if world and workers != world:
-        raise ConfigError(
-            f"{source}: job {name}'s checkpoint at step {step} ({ckpt}) holds ZeRO optimizer "
-            f"state split over {world} workers, which DeepSpeed cannot re-split for "
-            f"cluster.num_workers {workers}; resume with cluster.num_workers={world}, or pass "
-            f"--restart to start over (stage-0 checkpoints resume on any number of workers)"
         )
     return Rerun(step=step, changes=changes)

@@ -28,8 +28,9 @@ from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
 from cadist.tracking import NullTracker, Tracker
-from cadist.train.engine import build_engine, train_step
+from cadist.train.engine import build_engine, load_resharded, train_step
 from cadist.train.loop import evaluate, rng_state, set_rng_state
+from cadist.train.resume import zero_world
 
 CKPT_TAG = "state"
 #: progress lines (rank 0): through logging, which Ray Train sends to the console once and to its
@@ -96,7 +97,11 @@ def restore_checkpoint(engine, rank: int) -> dict | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
+        saved_world = zero_world(Path(d))  # ZeRO 1/2 optimizer state split over that many ranks
+        if saved_world and saved_world != dist.get_world_size():
+            client = load_resharded(engine, d, CKPT_TAG, saved_world)
+        else:
+            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
         rng = Path(d) / f"rng_rank{rank}.json"
         if rng.exists():
             set_rng_state(_rng_from_json(json.loads(rng.read_text())))

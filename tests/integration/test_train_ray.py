@@ -19,6 +19,7 @@ from cadist.data.shards import build_shards
 from cadist.data.synthetic import write_tree
 from cadist.errors import ConfigError
 from cadist.train.driver import run_training
+from cadist.train.resume import zero_world
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -208,9 +209,9 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     versions = client.search_model_versions("name = 'itest-model'")
     assert len({v.source for v in versions}) == len(versions) >= 1
 
-    # --restart keeps the earlier run aside and starts over: a new MLflow run from step 0; a
-    # ZeRO-0 checkpoint then resumes on another number of workers
-    short = {"deepspeed.zero_stage": 0, "train.iterations": 10, "eval.interval": 10}
+    # --restart keeps the earlier run aside and starts over: a new MLflow run from step 0; its
+    # ZeRO-2 checkpoint (optimizer state split over 2 workers) then resumes on 1 worker
+    short = {"deepspeed.zero_stage": 2, "train.iterations": 10, "eval.interval": 10}
     r3 = run_training(make_job(workdir, "itest-main", **short), "itest", restart=True)
     assert r3.run_id != r.run_id and r3.metrics["step"] == 10
     assert "train/resumed_from_step" not in client.get_run(r3.run_id).data.metrics
@@ -219,7 +220,10 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     short.update({"cluster.num_workers": 1, "train.iterations": 15})
     r4 = run_training(make_job(workdir, "itest-main", **short), "itest")
     assert r4.run_id == r3.run_id and r4.metrics["step"] == 15
-    tags = client.get_run(r3.run_id).data.tags
+    assert zero_world(Path(r3.checkpoint)) == 2 and zero_world(Path(r4.checkpoint)) == 1
+    run4 = client.get_run(r3.run_id).data
+    assert run4.metrics["train/resumed_from_step"] == 10
+    tags = run4.tags
     assert tags["cadist.world_size"] == "1"
     assert tags["cadist.resume_changes"] == (
         "step 10: cluster.num_workers 2 → 1, train.iterations 10 → 15"
