@@ -28,3 +28,7 @@ class CheckpointError(CadistError):
 
 class ClusterError(CadistError):
     """The Ray cluster cannot run the job (any more): too few nodes, or nodes lost for good."""
+
+
+class TrackingError(CadistError):
+    """The MLflow tracking server stopped answering and what it should hold waits in a spool."""

@@ -234,10 +234,10 @@ class Tracker:
 
         self.client, self.run_id, self.uri = MlflowClient(uri), run_id, uri
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, ts: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000) if ts is None else ts
         items = [
             Metric(k.replace(" ", "_"), float(v), ts, step)
             for k, v in metrics.items()
@@ -339,6 +339,185 @@ REPORT_METRICS = (
     "macs/backbone_gmac",
     "macs/backbone_gmac_computed",
 )
+
+
+def unreachable(exn: BaseException) -> bool:
+    """A tracking server that does not answer (connection refused or reset, a timeout, HTTP 503
+    after the client's retries), as opposed to a request it answers and rejects."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exn, MlflowException):
+        return str(exn).startswith("API request to") or exn.error_code == "TEMPORARILY_UNAVAILABLE"
+    return isinstance(exn, (requests.exceptions.RequestException, ConnectionError, TimeoutError))
+
+
+#: how a training worker's MLflow client waits on a server that does not answer (unless set): a
+#: few seconds, not the client's default of several minutes per call
+WORKER_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class SpooledTracker(Tracker):
+    """A Tracker that training does not wait on. When the tracking server does not answer, each
+    record goes to a spool folder instead (`pending.jsonl`: metrics with their steps and times,
+    texts; images and files copied beside it) and training goes on; the spool is sent in order
+    once the server answers again — by this process, by a restarted worker, or by the driver at
+    the end. While the server is down it is tried at most once every `retry_s` seconds."""
+
+    def __init__(self, uri: str, run_id: str, spool: str | Path, echo=print, retry_s=60.0):
+        super().__init__(uri, run_id)
+        self.spool, self.echo, self.retry_s = Path(spool), echo, retry_s
+        self._next_try, self._down_at_step, self._step = 0.0, None, 0
+
+    # -- what training calls ------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int, ts: int | None = None) -> None:
+        self._step = step
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        ts = int(time.time() * 1000) if ts is None else ts
+        self._record({"op": "metrics", "metrics": clean, "step": step, "ts": ts})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._record({"op": "text", "text": text, "artifact_file": artifact_file})
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        def spooled(dest: Path) -> None:
+            from PIL import Image
+
+            Image.fromarray(np.asarray(image)).save(dest)
+
+        self._record_file(
+            lambda: super(SpooledTracker, self).log_image(image, artifact_file),
+            Path(artifact_file).name,
+            str(Path(artifact_file).parent) if "/" in artifact_file else None,
+            spooled,
+        )
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import shutil
+
+        self._record_file(
+            lambda: super(SpooledTracker, self).log_artifact(path, artifact_path),
+            Path(path).name,
+            artifact_path,
+            lambda dest: shutil.copyfile(path, dest),
+        )
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what the spool holds; True when it is empty afterwards."""
+        pending = self._pending()
+        if not pending:
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        sent = 0
+        try:
+            for rec in pending:
+                self._send(rec)
+                sent += 1
+        except Exception as exn:
+            if not unreachable(exn):
+                raise
+            self._keep(pending[sent:])
+            self._went_down(exn)
+            return False
+        self._keep([])
+        if self._down_at_step is not None:
+            self.echo(
+                f"[cadist] MLflow at {self.uri} answers again: sent the {sent} records kept since "
+                f"step {self._down_at_step}"
+            )
+        self._down_at_step = None
+        return True
+
+    def pending_count(self) -> int:
+        return len(self._pending())
+
+    # -- the spool ------------------------------------------------------------------------------
+    @property
+    def _queue(self) -> Path:
+        return self.spool / "pending.jsonl"
+
+    def _pending(self) -> list[dict]:
+        if not self._queue.is_file():
+            return []
+        out = []
+        for line in self._queue.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash: the rest is intact
+                continue
+        return out
+
+    def _append(self, rec: dict) -> None:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        with open(self._queue, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _keep(self, recs: list[dict]) -> None:
+        """Rewrite the queue with `recs` (atomically); files no record names any more go."""
+        import shutil
+
+        if not recs:
+            shutil.rmtree(self.spool, ignore_errors=True)
+            return
+        tmp = self._queue.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        os.replace(tmp, self._queue)
+        named = {Path(r["path"]).parent.name for r in recs if r["op"] == "artifact"}
+        for d in (self.spool / "files").glob("*"):
+            if d.name not in named:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _send(self, rec: dict) -> None:
+        if rec["op"] == "metrics":
+            super().log_metrics(rec["metrics"], rec["step"], rec["ts"])
+        elif rec["op"] == "text":
+            super().log_text(rec["text"], rec["artifact_file"])
+        elif rec["op"] == "artifact":
+            super().log_artifact(rec["path"], rec["artifact_path"])
+
+    def _record(self, rec: dict) -> None:
+        if self.flush():
+            try:
+                self._send(rec)
+                return
+            except Exception as exn:
+                if not unreachable(exn):
+                    raise
+                self._went_down(exn)
+        self._append(rec)
+
+    def _record_file(self, send, name: str, artifact_path: str | None, copy) -> None:
+        """Files are sent as they are; only when the server does not answer is a copy spooled
+        (`files/<n>/<name>`, as the artifact keeps its file name)."""
+        if self.flush():
+            try:
+                send()
+                return
+            except Exception as exn:
+                if not unreachable(exn):
+                    raise
+                self._went_down(exn)
+        dest = self.spool / "files" / f"{time.time_ns()}" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        copy(dest)
+        self._append({"op": "artifact", "path": str(dest), "artifact_path": artifact_path})
+
+    def _went_down(self, exn: BaseException) -> None:
+        self._next_try = time.monotonic() + self.retry_s
+        if self._down_at_step is None:
+            self._down_at_step = self._step
+            reason = str(exn).splitlines()[0][:160]
+            self.echo(
+                f"[cadist] MLflow at {self.uri} does not answer at step {self._step} ({reason}); "
+                f"training goes on, records are kept in {self.spool} and sent once it answers"
+            )
 
 
 class NullTracker:

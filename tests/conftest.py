@@ -23,3 +23,51 @@ def registered_checkpoint(run_dir) -> bool:
         return snap.is_file() and "checkpoint_dir_name" in snap.read_text()
     except OSError:
         return False
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts under `root`) that a
+    test can stop and start again on the same port and stores, as an outage would."""
+
+    def __init__(self, root):
+        import socket
+
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 90.0):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+        from pathlib import Path
+
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        self.proc = subprocess.Popen(
+            [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "server-artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server on port {self.port} did not start")
+
+    def stop(self):
+        import os
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # as a crash: no goodbye to clients
+            self.proc.wait(timeout=30)
+        self.proc = None

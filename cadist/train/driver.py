@@ -17,7 +17,7 @@ from cadist import __version__
 from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig, read_yaml
 from cadist.data.stream import expand_shards
-from cadist.errors import ClusterError, ConfigError, ShardError
+from cadist.errors import ClusterError, ConfigError, ShardError, TrackingError
 from cadist.train.raycluster import (
     check_resources,
     cluster_nodes,
@@ -171,6 +171,51 @@ def _previous_job(resolved: Path) -> dict | None:
         return tree
 
 
+def spool_dir(storage: Path, job_name: str, run_id: str) -> Path:
+    """Where records for an MLflow run wait while its tracking server does not answer."""
+    return storage / ".cadist" / f"{job_name}.mlflow-spool" / run_id
+
+
+def _finish_tracking(job: JobConfig, uri: str, run_id: str, tracker, spool: Path, ckpt) -> None:
+    """Send what the workers spooled, register the best weights, mark the run FINISHED — or, when
+    the tracking server does not answer, one error that says nothing is lost and what to do."""
+    from cadist.tracking import SpooledTracker, register_best, unreachable
+
+    try:
+        spooled = SpooledTracker(uri, run_id, spool, echo=print)
+        if not spooled.flush(force=True):
+            raise TimeoutError("it did not answer")
+        if job.mlflow.register_model:
+            version = register_best(uri, run_id, job.mlflow.register_model)
+            if version:
+                tracker.set_tags(
+                    {"cadist.registered_model": f"{job.mlflow.register_model}/{version}"}
+                )
+                print(f"registered models:/{job.mlflow.register_model}/{version}", file=sys.stderr)
+        tracker.finish("FINISHED")
+    except Exception as exn:
+        if not unreachable(exn):
+            raise
+        waiting = SpooledTracker(uri, run_id, spool).pending_count()
+        raise TrackingError(
+            f"job {job.name}: training finished (last checkpoint {ckpt}), but the MLflow server "
+            f"{uri} does not answer"
+            + (f"; {waiting} records wait in {spool}" if waiting else "")
+            + "; rerun the same command once it answers: the job then finishes at once and "
+            "sends them"
+        ) from None
+
+
+def _mark_failed(tracker) -> None:
+    from cadist.tracking import unreachable
+
+    try:
+        tracker.finish("FAILED")
+    except Exception as exn:
+        if not unreachable(exn):
+            raise
+
+
 def _fetch_initial_weights(job: JobConfig, dest: Path) -> JobConfig:
     """model.weights given as an MLflow URI (e.g. the best weights of an earlier run): fetched once
     on the driver into the run's storage (which every node reads), the job pointed at the copy."""
@@ -276,6 +321,8 @@ def run_training(
             "tracking_uri": uri,
             "run_id": run_id,
             "report_evals": report_evals,
+            # where rank 0 keeps what a tracking server that stops answering cannot take yet
+            "spool": str(spool_dir(storage, job.name, run_id)) if run_id else None,
         },
         scaling_config=ScalingConfig(
             num_workers=job.cluster.num_workers,
@@ -301,7 +348,7 @@ def run_training(
         result = trainer.fit()
     except Exception as exn:
         if not in_sweep:  # a sweep's trials are marked by the sweep (FAILED, or KILLED if stopped)
-            tracker.finish("FAILED")
+            _mark_failed(tracker)
         if is_start_failure(exn):
             raise ClusterError(
                 f"{source}: job {job.name}: Ray Train could not start its "
@@ -311,13 +358,7 @@ def run_training(
                 f"nodes again — training resumes from its last checkpoint"
             ) from None
         raise
-    if run_id and job.mlflow.register_model:
-        from cadist.tracking import register_best
-
-        version = register_best(uri, run_id, job.mlflow.register_model)
-        if version:
-            tracker.set_tags({"cadist.registered_model": f"{job.mlflow.register_model}/{version}"})
-            print(f"registered models:/{job.mlflow.register_model}/{version}", file=sys.stderr)
-    tracker.finish("FINISHED")
     ckpt = result.checkpoint.path if result.checkpoint else None
+    if run_id:
+        _finish_tracking(job, uri, run_id, tracker, spool_dir(storage, job.name, run_id), ckpt)
     return TrainResult(run_id, uri, ckpt, dict(result.metrics or {}))

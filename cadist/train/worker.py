@@ -27,7 +27,7 @@ from cadist.eval.miou import iou_csv, val_metrics
 from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
-from cadist.tracking import NullTracker, Tracker
+from cadist.tracking import WORKER_HTTP_ENV, NullTracker, SpooledTracker, Tracker
 from cadist.train.engine import build_engine, load_resharded, train_step
 from cadist.train.loop import evaluate, rng_state, set_rng_state
 from cadist.train.resume import zero_world
@@ -214,11 +214,7 @@ def train_worker(cfg: dict) -> None:
     engine = build_engine(job, on_gpu, world, device)
     dtype = next(engine.module.parameters()).dtype
     state = restore_checkpoint(engine, rank) or {"step": 0, "best_miou": -1.0}
-    tracker = (
-        Tracker(cfg["tracking_uri"], cfg["run_id"])
-        if rank == 0 and cfg.get("run_id")
-        else NullTracker()
-    )
+    tracker = _tracker(cfg) if rank == 0 and cfg.get("run_id") else NullTracker()
     d, t = job.data, job.train
     acc = job.deepspeed.gradient_accumulation_steps  # micro-batches per optimiser step
     train = ShardStream(
@@ -330,6 +326,23 @@ def train_worker(cfg: dict) -> None:
                 break
     if rank == 0:
         _log_weights(tracker, engine, job, "last.pt", step=step)
+        if tracker.flush(force=True) is False:
+            log.info(
+                f"[cadist] MLflow at {cfg['tracking_uri']} still does not answer: "
+                f"{tracker.pending_count()} records wait in {tracker.spool}"
+            )
+
+
+def _tracker(cfg: dict):
+    """Rank 0's tracker: training does not wait on a tracking server that stops answering (its
+    records are spooled, see SpooledTracker); what a crashed worker spooled is sent first."""
+    if cfg.get("spool") is None:  # pragma: no cover - every driver passes one
+        return Tracker(cfg["tracking_uri"], cfg["run_id"])
+    for k, v in WORKER_HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+    tracker = SpooledTracker(cfg["tracking_uri"], cfg["run_id"], cfg["spool"], echo=log.info)
+    tracker.flush(force=True)
+    return tracker
 
 
 def _log_weights(tracker, engine, job: JobConfig, filename: str, **meta) -> None:

@@ -1,0 +1,76 @@
+"""Training does not wait on a tracking server that stops answering: SpooledTracker against a real
+`mlflow server` that is killed and started again."""
+
+import time
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cadist.tracking import SpooledTracker, Tracker, new_run
+from tests.conftest import MlflowServer
+
+
+RETRY = 20.0  # seconds between tries while the server is down
+
+
+@pytest.fixture()
+def server(tmp_path, monkeypatch):
+    for k, v in {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }.items():
+        monkeypatch.setenv(k, v)
+    s = MlflowServer(tmp_path).start()
+    yield s
+    s.stop()
+
+
+def test_records_wait_in_the_spool_while_the_server_is_down(tmp_path, server):
+    run = new_run(server.uri, "spool", "outage", {})
+    said = []
+    t = SpooledTracker(server.uri, run, tmp_path / "spool", echo=said.append, retry_s=RETRY)
+    t.log_metrics({"train/loss": 1.0}, 1)
+    assert not (tmp_path / "spool").exists()  # sent at once while the server answers
+
+    server.stop()
+    (tmp_path / "best.pt").write_bytes(b"weights")
+    t.log_metrics({"train/loss": 0.5, "val/miou": 0.25}, 2)
+    t.log_text("a,b\n", "eval/iou_last.csv")
+    t.log_image(np.full((4, 6, 3), 200, np.uint8), "predictions/step_2/x.png")
+    t.log_artifact(tmp_path / "best.pt", "checkpoints")
+    t.log_metrics({"train/loss": 0.25}, 3)
+    failed_at = time.monotonic()  # one failed try, then straight to the spool (no waiting)
+    (tmp_path / "best.pt").unlink()  # the worker's temporary file is gone: the copy is spooled
+    assert t.pending_count() == 5
+    assert len(said) == 1 and "does not answer at step 2" in said[0]
+    assert t.flush() is False  # within retry_s: not even tried
+
+    server.start()
+    time.sleep(max(0.0, failed_at + RETRY - time.monotonic()))
+    t.log_metrics({"train/loss": 0.125}, 4)  # the first call after retry_s sends the spool first
+    assert not (tmp_path / "spool").exists()
+    assert "answers again: sent the 5 records kept since step 2" in said[-1]
+
+    c = MlflowClient(server.uri)
+    loss = [(m.step, m.value) for m in c.get_metric_history(run, "train/loss")]
+    assert sorted(loss) == [(1, 1.0), (2, 0.5), (3, 0.25), (4, 0.125)]
+    assert c.get_run(run).data.metrics["val/miou"] == 0.25
+    arts = {a.path for p in ("", "eval", "predictions/step_2", "checkpoints")
+            for a in c.list_artifacts(run, p)}  # fmt: skip
+    assert {"eval/iou_last.csv", "predictions/step_2/x.png", "checkpoints/best.pt"} <= arts
+    got = c.download_artifacts(run, "checkpoints/best.pt", str(tmp_path))
+    assert open(got, "rb").read() == b"weights"
+    img = c.download_artifacts(run, "predictions/step_2/x.png", str(tmp_path))
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(img)), np.full((4, 6, 3), 200, np.uint8))
+
+
+def test_a_rejected_request_is_not_spooled(tmp_path, server):
+    run = new_run(server.uri, "spool", "rejected", {})
+    Tracker(server.uri, run).finish()
+    t = SpooledTracker(server.uri, "0" * 32, tmp_path / "spool")  # no such run: a 404, not down
+    with pytest.raises(Exception, match="(?i)run"):
+        t.log_metrics({"train/loss": 1.0}, 1)
+    assert not (tmp_path / "spool").exists()
