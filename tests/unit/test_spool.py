@@ -10,7 +10,6 @@ from mlflow.tracking import MlflowClient
 from cadist.tracking import SpooledTracker, Tracker, new_run
 from tests.conftest import MlflowServer
 
-
 RETRY = 20.0  # seconds between tries while the server is down
 
 
