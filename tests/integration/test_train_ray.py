@@ -523,3 +523,62 @@ def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_lo
     assert ev["miou"] == pytest.approx(m["val/miou"], abs=1e-9)
     assert ev["miou_inference"] == pytest.approx(m["val/miou_inference"], abs=1e-9)
     assert ev["high_res_fraction"] == pytest.approx(p, abs=1e-9)
+
+
+def test_training_goes_on_while_the_tracking_server_is_down(workdir, ray_local):
+    """A real `mlflow server` is killed after the first logged step and started again (same port
+    and stores) only once training has checkpointed step 30: training never stops, and the run
+    ends up with every metric, image and weights file, sent from the spool."""
+    from tests.conftest import MlflowServer, registered_checkpoint
+
+    server = MlflowServer(workdir / "outage").start()
+    job = make_job(
+        workdir, "itest-outage",
+        **{"mlflow.tracking_uri": server.uri, "cluster.num_workers": 1, "train.iterations": 40,
+           "eval.interval": 20, "train.checkpoint_every": 10, "train.keep_checkpoints": 5},
+    )  # fmt: skip
+    run_dir = workdir / "runs" / "itest-outage"
+    events = []
+
+    def outage():
+        client = MlflowClient(server.uri)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                "tags.`cadist.job` = 'itest-outage'",
+            )
+            if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+                break
+            time.sleep(0.2)
+        server.stop()
+        events.append("down")
+        while time.monotonic() < deadline and not (run_dir / "step_00000030").is_dir():
+            time.sleep(0.2)
+        events.append("checkpoint 30 while down")
+        server.start()
+        events.append("up")
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    try:
+        r = run_training(job, "itest")
+    finally:
+        watcher.join(timeout=300)
+        server.stop()
+    assert events == ["down", "checkpoint 30 while down", "up"]
+    server.start()
+    try:
+        client = MlflowClient(server.uri)
+        steps = sorted(m.step for m in client.get_metric_history(r.run_id, "train/loss"))
+        assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
+        assert sorted(m.step for m in client.get_metric_history(r.run_id, "val/miou")) == [20, 40]
+        run = client.get_run(r.run_id)
+        assert run.info.status == "FINISHED"
+        arts = set(_artifacts(client, r.run_id))
+        assert {"checkpoints/best.pt", "checkpoints/last.pt", "eval/iou_last.csv"} <= arts
+        assert sum(a.startswith("predictions/step_00000020/") for a in arts) == 2
+        assert not (workdir / "runs" / ".cadist" / "itest-outage.mlflow-spool" / r.run_id).exists()
+        assert registered_checkpoint(run_dir)
+    finally:
+        server.stop()
