@@ -204,7 +204,8 @@ def _mean_fraction(extra: dict, device) -> float:
 
 def train_worker(cfg: dict) -> None:
     """Ray Train entry point; `cfg` = {"job": JobConfig dump, "tracking_uri", "run_id",
-    "report_evals": also report every evaluation (without a checkpoint) to Ray Train}."""
+    "report_evals": also report every evaluation (without a checkpoint) to Ray Train, "spool":
+    where rank 0 keeps records while the tracking server does not answer}."""
     job = JobConfig.model_validate(cfg["job"])
     _quiet_console(job.cluster.log_level)
     ctx = ray.train.get_context()
