@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import click
 
@@ -200,3 +201,33 @@ def report_cmd(experiments, tracking_uri, plot, as_json):
         _print_json({"experiment": experiment, "experiments": list(experiments), "runs": rows})
     else:
         click.echo(markdown(rows))
+
+
+# -- status -------------------------------------------------------------------------------------
+@main.command("status")
+@click.argument("storage", default="cadist_runs", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status_cmd(storage, as_json):
+    """The jobs under STORAGE (a jobs' cluster.storage_path; default ./cadist_runs): step reached,
+    finished or resumable, MLflow run, and records waiting for a tracking server that did not
+    answer (a rerun sends them)."""
+    from cadist.errors import ConfigError
+    from cadist.status import jobs_in, table
+
+    if not (Path(storage) / ".cadist").is_dir():
+        raise ConfigError(
+            f"{storage}: no cadist jobs here (no .cadist/ folder); pass the cluster.storage_path "
+            f"your jobs use"
+        )
+    rows = jobs_in(storage)
+    if as_json:
+        _print_json({"storage": str(Path(storage).resolve()), "jobs": rows})
+    else:
+        click.echo(table(rows))
+        waiting = [r["job"] for r in rows if r["pending_mlflow_records"]]
+        if waiting:
+            click.echo(
+                f"records wait for MLflow in: {', '.join(waiting)}; rerun those jobs once the "
+                f"server answers (they finish at once and send them)",
+                err=True,
+            )

@@ -101,3 +101,44 @@ def test_set_aside_renames_and_deletes_nothing(tmp_path):
     moved = set_aside([tmp_path / "run", tmp_path / "missing"])
     assert len(moved) == 1 and moved[0].name.startswith("run.before-")
     assert (moved[0] / "x").read_text() == "1" and not (tmp_path / "run").exists()
+
+
+def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+
+    meta = tmp_path / ".cadist"
+    meta.mkdir()
+    for name, steps in (("done", (300, 600)), ("halfway", (100,)), ("fresh", ())):
+        job = load_job(os.path.join(JOBS, "demo.yaml"), [f"name={name}"])
+        (meta / f"{name}.yaml").write_text(job.to_yaml())
+        for s in steps:
+            _checkpoint(tmp_path / name, s)
+        (meta / f"{name}.mlflow.json").write_text(
+            json.dumps({"run_id": f"run-{name}", "tracking_uri": "http://127.0.0.1:5000"})
+        )
+    (tmp_path / "halfway" / "step_00000200").mkdir()  # being written: not a checkpoint yet
+    spool = meta / "halfway.mlflow-spool" / "run-halfway"
+    spool.mkdir(parents=True)
+    (spool / "pending.jsonl").write_text('{"op": "metrics"}\n{"op": "text"}\n')
+    set_aside([tmp_path / "done"])
+    _checkpoint(tmp_path / "done", 600)
+
+    r = CliRunner().invoke(main, ["status", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["job"]: row for row in json.loads(r.stdout)["jobs"]}
+    assert list(rows) == ["done", "fresh", "halfway"]
+    assert (rows["done"]["step"], rows["done"]["state"]) == (600, "finished")
+    assert len(rows["done"]["set_aside"]) == 1
+    assert (rows["halfway"]["step"], rows["halfway"]["state"]) == (100, "resumable")
+    assert rows["halfway"]["pending_mlflow_records"] == 2
+    assert rows["halfway"]["mlflow_run_id"] == "run-halfway"
+    assert (rows["fresh"]["step"], rows["fresh"]["state"]) == (0, "not started")
+    r = CliRunner().invoke(main, ["status", str(tmp_path)])
+    assert "| halfway | deeplabv3_resnet_tiny | 100/600 | resumable | run-halfway | 2 |" in r.stdout
+    assert "records wait for MLflow in: halfway" in r.output
+    r = CliRunner().invoke(main, ["status", str(tmp_path / "done")])
+    assert r.exit_code == 2 and "no cadist jobs here" in r.output

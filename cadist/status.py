@@ -1,0 +1,63 @@
+"""`cadist status`: the jobs a storage path holds — how far each got, whether it can resume, its
+MLflow run, and records still waiting for a tracking server. Reads files only (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cadist.config import read_yaml
+from cadist.train.resume import latest_checkpoint
+
+
+def jobs_in(storage: str | Path) -> list[dict]:
+    """One row per job whose driver resolved it into `<storage>/.cadist/<name>.yaml`, by name."""
+    storage = Path(storage)
+    meta = storage / ".cadist"
+    rows = []
+    for resolved in sorted(meta.glob("*.yaml")):
+        name = resolved.stem
+        job = read_yaml(resolved, "resolved job", "a job mapping")
+        iterations = (job.get("train") or {}).get("iterations")
+        latest = latest_checkpoint(storage / name)
+        step = latest[0] if latest else 0
+        marker = meta / f"{name}.mlflow.json"
+        mlflow = json.loads(marker.read_text()) if marker.is_file() else {}
+        spool = meta / f"{name}.mlflow-spool"
+        pending = sum(_lines(q) for q in spool.glob("*/pending.jsonl"))
+        if latest is None:
+            state = "not started" if not (storage / name).is_dir() else "no checkpoint yet"
+        else:
+            state = "finished" if iterations and step >= iterations else "resumable"
+        rows.append(
+            {
+                "job": name,
+                "model": (job.get("model") or {}).get("name"),
+                "step": step,
+                "iterations": iterations,
+                "state": state,
+                "checkpoint": str(latest[1]) if latest else None,
+                "mlflow_run_id": mlflow.get("run_id"),
+                "tracking_uri": mlflow.get("tracking_uri"),
+                "pending_mlflow_records": pending,
+                "set_aside": sorted(p.name for p in storage.glob(f"{name}.before-*")),
+            }
+        )
+    return rows
+
+
+def _lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| job | model | step | state | MLflow run | waiting for MLflow |\n"
+        "|---|---|---|---|---|---|"
+    )
+    lines = [
+        f"| {r['job']} | {r['model']} | {r['step']}/{r['iterations']} | {r['state']} | "
+        f"{r['mlflow_run_id'] or '–'} | {r['pending_mlflow_records'] or '–'} |"
+        for r in rows
+    ]
+    return "\n".join([head, *lines])
