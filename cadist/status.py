@@ -46,6 +46,49 @@ def jobs_in(storage: str | Path) -> list[dict]:
     return rows
 
 
+def sweeps_in(storage: str | Path) -> list[dict]:
+    """One row per sweep started under `storage` (`.cadist/sweep-<name>.state.json`): trials asked
+    for, and — once it ended — how many finished, failed or stopped early, and its Pareto front."""
+    meta = Path(storage) / ".cadist"
+    rows = []
+    for state in sorted(meta.glob("sweep-*.state.json")):
+        name = state.name[len("sweep-") : -len(".state.json")]
+        sweep = json.loads(state.read_text()).get("sweep") or {}
+        results = meta / f"sweep-{name}.results.json"
+        trials = json.loads(results.read_text())["trials"] if results.is_file() else None
+        rows.append(
+            {
+                "sweep": name,
+                "num_samples": sweep.get("num_samples"),
+                "objectives": sweep.get("objectives"),
+                "ended": trials is not None,
+                "finished": sum(
+                    1 for t in trials or [] if not t["error"] and not t["stopped_early"]
+                ),
+                "stopped_early": sum(1 for t in trials or [] if t["stopped_early"]),
+                "failed": sum(1 for t in trials or [] if t["error"]),
+                "pareto": [t["job"] for t in trials or [] if t.get("pareto")],
+                "results": str(results) if trials is not None else None,
+            }
+        )
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    head = "| sweep | trials | finished | stopped early | failed | Pareto front |\n|---|---|---|---|---|---|"
+    lines = [
+        f"| {r['sweep']} | {r['num_samples']} | "
+        + (
+            f"{r['finished']} | {r['stopped_early']} | {r['failed']} | "
+            f"{', '.join(r['pareto']) or '–'} |"
+            if r["ended"]
+            else "running or interrupted (rerun `cadist tune` to resume) | | | |"
+        )
+        for r in rows
+    ]
+    return "\n".join([head, *lines])
+
+
 def _lines(path: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 

@@ -210,20 +210,22 @@ def report_cmd(experiments, tracking_uri, plot, as_json):
 def status_cmd(storage, as_json):
     """The jobs under STORAGE (a jobs' cluster.storage_path; default ./cadist_runs): step reached,
     finished or resumable, MLflow run, and records waiting for a tracking server that did not
-    answer (a rerun sends them)."""
+    answer (a rerun sends them); then the sweeps: trials finished, stopped, failed, Pareto front."""
     from cadist.errors import ConfigError
-    from cadist.status import jobs_in, table
+    from cadist.status import jobs_in, sweep_table, sweeps_in, table
 
     if not (Path(storage) / ".cadist").is_dir():
         raise ConfigError(
             f"{storage}: no cadist jobs here (no .cadist/ folder); pass the cluster.storage_path "
             f"your jobs use"
         )
-    rows = jobs_in(storage)
+    rows, sweeps = jobs_in(storage), sweeps_in(storage)
     if as_json:
-        _print_json({"storage": str(Path(storage).resolve()), "jobs": rows})
+        _print_json({"storage": str(Path(storage).resolve()), "jobs": rows, "sweeps": sweeps})
     else:
         click.echo(table(rows))
+        if sweeps:
+            click.echo("\n" + sweep_table(sweeps))
         waiting = [r["job"] for r in rows if r["pending_mlflow_records"]]
         if waiting:
             click.echo(

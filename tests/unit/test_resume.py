@@ -127,8 +127,19 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
     set_aside([tmp_path / "done"])
     _checkpoint(tmp_path / "done", 600)
 
+    sweep = {"sweep": {"name": "sw", "num_samples": 3, "objectives": {"val/miou": "max"}}}
+    (meta / "sweep-sw.state.json").write_text(json.dumps(sweep))
+    (meta / "sweep-open.state.json").write_text(json.dumps(sweep))  # no results yet
+    trial = {"error": None, "stopped_early": False, "pareto": False}
+    trials = [{**trial, "job": "sw-a", "pareto": True}, {**trial, "job": "sw-b",
+              "stopped_early": True}, {**trial, "job": "sw-c", "error": "RayTaskError"}]  # fmt: skip
+    (meta / "sweep-sw.results.json").write_text(json.dumps({"sweep": "sw", "trials": trials}))
     r = CliRunner().invoke(main, ["status", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
+    sweeps = {row["sweep"]: row for row in json.loads(r.stdout)["sweeps"]}
+    assert sweeps["open"]["ended"] is False
+    sw = sweeps["sw"]
+    assert (sw["finished"], sw["stopped_early"], sw["failed"], sw["pareto"]) == (1, 1, 1, ["sw-a"])
     rows = {row["job"]: row for row in json.loads(r.stdout)["jobs"]}
     assert list(rows) == ["done", "fresh", "halfway"]
     assert (rows["done"]["step"], rows["done"]["state"]) == (600, "finished")
@@ -140,5 +151,7 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
     r = CliRunner().invoke(main, ["status", str(tmp_path)])
     assert "| halfway | deeplabv3_resnet_tiny | 100/600 | resumable | run-halfway | 2 |" in r.stdout
     assert "records wait for MLflow in: halfway" in r.output
+    assert "| sw | 3 | 1 | 1 | 1 | sw-a |" in r.stdout
+    assert "| open | 3 | running or interrupted" in r.stdout
     r = CliRunner().invoke(main, ["status", str(tmp_path / "done")])
     assert r.exit_code == 2 and "no cadist jobs here" in r.output
