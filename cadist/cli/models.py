@@ -243,7 +243,13 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     type=click.Path(dir_okay=False),
     help="Image file; repeat for several.",
 )
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    default="predictions",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the outputs (created).",
+)
 @click.option(
     "--save-logits", is_flag=True, help="Also write <stem>_logits.npy, float32 (C, H, W)."
 )

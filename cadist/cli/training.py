@@ -113,8 +113,7 @@ def demo_cmd(workdir, overrides, restart):
         click.echo(f"evaluate it: cadist eval {shlex.quote(summary['job'])} --ckpt {ckpt}")
         if summary["val_image"]:
             click.echo(
-                f"predict: cadist predict --ckpt {ckpt} --image "
-                f"{shlex.quote(summary['val_image'])} --out predictions"
+                f"predict: cadist predict --ckpt {ckpt} --image {shlex.quote(summary['val_image'])}"
             )
 
 
