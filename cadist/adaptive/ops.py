@@ -103,20 +103,20 @@ class _IrregularConv(torch.autograd.Function):
     def forward(ctx, x, weight, idx):
         dt = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            out = _conv_forward(x, _weight9(weight).to(dt), idx, dt)
-        ctx.save_for_backward(x, weight, idx)
+            w9 = _weight9(weight).to(dt)
+            out = _conv_forward(x, w9, idx, dt)
+        ctx.save_for_backward(x, weight, idx, w9)  # w9: laid out once per step, not again
         ctx.dt = dt
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, idx = ctx.saved_tensors
+        x, weight, idx, w9 = ctx.saved_tensors
         dt = ctx.dt
         n, cin = x.shape
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.to(dt).contiguous()
-            w9 = _weight9(weight).to(dt)
             if kernels.use_triton(x) and kernels.backward_supported(cin):
                 # fused: the (M, 9·Cin) taps and the (M, 9·Cin) product are never materialised
                 grad_xp, grad_w9 = kernels.conv_backward(
