@@ -56,7 +56,12 @@ def hpatches_synth_cmd(out, illumination, viewpoint, height, width, seed):
     help="Write the per-pair results as method §12's cached results file (.npy), for "
     "`cadist hpatches compare`.",
 )
-@click.option("--mlflow-uri", help="Log the scores as an MLflow run (e.g. sqlite:///mlflow.db).")
+@click.option(
+    "--tracking-uri",
+    "--mlflow-uri",
+    "mlflow_uri",
+    help="Log the scores as an MLflow run (e.g. sqlite:///mlflow.db; --mlflow-uri is the old name).",
+)
 @click.option("--experiment", default="hpatches", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def hpatches_eval_cmd(
@@ -155,7 +160,12 @@ def _log_score(r, method, root, weights, mlflow_uri, experiment, save_results=No
     "paper's table (§13.3).",
 )
 @click.option("--device", default="auto", show_default=True)
-@click.option("--mlflow-uri", help="Also log each method's score as an MLflow run.")
+@click.option(
+    "--tracking-uri",
+    "--mlflow-uri",
+    "mlflow_uri",
+    help="Also log each method's score as an MLflow run (--mlflow-uri is the old name).",
+)
 @click.option("--experiment", default="hpatches", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def hpatches_table_cmd(root, weights, out, methods, device, mlflow_uri, experiment, as_json):

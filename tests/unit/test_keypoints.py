@@ -160,7 +160,7 @@ def test_hpatches_cli_scores_and_logs_and_adaptive_with_full_windows_equals_dens
     feats = tmp_path / "feats"
     r = CliRunner().invoke(
         main,
-        [*common, "--network", "d2net", "--output-stride", "2", "--mlflow-uri", uri,
+        [*common, "--network", "d2net", "--output-stride", "2", "--tracking-uri", uri,
          "--save-features", str(feats), "--save-results", str(tmp_path / "d2net_os2.npy")],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
