@@ -190,6 +190,9 @@ class MlflowConfig(_Section):
     """Registered-model name: when training ends, the run's best weights become a version of it in
     MLflow's model registry (`models:/<name>/<version>` or `models:/<name>/latest` for
     `cadist predict --ckpt`); None: no registration."""
+    system_metrics_s: float = Field(10.0, ge=0)
+    """Seconds between samples of each node's CPU, memory, disk, network and GPU use, logged as
+    `system/node<k>/…` metrics of the run (MLflow's system metrics, one sampler per node); 0 = off."""
 
 
 class JobConfig(_Section):

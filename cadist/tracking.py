@@ -520,6 +520,32 @@ class SpooledTracker(Tracker):
             )
 
 
+def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
+    """Start MLflow's sampler of this machine's CPU, memory, disk, network and (with NVML) GPU use
+    for the run, as `system/<node>/…` metrics continuing the run's earlier steps; returns it (call
+    `finish()`), or None when it cannot start. It stops by itself when the server does not answer
+    or the run ends."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    try:
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=interval_s,
+            samples_before_logging=1,
+            resume_logging=True,
+            node_id=node,
+            tracking_uri=uri,
+        )
+        monitor.start()
+    except Exception as exn:  # a sampler is never worth stopping training for
+        logging.getLogger("cadist.train").warning(f"[cadist] no system metrics: {exn}")
+        return None
+    return monitor
+
+
 class NullTracker:
     """Tracking off, or a rank that does not log: every call does nothing."""
 

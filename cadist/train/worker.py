@@ -27,7 +27,13 @@ from cadist.eval.miou import iou_csv, val_metrics
 from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
-from cadist.tracking import WORKER_HTTP_ENV, NullTracker, SpooledTracker, Tracker
+from cadist.tracking import (
+    WORKER_HTTP_ENV,
+    NullTracker,
+    SpooledTracker,
+    Tracker,
+    system_metrics,
+)
 from cadist.train.engine import build_engine, load_resharded, train_step
 from cadist.train.loop import evaluate, rng_state, set_rng_state
 from cadist.train.resume import zero_world
@@ -216,6 +222,22 @@ def train_worker(cfg: dict) -> None:
     dtype = next(engine.module.parameters()).dtype
     state = restore_checkpoint(engine, rank) or {"step": 0, "best_miou": -1.0}
     tracker = _tracker(cfg) if rank == 0 and cfg.get("run_id") else NullTracker()
+    sampler = None
+    if cfg.get("run_id") and job.mlflow.system_metrics_s and ctx.get_local_rank() == 0:
+        sampler = system_metrics(
+            cfg["tracking_uri"], cfg["run_id"], f"node{ctx.get_node_rank()}",
+            job.mlflow.system_metrics_s,
+        )  # fmt: skip
+    try:
+        _train(job, cfg, engine, state, tracker, rank, world, device, dtype)
+    finally:
+        if sampler is not None:
+            sampler.finish()
+
+
+def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None:
+    """The loop of `train_worker`: step, log, evaluate, checkpoint; then the final export."""
+    on_gpu = job.cluster.use_gpu
     d, t = job.data, job.train
     acc = job.deepspeed.gradient_accumulation_steps  # micro-batches per optimiser step
     train = ShardStream(

@@ -91,7 +91,11 @@ def _artifacts(client, run_id, path=""):
 
 
 def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
-    job = make_job(workdir, "itest-main", **{"mlflow.register_model": "itest-model"})
+    job = make_job(
+        workdir,
+        "itest-main",
+        **{"mlflow.register_model": "itest-model", "mlflow.system_metrics_s": 1},
+    )
     r = run_training(job, "itest")
     assert r.metrics["step"] == 30 and 0 <= r.metrics["val/miou"] <= 1
     client = MlflowClient(r.tracking_uri)
@@ -114,6 +118,11 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     ):
         assert key in m, key
     assert m["val/miou"] == pytest.approx(r.metrics["val/miou"])
+    # the node's sampler (one per node, on its first worker): CPU and memory use once a second
+    cpu = client.get_metric_history(r.run_id, "system/node0/cpu_utilization_percentage")
+    assert len(cpu) >= 3 and all(0 <= p.value <= 100 for p in cpu)
+    assert sorted(p.step for p in cpu) == list(range(len(cpu)))
+    assert m["system/node0/system_memory_usage_megabytes"] > 0
     assert m["train/lr"] == pytest.approx(1e-6)  # the poly schedule's floor at the last step
     assert (
         run.data.params["train.iterations"] == "30"
@@ -194,7 +203,11 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
         make_job(
             workdir,
             "itest-main",
-            **{"train.iterations": 40, "mlflow.register_model": "itest-model"},
+            **{
+                "train.iterations": 40,
+                "mlflow.register_model": "itest-model",
+                "mlflow.system_metrics_s": 1,
+            },  # fmt: skip
         ),
         "itest",
     )
