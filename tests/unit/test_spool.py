@@ -73,3 +73,27 @@ def test_a_rejected_request_is_not_spooled(tmp_path, server):
     with pytest.raises(Exception, match="(?i)run"):
         t.log_metrics({"train/loss": 1.0}, 1)
     assert not (tmp_path / "spool").exists()
+
+
+def test_the_driver_ends_with_one_error_while_records_still_wait(tmp_path, server):
+    """Training finished but the server is down at the end: one error naming the waiting records
+    and what to do; once the server answers, the same finishing step sends them and ends the run."""
+    from cadist.config import load_job
+    from cadist.errors import TrackingError
+    from cadist.train.driver import _finish_tracking
+    from tests.unit.test_resume import JOBS
+
+    job = load_job(f"{JOBS}/demo.yaml", ["name=ends-down"])
+    run = new_run(server.uri, "spool", "ends-down", {})
+    spool = tmp_path / "spool"
+    SpooledTracker(server.uri, run, spool)._append(
+        {"op": "metrics", "metrics": {"val/miou": 0.5}, "step": 40, "ts": 1}
+    )
+    server.stop()
+    with pytest.raises(TrackingError, match=r"training finished .* 1 records wait in .*rerun"):
+        _finish_tracking(job, server.uri, run, Tracker(server.uri, run), spool, "ck/step_40")
+    server.start()
+    _finish_tracking(job, server.uri, run, Tracker(server.uri, run), spool, "ck/step_40")
+    c = MlflowClient(server.uri)
+    assert c.get_run(run).info.status == "FINISHED" and not spool.exists()
+    assert [(m.step, m.value) for m in c.get_metric_history(run, "val/miou")] == [(40, 0.5)]
