@@ -54,9 +54,10 @@ def _model_of_run(path: Path) -> tuple[str | None, dict]:
     (`<storage>/<job>/step_…/model.pt`): the model section of the job its run resolved
     (`<storage>/.cadist/<job>.yaml`, which a resumed run cannot change)."""
     from cadist.config import read_yaml
+    from cadist.train.resume import job_file
 
     step_dir = path.parent
-    job = step_dir.parent.parent / ".cadist" / f"{step_dir.parent.name}.yaml"
+    job = job_file(step_dir.parent.parent, step_dir.parent.name, "job")
     if path.name != "model.pt" or not step_dir.name.startswith("step_") or not job.is_file():
         return None, {}
     model = read_yaml(job, "resolved job", "a job mapping").get("model") or {}

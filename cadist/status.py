@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from cadist.config import read_yaml
-from cadist.train.resume import latest_checkpoint
+from cadist.train.resume import META, job_file, latest_checkpoint
 
 
 def jobs_in(storage: str | Path) -> list[dict]:
     """One row per job whose driver resolved it into `<storage>/.cadist/<name>.yaml`, by name."""
     storage = Path(storage)
-    meta = storage / ".cadist"
+    meta = storage / META
     rows = []
     for resolved in sorted(meta.glob("*.yaml")):
         name = resolved.stem
@@ -21,9 +21,9 @@ def jobs_in(storage: str | Path) -> list[dict]:
         iterations = (job.get("train") or {}).get("iterations")
         latest = latest_checkpoint(storage / name)
         step = latest[0] if latest else 0
-        marker = meta / f"{name}.mlflow.json"
+        marker = job_file(storage, name, "mlflow")
         mlflow = json.loads(marker.read_text()) if marker.is_file() else {}
-        spool = meta / f"{name}.mlflow-spool"
+        spool = job_file(storage, name, "spool")
         pending = sum(_lines(q) for q in spool.glob("*/pending.jsonl"))
         if latest is None:
             state = "not started" if not (storage / name).is_dir() else "no checkpoint yet"
@@ -49,7 +49,7 @@ def jobs_in(storage: str | Path) -> list[dict]:
 def sweeps_in(storage: str | Path) -> list[dict]:
     """One row per sweep started under `storage` (`.cadist/sweep-<name>.state.json`): trials asked
     for, and — once it ended — how many finished, failed or stopped early, and its Pareto front."""
-    meta = Path(storage) / ".cadist"
+    meta = Path(storage) / META
     rows = []
     for state in sorted(meta.glob("sweep-*.state.json")):
         name = state.name[len("sweep-") : -len(".state.json")]

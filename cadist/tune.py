@@ -28,7 +28,7 @@ import yaml
 from cadist.config import validate_job
 from cadist.errors import ConfigError
 from cadist.sweeps import METRICS, SweepConfig, load_sweep, pareto, trial_job
-from cadist.train.resume import changed_keys, set_aside
+from cadist.train.resume import changed_keys, job_file, set_aside
 
 
 def _space(sweep: SweepConfig) -> dict:
@@ -280,7 +280,7 @@ def run_loaded_sweep(
 
 def _run_of(storage: Path, job_name: str) -> str | None:
     """The MLflow run id a trial's job recorded in its marker file, if any."""
-    marker = storage / ".cadist" / f"{job_name}.mlflow.json"
+    marker = job_file(storage, job_name, "mlflow")
     try:
         return json.loads(marker.read_text()).get("run_id")
     except (OSError, ValueError):

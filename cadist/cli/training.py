@@ -212,8 +212,9 @@ def status_cmd(storage, as_json):
     answer (a rerun sends them); then the sweeps: trials finished, stopped, failed, Pareto front."""
     from cadist.errors import ConfigError
     from cadist.status import jobs_in, sweep_table, sweeps_in, table
+    from cadist.train.resume import META
 
-    if not (Path(storage) / ".cadist").is_dir():
+    if not (Path(storage) / META).is_dir():
         raise ConfigError(
             f"{storage}: no cadist jobs here (no .cadist/ folder); pass the cluster.storage_path "
             f"your jobs use"

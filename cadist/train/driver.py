@@ -25,7 +25,7 @@ from cadist.train.raycluster import (
     describe_nodes,
     is_start_failure,
 )
-from cadist.train.resume import check_rerun, set_aside
+from cadist.train.resume import META, check_rerun, job_file, set_aside
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _previous_job(resolved: Path) -> dict | None:
 
 def spool_dir(storage: Path, job_name: str, run_id: str) -> Path:
     """Where records for an MLflow run wait while its tracking server does not answer."""
-    return storage / ".cadist" / f"{job_name}.mlflow-spool" / run_id
+    return job_file(storage, job_name, "spool") / run_id
 
 
 def _finish_tracking(job: JobConfig, uri: str, run_id: str, tracker, spool: Path, ckpt) -> None:
@@ -263,10 +263,10 @@ def run_training(
     check_weights(job, source)
     job = _absolute(job)
     storage = Path(job.cluster.storage_path)
-    (storage / ".cadist").mkdir(parents=True, exist_ok=True)
-    resolved = storage / ".cadist" / f"{job.name}.yaml"  # the resolved job, beside Ray's run folder
-    marker = storage / ".cadist" / f"{job.name}.mlflow.json"
-    init_weights = storage / ".cadist" / f"{job.name}.init-weights.pt"
+    (storage / META).mkdir(parents=True, exist_ok=True)
+    resolved = job_file(storage, job.name, "job")
+    marker = job_file(storage, job.name, "mlflow")
+    init_weights = job_file(storage, job.name, "init-weights")
     if restart:
         moved = set_aside([storage / job.name, resolved, marker, init_weights])
         if moved:

@@ -37,6 +37,21 @@ RESUMABLE = (
 _ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
+#: cadist's files for a job, beside Ray's run folder `<storage>/<job>/`: in `<storage>/.cadist/`
+META = ".cadist"
+_SUFFIX = {
+    "job": ".yaml",  # the job as its last start resolved it
+    "mlflow": ".mlflow.json",  # its MLflow run (run id, tracking URI)
+    "spool": ".mlflow-spool",  # records waiting for a tracking server, one folder per run
+    "init-weights": ".init-weights.pt",  # model.weights fetched from MLflow
+}
+
+
+def job_file(storage: str | Path, name: str, kind: str) -> Path:
+    """Where cadist keeps file `kind` ("job", "mlflow", "spool", "init-weights") of job `name`."""
+    return Path(storage) / META / f"{name}{_SUFFIX[kind]}"
+
+
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts (either side may lack them)."""
     keys = []
