@@ -83,6 +83,14 @@ def _ignored_pixels(workdir):
     )
 
 
+def _train_workers():
+    return [
+        p
+        for p in psutil.process_iter(["cmdline", "create_time"])
+        if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))
+    ]
+
+
 def _artifacts(client, run_id, path=""):
     out = []
     for a in client.list_artifacts(run_id, path):
@@ -256,6 +264,7 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
         },
     )
     box = {}
+    t0 = time.time()
     t = threading.Thread(target=lambda: box.setdefault("r", run_training(job, "itest")))
     t.start()
     ckpt = workdir / "runs" / "itest-kill" / "step_00000020"
@@ -263,13 +272,13 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.5)
     assert ckpt.exists(), "no checkpoint appeared"
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))
-    ]
-    assert workers, "no Ray Train worker process found"
+    # one of this run's two Train workers: not a leftover of an earlier test, and not one of their
+    # DataLoader processes (forked children carry the same process title)
+    workers = [p for p in _train_workers() if p.info["create_time"] >= t0 - 1]
+    workers = [p for p in workers if p.ppid() not in {w.pid for w in workers}]
+    assert len(workers) == job.cluster.num_workers == 2, f"Train worker processes: {workers}"
     os.kill(workers[-1].pid, signal.SIGKILL)
+    workers[-1].wait(30)
     t.join(400)
     assert not t.is_alive()
     r = box["r"]
