@@ -520,30 +520,81 @@ class SpooledTracker(Tracker):
             )
 
 
-def system_metrics(uri: str, run_id: str, node: str, interval_s: float):
-    """Start MLflow's sampler of this machine's CPU, memory, disk, network and (with NVML) GPU use
-    for the run, as `system/<node>/…` metrics continuing the run's earlier steps; returns it (call
-    `finish()`), or None when it cannot start. It stops by itself when the server does not answer
-    or the run ends."""
+def system_metrics(uri: str, run_id: str, node: str, interval_s: float, retry_s: float = 60.0):
+    """Sample this machine's CPU, memory, disk, network and (with NVML) GPU use for the run, as
+    `system/<node>/…` metrics continuing the run's earlier steps; returns the sampler (call
+    `finish()`), or None when it cannot start. MLflow's sampler stops for good the first time the
+    server does not answer; this one starts it again, at most every `retry_s` seconds, once the
+    server answers and the run is still running."""
     import logging
 
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    try:
-        monitor = SystemMetricsMonitor(
-            run_id,
-            sampling_interval=interval_s,
-            samples_before_logging=1,
-            resume_logging=True,
-            node_id=node,
-            tracking_uri=uri,
-        )
-        monitor.start()
-    except Exception as exn:  # a sampler is never worth stopping training for
-        logging.getLogger("cadist.train").warning(f"[cadist] no system metrics: {exn}")
-        return None
-    return monitor
+    sampler = SystemSampler(uri, run_id, node, interval_s, retry_s)
+    return sampler if sampler.monitor is not None else None
+
+
+class SystemSampler:
+    """MLflow's SystemMetricsMonitor, started again after a tracking-server outage (see
+    `system_metrics`). Samples taken while the server is down are not kept."""
+
+    def __init__(self, uri: str, run_id: str, node: str, interval_s: float, retry_s: float):
+        import threading
+
+        self.uri, self.run_id, self.node = uri, run_id, node
+        self.interval_s, self.retry_s = interval_s, retry_s
+        self.restarts = 0
+        self.monitor = self._start()
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._watch_loop, daemon=True, name="cadist-sysmet")
+        if self.monitor is not None:
+            self._watch.start()
+
+    def _start(self):
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=self.interval_s,
+                samples_before_logging=1,
+                resume_logging=True,  # steps continue after the run's last system metric
+                node_id=self.node,
+                tracking_uri=self.uri,
+            )
+            monitor.start()
+        except Exception as exn:  # a sampler is never worth stopping training for
+            logging.getLogger("cadist.train").warning(f"[cadist] no system metrics: {exn}")
+            return None
+        return monitor
+
+    def _stopped(self) -> bool:
+        thread = getattr(self.monitor, "_process", None)  # MLflow's sampling thread
+        return thread is not None and not thread.is_alive()
+
+    def _watch_loop(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        while not self._stop.wait(self.retry_s):
+            if not self._stopped():
+                continue
+            try:  # the server answers again? (else MLflow would restart its steps at 0)
+                status = MlflowClient(self.uri).get_run(self.run_id).info.status
+            except Exception:
+                continue
+            if status != "RUNNING":
+                return
+            monitor = self._start()
+            if monitor is not None:
+                self.monitor, self.restarts = monitor, self.restarts + 1
+
+    def finish(self) -> None:
+        self._stop.set()
+        if self._watch.is_alive():
+            self._watch.join(timeout=10)  # it may be waiting on a server that does not answer
+        if self.monitor is not None:
+            self.monitor.finish()
 
 
 class NullTracker:

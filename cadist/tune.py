@@ -85,35 +85,49 @@ def _resume_or_start(
     """Whether the sweep's Tune experiment is resumed (True) or started (False). A rerun of the
     same sweep resumes it; a sweep file changed since the first run is refused unless `restart`,
     which sets the earlier run's folder, MLflow marker and state aside and starts afresh."""
-    from ray import tune
-
-    exp_dir = storage / f"sweep-{sweep.name}"
-    state = storage / ".cadist" / f"sweep-{sweep.name}.state.json"
-    marker = storage / ".cadist" / f"sweep-{sweep.name}.mlflow.json"
-    current = {"fingerprint": _fingerprint(sweep, fixed), "sweep": sweep.model_dump(), "job": fixed}
+    exp_dir, state, marker = _sweep_files(storage, sweep)
     if restart:
         moved = set_aside([exp_dir, state, marker])
         if moved:
             echo(f"restarting sweep {sweep.name}: the earlier run is kept as {moved[0]}")
-    elif tune.Tuner.can_restore(str(exp_dir)):
-        before = json.loads(state.read_text()) if state.is_file() else {}
-        if before.get("fingerprint") != current["fingerprint"]:
-            changed = changed_keys(
-                {"sweep": before.get("sweep", {}), "job": before.get("job", {})},
-                {"sweep": current["sweep"], "job": current["job"]},
-            )
-            raise ConfigError(
-                f"{source}: sweep {sweep.name} has a run in {exp_dir} that was started with "
-                f"different settings (changed: {', '.join(changed[:6]) or 'unknown'}); undo the "
-                f"change to resume it, or pass --restart to start a new run under this name "
-                f"(the earlier one is kept aside)"
-            )
+    elif would_resume(storage, sweep, fixed, source):
         return True
+    current = {"fingerprint": _fingerprint(sweep, fixed), "sweep": sweep.model_dump(), "job": fixed}
     state.parent.mkdir(parents=True, exist_ok=True)
     tmp = state.with_name(state.name + ".tmp")
     tmp.write_text(json.dumps(current, indent=1))
     os.replace(tmp, state)
     return False
+
+
+def _sweep_files(storage: Path, sweep: SweepConfig) -> tuple[Path, Path, Path]:
+    """The sweep's Tune experiment folder, its state (settings it started with), its MLflow marker."""
+    meta = storage / ".cadist"
+    return (storage / f"sweep-{sweep.name}", meta / f"sweep-{sweep.name}.state.json",
+            meta / f"sweep-{sweep.name}.mlflow.json")  # fmt: skip
+
+
+def would_resume(storage: Path, sweep: SweepConfig, fixed: dict, source: str) -> bool:
+    """Whether a rerun resumes the sweep's earlier Tune experiment (read-only). One started with
+    other settings is a ConfigError naming the changed keys."""
+    from ray import tune
+
+    exp_dir, state, _ = _sweep_files(storage, sweep)
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        return False
+    before = json.loads(state.read_text()) if state.is_file() else {}
+    if before.get("fingerprint") != _fingerprint(sweep, fixed):
+        changed = changed_keys(
+            {"sweep": before.get("sweep", {}), "job": before.get("job", {})},
+            {"sweep": sweep.model_dump(), "job": fixed},
+        )
+        raise ConfigError(
+            f"{source}: sweep {sweep.name} has a run in {exp_dir} that was started with "
+            f"different settings (changed: {', '.join(changed[:6]) or 'unknown'}); undo the "
+            f"change to resume it, or pass --restart to start a new run under this name "
+            f"(the earlier one is kept aside)"
+        )
+    return True
 
 
 def run_sweep(
@@ -138,9 +152,7 @@ def run_loaded_sweep(
     sweep's fixed overrides, relative paths resolved here (on a cluster: its working directory);
     `address`: the Ray cluster (default: the base job's, else a local Ray)."""
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
-    from cadist.tracking import Tracker, check_reachable, resolve_uri, start_or_resume_run
     from cadist.train.driver import _absolute, check_data, check_weights
     from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, trial_slots
 
@@ -161,17 +173,67 @@ def run_loaded_sweep(
             f"max_concurrent {sweep.max_concurrent}: the Ray cluster holds {slots} trial(s) of "
             f"{base.cluster.num_workers} worker(s) at once; running {slots} at a time"
         )
-    parent = None
-    if base.mlflow.enabled:
-        uri = resolve_uri(base.mlflow.tracking_uri)
-        check_reachable(uri)
-        marker = storage / ".cadist" / f"sweep-{sweep.name}.mlflow.json"
-        parent = start_or_resume_run(
-            uri, base.mlflow.experiment, sweep.name, marker, {"cadist.sweep": sweep.name}
+    parent, tracker = _open_parent(sweep, base, storage) if base.mlflow.enabled else (None, None)
+    ctx = {"fixed": fixed, "name": sweep.name, "source": source, "parent_run_id": parent,
+           "asha": sweep.scheduler == "asha"}  # fmt: skip
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
+    )
+    if resumed:
+        tuner = tune.Tuner.restore(
+            str(storage / f"sweep-{sweep.name}"),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
         )
-        tracker = Tracker(uri, parent)
-        tracker.log_params({f"search.{k}": json.dumps(v) for k, v in sweep.search.items()})
-        tracker.log_text(yaml.safe_dump(sweep.model_dump(), sort_keys=False), "sweep/sweep.yaml")
+        echo(f"resuming sweep {sweep.name}: finished trials are kept, the others continue")
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_space(sweep),
+            tune_config=_tune_config(sweep, base, slots),
+            run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=str(storage)),
+        )
+    rows = _rows(tuner.fit(), sweep, base, storage)
+    result, out, plot = _write_results(rows, sweep, storage)
+    if parent:
+        tracker.log_artifact(out, "sweep")
+        if plot:
+            tracker.log_artifact(plot, "sweep")
+        best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
+        if best:
+            tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
+    echo(_table(rows, sweep))
+    return result | {
+        "results_file": str(out),
+        "resumed": resumed,
+        "plot": str(plot) if plot else None,
+    }
+
+
+def _open_parent(sweep: SweepConfig, base, storage: Path):
+    """The sweep's parent MLflow run (new, or the one its marker names): the searched space and
+    the sweep file. Returns (run_id, tracker)."""
+    from cadist.tracking import Tracker, check_reachable, resolve_uri, start_or_resume_run
+
+    uri = resolve_uri(base.mlflow.tracking_uri)
+    check_reachable(uri)
+    marker = _sweep_files(storage, sweep)[2]
+    parent = start_or_resume_run(
+        uri, base.mlflow.experiment, sweep.name, marker, {"cadist.sweep": sweep.name}
+    )
+    tracker = Tracker(uri, parent)
+    tracker.log_params({f"search.{k}": json.dumps(v) for k, v in sweep.search.items()})
+    tracker.log_text(yaml.safe_dump(sweep.model_dump(), sort_keys=False), "sweep/sweep.yaml")
+    return parent, tracker
+
+
+def _tune_config(sweep: SweepConfig, base, slots: int):
+    """Searcher (random/grid or Optuna, at most `slots` trials at a time) and scheduler (ASHA on
+    the first objective, in optimiser steps)."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
     metrics, modes = list(sweep.objectives), list(sweep.objectives.values())
     if sweep.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -197,33 +259,19 @@ def run_loaded_sweep(
             reduction_factor=sweep.reduction_factor,
             stop_last_trials=False,  # a trial at its last step finishes (final report, MLflow)
         )
-    tune_cfg = tune.TuneConfig(
+    return tune.TuneConfig(
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=sweep.num_samples,
         **({"metric": metrics[0], "mode": modes[0]} if len(metrics) == 1 else {}),
     )
-    ctx = {"fixed": fixed, "name": sweep.name, "source": source, "parent_run_id": parent,
-           "asha": sweep.scheduler == "asha"}  # fmt: skip
-    trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
-    )
-    if resumed:
-        tuner = tune.Tuner.restore(
-            str(storage / f"sweep-{sweep.name}"),
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-        )
-        echo(f"resuming sweep {sweep.name}: finished trials are kept, the others continue")
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_space(sweep),
-            tune_config=tune_cfg,
-            run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=str(storage)),
-        )
-    grid = tuner.fit()
+
+
+def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
+    """One row per trial (params, metrics, job, MLflow run, stopped early, error, Pareto flag);
+    the MLflow runs of trials stopped by the scheduler are marked KILLED, failed ones FAILED."""
+    from cadist.tracking import resolve_uri, set_status
+
     rows = []
     for res in grid:
         last = res.metrics or {}
@@ -232,8 +280,6 @@ def run_loaded_sweep(
         stopped = res.error is None and "job" not in last and "trial_id" in last
         run_id = last.get("mlflow_run_id") or _run_of(storage, job_name)
         if (stopped or res.error is not None) and run_id and base.mlflow.enabled:
-            from cadist.tracking import set_status
-
             status = "KILLED" if stopped else "FAILED"
             set_status(resolve_uri(base.mlflow.tracking_uri), run_id, status)
         rows.append(
@@ -249,6 +295,12 @@ def run_loaded_sweep(
         )
     for row, on in zip(rows, pareto(rows, sweep.objectives), strict=True):
         row["pareto"] = on
+    return rows
+
+
+def _write_results(rows: list[dict], sweep: SweepConfig, storage: Path):
+    """`.cadist/sweep-<name>.results.json` (written whole, then renamed) and, for two objectives,
+    the trade-off figure beside it. Returns (result, its file, the figure or None)."""
     out = storage / ".cadist" / f"sweep-{sweep.name}.results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -263,19 +315,7 @@ def run_loaded_sweep(
         points = [{"label": _label(r["params"])} | r["metrics"] for r in rows]
         plot = out.with_name(f"sweep-{sweep.name}.pareto.png")
         tradeoff_png(points, plot, xm, ym, xd, yd, title=f"sweep {sweep.name}")
-    if parent:
-        tracker.log_artifact(out, "sweep")
-        if plot:
-            tracker.log_artifact(plot, "sweep")
-        best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
-        if best:
-            tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
-    echo(_table(rows, sweep))
-    return result | {
-        "results_file": str(out),
-        "resumed": resumed,
-        "plot": str(plot) if plot else None,
-    }
+    return result, out, plot
 
 
 def _run_of(storage: Path, job_name: str) -> str | None:

@@ -23,13 +23,31 @@ from cadist.cli import _print_json, _set_option, main
     help="Start over: an earlier run of this job name (checkpoints, MLflow run) is kept aside as "
     "<name>.before-<time>, and a new one begins.",
 )
-def train_cmd(job_file, overrides, address, restart):
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the job as a real start would (shards, weights, rerun, MLflow, whether the Ray "
+    "cluster holds the workers) and print what it would run; start and write nothing.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="With --dry-run: the plan as one JSON object."
+)
+def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     """Train JOB_FILE on Ray Train + DeepSpeed. Rerunning the same job name resumes it from its
     last checkpoint; settings that change what is trained are then refused (--restart)."""
     from cadist.config import load_job
     from cadist.train.driver import run_training
 
     job = load_job(job_file, overrides)
+    if dry_run:
+        from cadist.train.plan import describe, plan_training
+
+        plan = plan_training(job, job_file, address, restart=restart)
+        if as_json:
+            _print_json(plan)
+        else:
+            click.echo(describe(plan))
+        return
     r = run_training(job, job_file, address, restart=restart)
     summary = {
         "job": job.name,
@@ -129,13 +147,31 @@ def demo_cmd(workdir, overrides, restart):
     is_flag=True,
     help="Start the sweep afresh even if an earlier run of it exists (that run is kept aside).",
 )
-def tune_cmd(sweep_file, overrides, restart):
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the sweep as a real start would and print what it would run (trials, domains, "
+    "objectives, trials at once); start and write nothing.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="With --dry-run: the plan as one JSON object."
+)
+def tune_cmd(sweep_file, overrides, restart, dry_run, as_json):
     """Run a sweep (Ray Tune): each trial is the sweep's base job with searched values, trained
     like `cadist train` and logged as an MLflow run under the sweep's run; prints the trials and
     marks the Pareto front of the objectives (e.g. mIoU against GMac). Rerunning an interrupted
     sweep resumes it: finished trials are kept, the others continue from their checkpoints."""
     from cadist.tune import run_sweep
 
+    if dry_run:
+        from cadist.train.plan import describe_sweep, plan_sweep
+
+        plan = plan_sweep(sweep_file, overrides, restart=restart)
+        if as_json:
+            _print_json(plan)
+        else:
+            click.echo(describe_sweep(plan))
+        return
     r = run_sweep(sweep_file, overrides, echo=click.echo, restart=restart)
     click.echo(f"results: {r['results_file']}")
 

@@ -247,21 +247,53 @@ def run_training(
     callbacks (a sweep's: reports to Tune), `report_evals` reports every evaluation to them;
     `in_sweep`: a failure leaves the MLflow run to the sweep, which marks it FAILED or KILLED;
     `restart`: set an earlier run of this job name aside and start over (else a rerun resumes)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from cadist.tracking import (
-        NullTracker,
-        Tracker,
-        check_reachable,
-        resolve_uri,
-        start_or_resume_run,
-    )
-    from cadist.train.worker import train_worker
+    from cadist.tracking import NullTracker, check_reachable, resolve_uri
 
     check_data(job, source)
     check_weights(job, source)
     job = _absolute(job)
+    weights_source = job.model.weights  # as given: an MLflow URI is fetched to a file below
+    job, rerun = _prepare_storage(job, source, restart)
+    storage = Path(job.cluster.storage_path)
+    uri = resolve_uri(job.mlflow.tracking_uri) if job.mlflow.enabled else None
+    if uri:
+        check_reachable(uri)  # before Ray starts
+    connect_ray(address or job.cluster.address, job.cluster.use_gpu, source)
+    warning = check_resources(job, source, cluster_nodes())  # before the MLflow run opens
+    if warning:
+        print(f"cadist: {warning}", file=sys.stderr)
+    run_id, tracker = (None, NullTracker())
+    if uri:
+        tags = {**({"cadist.weights_source": weights_source} if weights_source else {}),
+                **(extra_tags or {})}  # fmt: skip
+        run_id, tracker = _open_run(job, uri, storage, rerun, tags)
+    trainer = _trainer(job, storage, uri, run_id, report_evals, callbacks)
+    # read by Ray Train's controller, which the driver's environment is passed to at fit()
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.start_timeout_s)
+    try:
+        result = trainer.fit()
+    except Exception as exn:
+        if not in_sweep:  # a sweep's trials are marked by the sweep (FAILED, or KILLED if stopped)
+            _mark_failed(tracker)
+        if is_start_failure(exn):
+            raise ClusterError(
+                f"{source}: job {job.name}: Ray Train could not start its "
+                f"{job.cluster.num_workers} workers within cluster.start_timeout_s "
+                f"{job.cluster.start_timeout_s:g} s, twice (nodes lost or busy? the cluster now "
+                f"holds {describe_nodes(cluster_nodes())}); rerun the same command once it has the "
+                f"nodes again — training resumes from its last checkpoint"
+            ) from None
+        raise
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    if run_id:
+        _finish_tracking(job, uri, run_id, tracker, spool_dir(storage, job.name, run_id), ckpt)
+    return TrainResult(run_id, uri, ckpt, dict(result.metrics or {}))
+
+
+def _prepare_storage(job: JobConfig, source: str, restart: bool):
+    """The job's files beside Ray's run folder: set an earlier run aside (`restart`), fetch start
+    weights given by MLflow URI, check what a rerun may change, and save the resolved job.
+    Returns the job (weights now a local file) and the rerun check."""
     storage = Path(job.cluster.storage_path)
     (storage / META).mkdir(parents=True, exist_ok=True)
     resolved = job_file(storage, job.name, "job")
@@ -282,39 +314,41 @@ def run_training(
         print(f"cadist: resuming job {job.name} at step {rerun.step} with {rerun.describe()}")
     resolved.with_suffix(".yaml.tmp").write_text(job.to_yaml())
     os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
-    uri = resolve_uri(job.mlflow.tracking_uri) if job.mlflow.enabled else None
-    if uri:
-        check_reachable(uri)  # before Ray starts
-    connect_ray(address or job.cluster.address, job.cluster.use_gpu, source)
-    warning = check_resources(job, source, cluster_nodes())  # before the MLflow run opens
-    if warning:
-        print(f"cadist: {warning}", file=sys.stderr)
-    run_id = None
-    tracker = NullTracker()
-    if uri:
-        tags = {
-            "cadist.version": __version__,
-            "cadist.git_commit": git_commit(),
-            "cadist.world_size": str(job.cluster.num_workers),
-            "cadist.device": "gpu" if job.cluster.use_gpu else "cpu",
-            "cadist.job": job.name,
-            **({"cadist.weights_source": weights_source} if weights_source else {}),
-            **(extra_tags or {}),
-        }
-        run_id = start_or_resume_run(
-            uri,
-            job.mlflow.experiment,
-            job.name,
-            marker,
-            tags,
-        )
-        tracker = Tracker(uri, run_id)
-        if rerun.step is not None and rerun.changes:  # params stay those of the first start
-            tracker.note_resume_changes(rerun.step, rerun.describe(), job.cluster.num_workers)
-        tracker.log_params(job.flat())
-        tracker.log_text(job.to_yaml(), "config/job.yaml")
-        log_macs(tracker, job)
-    trainer = TorchTrainer(
+    return job, rerun
+
+
+def _open_run(job: JobConfig, uri: str, storage: Path, rerun, extra_tags: dict):
+    """Start the job's MLflow run, or continue the one its marker names; params, the resolved job
+    and the MAC counts on a new run. Returns (run_id, tracker)."""
+    from cadist.tracking import Tracker, start_or_resume_run
+
+    tags = {
+        "cadist.version": __version__,
+        "cadist.git_commit": git_commit(),
+        "cadist.world_size": str(job.cluster.num_workers),
+        "cadist.device": "gpu" if job.cluster.use_gpu else "cpu",
+        "cadist.job": job.name,
+        **extra_tags,
+    }
+    marker = job_file(storage, job.name, "mlflow")
+    run_id = start_or_resume_run(uri, job.mlflow.experiment, job.name, marker, tags)
+    tracker = Tracker(uri, run_id)
+    if rerun.step is not None and rerun.changes:  # params stay those of the first start
+        tracker.note_resume_changes(rerun.step, rerun.describe(), job.cluster.num_workers)
+    tracker.log_params(job.flat())
+    tracker.log_text(job.to_yaml(), "config/job.yaml")
+    log_macs(tracker, job)
+    return run_id, tracker
+
+
+def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, callbacks):
+    """Ray Train's TorchTrainer for the job: one DeepSpeed rank per worker (`train_worker`)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cadist.train.worker import train_worker
+
+    return TorchTrainer(
         train_worker,
         train_loop_config={
             "job": job.model_dump(),
@@ -342,23 +376,3 @@ def run_training(
             logging_config=LoggingConfig(log_level=job.cluster.log_level),
         ),
     )
-    # read by Ray Train's controller, which the driver's environment is passed to at fit()
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.start_timeout_s)
-    try:
-        result = trainer.fit()
-    except Exception as exn:
-        if not in_sweep:  # a sweep's trials are marked by the sweep (FAILED, or KILLED if stopped)
-            _mark_failed(tracker)
-        if is_start_failure(exn):
-            raise ClusterError(
-                f"{source}: job {job.name}: Ray Train could not start its "
-                f"{job.cluster.num_workers} workers within cluster.start_timeout_s "
-                f"{job.cluster.start_timeout_s:g} s, twice (nodes lost or busy? the cluster now "
-                f"holds {describe_nodes(cluster_nodes())}); rerun the same command once it has the "
-                f"nodes again — training resumes from its last checkpoint"
-            ) from None
-        raise
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    if run_id:
-        _finish_tracking(job, uri, run_id, tracker, spool_dir(storage, job.name, run_id), ckpt)
-    return TrainResult(run_id, uri, ckpt, dict(result.metrics or {}))

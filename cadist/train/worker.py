@@ -237,111 +237,32 @@ def train_worker(cfg: dict) -> None:
 
 def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None:
     """The loop of `train_worker`: step, log, evaluate, checkpoint; then the final export."""
-    on_gpu = job.cluster.use_gpu
-    d, t = job.data, job.train
+    t, steps_per_epoch = job.train, job.data.steps_per_epoch
     acc = job.deepspeed.gradient_accumulation_steps  # micro-batches per optimiser step
-    train = ShardStream(
-        d.train_shards,
-        train=True,
-        batch_size=job.micro_batch,
-        rank=rank,
-        world_size=world,
-        num_workers=d.num_workers,
-        steps_per_epoch=d.steps_per_epoch * acc,
-        transform=TrainTransform(d.crop_size, d.crop_size),
-        seed=t.seed,
-        shuffle_buffer=d.shuffle_buffer,
-        skip_bad=d.skip_bad,
-        allow_pipe=d.allow_pipe,
-        normalize=False,
-    )
-    val = ShardStream(
-        d.val_shards,
-        train=False,
-        batch_size=job.eval.batch_size,
-        rank=rank,
-        world_size=world,
-        num_workers=min(d.num_workers, 1),
-        skip_bad=d.skip_bad,
-        allow_pipe=d.allow_pipe,
-        normalize=False,
-    )
+    train, val = _streams(job, rank, world)
     step = state["step"]
     if step:
         tracker.log_metrics({"train/resumed_from_step": step}, step)
         if rank == 0:
             log.info(f"[cadist] resumed from the checkpoint of step {step}")
     engine.train()
-    t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    meter = _Meter()
     while step < t.iterations:
-        epoch, start = divmod(step, d.steps_per_epoch)
+        epoch, start = divmod(step, steps_per_epoch)
         train.set_epoch(epoch, start * acc)
-        for micro, batch in enumerate(make_loader(train, pin_memory=on_gpu), 1):
-            loss = train_step(engine, batch, device, dtype)
-            seen += batch["label"].shape[0]
-            loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+        for micro, batch in enumerate(make_loader(train, pin_memory=job.cluster.use_gpu), 1):
+            meter.add(train_step(engine, batch, device, dtype), batch["label"].shape[0])
             if micro % acc:  # DeepSpeed steps the optimiser at the last micro-batch of the step
                 continue
             step += 1
             state["step"] = step
+            last = step == t.iterations
             metrics = {}
-            if step % t.log_every == 0 or step == t.iterations:
-                elapsed = time.perf_counter() - t0
-                metrics = {
-                    "train/loss": _mean_over_ranks(loss_sum / loss_n, device),
-                    "train/lr": engine.get_lr()[0],
-                    "train/lr_head": engine.get_lr()[1],
-                    **_learned_train_metrics(engine),
-                    "train/images_per_s": _mean_over_ranks(seen / elapsed, device) * world,
-                    "train/epoch": epoch,
-                }
-                tracker.log_metrics(metrics, step)
-                if rank == 0:
-                    log.info(
-                        f"[cadist] step {step}/{t.iterations} loss {metrics['train/loss']:.4f} "
-                        f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s"
-                    )
-                t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-            if step % job.eval.interval == 0 or step == t.iterations:
-                cm, kept, extra = evaluate(
-                    engine.module,
-                    _on_device(make_loader(val), device, dtype),
-                    device,
-                    keep=max(1, job.eval.log_images) if rank == 0 else 0,
-                )
-                cm.all_reduce()
-                if is_adaptive(job.model.name):
-                    hw = tuple(kept[0]["label"].shape) if kept else _val_hw(job)
-                    if is_learned(job.model.name):
-                        metrics.update(
-                            _eval_learned(tracker, job, engine.module, val, extra, hw, step, device)
-                        )
-                    else:
-                        metrics.update(_log_adaptive(tracker, job, extra, hw, step, device))
-                kept = kept[: job.eval.log_images]
-                miou = cm.miou()
-                is_best = miou > state["best_miou"]  # the summed matrix is the same on every rank
-                _log_eval(tracker, job, cm, kept, step, is_best)
-                if is_best:
-                    state["best_miou"] = miou
-                    if rank == 0:
-                        _log_weights(tracker, engine, job, "best.pt", step=step, miou=miou)
-                metrics.update({"val/miou": miou})
-                if rank == 0:
-                    more = "".join(
-                        f", {label} {metrics[key]:.4f}"
-                        for key, label in (
-                            ("val/miou_inference", "inference network mIoU"),
-                            ("val/high_res_fraction", "high-res fraction"),
-                        )
-                        if key in metrics
-                    )
-                    log.info(
-                        f"[cadist] step {step}: val mIoU {miou:.4f} (best {state['best_miou']:.4f})"
-                        + more
-                    )
-                engine.train()
-            if step % t.checkpoint_every == 0 or step == t.iterations:
+            if step % t.log_every == 0 or last:
+                metrics = _log_progress(tracker, job, engine, meter, step, epoch, rank, device)
+            if step % job.eval.interval == 0 or last:
+                metrics |= _evaluate(tracker, job, engine, val, state, rank, device, dtype)
+            if step % t.checkpoint_every == 0 or last:
                 save_checkpoint(engine, job, state, rank, {"step": step, **metrics})
             elif cfg.get("report_evals") and step % job.eval.interval == 0:
                 ray.train.report({"step": step, **metrics})  # a sweep's scheduler compares trials
@@ -354,6 +275,112 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
                 f"[cadist] MLflow at {cfg['tracking_uri']} still does not answer: "
                 f"{tracker.pending_count()} records wait in {tracker.spool}"
             )
+
+
+def _streams(job: JobConfig, rank: int, world: int) -> tuple[ShardStream, ShardStream]:
+    """This rank's training stream (crops, augmentation, exact resume) and validation stream."""
+    d = job.data
+    acc = job.deepspeed.gradient_accumulation_steps
+    common = {"rank": rank, "world_size": world, "skip_bad": d.skip_bad,
+              "allow_pipe": d.allow_pipe, "normalize": False}  # fmt: skip
+    train = ShardStream(
+        d.train_shards,
+        train=True,
+        batch_size=job.micro_batch,
+        num_workers=d.num_workers,
+        steps_per_epoch=d.steps_per_epoch * acc,
+        transform=TrainTransform(d.crop_size, d.crop_size),
+        seed=job.train.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        **common,
+    )
+    val = ShardStream(
+        d.val_shards,
+        train=False,
+        batch_size=job.eval.batch_size,
+        num_workers=min(d.num_workers, 1),
+        **common,
+    )
+    return train, val
+
+
+class _Meter:
+    """Loss and images seen since the last progress line (micro-batches included)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.seen, self.loss_sum, self.loss_n = time.perf_counter(), 0, 0.0, 0
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.seen += images
+        self.loss_sum, self.loss_n = self.loss_sum + float(loss.detach()), self.loss_n + 1
+
+
+def _log_progress(tracker, job, engine, meter: _Meter, step, epoch, rank, device) -> dict:
+    """`train/*` metrics averaged over ranks (a collective: every rank calls it), then reset."""
+    elapsed = time.perf_counter() - meter.t0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    metrics = {
+        "train/loss": _mean_over_ranks(meter.loss_sum / meter.loss_n, device),
+        "train/lr": engine.get_lr()[0],
+        "train/lr_head": engine.get_lr()[1],
+        **_learned_train_metrics(engine),
+        "train/images_per_s": _mean_over_ranks(meter.seen / elapsed, device) * world,
+        "train/epoch": epoch,
+    }
+    tracker.log_metrics(metrics, step)
+    if rank == 0:
+        log.info(
+            f"[cadist] step {step}/{job.train.iterations} loss {metrics['train/loss']:.4f} "
+            f"lr {metrics['train/lr']:.2e} {metrics['train/images_per_s']:.1f} img/s"
+        )
+    meter.reset()
+    return metrics
+
+
+def _evaluate(tracker, job, engine, val, state: dict, rank, device, dtype) -> dict:
+    """One evaluation (a collective): the summed confusion matrix, the adaptive statistics, the
+    logged metrics and images, `best.pt` when the mIoU improves; back to training mode."""
+    step = state["step"]
+    cm, kept, extra = evaluate(
+        engine.module,
+        _on_device(make_loader(val), device, dtype),
+        device,
+        keep=max(1, job.eval.log_images) if rank == 0 else 0,
+    )
+    cm.all_reduce()
+    metrics = {}
+    if is_adaptive(job.model.name):
+        hw = tuple(kept[0]["label"].shape) if kept else _val_hw(job)
+        if is_learned(job.model.name):
+            metrics |= _eval_learned(tracker, job, engine.module, val, extra, hw, step, device)
+        else:
+            metrics |= _log_adaptive(tracker, job, extra, hw, step, device)
+    kept = kept[: job.eval.log_images]
+    miou = cm.miou()
+    is_best = miou > state["best_miou"]  # the summed matrix is the same on every rank
+    _log_eval(tracker, job, cm, kept, step, is_best)
+    if is_best:
+        state["best_miou"] = miou
+        if rank == 0:
+            _log_weights(tracker, engine, job, "best.pt", step=step, miou=miou)
+    metrics["val/miou"] = miou
+    if rank == 0:
+        more = "".join(
+            f", {label} {metrics[key]:.4f}"
+            for key, label in (
+                ("val/miou_inference", "inference network mIoU"),
+                ("val/high_res_fraction", "high-res fraction"),
+            )
+            if key in metrics
+        )
+        log.info(
+            f"[cadist] step {step}: val mIoU {miou:.4f} (best {state['best_miou']:.4f})" + more
+        )
+    engine.train()
+    return metrics
 
 
 def _tracker(cfg: dict):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cadist.tracking import SpooledTracker, Tracker, new_run
+from cadist.tracking import SpooledTracker, Tracker, new_run, system_metrics
 from tests.conftest import MlflowServer
 
 RETRY = 20.0  # seconds between tries while the server is down
@@ -97,3 +97,45 @@ def test_the_driver_ends_with_one_error_while_records_still_wait(tmp_path, serve
     c = MlflowClient(server.uri)
     assert c.get_run(run).info.status == "FINISHED" and not spool.exists()
     assert [(m.step, m.value) for m in c.get_metric_history(run, "val/miou")] == [(40, 0.5)]
+
+
+def test_system_metrics_sampling_comes_back_after_an_outage(tmp_path, server):
+    """MLflow's sampler stops for good when the server does not answer; cadist's starts it again
+    once the server answers, its steps continuing after the last one sent."""
+
+    def steps():
+        hist = MlflowClient(server.uri).get_metric_history(
+            run, "system/node0/cpu_utilization_percentage"
+        )
+        return [m.step for m in hist]
+
+    def wait_for(cond, what, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    run = new_run(server.uri, "spool", "sysmet", {})
+    sampler = system_metrics(server.uri, run, "node0", interval_s=0.3, retry_s=1.0)
+    try:
+        wait_for(lambda: len(steps()) >= 2, "no system metrics while the server answers")
+        server.stop()
+        wait_for(sampler._stopped, "MLflow's sampler did not stop while the server was down")
+        server.start()
+        before = max(steps())
+        wait_for(lambda: max(steps()) >= before + 2, "sampling did not come back")
+        assert sampler.restarts == 1
+    finally:
+        sampler.finish()
+    got = steps()
+    assert len(got) == len(set(got)), f"a step logged twice: {sorted(got)}"
+    assert min(got) == 0 and max(got) >= before + 2  # the restart did not begin again at 0
+    assert all(
+        0 <= v <= 100
+        for v in [
+            m.value
+            for m in MlflowClient(server.uri).get_metric_history(
+                run, "system/node0/cpu_utilization_percentage"
+            )
+        ]
+    )

@@ -1,0 +1,336 @@
+"""`cadist train --dry-run`: what a job would do, checked the way `cadist train` checks it, with
+nothing started and nothing written (no Ray start, no MLflow run, no files)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cadist.config import JobConfig
+from cadist.data.stream import expand_shards
+from cadist.errors import ShardError
+from cadist.train.driver import (
+    _absolute,
+    _previous_job,
+    check_data,
+    check_weights,
+    val_image_size,
+)
+from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, describe_nodes
+from cadist.train.resume import Rerun, check_rerun, job_file
+
+
+def plan_training(
+    job: JobConfig, source: str = "<job>", address: str | None = None, restart: bool = False
+) -> dict:
+    """The checks of `run_training` up to the point where it would start something (shards,
+    weights, what a rerun may change, the tracking server, whether the Ray cluster holds the
+    workers) and what the job would then run. A check that fails raises the error `cadist train`
+    would. `address`: a Ray cluster to check (joined, nothing submitted); none: this machine.
+    `restart`: as `cadist train --restart`, which sets an earlier run aside (a first start)."""
+    from cadist.checkpoints import MLFLOW_SCHEMES
+    from cadist.train.engine import deepspeed_config
+
+    check_data(job, source)
+    check_weights(job, source)
+    job = _absolute(job)
+    storage = Path(job.cluster.storage_path)
+    if restart:
+        rerun = Rerun()
+    else:
+        before = _previous_job(job_file(storage, job.name, "job"))
+        rerun = check_rerun(job.model_dump(), before, storage / job.name, source)
+    # as `run_training`: the marker's run continues unless changed settings start the job anew
+    mlflow = _mlflow(job, not restart and not (rerun.changes and rerun.step is None))
+    address = address or job.cluster.address
+    if address and address != "local":
+        connect_ray(address, job.cluster.use_gpu, source)
+        nodes, where = cluster_nodes(), f"the Ray cluster at {address}"
+    else:
+        nodes, where = [_this_machine()], "a local Ray on this machine"
+    warning = check_resources(job, source, nodes)
+    data = {split: _shards(getattr(job.data, f"{split}_shards")) for split in ("train", "val")}
+    images = data["train"]["samples"]
+    weights = job.model.weights
+    return {
+        "job": job.name,
+        "source": source,
+        "model": job.model.model_dump(),
+        "start": (
+            {"fresh": True, "changes": _changes(rerun)}
+            if rerun.step is None
+            else {"fresh": False, "resume_step": rerun.step, "changes": _changes(rerun)}
+        ),
+        "weights_fetched_at_start": bool(weights and weights.startswith(MLFLOW_SCHEMES)),
+        "data": data,
+        "batch": {
+            "global": job.train.batch_size,
+            "workers": job.cluster.num_workers,
+            "accumulation_steps": job.deepspeed.gradient_accumulation_steps,
+            "micro_batch": job.micro_batch,
+            "iterations": job.train.iterations,
+            "epochs": round(job.train.iterations * job.train.batch_size / images, 2)
+            if images
+            else None,
+        },
+        "cluster": {
+            "where": where,
+            "holds": describe_nodes(nodes),
+            "warning": warning,
+            "worker": {"CPU": job.cluster.cpus_per_worker, "GPU": int(job.cluster.use_gpu)},
+        },
+        "storage": str(storage / job.name),
+        "mlflow": mlflow,
+        "macs": _macs(job),
+        "deepspeed": deepspeed_config(job, job.cluster.use_gpu),
+    }
+
+
+def _changes(rerun) -> list[dict]:
+    return [{"key": k, "before": a, "now": b} for k, a, b in rerun.changes]
+
+
+def _this_machine() -> dict[str, float]:
+    """What `ray.init()` here would hold: the CPUs this process may use and the visible GPUs."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": float(cpus or 1), "GPU": float(gpus)}
+
+
+def _shards(spec) -> dict:
+    """Shard count and, from a manifest, sample count (None when the shards are a pattern)."""
+    urls = expand_shards(spec)
+    samples = None
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if all(str(s).endswith("manifest.json") for s in specs):
+        from cadist.data.shards import read_manifest
+
+        try:
+            samples = sum(e["samples"] for s in specs for e in read_manifest(s)["shards"])
+        except (ShardError, KeyError):
+            samples = None
+    return {"spec": spec, "shards": len(urls), "samples": samples}
+
+
+def _mlflow(job: JobConfig, continues: bool) -> dict | None:
+    """The tracking store (checked as `cadist train` checks it) and the run a rerun continues."""
+    if not job.mlflow.enabled:
+        return None
+    from cadist.tracking import check_reachable, resolve_uri
+
+    uri = resolve_uri(job.mlflow.tracking_uri)
+    check_reachable(uri)
+    marker = job_file(Path(job.cluster.storage_path), job.name, "mlflow")
+    run_id = None
+    if continues and marker.is_file():
+        try:
+            run_id = json.loads(marker.read_text()).get("run_id")
+        except ValueError:
+            run_id = None
+    return {"tracking_uri": uri, "experiment": job.mlflow.experiment, "continues_run": run_id}
+
+
+def _macs(job: JobConfig) -> dict | None:
+    """GMac per validation image (method §10), at the size of the first validation sample:
+    dense models one figure, adaptive ones the line in the high-res fraction p."""
+    from cadist.macs import count_dense
+    from cadist.models.build import is_adaptive
+
+    hw = val_image_size(job)
+    if hw is None:
+        return None
+    out = {"input_hw": list(hw)}
+    if not is_adaptive(job.model.name):
+        m = count_dense(job.model.name, job.model.output_stride, *hw)
+        return out | {k: round(m[k], 2) for k in ("backbone_gmac", "head_gmac", "total_gmac")}
+    from cadist.adaptive.stats import mac_line
+
+    line = mac_line(job.model.name, job.model.adaptive_mode, *hw)
+    return out | {
+        "backbone_gmac_at_p0": round(line.backbone(0.0), 2),
+        "backbone_gmac_per_p": round(line.backbone(1.0) - line.backbone(0.0), 2),
+        "head_gmac": round(line.head_gmac, 2),
+    }
+
+
+def describe(plan: dict) -> str:
+    """The plan as a few lines for the console."""
+    b, c, d, m = plan["batch"], plan["cluster"], plan["data"], plan["model"]
+    start = plan["start"]
+    if start["fresh"]:
+        begin = "starts at step 0"
+    else:
+        begin = f"resumes from its checkpoint at step {start['resume_step']}"
+    if start["changes"]:
+        begin += " with " + ", ".join(
+            f"{x['key']} {x['before']} → {x['now']}" for x in start["changes"]
+        )
+    lines = [
+        f"job {plan['job']} ({plan['source']}): {m['name']}"
+        + (f", adaptive {m['adaptive_mode']}" if _adaptive(m) else f", OS {m['output_stride']}"),
+        f"  {begin}; checkpoints in {plan['storage']}",
+    ]
+    for split in ("train", "val"):
+        s = d[split]
+        n = f"{s['samples']} images in " if s["samples"] is not None else ""
+        lines.append(f"  {split}: {n}{_n(s['shards'], 'shard')} ({s['spec']})")
+    epochs = f" ≈ {b['epochs']} epochs" if b["epochs"] is not None else ""
+    acc = f" × {b['accumulation_steps']} accumulation steps" if b["accumulation_steps"] > 1 else ""
+    lines.append(
+        f"  {b['iterations']} steps of {b['global']} images = {_n(b['workers'], 'worker')} × "
+        f"{b['micro_batch']}{acc}{epochs}"
+    )
+    per = ", ".join(f"{v:g} {k}" for k, v in c["worker"].items() if v)
+    lines.append(f"  on {c['where']} ({c['holds']}): {_n(b['workers'], 'worker')} of {per}")
+    if c["warning"]:
+        lines.append(f"  {c['warning']}")
+    if plan["mlflow"]:
+        ml = plan["mlflow"]
+        run = f", continues run {ml['continues_run']}" if ml["continues_run"] else ", a new run"
+        lines.append(f"  MLflow: {ml['tracking_uri']}, experiment {ml['experiment']}{run}")
+    else:
+        lines.append("  MLflow: off")
+    mac = plan["macs"]
+    if mac and "total_gmac" in mac:
+        lines.append(
+            f"  {mac['total_gmac']:.2f} GMac per {mac['input_hw'][0]}×{mac['input_hw'][1]} "
+            f"validation image (backbone {mac['backbone_gmac']:.2f})"
+        )
+    elif mac:
+        lines.append(
+            f"  backbone {mac['backbone_gmac_at_p0']:.2f} + {mac['backbone_gmac_per_p']:.2f}·p "
+            f"GMac per {mac['input_hw'][0]}×{mac['input_hw'][1]} validation image at high-res "
+            f"fraction p (head {mac['head_gmac']:.2f})"
+        )
+    ds = plan["deepspeed"]
+    lines.append(
+        f"  DeepSpeed: ZeRO {ds['zero_optimization']['stage']}, "
+        + ("bf16 autocast" if "torch_autocast" in ds else "fp32")
+        + f", micro-batch {ds['train_micro_batch_size_per_gpu']} per worker"
+    )
+    lines.append("nothing was started; `cadist train` with the same arguments runs it")
+    return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _adaptive(model: dict) -> bool:
+    from cadist.models.build import is_adaptive
+
+    return is_adaptive(model["name"])
+
+
+def plan_sweep(
+    path: str | Path,
+    overrides: tuple[str, ...] = (),
+    address: str | None = None,
+    restart: bool = False,
+) -> dict:
+    """`cadist tune --dry-run`: the sweep's checks (its file, every searched value against the job
+    schema, shards, weights, a changed sweep's refusal, the tracking server, whether one trial
+    fits) and what it would run — trials, searched domains, objectives, trials at once, each
+    trial's batch and GMac — with nothing started or written."""
+    from cadist.config import validate_job
+    from cadist.sweeps import load_sweep
+    from cadist.train.raycluster import trial_slots
+    from cadist.tune import would_resume
+
+    source = str(path)
+    sweep, fixed, job_path = load_sweep(path, overrides)
+    base = _absolute(validate_job(json.loads(json.dumps(fixed)), source))
+    check_data(base, source)
+    check_weights(base, source)
+    storage = Path(base.cluster.storage_path)
+    fixed = json.loads(json.dumps(base.model_dump()))
+    resumes = not restart and would_resume(storage, sweep, fixed, source)
+    mlflow = None
+    if base.mlflow.enabled:
+        from cadist.tracking import check_reachable, resolve_uri
+
+        uri = resolve_uri(base.mlflow.tracking_uri)
+        check_reachable(uri)
+        mlflow = {"tracking_uri": uri, "experiment": base.mlflow.experiment}
+    address = address or base.cluster.address
+    if address and address != "local":
+        connect_ray(address, base.cluster.use_gpu, source)
+        nodes, where = cluster_nodes(), f"the Ray cluster at {address}"
+    else:
+        nodes, where = [_this_machine()], "a local Ray on this machine"
+    warning = check_resources(base, source, nodes)  # one trial must fit
+    images = _shards(base.data.train_shards)["samples"]
+    return {
+        "sweep": sweep.name,
+        "source": source,
+        "job": str(job_path),
+        "trials": sweep.num_samples,
+        "search": sweep.search,
+        "fixed": sweep.set,
+        "objectives": sweep.objectives,
+        "searcher": sweep.searcher,
+        "seed": sweep.seed,
+        "scheduler": sweep.scheduler,
+        "resumes": resumes,
+        "at_once": trial_slots(base, nodes, sweep.max_concurrent),
+        "max_concurrent": sweep.max_concurrent,
+        "cluster": {"where": where, "holds": describe_nodes(nodes), "warning": warning},
+        "trial": {
+            "model": base.model.name,
+            "iterations": base.train.iterations,
+            "batch": base.train.batch_size,
+            "workers": base.cluster.num_workers,
+            "epochs": round(base.train.iterations * base.train.batch_size / images, 2)
+            if images
+            else None,
+        },
+        "storage": str(storage),
+        "mlflow": mlflow,
+        "macs": _macs(base),
+    }
+
+
+def describe_sweep(plan: dict) -> str:
+    """A sweep plan as a few lines for the console."""
+    t, c = plan["trial"], plan["cluster"]
+    sched = (
+        "ASHA stops trailing trials" if plan["scheduler"] == "asha" else "every trial to the end"
+    )
+    lines = [
+        f"sweep {plan['sweep']} ({plan['source']}): {plan['trials']} trials of {plan['job']}, "
+        f"{plan['searcher']} search (seed {plan['seed']}), {sched}",
+        "  "
+        + ("resumes its earlier run: finished trials are kept" if plan["resumes"] else "a new run"),
+    ]
+    for key, dom in plan["search"].items():
+        kind, args = next(iter(dom.items()))
+        lines.append(f"  search {key}: {kind} {args}")
+    if plan["fixed"]:
+        lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in plan["fixed"].items()))
+    lines.append("  objectives: " + ", ".join(f"{k} ({d})" for k, d in plan["objectives"].items()))
+    epochs = f" ≈ {t['epochs']} epochs" if t["epochs"] is not None else ""
+    lines.append(
+        f"  each trial: {t['model']}, {t['iterations']} steps of {t['batch']} images on "
+        f"{_n(t['workers'], 'worker')}{epochs}"
+    )
+    lines.append(
+        f"  at once: {plan['at_once']} trial(s) on {c['where']} ({c['holds']}; max_concurrent "
+        f"{plan['max_concurrent']})"
+    )
+    if c["warning"]:
+        lines.append(f"  {c['warning']}")
+    if plan["mlflow"]:
+        ml = plan["mlflow"]
+        lines.append(f"  MLflow: {ml['tracking_uri']}, experiment {ml['experiment']}")
+    mac = plan["macs"]
+    if mac and "backbone_gmac_at_p0" in mac:
+        lines.append(
+            f"  backbone {mac['backbone_gmac_at_p0']:.2f} + {mac['backbone_gmac_per_p']:.2f}·p "
+            f"GMac per {mac['input_hw'][0]}×{mac['input_hw'][1]} validation image at high-res "
+            f"fraction p (base job's settings)"
+        )
+    lines.append("nothing was started; `cadist tune` with the same arguments runs it")
+    return "\n".join(lines)
