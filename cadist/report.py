@@ -4,6 +4,8 @@ fraction and backbone GMac at that evaluation, beside the released models' numbe
 
 from __future__ import annotations
 
+import math
+
 #: §13.1: (model name, output stride or None) → released val mIoU
 PAPER_MIOU = {
     ("deeplabv3_resnet101", "16"): 0.762,
@@ -40,6 +42,10 @@ def summarise(runs: list[dict]) -> list[dict]:
             "paper_miou": paper,
         }
         if best_step is not None:
+            per_class = {k.removeprefix("val/iou/"): dict(v).get(best_step)
+                         for k, v in h.items() if k.startswith("val/iou/")}  # fmt: skip
+            if per_class:
+                row["per_class"] = per_class
             for key, col in (
                 ("val/miou_inference", "miou_inference"),
                 ("val/high_res_fraction", "high_res_fraction"),
@@ -66,4 +72,39 @@ def markdown(rows: list[dict]) -> str:
 
     lines = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def per_class_markdown(rows: list[dict], baseline: str | None = None) -> str:
+    """Per-class IoU at each run's best evaluation: one row per Cityscapes class (in trainId order),
+    one column per run; with `baseline` (a run's name) the other runs' cells add their difference
+    to it, e.g. `0.7012 (-0.0154)` — which classes an adaptive network gives up, or gains."""
+    from cadist.data.cityscapes import CLASS_NAMES
+
+    runs = [r for r in rows if r.get("per_class")]
+    base = next((r for r in runs if r["run"] == baseline), None)
+    if baseline is not None and base is None:
+        from cadist.errors import ConfigError
+
+        there = ", ".join(r["run"] for r in runs) or "none with per-class IoU"
+        raise ConfigError(f"--baseline {baseline}: no such run in the report (runs: {there})")
+
+    def cell(r, v, ref):
+        if v is None or math.isnan(v):
+            return "–"
+        if base is None or r is base or ref is None or math.isnan(ref):
+            return f"{v:.4f}"
+        return f"{v:.4f} ({v - ref:+.4f})"
+
+    if base is not None:  # the baseline's column first
+        runs = [base] + [r for r in runs if r is not base]
+    head = [r["run"] + (" (baseline)" if r is base else "") for r in runs]
+    lines = ["| class | " + " | ".join(head) + " |", "|" + "---|" * (len(runs) + 1)]
+    names = list(CLASS_NAMES) + sorted({c for r in runs for c in r["per_class"]} - set(CLASS_NAMES))
+    for name in names:
+        ref = base["per_class"].get(name) if base else None
+        cells = [cell(r, r["per_class"].get(name), ref) for r in runs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ref = base["best_miou"] if base else None
+    lines.append("| **mIoU** | " + " | ".join(cell(r, r["best_miou"], ref) for r in runs) + " |")
     return "\n".join(lines)

@@ -287,9 +287,10 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def training_runs(uri: str, experiment: str) -> list[dict]:
+def training_runs(uri: str, experiment: str, per_class: bool = False) -> list[dict]:
     """The training runs of an experiment (those with a `cadist.job` tag), each as {run_id, name,
-    status, params, tags, history: {metric: [(step, value), …]}} for the metrics a report needs."""
+    status, params, tags, history: {metric: [(step, value), …]}} for the metrics a report needs;
+    `per_class`: the per-class IoU histories (`val/iou/<class>`) too."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -302,8 +303,8 @@ def training_runs(uri: str, experiment: str) -> list[dict]:
     for run in client.search_runs([exp.experiment_id], "tags.`cadist.job` != ''"):
         history = {
             key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-            for key in REPORT_METRICS
-            if key in run.data.metrics
+            for key in run.data.metrics
+            if key in REPORT_METRICS or (per_class and key.startswith("val/iou/"))
         }
         out.append(
             {

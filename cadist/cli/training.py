@@ -197,23 +197,33 @@ PAPER_EXPERIMENTS = ("cityscapes-dense", "cityscapes-adaptive")
     type=click.Path(dir_okay=False),
     help="Also draw best val mIoU against backbone GMac per run, Pareto front marked (PNG).",
 )
+@click.option(
+    "--per-class",
+    is_flag=True,
+    help="Also the per-class IoU of each run's best evaluation (a class per row, a run per column).",
+)
+@click.option(
+    "--baseline",
+    metavar="RUN",
+    help="With --per-class: each other run's IoU with its difference to this run's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def report_cmd(experiments, tracking_uri, plot, as_json):
+def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     """The results table of one or more experiments: best val mIoU per run (and at which step),
     high-res fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
     from cadist.errors import ConfigError
-    from cadist.report import markdown, summarise
+    from cadist.report import markdown, per_class_markdown, summarise
     from cadist.tracking import experiments_there, resolve_uri, training_runs
 
     uri = resolve_uri(tracking_uri)
     runs = []
     if experiments:
         for e in experiments:
-            runs += training_runs(uri, e)
+            runs += training_runs(uri, e, per_class=per_class)
     else:
         for e in PAPER_EXPERIMENTS:
             try:
-                runs += training_runs(uri, e)
+                runs += training_runs(uri, e, per_class=per_class)
                 experiments += (e,)
             except ConfigError:  # not created yet
                 pass
@@ -225,6 +235,9 @@ def report_cmd(experiments, tracking_uri, plot, as_json):
             )
     experiment = ", ".join(experiments)
     rows = summarise(runs)
+    if baseline and not per_class:
+        raise click.UsageError("--baseline goes with --per-class")
+    table = per_class_markdown(rows, baseline) if per_class else None  # a wrong baseline: at once
     if plot:
         from cadist.plots import tradeoff_png
 
@@ -236,6 +249,8 @@ def report_cmd(experiments, tracking_uri, plot, as_json):
         _print_json({"experiment": experiment, "experiments": list(experiments), "runs": rows})
     else:
         click.echo(markdown(rows))
+        if table:
+            click.echo(f"\nper-class IoU at each run's best evaluation:\n{table}")
 
 
 # -- status -------------------------------------------------------------------------------------

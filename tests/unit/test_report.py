@@ -69,6 +69,50 @@ def test_report_picks_the_best_evaluation_and_its_statistics(tmp_path):
         assert im.size == (840, 540)
 
 
+def test_per_class_table_at_each_runs_best_evaluation(tmp_path):
+    """`--per-class`: the per-class IoU logged at each run's best step (not the last), a class per
+    row in trainId order, and with `--baseline` each other run's difference to it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    dense = {"model.name": "deeplabv3_resnet101", "model.output_stride": 8}
+    _run(
+        uri,
+        "os8",
+        dense,
+        {
+            "val/miou": [(100, 0.70), (200, 0.75)],
+            "val/iou/road": [(100, 0.90), (200, 0.95)],
+            "val/iou/pole": [(100, 0.40), (200, 0.50)],
+        },
+    )
+    _run(uri, "edge", dense | {"model.name": "deeplabv3_batch_ap_resnet101"},
+         {"val/miou": [(100, 0.74), (200, 0.72)], "val/iou/road": [(100, 0.96), (200, 0.99)],
+          "val/iou/pole": [(100, 0.45), (200, float("nan"))]})  # fmt: skip
+    base = ["report", "--experiment", "exp", "--tracking-uri", uri]
+    r = CliRunner().invoke(main, [*base, "--per-class", "--json"])
+    assert r.exit_code == 0, r.output
+    by_run = {row["run"]: row["per_class"] for row in json.loads(r.stdout)["runs"]}
+    assert by_run == {"os8": {"road": 0.95, "pole": 0.5}, "edge": {"road": 0.96, "pole": 0.45}}
+    r = CliRunner().invoke(main, [*base, "--per-class", "--baseline", "os8"])
+    assert r.exit_code == 0, r.output
+    table = r.stdout.split("per-class IoU at each run's best evaluation:")[1]
+    lines = table.strip().splitlines()
+    assert lines[0] == "| class | os8 (baseline) | edge |"
+    assert lines[2] == "| road | 0.9500 | 0.9600 (+0.0100) |"  # road first: trainId 0
+    assert "| pole | 0.5000 | 0.4500 (-0.0500) |" in lines
+    assert "| sidewalk | – | – |" in lines  # not logged
+    assert lines[-1] == "| **mIoU** | 0.7500 | 0.7400 (-0.0100) |"
+    r = CliRunner().invoke(main, [*base, "--per-class", "--baseline", "os16"])
+    assert (
+        r.exit_code == 2
+        and "--baseline os16: no such run" in r.output
+        and "(runs: edge, os8)" in r.output
+    )
+    r = CliRunner().invoke(main, [*base, "--baseline", "os8"])
+    assert r.exit_code == 2 and "--baseline goes with --per-class" in r.output
+    r = CliRunner().invoke(main, [*base, "--json"])  # without --per-class: not fetched
+    assert all("per_class" not in row for row in json.loads(r.stdout)["runs"])
+
+
 def test_tradeoff_plot_marks_exactly_the_front(tmp_path):
     import numpy as np
     from PIL import Image
