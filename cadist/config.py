@@ -128,7 +128,14 @@ class EvalConfig(_Section):
 
 class ClusterConfig(_Section):
     num_workers: int = Field(1, ge=1)
-    """Ray Train workers (data-parallel ranks)."""
+    """Ray Train workers (data-parallel ranks); with `min_workers`, the most."""
+    min_workers: int | None = Field(None, ge=1)
+    """Elastic training: the fewest workers training goes on with. A worker or node lost restarts
+    the group from the latest checkpoint on the workers the cluster still holds (at least this
+    many) instead of waiting for the lost ones, and Ray Train grows it back towards `num_workers`
+    when nodes return (checked every minute). The global batch stays `train.batch_size`, so it
+    must divide evenly over every count from here to `num_workers`; ZeRO 1/2 optimizer state is
+    re-split for the new count. None: exactly `num_workers`."""
     use_gpu: bool = False
     """One GPU per worker; BatchNorm is synchronised across GPU workers."""
     cpus_per_worker: float = Field(1, gt=0)
@@ -158,7 +165,9 @@ class ClusterConfig(_Section):
     start_timeout_s: float = Field(120, gt=0)
     """Seconds Ray Train may take to start all workers — at the beginning and after a failure.
     Without `autoscale`, a second start that times out (nodes lost for good) ends the run with an
-    error instead of waiting forever; rerunning the job resumes from its last checkpoint."""
+    error instead of waiting forever; rerunning the job resumes from its last checkpoint. Elastic
+    jobs (`min_workers`) allow five: for some 20-30 s after a node loss Ray Train still counts the
+    lost node, and each start for it waits this long (a shorter timeout resumes sooner)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Ray Train's own messages on the console (worker-group starts, each checkpoint and report);
     cadist's progress lines always show. INFO shows Ray Train's too (also kept in the Ray
@@ -208,23 +217,14 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobConfig:
-        n, acc = self.cluster.num_workers, self.deepspeed.gradient_accumulation_steps
-        if self.train.batch_size % (n * acc):
-            split = f"cluster.num_workers {n}" + (
-                f" × deepspeed.gradient_accumulation_steps {acc} = {n * acc}" if acc > 1 else ""
-            )
+        n, low = self.cluster.num_workers, self.cluster.min_workers
+        if low is not None and low > n:
             raise ValueError(
-                f"train.batch_size {self.train.batch_size} is not divisible by {split}; use a "
-                f"multiple of {n * acc} (e.g. {n * acc * max(1, self.train.batch_size // (n * acc))})"
-                + (" or fewer accumulation steps" if acc > 1 else "")
+                f"cluster.min_workers {low} is more than cluster.num_workers {n}; elastic "
+                f"training runs on min_workers … num_workers workers"
             )
-        if n == 1 and self.micro_batch == 1:
-            raise ValueError(
-                f"train.batch_size {self.train.batch_size} on one worker"
-                + (f" in {acc} accumulation steps" if acc > 1 else "")
-                + " runs 1 image at a time: BatchNorm after the ASPP's image pooling needs 2 or "
-                "more (one value per channel); use batches of 2+ images per step or more workers"
-            )
+        for count in [n, *(c for c in self.worker_counts if c != n)]:  # num_workers first
+            self._check_batch_split(count)
         if self.model.name.startswith("deeplabv3_ad_") and self.model.adaptive_mode != "os8to16":
             raise ValueError(
                 f"model.adaptive_mode {self.model.adaptive_mode}: learned-mask models "
@@ -237,12 +237,50 @@ class JobConfig(_Section):
             )
         return self
 
+    def _check_batch_split(self, n: int) -> None:
+        """The global batch splits evenly over `n` workers (and accumulation steps), and no
+        BatchNorm sees a single image."""
+        acc, low = self.deepspeed.gradient_accumulation_steps, self.cluster.min_workers
+        elastic = (
+            f" (elastic training: cluster.min_workers {low} … num_workers "
+            f"{self.cluster.num_workers} may run on {n}; narrow the range or change the batch)"
+            if low is not None and n != self.cluster.num_workers
+            else ""
+        )
+        if self.train.batch_size % (n * acc):
+            split = (f"{n} workers" if elastic else f"cluster.num_workers {n}") + (
+                f" × deepspeed.gradient_accumulation_steps {acc} = {n * acc}" if acc > 1 else ""
+            )
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is not divisible by {split}; use a "
+                f"multiple of {n * acc} (e.g. {n * acc * max(1, self.train.batch_size // (n * acc))})"
+                + (" or fewer accumulation steps" if acc > 1 else "")
+                + elastic
+            )
+        if n == 1 and self.micro_batch_for(1) == 1:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} on one worker"
+                + (f" in {acc} accumulation steps" if acc > 1 else "")
+                + " runs 1 image at a time: BatchNorm after the ASPP's image pooling needs 2 or "
+                "more (one value per channel); use batches of 2+ images per step or more workers"
+                + elastic
+            )
+
+    @property
+    def worker_counts(self) -> range:
+        """The worker counts the job may train on: `num_workers`, or `min_workers` … `num_workers`."""
+        return range(
+            self.cluster.min_workers or self.cluster.num_workers, self.cluster.num_workers + 1
+        )
+
+    def micro_batch_for(self, world: int) -> int:
+        """Images one of `world` workers runs at a time (the batch over workers and accumulation)."""
+        return self.train.batch_size // (world * self.deepspeed.gradient_accumulation_steps)
+
     @property
     def micro_batch(self) -> int:
-        """Images one worker runs at a time: the batch split over workers and accumulation steps."""
-        return self.train.batch_size // (
-            self.cluster.num_workers * self.deepspeed.gradient_accumulation_steps
-        )
+        """Images one worker runs at a time with `cluster.num_workers` workers."""
+        return self.micro_batch_for(self.cluster.num_workers)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys → values, for MLflow params."""

@@ -278,7 +278,7 @@ def run_training(
         if is_start_failure(exn):
             raise ClusterError(
                 f"{source}: job {job.name}: Ray Train could not start its "
-                f"{job.cluster.num_workers} workers within cluster.start_timeout_s "
+                f"{_workers(job)} workers within cluster.start_timeout_s "
                 f"{job.cluster.start_timeout_s:g} s, twice (nodes lost or busy? the cluster now "
                 f"holds {describe_nodes(cluster_nodes())}); rerun the same command once it has the "
                 f"nodes again — training resumes from its last checkpoint"
@@ -288,6 +288,11 @@ def run_training(
     if run_id:
         _finish_tracking(job, uri, run_id, tracker, spool_dir(storage, job.name, run_id), ckpt)
     return TrainResult(run_id, uri, ckpt, dict(result.metrics or {}))
+
+
+def _workers(job: JobConfig) -> str:
+    c = job.cluster
+    return f"{c.min_workers} to {c.num_workers}" if c.min_workers else str(c.num_workers)
 
 
 def _prepare_storage(job: JobConfig, source: str, restart: bool):
@@ -348,6 +353,8 @@ def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, cal
 
     from cadist.train.worker import train_worker
 
+    c = job.cluster
+    workers = (c.min_workers, c.num_workers) if c.min_workers else c.num_workers
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -359,7 +366,8 @@ def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, cal
             "spool": str(spool_dir(storage, job.name, run_id)) if run_id else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=job.cluster.num_workers,
+            # elastic: Ray Train asks for num_workers and starts with at least min_workers
+            num_workers=workers,
             use_gpu=job.cluster.use_gpu,
             resources_per_worker={"CPU": job.cluster.cpus_per_worker},
         ),
@@ -368,8 +376,10 @@ def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, cal
             storage_path=str(storage),
             failure_config=FailureConfig(
                 max_failures=job.cluster.max_failures,
-                # worker groups that cannot start (nodes gone): retry once unless nodes may come
-                controller_failure_limit=-1 if job.cluster.autoscale else 1,
+                # worker groups that cannot start (nodes gone): retry once unless nodes may come;
+                # elastic jobs a few times: for some 20-30 s after a node loss Ray Train still
+                # counts the lost node, and each start for it waits start_timeout_s
+                controller_failure_limit=-1 if c.autoscale else 5 if c.min_workers else 1,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
             callbacks=callbacks,

@@ -30,11 +30,12 @@ def _precision(job: JobConfig, on_gpu: bool) -> dict:
     return {"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
 
 
-def deepspeed_config(job: JobConfig, on_gpu: bool) -> dict:
-    """The DeepSpeed JSON for a job (never hand-edited): batch split, ZeRO stage, precision."""
+def deepspeed_config(job: JobConfig, on_gpu: bool, world: int | None = None) -> dict:
+    """The DeepSpeed JSON for a job (never hand-edited) on `world` workers (default
+    `cluster.num_workers`; elastic jobs run on fewer): batch split, ZeRO stage, precision."""
     return {
         "train_batch_size": job.train.batch_size,
-        "train_micro_batch_size_per_gpu": job.micro_batch,
+        "train_micro_batch_size_per_gpu": job.micro_batch_for(world or job.cluster.num_workers),
         "gradient_accumulation_steps": job.deepspeed.gradient_accumulation_steps,
         "zero_optimization": {"stage": job.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch SGD with two groups (§8) under ZeRO 1/2
@@ -97,7 +98,7 @@ def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device)
         )
     model.to(device)
     opt, sched = make_optimizer(model, job.train)
-    return make_engine(model, opt, sched, deepspeed_config(job, on_gpu))
+    return make_engine(model, opt, sched, deepspeed_config(job, on_gpu, world))
 
 
 def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

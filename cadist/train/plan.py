@@ -67,6 +67,7 @@ def plan_training(
         "batch": {
             "global": job.train.batch_size,
             "workers": job.cluster.num_workers,
+            "min_workers": job.cluster.min_workers,
             "accumulation_steps": job.deepspeed.gradient_accumulation_steps,
             "micro_batch": job.micro_batch,
             "iterations": job.train.iterations,
@@ -184,7 +185,10 @@ def describe(plan: dict) -> str:
         f"{b['micro_batch']}{acc}{epochs}"
     )
     per = ", ".join(f"{v:g} {k}" for k, v in c["worker"].items() if v)
-    lines.append(f"  on {c['where']} ({c['holds']}): {_n(b['workers'], 'worker')} of {per}")
+    elastic = f" (elastic: down to {b['min_workers']})" if b.get("min_workers") else ""
+    lines.append(
+        f"  on {c['where']} ({c['holds']}): {_n(b['workers'], 'worker')} of {per}{elastic}"
+    )
     if c["warning"]:
         lines.append(f"  {c['warning']}")
     if plan["mlflow"]:

@@ -39,8 +39,8 @@ def check_resources(
 ) -> str | None:
     """Stop at once when the Ray cluster's nodes cannot hold the job's workers (Ray Train would wait
     and retry forever); with `cluster.autoscale` return a warning instead. `workers`: how many must
-    fit (default all of the job's)."""
-    need = job.cluster.num_workers if workers is None else workers
+    fit (default all of the job's; elastic jobs: `cluster.min_workers`)."""
+    need = (job.cluster.min_workers or job.cluster.num_workers) if workers is None else workers
     request = worker_request(job)
     fit = placeable(nodes, request)
     if fit >= need:
@@ -55,7 +55,8 @@ def check_resources(
     else:
         per = ", ".join(f"{v:g} {k}" for k, v in request.items())
         msg = (
-            f"cluster.num_workers {need} needs {need} workers of {per} each and the Ray cluster "
+            f"cluster.{'min' if job.cluster.min_workers and workers is None else 'num'}_workers "
+            f"{need} needs {need} workers of {per} each and the Ray cluster "
             f"holds {fit} ({have}); lower cluster.num_workers"
             + (" or cluster.cpus_per_worker" if request["CPU"] > 1 or fit == 0 else "")
             + ", or add nodes"

@@ -240,11 +240,15 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
     t, steps_per_epoch = job.train, job.data.steps_per_epoch
     acc = job.deepspeed.gradient_accumulation_steps  # micro-batches per optimiser step
     train, val = _streams(job, rank, world)
-    step = state["step"]
+    step, before = state["step"], state.get("workers", world)
+    state["workers"] = world  # recorded in checkpoints: a resume on another count says so
     if step:
         tracker.log_metrics({"train/resumed_from_step": step}, step)
         if rank == 0:
-            log.info(f"[cadist] resumed from the checkpoint of step {step}")
+            log.info(
+                f"[cadist] resumed from the checkpoint of step {step}"
+                + (f" on {world} workers (it was written by {before})" if before != world else "")
+            )
     engine.train()
     meter = _Meter()
     while step < t.iterations:
@@ -286,7 +290,7 @@ def _streams(job: JobConfig, rank: int, world: int) -> tuple[ShardStream, ShardS
     train = ShardStream(
         d.train_shards,
         train=True,
-        batch_size=job.micro_batch,
+        batch_size=job.micro_batch_for(world),
         num_workers=d.num_workers,
         steps_per_epoch=d.steps_per_epoch * acc,
         transform=TrainTransform(d.crop_size, d.crop_size),
@@ -328,6 +332,7 @@ def _log_progress(tracker, job, engine, meter: _Meter, step, epoch, rank, device
         "train/lr_head": engine.get_lr()[1],
         **_learned_train_metrics(engine),
         "train/images_per_s": _mean_over_ranks(meter.seen / elapsed, device) * world,
+        "train/workers": world,
         "train/epoch": epoch,
     }
     tracker.log_metrics(metrics, step)

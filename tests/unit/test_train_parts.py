@@ -91,6 +91,15 @@ def test_overrides_and_one_line_errors(tmp_path):
         (["name=bad name"], r"name: String should match"),
         (["train.iterations"], r"expected KEY=VALUE"),
         (
+            ["cluster.num_workers=4", "cluster.min_workers=6"],
+            r"cluster\.min_workers 6 is more than cluster\.num_workers 4",
+        ),
+        (  # elastic: every count in the range must split the batch (8 over 3 does not)
+            ["cluster.num_workers=4", "cluster.min_workers=2"],
+            r"train\.batch_size 8 is not divisible by 3 workers; .*\(elastic "
+            r"training: cluster\.min_workers 2 … num_workers 4 may run on 3; narrow the range",
+        ),
+        (
             ["cluster.storage_path=s3://bucket/runs"],
             r"cluster\.storage_path: s3://bucket/runs: cloud storage URIs are not supported .*"
             r"mounts at the same path",
@@ -100,6 +109,9 @@ def test_overrides_and_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=pattern) as e:
             load_job(f, overrides)
         assert "\n" not in str(e.value)
+    elastic = load_job(f, ["cluster.num_workers=4", "cluster.min_workers=2", "train.batch_size=12"])
+    assert list(elastic.worker_counts) == [2, 3, 4]
+    assert [elastic.micro_batch_for(n) for n in (2, 3, 4)] == [6, 4, 3] and elastic.micro_batch == 3
     with pytest.raises(ConfigError, match="no such job file"):
         load_job(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
