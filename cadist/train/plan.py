@@ -43,12 +43,7 @@ def plan_training(
         rerun = check_rerun(job.model_dump(), before, storage / job.name, source)
     # as `run_training`: the marker's run continues unless changed settings start the job anew
     mlflow = _mlflow(job, not restart and not (rerun.changes and rerun.step is None))
-    address = address or job.cluster.address
-    if address and address != "local":
-        connect_ray(address, job.cluster.use_gpu, source)
-        nodes, where = cluster_nodes(), f"the Ray cluster at {address}"
-    else:
-        nodes, where = [_this_machine()], "a local Ray on this machine"
+    nodes, where = _nodes(job, address, source)
     warning = check_resources(job, source, nodes)
     data = {split: _shards(getattr(job.data, f"{split}_shards")) for split in ("train", "val")}
     images = data["train"]["samples"]
@@ -90,6 +85,16 @@ def plan_training(
 
 def _changes(rerun) -> list[dict]:
     return [{"key": k, "before": a, "now": b} for k, a, b in rerun.changes]
+
+
+def _nodes(job: JobConfig, address: str | None, source: str) -> tuple[list[dict], str]:
+    """The nodes the job would run on and where they are: the Ray cluster at `address` (else the
+    job's `cluster.address`), joined to read its resources; without one, this machine."""
+    address = address or job.cluster.address
+    if address and address != "local":
+        connect_ray(address, job.cluster.use_gpu, source)
+        return cluster_nodes(), f"the Ray cluster at {address}"
+    return [_this_machine()], "a local Ray on this machine"
 
 
 def _this_machine() -> dict[str, float]:
@@ -259,12 +264,7 @@ def plan_sweep(
         uri = resolve_uri(base.mlflow.tracking_uri)
         check_reachable(uri)
         mlflow = {"tracking_uri": uri, "experiment": base.mlflow.experiment}
-    address = address or base.cluster.address
-    if address and address != "local":
-        connect_ray(address, base.cluster.use_gpu, source)
-        nodes, where = cluster_nodes(), f"the Ray cluster at {address}"
-    else:
-        nodes, where = [_this_machine()], "a local Ray on this machine"
+    nodes, where = _nodes(base, address, source)
     warning = check_resources(base, source, nodes)  # one trial must fit
     images = _shards(base.data.train_shards)["samples"]
     return {

@@ -22,60 +22,77 @@ pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 
 
-def test_lost_node_is_an_error_and_the_rerun_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    train, val = tiny_shards(tmp_path, num_train=8, seed=7)
-    overrides = {
-        "name": "itest-nodeloss",
+def _overrides(tmp_path, name: str, seed: int, **extra) -> dict:
+    """A two-worker tiny job on generated shards, checkpoints every 10 steps."""
+    train, val = tiny_shards(tmp_path, num_train=8, seed=seed)
+    return {
+        "name": name,
         "data.train_shards": str(train),
         "data.val_shards": str(val),
         "data.crop_size": 64,
         "data.num_workers": 0,
-        "train.iterations": 400,
         "train.batch_size": 2,
-        "train.log_every": 10,
         "train.checkpoint_every": 10,
-        "eval.interval": 400,
         "eval.log_images": 0,
         "cluster.num_workers": 2,
-        "cluster.max_failures": 1,
-        "cluster.start_timeout_s": 8,
         "cluster.storage_path": str(tmp_path / "runs"),
-        "deepspeed.zero_stage": 0,
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "mlflow.experiment": "nodeloss",
-    }
-    job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
+    } | extra
+
+
+def _lose_a_node_while_training(tmp_path, cluster, node, job):
+    """Train `job` in a thread, remove `node` once a checkpoint is registered (from the main
+    thread, as Ray requires), and wait for the run to end; returns {"result"} or {"error"}, and
+    "ended_after_s" (seconds from the loss to the end)."""
+    box = {}
+
+    def fit():
+        try:
+            box["result"] = run_training(job, "itest")
+        except Exception as exn:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exn
+
+    t = threading.Thread(target=fit)
+    t.start()
+    run_dir = tmp_path / "runs" / job.name
+    deadline = time.time() + 240
+    while not registered_checkpoint(run_dir) and time.time() < deadline and t.is_alive():
+        time.sleep(0.2)
+    assert registered_checkpoint(run_dir), box
+    cluster.remove_node(node)
+    lost = time.time()
+    t.join(timeout=300)
+    assert not t.is_alive(), "training hung after the node was lost"
+    box["ended_after_s"] = time.time() - lost
+    return box
+
+
+def _two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    worker = cluster.add_node(num_cpus=1)
+    node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    return cluster, node
+
+
+def test_lost_node_is_an_error_and_the_rerun_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    overrides = _overrides(
+        tmp_path, "itest-nodeloss", seed=7,
+        **{"train.iterations": 400, "train.log_every": 10, "eval.interval": 400,
+           "cluster.max_failures": 1, "cluster.start_timeout_s": 8, "deepspeed.zero_stage": 0,
+           "mlflow.experiment": "nodeloss"},
+    )  # fmt: skip
+    job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
+    cluster, node = _two_nodes()
     try:
-        box = {}
-
-        def fit():
-            try:
-                box["result"] = run_training(job, "itest")
-            except Exception as exn:  # noqa: BLE001 - handed to the main thread
-                box["error"] = exn
-
-        t = threading.Thread(target=fit)
-        t.start()
-        run_dir = tmp_path / "runs" / "itest-nodeloss"
-        deadline = time.time() + 240
-        while not registered_checkpoint(run_dir) and time.time() < deadline and t.is_alive():
-            time.sleep(0.2)
-        assert registered_checkpoint(run_dir), box
-        cluster.remove_node(worker)  # from the main thread (Ray's requirement)
-        t0 = time.time()
-        t.join(timeout=240)
-        assert not t.is_alive(), "training hung after the node was lost"
+        box = _lose_a_node_while_training(tmp_path, cluster, node, job)
         err = box.get("error")
         assert isinstance(err, ClusterError), box
         assert "could not start its 2 workers within cluster.start_timeout_s 8 s" in str(err)
         assert "1 CPUs and 0 GPUs on 1 node" in str(
             err
         ) and "resumes from its last checkpoint" in str(err)
-        assert time.time() - t0 < 120
+        assert box["ended_after_s"] < 120
         run_id = json.loads(
             (tmp_path / "runs" / ".cadist" / "itest-nodeloss.mlflow.json").read_text()
         )["run_id"]
@@ -99,52 +116,18 @@ def test_elastic_job_goes_on_with_the_workers_left_when_a_node_is_lost(tmp_path,
     restarts the group from the last checkpoint on the one worker left (the optimizer state split
     for two ranks re-split for one) and the job finishes on its own, no rerun."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    train, val = tiny_shards(tmp_path, num_train=8, seed=9)
-    overrides = {
-        "name": "itest-elastic",
-        "data.train_shards": str(train),
-        "data.val_shards": str(val),
-        "data.crop_size": 64,
-        "data.num_workers": 0,
-        "train.iterations": 60,
-        "train.batch_size": 2,
-        "train.log_every": 5,
-        "train.checkpoint_every": 10,
-        "eval.interval": 60,
-        "eval.log_images": 0,
-        "cluster.num_workers": 2,
-        "cluster.min_workers": 1,
-        "cluster.max_failures": 2,
-        # Ray Train's first restart may still count the lost node and wait this long for it
-        "cluster.start_timeout_s": 20,
-        "cluster.storage_path": str(tmp_path / "runs"),
-        "deepspeed.zero_stage": 2,
-        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "mlflow.experiment": "elastic",
-    }
+    overrides = _overrides(
+        tmp_path, "itest-elastic", seed=9,
+        **{"train.iterations": 60, "train.log_every": 5, "eval.interval": 60,
+           "cluster.min_workers": 1, "cluster.max_failures": 2,
+           # Ray Train's first restart may still count the lost node and wait this long for it
+           "cluster.start_timeout_s": 20,
+           "deepspeed.zero_stage": 2, "mlflow.experiment": "elastic"},
+    )  # fmt: skip
     job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    worker = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    cluster, node = _two_nodes()
     try:
-        box = {}
-
-        def fit():
-            try:
-                box["result"] = run_training(job, "itest")
-            except Exception as exn:  # noqa: BLE001 - handed to the main thread
-                box["error"] = exn
-
-        t = threading.Thread(target=fit)
-        t.start()
-        run_dir = tmp_path / "runs" / "itest-elastic"
-        deadline = time.time() + 240
-        while not registered_checkpoint(run_dir) and time.time() < deadline and t.is_alive():
-            time.sleep(0.2)
-        assert registered_checkpoint(run_dir), box
-        cluster.remove_node(worker)  # from the main thread (Ray's requirement)
-        t.join(timeout=300)
-        assert not t.is_alive(), "training hung after the node was lost"
+        box = _lose_a_node_while_training(tmp_path, cluster, node, job)
         assert "error" not in box, box
         r = box["result"]
         assert r.metrics["step"] == 60

@@ -81,6 +81,10 @@ def test_dry_run_checks_and_describes_without_starting_anything(tmp_path, monkey
     r = CliRunner().invoke(main, [*args, "--set", "train.lr_head=0.5", "--restart", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["start"]["fresh"] is True
+    # elastic: the range is shown, and checked against this machine at its low end
+    r = CliRunner().invoke(main, [*args, "--set", "cluster.min_workers=1", "--restart"])
+    assert r.exit_code == 0, r.output
+    assert "2 workers of 1 CPU (elastic: down to 1)" in r.stdout
     # a job this machine cannot hold fails as it would at a real start
     r = CliRunner().invoke(main, [*args, "--set", "cluster.use_gpu=true"])
     assert r.exit_code != 0 and "cluster.use_gpu is true" in r.output
