@@ -6,6 +6,7 @@ is one `ConfigError` line naming the file, the key, the value and what is allowe
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,22 +241,26 @@ class JobConfig(_Section):
     def _check_batch_split(self, n: int) -> None:
         """The global batch splits evenly over `n` workers (and accumulation steps), and no
         BatchNorm sees a single image."""
-        acc, low = self.deepspeed.gradient_accumulation_steps, self.cluster.min_workers
-        elastic = (
-            f" (elastic training: cluster.min_workers {low} … num_workers "
-            f"{self.cluster.num_workers} may run on {n}; narrow the range or change the batch)"
-            if low is not None and n != self.cluster.num_workers
-            else ""
-        )
+        acc, low, top = (self.deepspeed.gradient_accumulation_steps, self.cluster.min_workers,
+                         self.cluster.num_workers)  # fmt: skip
+        if low is not None and n != top and self.train.batch_size % (n * acc):
+            m = self._lowest_min_workers()
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} does not split over {n} workers"
+                + (f" × {acc} accumulation steps" if acc > 1 else "")
+                + f", which elastic training (cluster.min_workers {low} … num_workers {top}) may "
+                f"run on; every count in the range must split the global batch: "
+                + (f"use min_workers {m}, " if m < top else "")
+                + f"narrow the range, or use a batch of {math.lcm(*range(low, top + 1)) * acc}"
+            )
         if self.train.batch_size % (n * acc):
-            split = (f"{n} workers" if elastic else f"cluster.num_workers {n}") + (
+            split = f"cluster.num_workers {n}" + (
                 f" × deepspeed.gradient_accumulation_steps {acc} = {n * acc}" if acc > 1 else ""
             )
             raise ValueError(
                 f"train.batch_size {self.train.batch_size} is not divisible by {split}; use a "
                 f"multiple of {n * acc} (e.g. {n * acc * max(1, self.train.batch_size // (n * acc))})"
                 + (" or fewer accumulation steps" if acc > 1 else "")
-                + elastic
             )
         if n == 1 and self.micro_batch_for(1) == 1:
             raise ValueError(
@@ -263,8 +268,14 @@ class JobConfig(_Section):
                 + (f" in {acc} accumulation steps" if acc > 1 else "")
                 + " runs 1 image at a time: BatchNorm after the ASPP's image pooling needs 2 or "
                 "more (one value per channel); use batches of 2+ images per step or more workers"
-                + elastic
             )
+
+    def _lowest_min_workers(self) -> int:
+        """The lowest `min_workers` whose range up to `num_workers` splits the global batch."""
+        acc, m = self.deepspeed.gradient_accumulation_steps, self.cluster.num_workers
+        while m > 1 and self.train.batch_size % ((m - 1) * acc) == 0:
+            m -= 1
+        return m
 
     @property
     def worker_counts(self) -> range:

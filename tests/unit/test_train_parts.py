@@ -96,8 +96,9 @@ def test_overrides_and_one_line_errors(tmp_path):
         ),
         (  # elastic: every count in the range must split the batch (8 over 3 does not)
             ["cluster.num_workers=4", "cluster.min_workers=2"],
-            r"train\.batch_size 8 is not divisible by 3 workers; .*\(elastic "
-            r"training: cluster\.min_workers 2 … num_workers 4 may run on 3; narrow the range",
+            r"train\.batch_size 8 does not split over 3 workers, which elastic training "
+            r"\(cluster\.min_workers 2 … num_workers 4\) may run on; every count in the range must "
+            r"split the global batch: narrow the range, or use a batch of 12$",
         ),
         (
             ["cluster.storage_path=s3://bucket/runs"],
@@ -109,6 +110,8 @@ def test_overrides_and_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=pattern) as e:
             load_job(f, overrides)
         assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"over 3 workers, .*: use min_workers 4, narrow"):
+        load_job(f, ["cluster.num_workers=5", "cluster.min_workers=1", "train.batch_size=20"])
     elastic = load_job(f, ["cluster.num_workers=4", "cluster.min_workers=2", "train.batch_size=12"])
     assert list(elastic.worker_counts) == [2, 3, 4]
     assert [elastic.micro_batch_for(n) for n in (2, 3, 4)] == [6, 4, 3] and elastic.micro_batch == 3
