@@ -43,5 +43,23 @@ def _set_option(what: str):
     )  # fmt: skip
 
 
+def _dry_run_options(what: str):
+    """`--dry-run` and `--json` of `train` and `tune`: check `what` as a real start would and print
+    what it would run."""
+
+    def apply(f):
+        f = click.option(
+            "--json", "as_json", is_flag=True, help="With --dry-run: the plan as one JSON object."
+        )(f)
+        return click.option(
+            "--dry-run",
+            is_flag=True,
+            help=f"Check {what} as a real start would and print what it would run; start and "
+            "write nothing.",
+        )(f)
+
+    return apply
+
+
 # the subcommands register themselves on `main` when imported
 from cadist.cli import clusters, data, keypoints, models, training  # noqa: E402, F401

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cadist.cli import _print_json, _set_option, main
+from cadist.cli import _dry_run_options, _print_json, _set_option, main
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -23,14 +23,8 @@ from cadist.cli import _print_json, _set_option, main
     help="Start over: an earlier run of this job name (checkpoints, MLflow run) is kept aside as "
     "<name>.before-<time>, and a new one begins.",
 )
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Check the job as a real start would (shards, weights, rerun, MLflow, whether the Ray "
-    "cluster holds the workers) and print what it would run; start and write nothing.",
-)
-@click.option(
-    "--json", "as_json", is_flag=True, help="With --dry-run: the plan as one JSON object."
+@_dry_run_options(
+    "the job (shards, weights, rerun, MLflow, whether the Ray cluster holds the workers)"
 )
 def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     """Train JOB_FILE on Ray Train + DeepSpeed. Rerunning the same job name resumes it from its
@@ -147,15 +141,7 @@ def demo_cmd(workdir, overrides, restart):
     is_flag=True,
     help="Start the sweep afresh even if an earlier run of it exists (that run is kept aside).",
 )
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Check the sweep as a real start would and print what it would run (trials, domains, "
-    "objectives, trials at once); start and write nothing.",
-)
-@click.option(
-    "--json", "as_json", is_flag=True, help="With --dry-run: the plan as one JSON object."
-)
+@_dry_run_options("the sweep (trials, domains, objectives, trials at once)")
 def tune_cmd(sweep_file, overrides, restart, dry_run, as_json):
     """Run a sweep (Ray Tune): each trial is the sweep's base job with searched values, trained
     like `cadist train` and logged as an MLflow run under the sweep's run; prints the trials and

@@ -66,9 +66,7 @@ def plan_training(
             "accumulation_steps": job.deepspeed.gradient_accumulation_steps,
             "micro_batch": job.micro_batch,
             "iterations": job.train.iterations,
-            "epochs": round(job.train.iterations * job.train.batch_size / images, 2)
-            if images
-            else None,
+            "epochs": _epochs(job, images),
         },
         "cluster": {
             "where": where,
@@ -85,6 +83,11 @@ def plan_training(
 
 def _changes(rerun) -> list[dict]:
     return [{"key": k, "before": a, "now": b} for k, a, b in rerun.changes]
+
+
+def _epochs(job: JobConfig, images: int | None) -> float | None:
+    """Passes over the training images the job's steps make (None: image count unknown)."""
+    return round(job.train.iterations * job.train.batch_size / images, 2) if images else None
 
 
 def _nodes(job: JobConfig, address: str | None, source: str) -> tuple[list[dict], str]:
@@ -209,11 +212,7 @@ def describe(plan: dict) -> str:
             f"validation image (backbone {mac['backbone_gmac']:.2f})"
         )
     elif mac:
-        lines.append(
-            f"  backbone {mac['backbone_gmac_at_p0']:.2f} + {mac['backbone_gmac_per_p']:.2f}·p "
-            f"GMac per {mac['input_hw'][0]}×{mac['input_hw'][1]} validation image at high-res "
-            f"fraction p (head {mac['head_gmac']:.2f})"
-        )
+        lines.append(_mac_line(mac, f"head {mac['head_gmac']:.2f}"))
     ds = plan["deepspeed"]
     lines.append(
         f"  DeepSpeed: ZeRO {ds['zero_optimization']['stage']}, "
@@ -222,6 +221,15 @@ def describe(plan: dict) -> str:
     )
     lines.append("nothing was started; `cadist train` with the same arguments runs it")
     return "\n".join(lines)
+
+
+def _mac_line(mac: dict, note: str) -> str:
+    """An adaptive model's backbone GMac as its line in the high-res fraction p."""
+    h, w = mac["input_hw"]
+    return (
+        f"  backbone {mac['backbone_gmac_at_p0']:.2f} + {mac['backbone_gmac_per_p']:.2f}·p GMac "
+        f"per {h}×{w} validation image at high-res fraction p ({note})"
+    )
 
 
 def _n(count: int, noun: str) -> str:
@@ -287,9 +295,7 @@ def plan_sweep(
             "iterations": base.train.iterations,
             "batch": base.train.batch_size,
             "workers": base.cluster.num_workers,
-            "epochs": round(base.train.iterations * base.train.batch_size / images, 2)
-            if images
-            else None,
+            "epochs": _epochs(base, images),
         },
         "storage": str(storage),
         "mlflow": mlflow,
@@ -331,10 +337,6 @@ def describe_sweep(plan: dict) -> str:
         lines.append(f"  MLflow: {ml['tracking_uri']}, experiment {ml['experiment']}")
     mac = plan["macs"]
     if mac and "backbone_gmac_at_p0" in mac:
-        lines.append(
-            f"  backbone {mac['backbone_gmac_at_p0']:.2f} + {mac['backbone_gmac_per_p']:.2f}·p "
-            f"GMac per {mac['input_hw'][0]}×{mac['input_hw'][1]} validation image at high-res "
-            f"fraction p (base job's settings)"
-        )
+        lines.append(_mac_line(mac, "base job's settings"))
     lines.append("nothing was started; `cadist tune` with the same arguments runs it")
     return "\n".join(lines)
