@@ -10,14 +10,20 @@ from cadist.checkpoints import resolve_weights
 from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
+from cadist.eval.tta import Augmentation
 from cadist.models.build import build_model, is_learned
 from cadist.models.weights import load_weights
 from cadist.train.loop import evaluate
 
 
-def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
+def evaluate_job(
+    job: JobConfig, ckpt: str | Path, device: str = "cpu", tta: Augmentation | None = None
+) -> dict:
     """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9); `ckpt`:
-    a weights file, checkpoint folder or MLflow URI (read from the job's tracking store)."""
+    a weights file, checkpoint folder or MLflow URI (read from the job's tracking store). With
+    `tta` (not the paper's protocol) every image's prediction averages the augmentation's passes
+    and "tta" lists them: size, mirrored, images, high-res fraction and backbone GMac per pass."""
+    tta = None if tta is None or tta.plain else tta
     uri = job.mlflow.tracking_uri if job.mlflow.enabled else None
     ckpt = resolve_weights(ckpt, uri)
     model = build_model(**job.model.build_kwargs())
@@ -31,7 +37,7 @@ def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
         skip_bad=job.data.skip_bad,
         allow_pipe=job.data.allow_pipe,
     )
-    cm, _, extra = evaluate(model, make_loader(val), torch.device(device))
+    cm, _, extra = evaluate(model, make_loader(val), torch.device(device), tta=tta)
     out = cm.summary(CLASS_NAMES)
     out["pixels"] = int(cm.mat.sum())
     out["images"] = extra["images"]
@@ -41,11 +47,46 @@ def evaluate_job(job: JobConfig, ckpt: str | Path, device: str = "cpu") -> dict:
         # the irregular inference network of the same weights (§7.5), as training logs it
         net = build_model(**job.model.build_kwargs() | {"network": "inference"})
         load_weights(net, ckpt, expect_name=job.model.name)
-        cm_i, _, extra_i = evaluate(net.to(device), make_loader(val), torch.device(device))
+        cm_i, _, extra_i = evaluate(net.to(device), make_loader(val), torch.device(device), tta=tta)
         out["high_res_fraction_train"] = out["high_res_fraction"]
         out["miou_inference"] = cm_i.miou()
         out["high_res_fraction"] = extra_i["high_res_sum"] / max(1, extra_i["images"])
+        extra = extra_i  # the MACs are the inference network's (§10.2)
+    if tta is not None:
+        out["tta"] = {"scales": list(tta.scales), "flip": tta.flip,
+                      "passes": _pass_table(job, extra["passes"])}  # fmt: skip
+        for key in ("backbone_gmac", "total_gmac"):  # per image, all passes
+            out["tta"][key] = sum(p[key] for p in out["tta"]["passes"])
     return out
+
+
+def _pass_table(job: JobConfig, passes: dict) -> list[dict]:
+    """Each augmentation pass: size, mirrored, images, high-res fraction (adaptive models) and
+    the backbone and total GMac per image under the method's rules (§10) at that size."""
+    rows = []
+    for p, (images, high_res) in passes.items():
+        row = {"height": p.height, "width": p.width, "flip": p.flip, "images": images}
+        if high_res is not None:
+            row["high_res_fraction"] = high_res / max(1, images)
+        row["backbone_gmac"], row["total_gmac"] = _gmac(
+            job, p.height, p.width, row.get("high_res_fraction")
+        )
+        rows.append(row)
+    return rows
+
+
+def _gmac(job: JobConfig, height: int, width: int, high_res: float | None) -> tuple[float, float]:
+    """Backbone and total GMac of one H×W image (adaptive: at high-res fraction `high_res`)."""
+    from cadist.macs import count_dense
+    from cadist.models.build import is_adaptive
+
+    if not is_adaptive(job.model.name):
+        m = count_dense(job.model.name, job.model.output_stride, height, width)
+        return m["backbone_gmac"], m["total_gmac"]
+    from cadist.adaptive.stats import mac_line
+
+    line = mac_line(job.model.name, job.model.adaptive_mode, height, width)
+    return line.backbone(high_res), line.backbone(high_res) + line.head_gmac
 
 
 def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None = None) -> str:
@@ -63,13 +104,28 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
     check_reachable(uri)
     tags = {"cadist.job": job.name, "cadist.task": "eval", "cadist.weights_source": str(ckpt),
             "cadist.version": __version__}  # fmt: skip
-    tracker = Tracker(
-        uri, new_run(uri, job.mlflow.experiment, run_name or f"{job.name}-eval", tags)
-    )
-    tracker.log_params(job.flat() | {"eval.ckpt": str(ckpt)})
+    tta = result.get("tta")
+    if tta:  # apart in `cadist report`: an augmented evaluation costs all its passes
+        tags["cadist.tta"] = f"scales {','.join(map(str, tta['scales']))}, flip {tta['flip']}"
+    default_name = f"{job.name}-eval" + ("-tta" if tta else "")
+    tracker = Tracker(uri, new_run(uri, job.mlflow.experiment, run_name or default_name, tags))
+    params = {"eval.ckpt": str(ckpt)}
+    if tta:
+        params |= {
+            "eval.tta_scales": ",".join(map(str, tta["scales"])),
+            "eval.tta_flip": tta["flip"],
+        }
+    tracker.log_params(job.flat() | params)
     metrics = val_metrics(result)
     hw = val_image_size(job)
-    if hw and is_adaptive(job.model.name) and "high_res_fraction" in result:
+    if tta:
+        metrics |= {
+            "macs/backbone_gmac": tta["backbone_gmac"],
+            "macs/total_gmac": tta["total_gmac"],
+        }
+        if "high_res_fraction" in result:
+            metrics["val/high_res_fraction"] = result["high_res_fraction"]
+    elif hw and is_adaptive(job.model.name) and "high_res_fraction" in result:
         from cadist.adaptive.stats import mac_line
 
         line = mac_line(job.model.name, job.model.adaptive_mode, *hw)

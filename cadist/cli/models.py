@@ -266,15 +266,27 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     show_default=True,
     help="Weights and activations; the edge mask is always computed in float32.",
 )
-def predict_cmd(ckpt, images, out, save_logits, save_mask, device, precision, **opts):
-    """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png."""
+@click.option(
+    "--scales",
+    default="1",
+    show_default=True,
+    help="Test-time augmentation: also run each image resized by these factors, e.g. 0.75,1,1.25, "
+    "and average the class probabilities.",
+)
+@click.option("--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored.")
+def predict_cmd(ckpt, images, out, save_logits, save_mask, device, precision, scales, flip, **opts):
+    """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png.
+    With --scales/--flip, --save-logits writes the mean probabilities (<stem>_probs.npy) and
+    --save-mask each unmirrored pass's mask (<stem>_mask_<h>x<w>.npy)."""
     import torch
 
+    from cadist.eval.tta import Augmentation
     from cadist.models.build import is_adaptive
     from cadist.models.fold import fold_batchnorm
     from cadist.models.weights import load_weights
     from cadist.predict import write_prediction
 
+    tta = Augmentation.parse(scales, flip)
     ckpt, opts = _from_checkpoint(ckpt, opts)
     model = opts["model"]
     if save_mask and not is_adaptive(model):
@@ -287,5 +299,5 @@ def predict_cmd(ckpt, images, out, save_logits, save_mask, device, precision, **
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     net = fold_batchnorm(net).to(device, dtype)
     for image in images:
-        paths = write_prediction(net, image, out, device, save_logits, save_mask)
+        paths = write_prediction(net, image, out, device, save_logits, save_mask, tta)
         click.echo(" ".join(str(p) for p in paths.values()))

@@ -72,23 +72,34 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     is_flag=True,
     help="Also record the evaluation as an MLflow run in the job's experiment (for `cadist report`).",
 )
-@click.option("--run-name", help="Name of that run; default: <job name>-eval.")
-def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name):
+@click.option("--run-name", help="Name of that run; default: <job name>-eval[-tta].")
+@click.option(
+    "--scales",
+    default="1",
+    show_default=True,
+    help="Test-time augmentation: also run each image resized by these factors, e.g. "
+    "0.75,1,1.25, and average the class probabilities (not the paper's single-scale protocol).",
+)
+@click.option("--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored.")
+def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name, scales, flip):
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
-    adaptive models also the high-res fraction."""
+    adaptive models also the high-res fraction. With --scales/--flip, also each augmentation
+    pass's size, high-res fraction and GMac, and the GMac per image of all passes."""
     import torch
 
     from cadist.config import load_job
+    from cadist.eval.tta import Augmentation
     from cadist.evaluate import evaluate_job, log_evaluation
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    tta = Augmentation.parse(scales, flip)
     job = load_job(job_file, overrides)
     if log_run:  # an unreachable store fails before the evaluation, not after
         from cadist.tracking import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(job.mlflow.tracking_uri))
-    result = evaluate_job(job, ckpt, device)
+    result = evaluate_job(job, ckpt, device, tta)
     if log_run:
         result["mlflow_run_id"] = log_evaluation(job, ckpt, result, run_name)
     _print_json(result)

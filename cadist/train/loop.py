@@ -13,6 +13,13 @@ from torch import nn
 
 from cadist.data.cityscapes import IGNORE_INDEX
 from cadist.eval.miou import ConfusionMatrix
+from cadist.eval.tta import (
+    Augmentation,
+    high_res_fraction,
+    plan_passes,
+    predict_augmented,
+    size_multiple,
+)
 
 
 def param_groups(
@@ -99,22 +106,28 @@ def evaluate(
     device: torch.device,
     num_classes: int = 19,
     keep: int = 0,
+    tta: Augmentation | None = None,
 ) -> tuple[ConfusionMatrix, list[dict], dict]:
-    """Predict every batch at full resolution.
+    """Predict every batch at full resolution (with `tta`: the mean probabilities of its passes,
+    see `cadist.eval.tta`).
 
     Returns the local confusion matrix, the first `keep` samples as {"key", "image", "label",
     "pred"[, "mask"]} (CPU tensors) for logging, and sums for adaptive models:
-    {"images": n, "high_res_sum": Σ per-image high-res fraction} (0 for dense models)."""
+    {"images": n, "high_res_sum": Σ per-image high-res fraction} (0 for dense models); with
+    `tta` also "passes": {Pass: [images, Σ per-image high-res fraction or None]}."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     cm = ConfusionMatrix(num_classes, device)
-    kept, images, high_res = [], 0, 0.0
+    kept, images, high_res, passes = [], 0, 0.0, {}
     for batch in batches:
         x = batch["image"].to(device, non_blocking=True)
         x = x.to(dtype) if x.is_floating_point() else x
-        pred = model(x).argmax(1)
-        mask = getattr(model, "last_mask", None)
+        if tta is None:
+            pred = model(x).argmax(1)
+            mask = getattr(model, "last_mask", None)
+        else:
+            pred, mask = _augmented(model, x, tta, passes), None
         images += x.shape[0]
         if mask is not None:
             high_res += float((mask == 0).float().mean(dim=(1, 2)).sum())
@@ -131,4 +144,21 @@ def evaluate(
                 item["mask"] = mask[i].cpu()
             kept.append(item)
     model.train(was_training)
-    return cm, kept, {"images": images, "high_res_sum": high_res}
+    extra = {"images": images, "high_res_sum": high_res}
+    if tta is not None:
+        extra["passes"] = passes
+        fractions = [v[1] for v in passes.values() if v[1] is not None]
+        extra["high_res_sum"] = sum(fractions) / len(fractions) if fractions else 0.0
+    return cm, kept, extra
+
+
+def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dict) -> torch.Tensor:
+    """The augmented prediction (B, H, W) of x; adds each pass's images and high-res sum."""
+    plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model))
+    probs, masks = predict_augmented(model, x, plan)
+    for p, m in zip(plan, masks, strict=True):
+        n, s = passes.get(p, (0, None))
+        if m is not None:
+            s = (s or 0.0) + float(high_res_fraction(m).sum())
+        passes[p] = (n + x.shape[0], s)
+    return probs.argmax(1)

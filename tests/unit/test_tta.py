@@ -1,0 +1,214 @@
+"""Test-time augmentation (`cadist eval --scales … --flip`): the passes, the averaged
+probabilities against a hand-written reference, adaptive masks per pass, the CLI and its MLflow
+run (SQLite store)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from cadist.cli import main
+from cadist.eval.tta import (
+    Augmentation,
+    Pass,
+    high_res_fraction,
+    plan_passes,
+    predict_augmented,
+    size_multiple,
+)
+from cadist.models.build import build_model
+from cadist.train.loop import evaluate
+
+from ..conftest import tiny_shards
+
+
+def _model(name="deeplabv3_resnet_tiny", **kw):
+    torch.manual_seed(0)
+    return build_model(name, num_classes=19, **kw).eval()
+
+
+def test_passes_round_each_scale_to_the_models_multiple():
+    # 100×200: 0.5 → 50×100 → 64×96; 1 → 96×192 (100/32 = 3.1); 1.5 → 160×288 (150/32 = 4.7)
+    assert plan_passes(100, 200, (0.5, 1.0, 1.5), False, 32) == [
+        Pass(64, 96, False), Pass(96, 192, False), Pass(160, 288, False)
+    ]  # fmt: skip
+    # a tiny scale still runs at one multiple; flip doubles every scale, mirrored after plain
+    assert plan_passes(64, 128, (0.1,), True, 32) == [Pass(32, 32, False), Pass(32, 32, True)]
+    assert plan_passes(64, 128, (1.0,), False, 32) == [Pass(64, 128, False)]
+    assert size_multiple(_model()) == 32
+    edge = _model("deeplabv3_batch_ap_resnet_tiny", mask_variant="reference")
+    assert size_multiple(edge) == 32  # 4×4 blocks of 8-pixel cells; OS16 level = 2×2 cells
+
+
+def test_scales_parse_with_one_clear_error():
+    assert Augmentation.parse("0.75, 1,1.25", True) == Augmentation((0.75, 1.0, 1.25), True)
+    assert Augmentation.parse("1", False).plain and not Augmentation.parse("1", True).plain
+    for bad in ("", "a,1", "0,1", "-1", "nan"):
+        with pytest.raises(Exception, match="expected factors > 0 separated by commas"):
+            Augmentation.parse(bad, False)
+
+
+def test_augmented_probabilities_equal_the_hand_written_mean():
+    model = _model()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 96)
+    passes = plan_passes(64, 96, (0.5, 1.0), True, 32)
+    probs, masks = predict_augmented(model, x, passes)
+    assert masks == [None] * 4  # a dense model has no mask
+    ref = torch.zeros(2, 19, 64, 96)
+    with torch.no_grad():
+        for h, w in ((32, 64), (64, 96)):  # 0.5 → 32×48 → rounded to 32×64
+            xs = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            for mirrored in (False, True):
+                out = model(xs.flip(-1)) if mirrored else model(xs)
+                out = out.flip(-1) if mirrored else out
+                out = F.interpolate(out, size=(64, 96), mode="bilinear", align_corners=False)
+                ref += out.softmax(1) / 4
+    assert torch.allclose(probs, ref, atol=1e-6)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 64, 96), atol=1e-5)
+    # the single-scale, unmirrored pass is the plain prediction
+    plain, _ = predict_augmented(model, x, [Pass(64, 96, False)])
+    with torch.no_grad():
+        assert torch.equal(plain.argmax(1), model(x).argmax(1))
+
+
+def test_adaptive_passes_build_each_mask_from_the_resized_image():
+    model = _model("deeplabv3_batch_ap_resnet_tiny", edge_threshold=0.05, trimap_width=3)
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 64, 128) * 2 - 1
+    x[1, :, :, 64:] = 0.0  # flat right half: more of the second image stays coarse
+    passes = plan_passes(64, 128, (0.5, 1.0), True, 32)
+    probs, masks = predict_augmented(model, x, passes)
+    fractions = [high_res_fraction(m) for m in masks]
+    for p, f, m in zip(passes, fractions, masks, strict=True):
+        xs = F.interpolate(x, size=(p.height, p.width), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            model(xs.flip(-1) if p.flip else xs)
+        assert torch.equal(m, model.last_mask) and m.shape == (2, p.height // 8, p.width // 8)
+        assert torch.allclose(f, (m == 0).float().mean(dim=(1, 2))) and f.shape == (2,)
+    assert float(fractions[2][1]) < float(fractions[2][0])  # full scale: the flat half is coarse
+    # a batch of two equals each image alone
+    one, _ = predict_augmented(model, x[1:], passes)
+    assert torch.allclose(probs[1:], one, atol=1e-5)
+
+
+def test_evaluate_with_augmentation_counts_every_pass():
+    model = _model("deeplabv3_batch_ap_resnet_tiny")
+    torch.manual_seed(3)
+    batches = [
+        {"image": torch.rand(1, 3, 64, 128) * 2 - 1, "label": torch.randint(0, 19, (1, 64, 128)),
+         "key": [f"k{i}"]}
+        for i in range(3)
+    ]  # fmt: skip
+    cm_plain, _, extra_plain = evaluate(model, batches, torch.device("cpu"))
+    cm_one, _, extra_one = evaluate(model, batches, torch.device("cpu"), tta=Augmentation())
+    assert torch.equal(cm_plain.mat, cm_one.mat)
+    assert extra_one["high_res_sum"] == pytest.approx(extra_plain["high_res_sum"])
+    cm, _, extra = evaluate(model, batches, torch.device("cpu"), tta=Augmentation((0.5, 1.0), True))
+    assert list(extra["passes"]) == plan_passes(64, 128, (0.5, 1.0), True, 32)
+    assert all(n == 3 for n, _ in extra["passes"].values())
+    sums = [s for _, s in extra["passes"].values()]
+    assert extra["high_res_sum"] == pytest.approx(sum(sums) / 4)
+    assert int(cm.mat.sum()) == int(cm_plain.mat.sum()) == 3 * 64 * 128
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tta")
+    train, val = tiny_shards(root, num_train=2, num_val=2, seed=4)
+    path = root / "weights.pt"
+    torch.save(_model("deeplabv3_batch_ap_resnet_tiny").state_dict(), path)
+    return root, val, path
+
+
+def _eval(root, val, path, *more):
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
+    args = ["eval", str(job), "--ckpt", str(path), "--device", "cpu",
+            "--set", "model.name=deeplabv3_batch_ap_resnet_tiny", "--set", f"data.val_shards={val}",
+            "--set", "data.num_workers=0",
+            "--set", f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", *more]  # fmt: skip
+    return CliRunner().invoke(main, args)
+
+
+def test_cli_eval_with_scales_and_flip_reports_and_logs_every_pass(weights):
+    from cadist.adaptive.stats import mac_line
+
+    root, val, path = weights
+    plain = _eval(root, val, path)
+    assert plain.exit_code == 0, plain.output
+    plain = json.loads(plain.stdout)
+    assert "tta" not in plain
+    r = _eval(root, val, path, "--scales", "0.5,1", "--flip", "--log")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    tta = out["tta"]
+    assert (tta["scales"], tta["flip"]) == ([0.5, 1.0], True)
+    sizes = [(p["height"], p["width"], p["flip"]) for p in tta["passes"]]
+    assert sizes == [(32, 64, False), (32, 64, True), (64, 128, False), (64, 128, True)]
+    assert all(p["images"] == 2 for p in tta["passes"])
+    # each pass's GMac is the method's count at its size and high-res fraction; the total sums them
+    for p in tta["passes"]:
+        line = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", p["height"], p["width"])
+        assert p["backbone_gmac"] == pytest.approx(line.backbone(p["high_res_fraction"]))
+    assert tta["backbone_gmac"] == pytest.approx(sum(p["backbone_gmac"] for p in tta["passes"]))
+    full = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", 64, 128)
+    assert tta["backbone_gmac"] > 2 * full.backbone(0.0)
+    assert out["pixels"] == plain["pixels"] and 0.0 <= out["miou"] <= 1.0
+    # the MLflow run: apart from plain evaluations by name and tag, the GMac of all passes
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.run_name == "demo-eval-tta"
+    assert (
+        run.data.params["eval.tta_scales"] == "0.5,1.0"
+        and run.data.params["eval.tta_flip"] == "True"
+    )
+    assert run.data.tags["cadist.tta"] == "scales 0.5,1.0, flip True"
+    assert run.data.metrics["macs/backbone_gmac"] == pytest.approx(tta["backbone_gmac"])
+    assert run.data.metrics["val/miou"] == pytest.approx(out["miou"])
+    bad = _eval(root, val, path, "--scales", "1,x")
+    assert bad.exit_code != 0 and "--scales '1,x': expected factors > 0" in bad.output
+
+
+def test_cli_predict_with_scales_and_flip_writes_probabilities_and_each_scales_mask(weights):
+    import numpy as np
+    from PIL import Image
+
+    from cadist.data.cityscapes import PALETTE
+    from cadist.data.transforms import normalized_input
+    from cadist.models.fold import fold_batchnorm
+    from cadist.models.weights import load_weights
+
+    root, _, path = weights
+    (image,) = sorted((root / "cs" / "leftImg8bit" / "val").rglob("*.png"))[:1]
+    out = root / "pred"
+    args = ["predict", "--model", "deeplabv3_batch_ap_resnet_tiny", "--ckpt", str(path),
+            "--image", str(image), "--out", str(out), "--device", "cpu", "--save-logits",
+            "--save-mask", "--scales", "0.5,1", "--flip"]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    stem = image.stem
+    probs = np.load(out / f"{stem}_probs.npy")
+    assert probs.dtype == np.float32 and probs.shape == (19, 64, 128)
+    assert np.allclose(probs.sum(0), 1.0, atol=1e-5)
+    pred = np.asarray(Image.open(out / f"{stem}_pred.png"))
+    assert np.array_equal(pred, PALETTE[probs.argmax(0)])
+    # the same mean as the library call on the same (BN-folded) network
+    net = _model("deeplabv3_batch_ap_resnet_tiny")
+    load_weights(net, path)
+    net = fold_batchnorm(net)
+    x = normalized_input(np.asarray(Image.open(image).convert("RGB")))[None]
+    ref, masks = predict_augmented(net, x, plan_passes(64, 128, (0.5, 1.0), True, 32))
+    assert np.allclose(probs, ref[0].numpy(), atol=1e-5)
+    for (h, w), m in (((32, 64), masks[0]), ((64, 128), masks[2])):
+        saved = np.load(out / f"{stem}_mask_{h}x{w}.npy")
+        assert saved.dtype == np.uint8 and saved.shape == (h // 8, w // 8)
+        assert np.array_equal(saved, m[0].numpy())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{stem}_{k}" for k in ("pred.png", "overlay.png", "probs.npy", "mask_32x64.npy",
+                                "mask_64x128.npy")
+    )  # fmt: skip
