@@ -202,7 +202,8 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
         run_training(bad, "itest")
 
     # rerunning the same job name resumes from step 30 instead of starting over; it may train
-    # longer, but not something else (refused before Ray or MLflow is touched)
+    # longer, on another number of workers (the ZeRO-1 optimizer state split over 2 workers is
+    # re-split for 1), but not something else (refused before Ray or MLflow is touched)
     runs_before = len(client.search_runs([run.info.experiment_id]))
     with pytest.raises(ConfigError, match=r"train\.lr_head 0\.1 → 0\.5\); a resumed run cannot"):
         run_training(make_job(workdir, "itest-main", **{"train.lr_head": 0.5}), "itest")
@@ -213,6 +214,7 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
             "itest-main",
             **{
                 "train.iterations": 40,
+                "cluster.num_workers": 1,
                 "mlflow.register_model": "itest-model",
                 "mlflow.system_metrics_s": 1,
             },  # fmt: skip
@@ -224,31 +226,25 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     assert sorted(steps) == [5, 10, 15, 20, 25, 30, 35, 40]
     run2 = client.get_run(r.run_id)
     assert run2.data.metrics["train/resumed_from_step"] == 30
-    assert run2.data.tags["cadist.resume_changes"] == "step 30: train.iterations 30 → 40"
+    assert run2.data.tags["cadist.resume_changes"] == (
+        "step 30: cluster.num_workers 2 → 1, train.iterations 30 → 40"
+    )
+    assert run2.data.tags["cadist.world_size"] == "1"
     assert run2.data.params["train.iterations"] == "30"  # params: those of the first start
+    assert zero_world(ckpt) == 2 and zero_world(Path(r2.checkpoint)) == 1
     # registering again adds a version only for a new best, from its own immutable copy
     versions = client.search_model_versions("name = 'itest-model'")
     assert len({v.source for v in versions}) == len(versions) >= 1
 
-    # --restart keeps the earlier run aside and starts over: a new MLflow run from step 0; its
-    # ZeRO-2 checkpoint (optimizer state split over 2 workers) then resumes on 1 worker
+    # --restart keeps the earlier run aside and starts over: a new MLflow run from step 0 (ZeRO-2
+    # re-split on another count: the elastic test in test_node_loss.py)
     short = {"deepspeed.zero_stage": 2, "train.iterations": 10, "eval.interval": 10}
     r3 = run_training(make_job(workdir, "itest-main", **short), "itest", restart=True)
     assert r3.run_id != r.run_id and r3.metrics["step"] == 10
     assert "train/resumed_from_step" not in client.get_run(r3.run_id).data.metrics
     (aside,) = (workdir / "runs").glob("itest-main.before-*")
     assert (aside / "step_00000040" / "model.pt").is_file()
-    short.update({"cluster.num_workers": 1, "train.iterations": 15})
-    r4 = run_training(make_job(workdir, "itest-main", **short), "itest")
-    assert r4.run_id == r3.run_id and r4.metrics["step"] == 15
-    assert zero_world(Path(r3.checkpoint)) == 2 and zero_world(Path(r4.checkpoint)) == 1
-    run4 = client.get_run(r3.run_id).data
-    assert run4.metrics["train/resumed_from_step"] == 10
-    tags = run4.tags
-    assert tags["cadist.world_size"] == "1"
-    assert tags["cadist.resume_changes"] == (
-        "step 10: cluster.num_workers 2 → 1, train.iterations 10 → 15"
-    )
+    assert zero_world(Path(r3.checkpoint)) == 2
 
 
 def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
@@ -584,13 +580,11 @@ def test_training_goes_on_while_the_tracking_server_is_down(workdir, ray_local):
     watcher = threading.Thread(target=outage, daemon=True)
     watcher.start()
     try:
-        r = run_training(job, "itest")
-    finally:
-        watcher.join(timeout=300)
-        server.stop()
-    assert events == ["down", "checkpoint 30 while down", "up"]
-    server.start()
-    try:
+        try:
+            r = run_training(job, "itest")
+        finally:
+            watcher.join(timeout=300)
+        assert events == ["down", "checkpoint 30 while down", "up"]  # the server answers again
         client = MlflowClient(server.uri)
         steps = sorted(m.step for m in client.get_metric_history(r.run_id, "train/loss"))
         assert steps == [5, 10, 15, 20, 25, 30, 35, 40]

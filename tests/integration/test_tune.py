@@ -6,24 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
-
-from cadist.tune import run_sweep
 
 from ..conftest import registered_checkpoint, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 6  # the random searcher's seed in the ASHA test: lr_head 0.2, then 1e-9 twice
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _fixed(train, val, iterations: int, log_every: int) -> dict:
@@ -48,35 +38,9 @@ def _fixed(train, val, iterations: int, log_every: int) -> dict:
     }
 
 
-def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_local, monkeypatch):
-    # the default MLflow store (./mlflow.db) and storage path are relative to where `cadist tune`
-    # runs, not to the trial actors' working directories
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    train, val = tiny_shards(tmp_path, seed=5)
-    sweep = {
-        "name": "itest_sweep",
-        "job": str(ROOT / "jobs" / "demo.yaml"),
-        "set": _fixed(train, val, iterations=4, log_every=2),
-        "search": {
-            "model.edge_threshold": {"loguniform": [0.02, 2.0]},
-            "model.trimap_width": {"choice": [1, 21]},
-        },
-        "objectives": {"val/miou": "max", "macs/backbone_gmac": "min"},
-        "num_samples": 3,
-        "max_concurrent": 1,
-        "seed": 3,
-    }
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    lines = []
-    r = run_sweep(tmp_path / "sweep.yaml", echo=lines.append)
-    trials = r["trials"]
-    assert len(trials) == 3 and all(t["error"] is None for t in trials), trials
-    for t in trials:
-        assert 0.02 <= t["params"]["model.edge_threshold"] <= 2.0
-        assert t["params"]["model.trimap_width"] in (1, 21)
-        assert 0.0 <= t["metrics"]["val/miou"] <= 1.0 and t["metrics"]["macs/backbone_gmac"] > 0
-    # the front: exactly the trials no other trial beats in both objectives
+def _check_pareto_front(trials: list[dict], table: list[str]) -> None:
+    """The front is exactly the trials no other trial beats in both objectives; the printed table
+    (header + one line per trial) marks them with *."""
     on = [t for t in trials if t["pareto"]]
     assert on
     for t in on:
@@ -89,27 +53,16 @@ def test_sweep_runs_trials_as_jobs_and_finds_the_pareto_front(tmp_path, ray_loca
             != (m["val/miou"], m["macs/backbone_gmac"])
             for o in trials
         )
-    assert Path(r["results_file"]).is_file()
-    table = lines[0].splitlines()  # header + one line per trial, front marked with *
-    assert table[0].endswith("pareto") and len(table) == 4
-    assert sum(line.endswith("*") for line in table[1:]) == len(on)
-    # every trial is an MLflow run under the sweep's run, with its own values as params
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sweeps").experiment_id
-    (parent,) = client.search_runs([exp], "tags.`cadist.sweep` = 'itest_sweep' and "
-                                          "attributes.run_name = 'itest_sweep'")  # fmt: skip
-    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 3
-    by_id = {c.info.run_id: c for c in children}
     for t in trials:
-        c = by_id[t["mlflow_run_id"]]
-        assert float(c.data.params["model.edge_threshold"]) == pytest.approx(
-            t["params"]["model.edge_threshold"]
-        )
-        assert c.data.metrics["val/miou"] == pytest.approx(t["metrics"]["val/miou"])
-    arts = [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")]
-    assert "sweep/sweep-itest_sweep.results.json" in arts
-    assert "sweep/sweep-itest_sweep.pareto.png" in arts and Path(r["plot"]).is_file()
+        if not t["pareto"]:  # beaten by some trial of the front
+            m = t["metrics"]
+            assert any(
+                o["metrics"]["val/miou"] >= m["val/miou"]
+                and o["metrics"]["macs/backbone_gmac"] <= m["macs/backbone_gmac"]
+                for o in on
+            )
+    assert table[0].endswith("pareto") and len(table) == len(trials) + 1
+    assert sum(line.endswith("*") for line in table[1:]) == len(on)
 
 
 def _sweep_dirs(runs: Path, name: str) -> list[Path]:
@@ -119,7 +72,9 @@ def _sweep_dirs(runs: Path, name: str) -> list[Path]:
 def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     """`cadist tune` killed (SIGKILL to its whole process group, Ray included) while the second
     trial trains; the rerun keeps the first trial, continues the second from its checkpoint in the
-    same MLflow run, and a changed sweep file is refused unless --restart."""
+    same MLflow run, and a changed sweep file is refused unless --restart. The finished sweep: its
+    trials as MLflow runs under the sweep's run (the default store, ./mlflow.db where `cadist tune`
+    runs), each with its own values as params, and the Pareto front of the two objectives."""
     import json
     import os
     import signal
@@ -131,15 +86,18 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     sweep = {
         "name": "itest_resume",
         "job": str(ROOT / "jobs" / "demo.yaml"),
-        "set": _fixed(train, val, iterations=24, log_every=4)
-        | {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "search": {"model.edge_threshold": {"uniform": [0.1, 0.3]}},
+        "set": _fixed(train, val, iterations=24, log_every=4),
+        "search": {
+            "model.edge_threshold": {"loguniform": [0.02, 2.0]},
+            "model.trimap_width": {"choice": [1, 21]},
+        },
         "objectives": {"val/miou": "max", "macs/backbone_gmac": "min"},
         "num_samples": 2,
         "seed": 1,
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(ROOT)
     cmd = [sys.executable, "-m", "cadist", "tune", "sweep.yaml"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -195,6 +153,23 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     assert resumed and resumed[-1].value >= 4  # continued from its checkpoint, not from step 0
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(t["metrics"]["val/miou"] > 0 for t in trials)
+    for t in trials:  # values from the searched domains, recorded as the trial run's params
+        assert 0.02 <= t["params"]["model.edge_threshold"] <= 2.0
+        assert t["params"]["model.trimap_width"] in (1, 21)
+        assert 0.0 <= t["metrics"]["val/miou"] <= 1.0 and t["metrics"]["macs/backbone_gmac"] > 0
+        c = next(c for c in children if c.info.run_id == t["mlflow_run_id"])
+        assert float(c.data.params["model.edge_threshold"]) == pytest.approx(
+            t["params"]["model.edge_threshold"]
+        )
+        assert c.data.metrics["val/miou"] == pytest.approx(t["metrics"]["val/miou"])
+    out = again.stdout.splitlines()
+    head = next(i for i, ln in enumerate(out) if ln.startswith("model.edge_threshold  model.trim"))
+    table = out[head : head + 3]
+    _check_pareto_front(trials, table)
+    arts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep")]
+    assert "sweep/sweep-itest_resume.results.json" in arts
+    assert "sweep/sweep-itest_resume.pareto.png" in arts
+    assert (runs / ".cadist" / "sweep-itest_resume.pareto.png").is_file()
 
     # --restart sets the earlier run aside and runs fresh trials
     fresh = subprocess.run(

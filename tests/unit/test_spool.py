@@ -13,16 +13,24 @@ from tests.conftest import MlflowServer
 RETRY = 20.0  # seconds between tries while the server is down
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for the module (a start takes 10-20 s here); each test gets it answering."""
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield s
+    s.stop()
+
+
 @pytest.fixture()
-def server(tmp_path, monkeypatch):
+def server(shared_server, monkeypatch):
     for k, v in {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
     }.items():
         monkeypatch.setenv(k, v)
-    s = MlflowServer(tmp_path).start()
-    yield s
-    s.stop()
+    if shared_server.proc is None:  # the first test, or one that ended while it was down
+        shared_server.start()
+    return shared_server
 
 
 def test_records_wait_in_the_spool_while_the_server_is_down(tmp_path, server):
