@@ -270,7 +270,7 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     "--scales",
     default="1",
     show_default=True,
-    help="Test-time augmentation: also run each image resized by these factors, e.g. 0.75,1,1.25, "
+    help="Test-time augmentation: run each image at these scales of its size, e.g. 0.75,1,1.25, "
     "and average the class probabilities.",
 )
 @click.option("--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored.")

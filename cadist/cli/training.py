@@ -77,7 +77,7 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     "--scales",
     default="1",
     show_default=True,
-    help="Test-time augmentation: also run each image resized by these factors, e.g. "
+    help="Test-time augmentation: run each image at these scales of its size, e.g. "
     "0.75,1,1.25, and average the class probabilities (not the paper's single-scale protocol).",
 )
 @click.option("--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored.")
