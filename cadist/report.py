@@ -21,6 +21,14 @@ def _at(history: list[tuple[int, float]], step: int) -> float | None:
     return before[-1] if before else None
 
 
+def _augmentation(params: dict) -> str:
+    """A test-time augmentation evaluation's passes, e.g. "0.75,1.0,1.25 flip"; "" for none."""
+    scales = params.get("eval.tta_scales")
+    if not scales:
+        return ""
+    return scales + (" flip" if params.get("eval.tta_flip") == "True" else "")
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per run, sorted by backbone GMac (then name)."""
     rows = []
@@ -32,9 +40,13 @@ def summarise(runs: list[dict]) -> list[dict]:
         os_ = r["params"].get("model.output_stride")
         adaptive = model.startswith(("deeplabv3_batch_ap_", "deeplabv3_ad_"))
         paper = PAPER_MIOU.get((model, None if adaptive else os_))
+        label = model + ("" if adaptive else f" OS{os_}")
+        tta = _augmentation(r["params"])
+        if tta:  # `cadist eval --scales/--flip`: not the paper's single-scale protocol
+            label, paper = f"{label} + TTA {tta}", None
         row = {
             "run": r["name"],
-            "model": model + ("" if adaptive else f" OS{os_}"),
+            "model": label,
             "status": r["status"],
             "steps": max((s for s, _ in miou), default=0),
             "best_miou": best,

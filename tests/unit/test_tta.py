@@ -170,6 +170,13 @@ def test_cli_eval_with_scales_and_flip_reports_and_logs_every_pass(weights):
     assert run.data.tags["cadist.tta"] == "scales 0.5,1.0, flip True"
     assert run.data.metrics["macs/backbone_gmac"] == pytest.approx(tta["backbone_gmac"])
     assert run.data.metrics["val/miou"] == pytest.approx(out["miou"])
+    # `cadist report` labels it as augmented and leaves the paper's single-scale figure out
+    rep = CliRunner().invoke(main, ["report", "--experiment", "cadist-demo",
+                                    "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--json"])  # fmt: skip
+    assert rep.exit_code == 0, rep.output
+    (row,) = [r for r in json.loads(rep.stdout)["runs"] if r["run"] == "demo-eval-tta"]
+    assert row["model"] == "deeplabv3_batch_ap_resnet_tiny + TTA 0.5,1.0 flip"
+    assert row["backbone_gmac"] == pytest.approx(tta["backbone_gmac"]) and row["paper_miou"] is None
     bad = _eval(root, val, path, "--scales", "1,x")
     assert bad.exit_code != 0 and "--scales '1,x': expected factors > 0" in bad.output
 
