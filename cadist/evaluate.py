@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,12 +18,17 @@ from cadist.train.loop import evaluate
 
 
 def evaluate_job(
-    job: JobConfig, ckpt: str | Path, device: str = "cpu", tta: Augmentation | None = None
+    job: JobConfig,
+    ckpt: str | Path,
+    device: str = "cpu",
+    tta: Augmentation | None = None,
+    per_image: bool = False,
 ) -> dict:
     """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9); `ckpt`:
     a weights file, checkpoint folder or MLflow URI (read from the job's tracking store). With
     `tta` (not the paper's protocol) every image's prediction averages the augmentation's passes
-    and "tta" lists them: size, mirrored, images, high-res fraction and backbone GMac per pass."""
+    and "tta" lists them: size, mirrored, images, high-res fraction and backbone GMac per pass.
+    `per_image` adds each image's mIoU, pixel accuracy and high-res fraction, worst first."""
     tta = None if tta is None or tta.plain else tta
     uri = job.mlflow.tracking_uri if job.mlflow.enabled else None
     ckpt = resolve_weights(ckpt, uri)
@@ -37,8 +43,16 @@ def evaluate_job(
         skip_bad=job.data.skip_bad,
         allow_pipe=job.data.allow_pipe,
     )
-    cm, _, extra = evaluate(model, make_loader(val), torch.device(device), tta=tta)
+    images = [] if per_image else None
+    cm, _, extra = evaluate(
+        model, make_loader(val), torch.device(device), tta=tta, per_image=images
+    )
     out = cm.summary(CLASS_NAMES)
+    if per_image:
+        # worst first; an image with no labelled pixel (mIoU NaN) last
+        out["per_image"] = sorted(
+            images, key=lambda r: (math.isnan(r["miou"]), r["miou"], r["key"])
+        )
     out["pixels"] = int(cm.mat.sum())
     out["images"] = extra["images"]
     if getattr(model, "last_mask", None) is not None:
@@ -140,5 +154,23 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
         metrics["val/miou_inference"] = result["miou_inference"]
     tracker.log_metrics(metrics, 0)
     tracker.log_text(iou_csv(result), "eval/iou.csv")
+    if "per_image" in result:
+        tracker.log_text(per_image_csv(result["per_image"]), "eval/per_image.csv")
     tracker.finish()
     return tracker.run_id
+
+
+def per_image_csv(records: list[dict]) -> str:
+    """`key,miou,pixel_accuracy,pixels,high_res_fraction` lines (empty cells for NaN/absent)."""
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cols = ("key", "miou", "pixel_accuracy", "pixels", "high_res_fraction")
+    return (
+        ",".join(cols)
+        + "\n"
+        + "".join(",".join(cell(r.get(c)) for c in cols) + "\n" for r in records)
+    )

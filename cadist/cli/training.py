@@ -81,7 +81,13 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     "0.75,1,1.25, and average the class probabilities (not the paper's single-scale protocol).",
 )
 @click.option("--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored.")
-def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name, scales, flip):
+@click.option(
+    "--per-image",
+    is_flag=True,
+    help="Also each image's mIoU, pixel accuracy and high-res fraction, worst first (with --log: "
+    "eval/per_image.csv).",
+)
+def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name, scales, flip, per_image):
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
     adaptive models also the high-res fraction. With --scales/--flip, also each augmentation
     pass's size, high-res fraction and GMac, and the GMac per image of all passes."""
@@ -99,7 +105,7 @@ def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name, scales, flip)
         from cadist.tracking import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(job.mlflow.tracking_uri))
-    result = evaluate_job(job, ckpt, device, tta)
+    result = evaluate_job(job, ckpt, device, tta, per_image)
     if log_run:
         result["mlflow_run_id"] = log_evaluation(job, ckpt, result, run_name)
     _print_json(result)

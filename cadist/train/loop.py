@@ -107,14 +107,17 @@ def evaluate(
     num_classes: int = 19,
     keep: int = 0,
     tta: Augmentation | None = None,
+    per_image: list[dict] | None = None,
 ) -> tuple[ConfusionMatrix, list[dict], dict]:
     """Predict every batch at full resolution (with `tta`: the mean probabilities of its passes,
     see `cadist.eval.tta`).
 
     Returns the local confusion matrix, the first `keep` samples as {"key", "image", "label",
     "pred"[, "mask"]} (CPU tensors) for logging, and sums for adaptive models:
-    {"images": n, "high_res_sum": Σ per-image high-res fraction} (0 for dense models); with
-    `tta` also "passes": {Pass: [images, Σ per-image high-res fraction or None]}."""
+    {"images": n, "high_res_sum": Σ per-image high-res fraction} (0 for dense models; with `tta`
+    each image's mean over the passes); with `tta` also "passes": {Pass: [images, Σ per-image
+    high-res fraction or None]}. A `per_image` list gets one record per image: {"key", "miou",
+    "pixel_accuracy", "pixels"[, "high_res_fraction"]}."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -126,13 +129,16 @@ def evaluate(
         if tta is None:
             pred = model(x).argmax(1)
             mask = getattr(model, "last_mask", None)
+            fractions = None if mask is None else high_res_fraction(mask)
         else:
-            pred, mask = _augmented(model, x, tta, passes), None
+            (pred, fractions), mask = _augmented(model, x, tta, passes), None
         images += x.shape[0]
-        if mask is not None:
-            high_res += float((mask == 0).float().mean(dim=(1, 2)).sum())
+        if fractions is not None:
+            high_res += float(fractions.sum())
         y = batch["label"].to(device, non_blocking=True)
         cm.update(pred, y)
+        if per_image is not None:
+            per_image += _per_image(pred, y, batch["key"], fractions, num_classes)
         for i in range(min(len(batch["key"]), keep - len(kept))):
             item = {
                 "key": batch["key"][i],
@@ -147,18 +153,33 @@ def evaluate(
     extra = {"images": images, "high_res_sum": high_res}
     if tta is not None:
         extra["passes"] = passes
-        fractions = [v[1] for v in passes.values() if v[1] is not None]
-        extra["high_res_sum"] = sum(fractions) / len(fractions) if fractions else 0.0
     return cm, kept, extra
 
 
-def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dict) -> torch.Tensor:
-    """The augmented prediction (B, H, W) of x; adds each pass's images and high-res sum."""
+def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dict):
+    """The augmented prediction (B, H, W) of x and each image's mean high-res fraction over the
+    passes (B,) (None for dense models); adds each pass's images and high-res sum to `passes`."""
     plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model))
     probs, masks = predict_augmented(model, x, plan)
+    fractions = []
     for p, m in zip(plan, masks, strict=True):
         n, s = passes.get(p, (0, None))
         if m is not None:
-            s = (s or 0.0) + float(high_res_fraction(m).sum())
+            fractions.append(high_res_fraction(m))
+            s = (s or 0.0) + float(fractions[-1].sum())
         passes[p] = (n + x.shape[0], s)
-    return probs.argmax(1)
+    return probs.argmax(1), (torch.stack(fractions).mean(0) if fractions else None)
+
+
+def _per_image(pred, target, keys, fractions, num_classes: int) -> list[dict]:
+    """Each image's mIoU and pixel accuracy (§9 on that image alone) and high-res fraction."""
+    out = []
+    for i, key in enumerate(keys):
+        cm = ConfusionMatrix(num_classes, pred.device)
+        cm.update(pred[i], target[i])
+        rec = {"key": key, "miou": cm.miou(), "pixel_accuracy": cm.pixel_accuracy(),
+               "pixels": int(cm.mat.sum())}  # fmt: skip
+        if fractions is not None:
+            rec["high_res_fraction"] = float(fractions[i])
+        out.append(rec)
+    return out

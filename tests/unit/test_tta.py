@@ -219,3 +219,53 @@ def test_cli_predict_with_scales_and_flip_writes_probabilities_and_each_scales_m
         f"{stem}_{k}" for k in ("pred.png", "overlay.png", "probs.npy", "mask_32x64.npy",
                                 "mask_64x128.npy")
     )  # fmt: skip
+
+
+def test_per_image_figures_equal_each_image_evaluated_alone(weights):
+    import csv
+    import io
+
+    from cadist.eval.miou import ConfusionMatrix
+
+    model = _model("deeplabv3_batch_ap_resnet_tiny", edge_threshold=0.05, trimap_width=3)
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 64, 128) * 2 - 1
+    x[1, :, :, 64:] = 0.0
+    y = torch.randint(0, 19, (2, 64, 128))
+    y[1, :32] = 255  # ignored pixels do not count
+    batches = [{"image": x, "label": y, "key": ["a", "b"]}]
+    for tta in (None, Augmentation((0.5, 1.0), True)):
+        records = []
+        cm, _, extra = evaluate(model, batches, torch.device("cpu"), tta=tta, per_image=records)
+        assert [r["key"] for r in records] == ["a", "b"]
+        with torch.no_grad():
+            pred = model(x).argmax(1) if tta is None else None
+        for i, r in enumerate(records):
+            if pred is not None:  # the plain prediction: the same figures as the image alone
+                one = ConfusionMatrix(19)
+                one.update(pred[i], y[i])
+                assert r["miou"] == pytest.approx(one.miou()) and r["pixels"] == int(one.mat.sum())
+                with torch.no_grad():
+                    model(x[i : i + 1])  # the image alone: its own mask
+                want = float((model.last_mask == 0).float().mean())
+                assert r["high_res_fraction"] == pytest.approx(want)
+        assert [r["pixels"] for r in records] == [64 * 128, 32 * 128]
+        assert sum(r["pixels"] for r in records) == int(cm.mat.sum())
+        assert sum(r["high_res_fraction"] for r in records) == pytest.approx(extra["high_res_sum"])
+
+    # the CLI: worst first, and the same records as eval/per_image.csv of the logged run
+    root, val, path = weights
+    r = _eval(root, val, path, "--per-image", "--log", "--run-name", "per-image")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    rows = out["per_image"]
+    assert len(rows) == out["images"] == 2
+    assert rows[0]["miou"] <= rows[1]["miou"]
+    assert sum(row["pixels"] for row in rows) == out["pixels"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    got = client.download_artifacts(out["mlflow_run_id"], "eval/per_image.csv", str(root))
+    table = list(csv.DictReader(io.StringIO(open(got).read())))
+    assert [t["key"] for t in table] == [row["key"] for row in rows]
+    for t, row in zip(table, rows, strict=True):
+        assert float(t["miou"]) == pytest.approx(row["miou"], abs=5e-5)
+        assert float(t["high_res_fraction"]) == pytest.approx(row["high_res_fraction"], abs=5e-5)
