@@ -61,5 +61,21 @@ def _dry_run_options(what: str):
     return apply
 
 
+def _tta_options(f):
+    """`--scales` and `--flip` of `eval` and `predict` (test-time augmentation, `cadist.eval.tta`;
+    the command turns them into an `Augmentation` with `Augmentation.parse`)."""
+    f = click.option(
+        "--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored."
+    )(f)
+    return click.option(
+        "--scales",
+        default="1",
+        show_default=True,
+        help="Test-time augmentation: run each image at these scales of its size, e.g. "
+        "0.75,1,1.25, and average the class probabilities (not the paper's single-scale "
+        "protocol).",
+    )(f)
+
+
 # the subcommands register themselves on `main` when imported
 from cadist.cli import clusters, data, keypoints, models, training  # noqa: E402, F401

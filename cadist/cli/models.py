@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cadist.cli import _print_json, main
+from cadist.cli import _print_json, _tta_options, main
 from cadist.errors import CadistError
 
 
@@ -266,14 +266,7 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     show_default=True,
     help="Weights and activations; the edge mask is always computed in float32.",
 )
-@click.option(
-    "--scales",
-    default="1",
-    show_default=True,
-    help="Test-time augmentation: run each image at these scales of its size, e.g. 0.75,1,1.25, "
-    "and average the class probabilities.",
-)
-@click.option("--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored.")
+@_tta_options
 def predict_cmd(ckpt, images, out, save_logits, save_mask, device, precision, scales, flip, **opts):
     """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png.
     With --scales/--flip, --save-logits writes the mean probabilities (<stem>_probs.npy) and

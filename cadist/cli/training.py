@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cadist.cli import _dry_run_options, _print_json, _set_option, main
+from cadist.cli import _dry_run_options, _print_json, _set_option, _tta_options, main
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -73,14 +73,7 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     help="Also record the evaluation as an MLflow run in the job's experiment (for `cadist report`).",
 )
 @click.option("--run-name", help="Name of that run; default: <job name>-eval[-tta].")
-@click.option(
-    "--scales",
-    default="1",
-    show_default=True,
-    help="Test-time augmentation: run each image at these scales of its size, e.g. "
-    "0.75,1,1.25, and average the class probabilities (not the paper's single-scale protocol).",
-)
-@click.option("--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored.")
+@_tta_options
 @click.option(
     "--per-image",
     is_flag=True,
