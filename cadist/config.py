@@ -137,6 +137,11 @@ class ClusterConfig(_Section):
     when nodes return (checked every minute). The global batch stays `train.batch_size`, so it
     must divide evenly over every count from here to `num_workers`; ZeRO 1/2 optimizer state is
     re-split for the new count. None: exactly `num_workers`."""
+    elastic_resize_s: float = Field(60, gt=0)
+    """Elastic training: seconds between Ray Train's checks, while the group trains with fewer than
+    `num_workers`, for room to grow it back. Growing restarts the group from the latest checkpoint
+    (the steps since are trained again), so where nodes come and go often a longer interval costs
+    fewer restarts."""
     use_gpu: bool = False
     """One GPU per worker; BatchNorm is synchronised across GPU workers."""
     cpus_per_worker: float = Field(1, gt=0)

@@ -370,6 +370,7 @@ def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, cal
             num_workers=workers,
             use_gpu=job.cluster.use_gpu,
             resources_per_worker={"CPU": job.cluster.cpus_per_worker},
+            elastic_resize_monitor_interval_s=c.elastic_resize_s,
         ),
         run_config=RunConfig(
             name=job.name,

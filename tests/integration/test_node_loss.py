@@ -40,10 +40,10 @@ def _overrides(tmp_path, name: str, seed: int, **extra) -> dict:
     } | extra
 
 
-def _lose_a_node_while_training(tmp_path, cluster, node, job):
+def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None):
     """Train `job` in a thread, remove `node` once a checkpoint is registered (from the main
-    thread, as Ray requires), and wait for the run to end; returns {"result"} or {"error"}, and
-    "ended_after_s" (seconds from the loss to the end)."""
+    thread, as Ray requires), call `after_loss()` (main thread) and wait for the run to end;
+    returns {"result"} or {"error"}, and "ended_after_s" (seconds from the loss to the end)."""
     box = {}
 
     def fit():
@@ -61,6 +61,8 @@ def _lose_a_node_while_training(tmp_path, cluster, node, job):
     assert registered_checkpoint(run_dir), box
     cluster.remove_node(node)
     lost = time.time()
+    if after_loss is not None:
+        after_loss()
     t.join(timeout=300)
     assert not t.is_alive(), "training hung after the node was lost"
     box["ended_after_s"] = time.time() - lost
@@ -114,29 +116,52 @@ def test_lost_node_is_an_error_and_the_rerun_resumes(tmp_path, monkeypatch):
 def test_elastic_job_goes_on_with_the_workers_left_when_a_node_is_lost(tmp_path, monkeypatch):
     """cluster.min_workers 1 … num_workers 2 with ZeRO-2: the node of one worker is lost; Ray Train
     restarts the group from the last checkpoint on the one worker left (the optimizer state split
-    for two ranks re-split for one) and the job finishes on its own, no rerun."""
+    for two ranks re-split for one); a node joins again and the group grows back to two workers
+    (the state re-split for two) within cluster.elastic_resize_s; the job finishes, no rerun."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     overrides = _overrides(
         tmp_path, "itest-elastic", seed=9,
-        **{"train.iterations": 60, "train.log_every": 5, "eval.interval": 60,
-           "cluster.min_workers": 1, "cluster.max_failures": 2,
+        **{"train.iterations": 200, "train.log_every": 5, "eval.interval": 200,
+           "cluster.min_workers": 1, "cluster.max_failures": 2, "cluster.elastic_resize_s": 2,
            # Ray Train's first restart may still count the lost node and wait this long for it
            "cluster.start_timeout_s": 20,
            "deepspeed.zero_stage": 2, "mlflow.experiment": "elastic"},
     )  # fmt: skip
     job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
+    client = MlflowClient(overrides["mlflow.tracking_uri"])
+    marker = tmp_path / "runs" / ".cadist" / "itest-elastic.mlflow.json"
+
+    def node_returns_once_training_goes_on_with_one_worker():
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            hist = client.get_metric_history(
+                json.loads(marker.read_text())["run_id"], "train/workers"
+            )
+            if any(m.value == 1 for m in hist):
+                break
+            time.sleep(0.2)
+        cluster.add_node(num_cpus=1)
+
     cluster, node = _two_nodes()
     try:
-        box = _lose_a_node_while_training(tmp_path, cluster, node, job)
+        box = _lose_a_node_while_training(
+            tmp_path, cluster, node, job, node_returns_once_training_goes_on_with_one_worker
+        )
         assert "error" not in box, box
         r = box["result"]
-        assert r.metrics["step"] == 60
-        client = MlflowClient(overrides["mlflow.tracking_uri"])
+        assert r.metrics["step"] == 200
         run = client.get_run(r.run_id)
         assert run.info.status == "FINISHED"
-        workers = [(m.step, m.value) for m in client.get_metric_history(r.run_id, "train/workers")]
-        assert workers[0][1] == 2 and workers[-1] == (60, 1), workers
-        assert run.data.metrics["train/resumed_from_step"] >= 10
+        workers = [
+            (m.step, int(m.value))
+            for m in sorted(
+                client.get_metric_history(r.run_id, "train/workers"), key=lambda m: m.timestamp
+            )
+        ]
+        counts = [w for i, (_, w) in enumerate(workers) if i == 0 or w != workers[i - 1][1]]
+        assert counts == [2, 1, 2] and workers[-1] == (200, 2), workers
+        resumed = [m.value for m in client.get_metric_history(r.run_id, "train/resumed_from_step")]
+        assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] > resumed[0], resumed
         loss = [m.value for m in client.get_metric_history(r.run_id, "train/loss")]
         assert all(v == v and v < 10 for v in loss)  # finite: the re-split state trained on
     finally:
