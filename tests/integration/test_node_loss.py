@@ -163,7 +163,13 @@ def test_elastic_job_goes_on_with_the_workers_left_when_a_node_is_lost(tmp_path,
         ]
         counts = [w for i, (_, w) in enumerate(workers) if i == 0 or w != workers[i - 1][1]]
         assert counts == [2, 1, 2] and workers[-1] == (200, 2), workers
-        resumed = [m.value for m in client.get_metric_history(r.run_id, "train/resumed_from_step")]
+        resumed = [
+            m.value
+            for m in sorted(
+                client.get_metric_history(r.run_id, "train/resumed_from_step"),
+                key=lambda m: m.timestamp,
+            )
+        ]
         assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] > resumed[0], resumed
         loss = [m.value for m in client.get_metric_history(r.run_id, "train/loss")]
         assert all(v == v and v < 10 for v in loss)  # finite: the re-split state trained on
