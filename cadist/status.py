@@ -1,12 +1,18 @@
 """`cadist status`: the jobs a storage path holds — how far each got, whether it can resume, its
-MLflow run, and records still waiting for a tracking server. Reads files only (no Ray, no MLflow)."""
+MLflow run, and records still waiting for a tracking server; `cadist stop`: ask a running job to
+checkpoint and end. Files only (no Ray, no MLflow)."""
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 from cadist.config import read_yaml
+from cadist.errors import ConfigError
 from cadist.train.resume import META, job_file, latest_checkpoint
 
 
@@ -29,6 +35,8 @@ def jobs_in(storage: str | Path) -> list[dict]:
             state = "not started" if not (storage / name).is_dir() else "no checkpoint yet"
         else:
             state = "finished" if iterations and step >= iterations else "resumable"
+        if state != "finished" and job_file(storage, name, "stop").is_file():
+            state = "stop requested"
         rows.append(
             {
                 "job": name,
@@ -44,6 +52,58 @@ def jobs_in(storage: str | Path) -> list[dict]:
             }
         )
     return rows
+
+
+def request_stop(storage: str | Path, name: str) -> dict:
+    """Ask job `name` (trained under `storage`, its cluster.storage_path) to stop: its workers
+    agree at the next progress report (every train.log_every steps), write a checkpoint there and
+    end; the driver marks the MLflow run KILLED and clears the request, and rerunning the job
+    resumes from that checkpoint. A request for a job that is not running is cleared by its next
+    start. The file is written under a temporary name and renamed."""
+    storage = Path(storage)
+    if not (storage / META).is_dir():
+        raise ConfigError(
+            f"{storage}: no cadist jobs here (no {META}/ folder); pass the cluster.storage_path "
+            f"job {name} uses (--storage)"
+        )
+    resolved = job_file(storage, name, "job")
+    if not resolved.is_file():
+        known = sorted(p.stem for p in (storage / META).glob("*.yaml"))
+        raise ConfigError(
+            f"{storage}: no job named {name!r} here (jobs: {', '.join(known) or 'none'}); pass a "
+            f"job name that `cadist status {storage}` lists"
+        )
+    iterations = (read_yaml(resolved, "resolved job", "a job mapping").get("train") or {}).get(
+        "iterations"
+    )
+    latest = latest_checkpoint(storage / name)
+    if latest and iterations and latest[0] >= iterations:
+        raise ConfigError(
+            f"job {name} already finished (step {latest[0]}/{iterations}, {latest[1]}); nothing "
+            f"to stop"
+        )
+    request = {
+        "job": name,
+        "requested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "by": _who(),
+    }
+    path = job_file(storage, name, "stop")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(request))
+    os.replace(tmp, path)
+    return {
+        **request,
+        "stop_file": str(path.resolve()),
+        "last_checkpoint_step": latest[0] if latest else None,
+    }
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def sweeps_in(storage: str | Path) -> list[dict]:

@@ -249,6 +249,45 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
             click.echo(f"\nper-class IoU at each run's best evaluation:\n{table}")
 
 
+# -- stop ---------------------------------------------------------------------------------------
+@main.command("stop")
+@click.argument("job")
+@_set_option("a job key when JOB is a file, e.g. --set cluster.storage_path=/shared/runs")
+@click.option(
+    "--storage",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="With a job name: the cluster.storage_path it trains under (default ./cadist_runs).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the request as one JSON object.")
+def stop_cmd(job, overrides, storage, as_json):
+    """Ask a running `cadist train` job to stop cleanly: its workers write a checkpoint at the next
+    progress report (every train.log_every steps) and end, the MLflow run is marked KILLED (tag
+    cadist.stopped_at_step), and rerunning the job resumes there. JOB is the job's YAML file or its
+    name; the storage path must be one this machine sees (on a cluster: a shared file system)."""
+    from cadist.status import request_stop
+
+    if Path(job).suffix in (".yaml", ".yml") and Path(job).is_file():
+        from cadist.config import load_job
+
+        if storage:
+            raise click.UsageError("--storage goes with a job name; a job file names its own")
+        resolved = load_job(job, overrides)
+        name, storage = resolved.name, resolved.cluster.storage_path
+    elif overrides:
+        raise click.UsageError(f"--set goes with a job file; {job} is not one")
+    else:
+        name, storage = job, storage or "cadist_runs"
+    request = request_stop(storage, name)
+    if as_json:
+        _print_json(request)
+    else:
+        click.echo(
+            f"stop requested for job {name} ({request['stop_file']}): it writes a checkpoint at "
+            f"its next progress report and ends; rerun it to resume"
+        )
+
+
 # -- status -------------------------------------------------------------------------------------
 @main.command("status")
 @click.argument("storage", default="cadist_runs", type=click.Path(file_okay=False))

@@ -34,6 +34,7 @@ class TrainResult:
     tracking_uri: str | None
     checkpoint: str | None
     metrics: dict
+    stopped: bool = False  # ended early by `cadist stop`; a rerun resumes
 
 
 def git_commit() -> str:
@@ -176,8 +177,11 @@ def spool_dir(storage: Path, job_name: str, run_id: str) -> Path:
     return job_file(storage, job_name, "spool") / run_id
 
 
-def _finish_tracking(job: JobConfig, uri: str, run_id: str, tracker, spool: Path, ckpt) -> None:
-    """Send what the workers spooled, register the best weights, mark the run FINISHED — or, when
+def _finish_tracking(
+    job: JobConfig, uri: str, run_id: str, tracker, spool: Path, ckpt, stopped_at=None
+) -> None:
+    """Send what the workers spooled, register the best weights, mark the run FINISHED (KILLED,
+    tagged `cadist.stopped_at_step`, when `cadist stop` ended it at step `stopped_at`) — or, when
     the tracking server does not answer, one error that says nothing is lost and what to do."""
     from cadist.tracking import SpooledTracker, register_best, unreachable
 
@@ -185,6 +189,10 @@ def _finish_tracking(job: JobConfig, uri: str, run_id: str, tracker, spool: Path
         spooled = SpooledTracker(uri, run_id, spool, echo=print)
         if not spooled.flush(force=True):
             raise TimeoutError("it did not answer")
+        if stopped_at is not None:
+            tracker.set_tags({"cadist.stopped_at_step": str(stopped_at)})
+            tracker.finish("KILLED")
+            return
         if job.mlflow.register_model:
             version = register_best(uri, run_id, job.mlflow.register_model)
             if version:
@@ -198,7 +206,8 @@ def _finish_tracking(job: JobConfig, uri: str, run_id: str, tracker, spool: Path
             raise
         waiting = SpooledTracker(uri, run_id, spool).pending_count()
         raise TrackingError(
-            f"job {job.name}: training finished (last checkpoint {ckpt}), but the MLflow server "
+            f"job {job.name}: training {'stopped' if stopped_at is not None else 'finished'} "
+            f"(last checkpoint {ckpt}), but the MLflow server "
             f"{uri} does not answer"
             + (f"; {waiting} records wait in {spool}" if waiting else "")
             + "; rerun the same command once it answers: the job then finishes at once and "
@@ -285,9 +294,27 @@ def run_training(
             ) from None
         raise
     ckpt = result.checkpoint.path if result.checkpoint else None
+    metrics = dict(result.metrics or {})
+    stopped = bool(metrics.pop("stopped", False))
+    if stopped:
+        job_file(storage, job.name, "stop").unlink(missing_ok=True)
+        print(
+            f"cadist: job {job.name} stopped at step {metrics.get('step')} on request (checkpoint "
+            f"{ckpt}); rerun the same command to resume",
+            file=sys.stderr,
+        )
     if run_id:
-        _finish_tracking(job, uri, run_id, tracker, spool_dir(storage, job.name, run_id), ckpt)
-    return TrainResult(run_id, uri, ckpt, dict(result.metrics or {}))
+        spool = spool_dir(storage, job.name, run_id)
+        _finish_tracking(
+            job,
+            uri,
+            run_id,
+            tracker,
+            spool,
+            ckpt,
+            stopped_at=metrics.get("step") if stopped else None,
+        )
+    return TrainResult(run_id, uri, ckpt, metrics, stopped)
 
 
 def _workers(job: JobConfig) -> str:
@@ -317,6 +344,8 @@ def _prepare_storage(job: JobConfig, source: str, restart: bool):
         set_aside([marker])
     elif rerun.changes:
         print(f"cadist: resuming job {job.name} at step {rerun.step} with {rerun.describe()}")
+    # a stop request is for the run going on when it was made: one left over would end this one
+    job_file(storage, job.name, "stop").unlink(missing_ok=True)
     resolved.with_suffix(".yaml.tmp").write_text(job.to_yaml())
     os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
     return job, rerun
@@ -364,6 +393,7 @@ def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, cal
             "report_evals": report_evals,
             # where rank 0 keeps what a tracking server that stops answering cannot take yet
             "spool": str(spool_dir(storage, job.name, run_id)) if run_id else None,
+            "stop_file": str(job_file(storage, job.name, "stop")),  # `cadist stop` writes it
         },
         scaling_config=ScalingConfig(
             # elastic: Ray Train asks for num_workers and starts with at least min_workers

@@ -44,11 +44,13 @@ _SUFFIX = {
     "mlflow": ".mlflow.json",  # its MLflow run (run id, tracking URI)
     "spool": ".mlflow-spool",  # records waiting for a tracking server, one folder per run
     "init-weights": ".init-weights.pt",  # model.weights fetched from MLflow
+    "stop": ".stop.json",  # `cadist stop`: checkpoint at the next progress report and end
 }
 
 
 def job_file(storage: str | Path, name: str, kind: str) -> Path:
-    """Where cadist keeps file `kind` ("job", "mlflow", "spool", "init-weights") of job `name`."""
+    """Where cadist keeps file `kind` ("job", "mlflow", "spool", "init-weights", "stop") of job
+    `name`."""
     return Path(storage) / META / f"{name}{_SUFFIX[kind]}"
 
 

@@ -201,6 +201,15 @@ def _learned_train_metrics(engine) -> dict:
     return {"train/lr_mask_estimator": engine.get_lr()[2], "train/ratio_loss": float(aux.detach())}
 
 
+def _stop_requested(stop_file: str | None, device) -> bool:
+    """Whether `cadist stop` asked this job to end (a collective: every rank calls it, so all of
+    them stop at the same step even if only some see the file yet)."""
+    flag = torch.tensor([float(bool(stop_file) and os.path.exists(stop_file))], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _mean_fraction(extra: dict, device) -> float:
     t = torch.tensor([extra["high_res_sum"], extra["images"]], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -251,7 +260,8 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
             )
     engine.train()
     meter = _Meter()
-    while step < t.iterations:
+    stop = False
+    while step < t.iterations and not stop:
         epoch, start = divmod(step, steps_per_epoch)
         train.set_epoch(epoch, start * acc)
         for micro, batch in enumerate(make_loader(train, pin_memory=job.cluster.use_gpu), 1):
@@ -264,14 +274,26 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
             metrics = {}
             if step % t.log_every == 0 or last:
                 metrics = _log_progress(tracker, job, engine, meter, step, epoch, rank, device)
+                stop = not last and _stop_requested(cfg.get("stop_file"), device)
             if step % job.eval.interval == 0 or last:
                 metrics |= _evaluate(tracker, job, engine, val, state, rank, device, dtype)
-            if step % t.checkpoint_every == 0 or last:
-                save_checkpoint(engine, job, state, rank, {"step": step, **metrics})
+            if step % t.checkpoint_every == 0 or last or stop:
+                save_checkpoint(
+                    engine,
+                    job,
+                    state,
+                    rank,
+                    {"step": step, **metrics, **({"stopped": 1} if stop else {})},
+                )
             elif cfg.get("report_evals") and step % job.eval.interval == 0:
                 ray.train.report({"step": step, **metrics})  # a sweep's scheduler compares trials
-            if step >= t.iterations:
+            if step >= t.iterations or stop:
                 break
+    if stop:
+        if rank == 0:
+            log.info(f"[cadist] stopped at step {step} on request (`cadist stop`); a rerun resumes")
+            tracker.flush(force=True)
+        return
     if rank == 0:
         _log_weights(tracker, engine, job, "last.pt", step=step)
         if tracker.flush(force=True) is False:

@@ -1,7 +1,7 @@
 """A node lost for good on a (simulated) two-node Ray cluster: the run ends with one clear error
 within about two start timeouts instead of waiting forever, and rerunning the same job on a
 cluster that has the nodes again would resume from the last checkpoint; an elastic job goes on
-with the workers left and grows back when a node returns."""
+with the workers left, grows back when a node returns, and stops cleanly on `cadist stop`."""
 
 import json
 import threading
@@ -15,8 +15,10 @@ from ray.cluster_utils import Cluster
 
 from cadist.config import load_job
 from cadist.errors import ClusterError
+from cadist.status import request_stop
 from cadist.train.driver import run_training
 from cadist.train.plan import plan_training
+from cadist.train.resume import latest_checkpoint
 
 from ..conftest import registered_checkpoint, tiny_shards
 
@@ -116,15 +118,19 @@ def test_lost_node_is_an_error_and_a_rerun_would_resume(tmp_path, monkeypatch):
         cluster.shutdown()
 
 
-def test_elastic_job_goes_on_with_the_workers_left_when_a_node_is_lost(tmp_path, monkeypatch):
+def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_request(
+    tmp_path, monkeypatch
+):
     """cluster.min_workers 1 … num_workers 2 with ZeRO-2: the node of one worker is lost; Ray Train
     restarts the group from the last checkpoint on the one worker left (the optimizer state split
     for two ranks re-split for one); a node joins again and the group grows back to two workers
-    (the state re-split for two) within cluster.elastic_resize_s; the job finishes, no rerun."""
+    (the state re-split for two) within cluster.elastic_resize_s. Then `cadist stop`: both ranks
+    checkpoint at the same step and end, the MLflow run is KILLED, and a rerun would resume there.
+    (The job asks for many steps, so the growth happens however slow the machine; the stop ends it.)"""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     overrides = _overrides(
         tmp_path, "itest-elastic", seed=9,
-        **{"train.iterations": 200, "train.log_every": 5, "eval.interval": 200,
+        **{"train.iterations": 5000, "train.log_every": 5, "eval.interval": 5000,
            "cluster.min_workers": 1, "cluster.max_failures": 2, "cluster.elastic_resize_s": 2,
            # Ray Train's first restart may still count the lost node and wait this long for it
            "cluster.start_timeout_s": 20,
@@ -132,37 +138,41 @@ def test_elastic_job_goes_on_with_the_workers_left_when_a_node_is_lost(tmp_path,
     )  # fmt: skip
     job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
     client = MlflowClient(overrides["mlflow.tracking_uri"])
-    marker = tmp_path / "runs" / ".cadist" / "itest-elastic.mlflow.json"
+    storage = tmp_path / "runs"
+    marker = storage / ".cadist" / "itest-elastic.mlflow.json"
 
-    def node_returns_once_training_goes_on_with_one_worker():
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            hist = client.get_metric_history(
-                json.loads(marker.read_text())["run_id"], "train/workers"
-            )
-            if any(m.value == 1 for m in hist):
-                break
+    def workers_seen():
+        hist = client.get_metric_history(json.loads(marker.read_text())["run_id"], "train/workers")
+        return [int(m.value) for m in sorted(hist, key=lambda m: m.timestamp)]
+
+    def wait_for(counts, seconds):
+        deadline = time.time() + seconds
+        while time.time() < deadline and counts != _changes(workers_seen()):
             time.sleep(0.2)
+
+    def node_returns_then_stop():
+        wait_for([2, 1], 180)
         cluster.add_node(num_cpus=1)
+        wait_for([2, 1, 2], 240)
+        request_stop(storage, job.name)  # also if it never grew: the assertions below tell
 
     cluster, node = _two_nodes()
     try:
-        box = _lose_a_node_while_training(
-            tmp_path, cluster, node, job, node_returns_once_training_goes_on_with_one_worker
-        )
+        box = _lose_a_node_while_training(tmp_path, cluster, node, job, node_returns_then_stop)
         assert "error" not in box, box
         r = box["result"]
-        assert r.metrics["step"] == 200
+        step = r.metrics["step"]
+        assert r.stopped and "stopped" not in r.metrics and 10 < step < 5000, r.metrics
         run = client.get_run(r.run_id)
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "KILLED" and run.data.tags["cadist.stopped_at_step"] == str(step)
         workers = [
             (m.step, int(m.value))
             for m in sorted(
                 client.get_metric_history(r.run_id, "train/workers"), key=lambda m: m.timestamp
             )
         ]
-        counts = [w for i, (_, w) in enumerate(workers) if i == 0 or w != workers[i - 1][1]]
-        assert counts == [2, 1, 2] and workers[-1] == (200, 2), workers
+        assert _changes([w for _, w in workers]) == [2, 1, 2], workers
+        assert workers[-1] == (step, 2), workers  # both ranks stopped at the step they agreed on
         resumed = [
             m.value
             for m in sorted(
@@ -173,6 +183,18 @@ def test_elastic_job_goes_on_with_the_workers_left_when_a_node_is_lost(tmp_path,
         assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] > resumed[0], resumed
         loss = [m.value for m in client.get_metric_history(r.run_id, "train/loss")]
         assert all(v == v and v < 10 for v in loss)  # finite: the re-split state trained on
+        assert latest_checkpoint(storage / job.name)[0] == step
+        assert not (storage / ".cadist" / "itest-elastic.stop.json").exists()
+        assert "last.pt" not in {
+            a.path.split("/")[-1] for a in client.list_artifacts(r.run_id, "checkpoints")
+        }
+        plan = plan_training(job, "itest", address=cluster.address)
+        assert plan["start"]["resume_step"] == step and plan["mlflow"]["continues_run"] == r.run_id
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _changes(values: list) -> list:
+    """`values` without repeats in a row: [2, 2, 1, 1, 2] → [2, 1, 2]."""
+    return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]

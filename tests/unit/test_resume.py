@@ -155,3 +155,47 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
     assert "| open | 3 | running or interrupted" in r.stdout
     r = CliRunner().invoke(main, ["status", str(tmp_path / "done")])
     assert r.exit_code == 2 and "no cadist jobs here" in r.output
+
+
+def test_stop_request_for_a_job_by_name_or_file_and_its_errors(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    meta = tmp_path / "runs" / ".cadist"
+    meta.mkdir(parents=True)
+    for name, steps in (("done", (600,)), ("halfway", (100,))):
+        job = load_job(os.path.join(JOBS, "demo.yaml"), [f"name={name}"])
+        (meta / f"{name}.yaml").write_text(job.to_yaml())
+        for s in steps:
+            _checkpoint(tmp_path / "runs" / name, s)
+    run = CliRunner().invoke
+    r = run(main, ["stop", "halfway", "--storage", "runs", "--json"])
+    assert r.exit_code == 0, r.output
+    request = json.loads(r.stdout)
+    assert request["job"] == "halfway" and request["last_checkpoint_step"] == 100
+    stop_file = meta / "halfway.stop.json"
+    assert request["stop_file"] == str(stop_file) and json.loads(stop_file.read_text())["job"]
+    assert not list(meta.glob("*.tmp"))
+    r = run(main, ["status", "runs", "--json"])
+    states = {row["job"]: row["state"] for row in json.loads(r.stdout)["jobs"]}
+    assert states == {"done": "finished", "halfway": "stop requested"}
+
+    # by job file: its name and cluster.storage_path (relative to where cadist runs)
+    stop_file.unlink()
+    demo = os.path.join(JOBS, "demo.yaml")
+    r = run(main, ["stop", demo, "--set", "name=halfway", "--set", "cluster.storage_path=runs"])
+    assert r.exit_code == 0 and "stop requested for job halfway" in r.output, r.output
+    assert stop_file.is_file()
+
+    r = run(main, ["stop", "done", "--storage", "runs"])
+    assert r.exit_code == 2 and "job done already finished (step 600/600" in r.output
+    r = run(main, ["stop", "nothere", "--storage", "runs"])
+    assert r.exit_code == 2 and "no job named 'nothere' here (jobs: done, halfway)" in r.output
+    r = run(main, ["stop", "halfway", "--storage", str(tmp_path / "elsewhere")])
+    assert r.exit_code == 2 and "no cadist jobs here" in r.output
+    r = run(main, ["stop", demo, "--storage", "runs"])
+    assert r.exit_code == 2 and "--storage goes with a job name" in r.output
