@@ -294,7 +294,7 @@ def stop_cmd(job, overrides, storage, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status_cmd(storage, as_json):
     """The jobs under STORAGE (a jobs' cluster.storage_path; default ./cadist_runs): step reached,
-    finished or resumable, MLflow run, and records waiting for a tracking server that did not
+    finished, resumable or stop requested, MLflow run, and records waiting for a tracking server that did not
     answer (a rerun sends them); then the sweeps: trials finished, stopped, failed, Pareto front."""
     from cadist.errors import ConfigError
     from cadist.status import jobs_in, sweep_table, sweeps_in, table

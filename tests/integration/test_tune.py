@@ -171,16 +171,27 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     assert "sweep/sweep-itest_resume.pareto.png" in arts
     assert (runs / ".cadist" / "sweep-itest_resume.pareto.png").is_file()
 
-    # --restart sets the earlier run aside and runs fresh trials
-    fresh = subprocess.run(
-        [*cmd, "--restart", "--set", "num_samples=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
-    assert "restarting sweep itest_resume" in fresh.stdout
-    result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
-    assert len(result["trials"]) == 1 and result["trials"][0]["job"] not in jobs_before
-    assert list(runs.glob("sweep-itest_resume.before-*"))
+    # --restart sets the earlier run aside (the step `cadist tune --restart` takes before Tune
+    # starts; a whole fresh sweep would only repeat the runs above)
+    from ray import tune
+
+    from cadist.tune import _resume_or_start, load_sweep, would_resume
+
+    loaded, fixed, _ = load_sweep(tmp_path / "sweep.yaml", ())
+    said = []
+    assert _resume_or_start(runs, loaded, fixed, "sweep.yaml", True, said.append) is False
+    aside = list(runs.glob("sweep-itest_resume.before-*"))
+    assert len(aside) == 1 and said == [
+        f"restarting sweep itest_resume: the earlier run is kept as {aside[0]}"
+    ]
+    assert tune.Tuner.can_restore(str(aside[0]))  # the earlier experiment, whole
+    assert not would_resume(runs, loaded, fixed, "sweep.yaml")
+    assert (
+        json.loads((runs / ".cadist" / "sweep-itest_resume.state.json").read_text())["sweep"][
+            "num_samples"
+        ]
+        == 2
+    )
 
 
 def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):
