@@ -68,6 +68,7 @@ def evaluate_job(
         extra = extra_i  # the MACs are the inference network's (§10.2)
     if tta is not None:
         out["tta"] = {"scales": list(tta.scales), "flip": tta.flip,
+                      "window": tta.window.label() if tta.window else None,
                       "passes": _pass_table(job, extra["passes"])}  # fmt: skip
         for key in ("backbone_gmac", "total_gmac"):  # per image, all passes
             out["tta"][key] = sum(p[key] for p in out["tta"]["passes"])
@@ -75,16 +76,19 @@ def evaluate_job(
 
 
 def _pass_table(job: JobConfig, passes: dict) -> list[dict]:
-    """Each augmentation pass: size, mirrored, images, high-res fraction (adaptive models) and
-    the backbone and total GMac per image under the method's rules (§10) at that size."""
+    """Each augmentation pass: size, mirrored, (sliding window: crop size and crops per image),
+    images, high-res fraction (adaptive models) and the backbone and total GMac per image under
+    the method's rules (§10) at that size (every crop's)."""
     rows = []
     for p, (images, high_res) in passes.items():
         row = {"height": p.height, "width": p.width, "flip": p.flip, "images": images}
+        if p.tile is not None:
+            row["window"], row["windows"] = list(p.tile), p.tiles
         if high_res is not None:
             row["high_res_fraction"] = high_res / max(1, images)
-        row["backbone_gmac"], row["total_gmac"] = _gmac(
-            job, p.height, p.width, row.get("high_res_fraction")
-        )
+        # linear in the high-res fraction at a given size: crops × one crop at their mean
+        gmac = _gmac(job, *(p.tile or (p.height, p.width)), row.get("high_res_fraction"))
+        row["backbone_gmac"], row["total_gmac"] = (v * p.tiles for v in gmac)
         rows.append(row)
     return rows
 
@@ -120,7 +124,9 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
             "cadist.version": __version__}  # fmt: skip
     tta = result.get("tta")
     if tta:  # apart in `cadist report`: an augmented evaluation costs all its passes
-        tags["cadist.tta"] = f"scales {','.join(map(str, tta['scales']))}, flip {tta['flip']}"
+        tags["cadist.tta"] = f"scales {','.join(map(str, tta['scales']))}, flip {tta['flip']}" + (
+            f", window {tta['window']}" if tta.get("window") else ""
+        )
     default_name = f"{job.name}-eval" + ("-tta" if tta else "")
     tracker = Tracker(uri, new_run(uri, job.mlflow.experiment, run_name or default_name, tags))
     params = {"eval.ckpt": str(ckpt)}
@@ -129,6 +135,8 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
             "eval.tta_scales": ",".join(map(str, tta["scales"])),
             "eval.tta_flip": tta["flip"],
         }
+        if tta.get("window"):
+            params["eval.window"] = tta["window"]
     tracker.log_params(job.flat() | params)
     metrics = val_metrics(result)
     hw = val_image_size(job)

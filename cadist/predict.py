@@ -64,8 +64,9 @@ def write_prediction(
 
     With test-time augmentation `tta` the prediction is the argmax of the passes' mean
     probabilities, `--save-logits` writes those as `<stem>_probs.npy` (float32 (C, H, W)) and
-    `--save-mask` each unmirrored pass's mask as `<stem>_mask_<h>x<w>.npy`. Every file is
-    written under a temporary name and renamed."""
+    `--save-mask` each unmirrored pass's mask as `<stem>_mask_<h>x<w>.npy` (with a sliding
+    window: its crops' masks put together). Every file is written under a temporary name and
+    renamed."""
     image, out = Path(image), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     img = load_rgb(image)
@@ -76,8 +77,8 @@ def write_prediction(
             masks["mask"] = model.last_mask[0]
     else:
         x = normalized_input(img).unsqueeze(0).to(device, next(model.parameters()).dtype)
-        plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model))
-        probs, pass_masks = predict_augmented(model.eval(), x, plan)
+        plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model), tta.window)
+        probs, pass_masks, _ = predict_augmented(model.eval(), x, plan, tta.window)
         scores = probs[0].cpu()
         if save_mask:
             masks = {f"mask_{p.height}x{p.width}": m[0]

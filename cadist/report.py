@@ -22,11 +22,15 @@ def _at(history: list[tuple[int, float]], step: int) -> float | None:
 
 
 def _augmentation(params: dict) -> str:
-    """A test-time augmentation evaluation's passes, e.g. "0.75,1.0,1.25 flip"; "" for none."""
+    """A test-time augmentation evaluation's passes, e.g. "TTA 0.75,1.0,1.25 flip", "slide
+    512x1024/341x683"; "" for none."""
     scales = params.get("eval.tta_scales")
     if not scales:
         return ""
-    return scales + (" flip" if params.get("eval.tta_flip") == "True" else "")
+    flip = params.get("eval.tta_flip") == "True"
+    tta = f"TTA {scales}" + (" flip" if flip else "") if (scales != "1.0" or flip) else ""
+    window = params.get("eval.window")
+    return " ".join(filter(None, [tta, f"slide {window}" if window else ""]))
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -42,8 +46,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         paper = PAPER_MIOU.get((model, None if adaptive else os_))
         label = model + ("" if adaptive else f" OS{os_}")
         tta = _augmentation(r["params"])
-        if tta:  # `cadist eval --scales/--flip`: not the paper's single-scale protocol
-            label, paper = f"{label} + TTA {tta}", None
+        if tta:  # `cadist eval --scales/--flip/--window`: not the paper's protocol
+            label, paper = f"{label} + {tta}", None
         row = {
             "run": r["name"],
             "model": label,

@@ -62,8 +62,22 @@ def _dry_run_options(what: str):
 
 
 def _tta_options(f):
-    """`--scales` and `--flip` of `eval` and `predict` (test-time augmentation, `cadist.eval.tta`;
-    the command turns them into an `Augmentation` with `Augmentation.parse`)."""
+    """`--scales`, `--flip`, `--window` and `--stride` of `eval` and `predict` (test-time
+    augmentation and sliding-window inference, `cadist.eval.tta`; the command turns them into an
+    `Augmentation` with `Augmentation.parse`)."""
+    f = click.option(
+        "--stride",
+        default=None,
+        metavar="HxW",
+        help="With --window: pixels between crops (default two thirds of the window).",
+    )(f)
+    f = click.option(
+        "--window",
+        default=None,
+        metavar="HxW",
+        help="Sliding-window inference: run the model on crops of this size, e.g. 512x1024, and "
+        "average the logits where they overlap (mmsegmentation's slide mode).",
+    )(f)
     f = click.option(
         "--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored."
     )(f)

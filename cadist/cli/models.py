@@ -267,10 +267,23 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     help="Weights and activations; the edge mask is always computed in float32.",
 )
 @_tta_options
-def predict_cmd(ckpt, images, out, save_logits, save_mask, device, precision, scales, flip, **opts):
+def predict_cmd(
+    ckpt,
+    images,
+    out,
+    save_logits,
+    save_mask,
+    device,
+    precision,
+    scales,
+    flip,
+    window,
+    stride,
+    **opts,
+):
     """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png.
-    With --scales/--flip, --save-logits writes the mean probabilities (<stem>_probs.npy) and
-    --save-mask each unmirrored pass's mask (<stem>_mask_<h>x<w>.npy)."""
+    With --scales/--flip/--window, --save-logits writes the mean probabilities (<stem>_probs.npy)
+    and --save-mask each unmirrored pass's mask (<stem>_mask_<h>x<w>.npy)."""
     import torch
 
     from cadist.eval.tta import Augmentation
@@ -279,7 +292,7 @@ def predict_cmd(ckpt, images, out, save_logits, save_mask, device, precision, sc
     from cadist.models.weights import load_weights
     from cadist.predict import write_prediction
 
-    tta = Augmentation.parse(scales, flip)
+    tta = Augmentation.parse(scales, flip, window, stride)
     ckpt, opts = _from_checkpoint(ckpt, opts)
     model = opts["model"]
     if save_mask and not is_adaptive(model):

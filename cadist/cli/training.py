@@ -80,10 +80,12 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     help="Also each image's mIoU, pixel accuracy and high-res fraction, worst first (with --log: "
     "eval/per_image.csv).",
 )
-def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name, scales, flip, per_image):
+def eval_cmd(
+    job_file, ckpt, overrides, device, log_run, run_name, scales, flip, window, stride, per_image
+):
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
-    adaptive models also the high-res fraction. With --scales/--flip, also each augmentation
-    pass's size, high-res fraction and GMac, and the GMac per image of all passes."""
+    adaptive models also the high-res fraction. With --scales/--flip/--window, also each pass's
+    size (and crops), high-res fraction and GMac, and the GMac per image of all passes."""
     import torch
 
     from cadist.config import load_job
@@ -92,7 +94,7 @@ def eval_cmd(job_file, ckpt, overrides, device, log_run, run_name, scales, flip,
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tta = Augmentation.parse(scales, flip)
+    tta = Augmentation.parse(scales, flip, window, stride)
     job = load_job(job_file, overrides)
     if log_run:  # an unreachable store fails before the evaluation, not after
         from cadist.tracking import check_reachable, resolve_uri

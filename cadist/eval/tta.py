@@ -1,7 +1,12 @@
 """Test-time augmentation (mmsegmentation's "aug test"): every image is also run resized by a few
 factors and, optionally, mirrored; the class probabilities of all passes are averaged at the
 image's own resolution. Not the paper's protocol (method.md §9: single scale, no flip), which is
-`scales=(1.0,), flip=False` and gives exactly the plain prediction."""
+`scales=(1.0,), flip=False` and gives exactly the plain prediction.
+
+Sliding-window inference (mmsegmentation's "slide" mode, `Window`): each pass runs the model on
+overlapping crops instead of the whole (resized) image and averages the logits where crops
+overlap — for GPUs that cannot hold a whole image, or to predict at the crop size a network was
+trained on. An adaptive network then builds one mask per crop."""
 
 from __future__ import annotations
 
@@ -18,23 +23,60 @@ from cadist.errors import ConfigError
 
 @dataclass(frozen=True)
 class Pass:
-    """One forward of the augmentation: the input size it runs at and whether it is mirrored."""
+    """One forward of the augmentation: the input size it runs at, whether it is mirrored, and
+    with a sliding window the crop size (tile_h, tile_w) and how many crops cover the input."""
 
     height: int
     width: int
     flip: bool
+    tile: tuple[int, int] | None = None
+    tiles: int = 1
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sliding-window inference: crops of height × width pixels, one every stride_h rows and
+    stride_w columns (the last crop of a row or column ends at the image's edge)."""
+
+    height: int
+    width: int
+    stride_h: int
+    stride_w: int
+
+    @classmethod
+    def parse(cls, window: str, stride: str | None = None) -> Window:
+        """From "512x1024" (`--window`) and "341x683" (`--stride`; default two thirds of the window,
+        as mmsegmentation's Cityscapes configs), with one clear error."""
+        h, w = _pair(window, "--window", "512x1024")
+        sh, sw = (
+            _pair(stride, "--stride", "341x683") if stride else (round(h * 2 / 3), round(w * 2 / 3))
+        )
+        if sh > h or sw > w:
+            raise ConfigError(
+                f"--stride {sh}x{sw}: larger than the window {h}x{w}, so some pixels would have no "
+                f"prediction; use a stride of at most the window, e.g. {round(h * 2 / 3)}x{round(w * 2 / 3)}"
+            )
+        return cls(h, w, sh, sw)
+
+    def label(self) -> str:
+        return f"{self.height}x{self.width}/{self.stride_h}x{self.stride_w}"
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Test-time scales (factors of the image's sides) and whether each is also run mirrored."""
+    """Test-time scales (factors of the image's sides), whether each is also run mirrored, and
+    an optional sliding window each pass runs in."""
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    window: Window | None = None
 
     @classmethod
-    def parse(cls, scales: str, flip: bool) -> Augmentation:
-        """From a comma list like "0.75,1,1.25" (`--scales`), with one clear error."""
+    def parse(
+        cls, scales: str, flip: bool, window: str | None = None, stride: str | None = None
+    ) -> Augmentation:
+        """From a comma list like "0.75,1,1.25" (`--scales`), `--flip`, `--window`, `--stride`,
+        with one clear error."""
         try:
             values = tuple(float(v) for v in scales.split(",") if v.strip())
         except ValueError:
@@ -43,12 +85,25 @@ class Augmentation:
             raise ConfigError(
                 f"--scales {scales!r}: expected factors > 0 separated by commas, e.g. 0.75,1,1.25"
             )
-        return cls(values, flip)
+        if stride and not window:
+            raise ConfigError(f"--stride {stride}: goes with --window (e.g. --window 512x1024)")
+        return cls(values, flip, Window.parse(window, stride) if window else None)
 
     @property
     def plain(self) -> bool:
-        """The paper's single-scale protocol: one unmirrored pass at the image's size."""
-        return self.scales == (1.0,) and not self.flip
+        """The paper's single-scale protocol: one unmirrored pass of the whole image."""
+        return self.scales == (1.0,) and not self.flip and self.window is None
+
+
+def _pair(text: str, option: str, example: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(v) for v in parts)
+    except ValueError:
+        h = w = 0
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"{option} {text!r}: expected HEIGHTxWIDTH in pixels, e.g. {example}")
+    return h, w
 
 
 def size_multiple(model: nn.Module) -> int:
@@ -66,42 +121,84 @@ def size_multiple(model: nn.Module) -> int:
 
 
 def plan_passes(
-    height: int, width: int, scales: Sequence[float], flip: bool, multiple: int
+    height: int,
+    width: int,
+    scales: Sequence[float],
+    flip: bool,
+    multiple: int,
+    window: Window | None = None,
 ) -> list[Pass]:
     """The passes for an H×W image: each scale's size rounded to the nearest `multiple` (at least
     one multiple), each also mirrored with `flip`. Scale 1 of an H×W that is a multiple already
-    runs at H×W itself."""
+    runs at H×W itself. With a `window` each pass runs in crops of the window's size (of the
+    pass's size where the pass is smaller); the window's sides must be multiples of `multiple`."""
     if not scales:
         raise ValueError("test-time augmentation needs at least one scale, e.g. 1.0")
+    if window is not None and (window.height % multiple or window.width % multiple):
+        up = [-(-v // multiple) * multiple for v in (window.height, window.width)]
+        raise ConfigError(
+            f"--window {window.height}x{window.width}: this model takes inputs whose sides are "
+            f"multiples of {multiple}; use e.g. --window {up[0]}x{up[1]}"
+        )
     passes = []
     for s in scales:
         if not s > 0:
             raise ValueError(f"test-time scale {s}: expected a factor > 0, e.g. 0.75, 1.0, 1.25")
         h = max(multiple, round(height * s / multiple) * multiple)
         w = max(multiple, round(width * s / multiple) * multiple)
-        passes += [Pass(h, w, False)] + ([Pass(h, w, True)] if flip else [])
+        tile, tiles = None, 1
+        if window is not None:
+            tile = (min(window.height, h), min(window.width, w))
+            tiles = len(crop_boxes(h, w, *tile, window.stride_h, window.stride_w))
+        passes += [Pass(h, w, f, tile, tiles) for f in ((False, True) if flip else (False,))]
     return passes
+
+
+def crop_boxes(
+    height: int, width: int, tile_h: int, tile_w: int, stride_h: int, stride_w: int
+) -> list[tuple[int, int, int, int]]:
+    """The crops (y0, y1, x0, x1) that cover an H×W input: one every stride from the top-left,
+    the last of each row and column moved back to end at the edge (mmsegmentation's grid)."""
+    rows = max(height - tile_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - tile_w + stride_w - 1, 0) // stride_w + 1
+    boxes = []
+    for r in range(rows):
+        y1 = min(r * stride_h + tile_h, height)
+        for c in range(cols):
+            x1 = min(c * stride_w + tile_w, width)
+            boxes.append((max(y1 - tile_h, 0), y1, max(x1 - tile_w, 0), x1))
+    return boxes
 
 
 @torch.no_grad()
 def predict_augmented(
-    model: nn.Module, x: torch.Tensor, passes: Sequence[Pass]
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Images x (B, 3, H, W) → mean class probabilities (B, C, H, W) in fp32 over `passes`, and
-    each pass's pooling mask (B, h/8, w/8) as the model used it (adaptive models; None for
-    dense ones; a mirrored pass's mask is of the mirrored image).
+    model: nn.Module, x: torch.Tensor, passes: Sequence[Pass], window: Window | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Images x (B, 3, H, W) → mean class probabilities (B, C, H, W) in fp32 over `passes`; each
+    pass's pooling mask (B, h/8, w/8) as the model used it (adaptive models; None for dense
+    ones; a mirrored pass's mask is of the mirrored image; with a window the crops' masks put
+    together, a later crop's where they overlap); and each pass's per-image high-res fraction
+    (B,) — with a window the mean over its crops, which is what the crops computed.
 
     A pass resizes x bilinearly (align_corners=False, as the network's own upsampling), mirrors
-    it if asked, runs the model, mirrors the logits back and resizes them to H×W before the
-    softmax; an adaptive model builds its mask from the resized image, as it would for an image
-    of that size."""
+    it if asked, runs the model (on each crop of `window`, the logits of overlapping crops
+    averaged), mirrors the logits back and resizes them to H×W before the softmax; an adaptive
+    model builds its mask from the resized image (or crop), as it would for an image of that
+    size."""
     h, w = x.shape[-2:]
-    probs, masks = None, []
+    probs, masks, fractions = None, [], []
     for p in passes:
         xs = x if (p.height, p.width) == (h, w) else _resize(x, p.height, p.width)
-        logits = model(xs.flip(-1) if p.flip else xs)
-        mask = getattr(model, "last_mask", None)
+        xs = xs.flip(-1) if p.flip else xs
+        if p.tile is None:
+            logits = model(xs)
+            mask = getattr(model, "last_mask", None)
+            fraction = None if mask is None else high_res_fraction(mask)
+        else:
+            assert window is not None, "a pass with crops needs the window it was planned with"
+            logits, mask, fraction = _slide(model, xs, p.tile, window)
         masks.append(mask)
+        fractions.append(fraction)
         logits = logits.flip(-1) if p.flip else logits
         if logits.shape[-2:] != (h, w):
             logits = F.interpolate(
@@ -109,7 +206,34 @@ def predict_augmented(
             )
         prob = logits.float().softmax(1)
         probs = prob if probs is None else probs.add_(prob)
-    return probs.div_(len(passes)), masks
+    return probs.div_(len(passes)), masks, fractions
+
+
+def _slide(model: nn.Module, x: torch.Tensor, tile: tuple[int, int], window: Window):
+    """The model on every crop of x (B, 3, h, w): logits (B, C, h, w) in fp32 averaged where
+    crops overlap, the crops' masks put together at the finest grid (or None) and the per-image
+    mean high-res fraction over the crops (or None)."""
+    h, w = x.shape[-2:]
+    boxes = crop_boxes(h, w, *tile, window.stride_h, window.stride_w)
+    total = count = mask = fraction = None
+    for y0, y1, x0, x1 in boxes:
+        out = model(x[..., y0:y1, x0:x1]).float()
+        if total is None:
+            total = out.new_zeros(*out.shape[:2], h, w)
+            count = out.new_zeros(1, 1, h, w)
+        total[..., y0:y1, x0:x1] += out
+        count[..., y0:y1, x0:x1] += 1
+        m = getattr(model, "last_mask", None)
+        if m is not None:
+            cell = tile[0] // m.shape[-2]  # pixels per mask cell (8); crops start anywhere
+            if mask is None:
+                mask = m.new_zeros(m.shape[0], h // cell, w // cell)
+                fraction = torch.zeros(m.shape[0], device=m.device)
+            mask[
+                :, y0 // cell : y0 // cell + m.shape[-2], x0 // cell : x0 // cell + m.shape[-1]
+            ] = m
+            fraction += high_res_fraction(m) / len(boxes)
+    return total / count, mask, fraction
 
 
 def high_res_fraction(mask: torch.Tensor) -> torch.Tensor:

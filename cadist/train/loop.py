@@ -159,14 +159,14 @@ def evaluate(
 def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dict):
     """The augmented prediction (B, H, W) of x and each image's mean high-res fraction over the
     passes (B,) (None for dense models); adds each pass's images and high-res sum to `passes`."""
-    plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model))
-    probs, masks = predict_augmented(model, x, plan)
+    plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model), tta.window)
+    probs, _, per_pass = predict_augmented(model, x, plan, tta.window)
     fractions = []
-    for p, m in zip(plan, masks, strict=True):
+    for p, f in zip(plan, per_pass, strict=True):
         n, s = passes.get(p, (0, None))
-        if m is not None:
-            fractions.append(high_res_fraction(m))
-            s = (s or 0.0) + float(fractions[-1].sum())
+        if f is not None:
+            fractions.append(f)
+            s = (s or 0.0) + float(f.sum())
         passes[p] = (n + x.shape[0], s)
     return probs.argmax(1), (torch.stack(fractions).mean(0) if fractions else None)
 

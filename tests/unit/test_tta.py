@@ -14,6 +14,8 @@ from cadist.cli import main
 from cadist.eval.tta import (
     Augmentation,
     Pass,
+    Window,
+    crop_boxes,
     high_res_fraction,
     plan_passes,
     predict_augmented,
@@ -56,8 +58,8 @@ def test_augmented_probabilities_equal_the_hand_written_mean():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 64, 96)
     passes = plan_passes(64, 96, (0.5, 1.0), True, 32)
-    probs, masks = predict_augmented(model, x, passes)
-    assert masks == [None] * 4  # a dense model has no mask
+    probs, masks, fractions = predict_augmented(model, x, passes)
+    assert masks == [None] * 4 and fractions == [None] * 4  # a dense model has no mask
     ref = torch.zeros(2, 19, 64, 96)
     with torch.no_grad():
         for h, w in ((32, 64), (64, 96)):  # 0.5 → 32×48 → rounded to 32×64
@@ -70,7 +72,7 @@ def test_augmented_probabilities_equal_the_hand_written_mean():
     assert torch.allclose(probs, ref, atol=1e-6)
     assert torch.allclose(probs.sum(1), torch.ones(2, 64, 96), atol=1e-5)
     # the single-scale, unmirrored pass is the plain prediction
-    plain, _ = predict_augmented(model, x, [Pass(64, 96, False)])
+    plain, _, _ = predict_augmented(model, x, [Pass(64, 96, False)])
     with torch.no_grad():
         assert torch.equal(plain.argmax(1), model(x).argmax(1))
 
@@ -81,8 +83,7 @@ def test_adaptive_passes_build_each_mask_from_the_resized_image():
     x = torch.rand(2, 3, 64, 128) * 2 - 1
     x[1, :, :, 64:] = 0.0  # flat right half: more of the second image stays coarse
     passes = plan_passes(64, 128, (0.5, 1.0), True, 32)
-    probs, masks = predict_augmented(model, x, passes)
-    fractions = [high_res_fraction(m) for m in masks]
+    probs, masks, fractions = predict_augmented(model, x, passes)
     for p, f, m in zip(passes, fractions, masks, strict=True):
         xs = F.interpolate(x, size=(p.height, p.width), mode="bilinear", align_corners=False)
         with torch.no_grad():
@@ -91,7 +92,7 @@ def test_adaptive_passes_build_each_mask_from_the_resized_image():
         assert torch.allclose(f, (m == 0).float().mean(dim=(1, 2))) and f.shape == (2,)
     assert float(fractions[2][1]) < float(fractions[2][0])  # full scale: the flat half is coarse
     # a batch of two equals each image alone
-    one, _ = predict_augmented(model, x[1:], passes)
+    one, _, _ = predict_augmented(model, x[1:], passes)
     assert torch.allclose(probs[1:], one, atol=1e-5)
 
 
@@ -113,6 +114,82 @@ def test_evaluate_with_augmentation_counts_every_pass():
     sums = [s for _, s in extra["passes"].values()]
     assert extra["high_res_sum"] == pytest.approx(sum(sums) / 4)
     assert int(cm.mat.sum()) == int(cm_plain.mat.sum()) == 3 * 64 * 128
+
+
+def test_sliding_windows_follow_mmsegmentations_grid_with_clear_errors():
+    # 64×128 in 64×64 crops every 32 px: three crops along the width, the last one at the edge
+    assert crop_boxes(64, 128, 64, 64, 32, 32) == [
+        (0, 64, 0, 64),
+        (0, 64, 32, 96),
+        (0, 64, 64, 128),
+    ]
+    # 100 rows in 64-row crops every 43: 0-64, then 43-107 moved back to 36-100
+    assert [b[:2] for b in crop_boxes(100, 64, 64, 64, 43, 43)] == [(0, 64), (36, 100)]
+    assert crop_boxes(64, 128, 64, 128, 10, 10) == [(0, 64, 0, 128)]  # a window of the image
+    assert Window.parse("512x1024") == Window(512, 1024, 341, 683)  # mmseg's Cityscapes stride
+    assert Augmentation.parse("1", False, "64x64", "32x48").window == Window(64, 64, 32, 48)
+    assert not Augmentation.parse("1", False, "64x64").plain
+    # each pass knows its crop size and count; a pass smaller than the window is one crop
+    win = Window(64, 64, 32, 32)
+    assert plan_passes(64, 128, (0.5, 1.0), False, 32, win) == [
+        Pass(32, 64, False, (32, 64), 1), Pass(64, 128, False, (64, 64), 3)
+    ]  # fmt: skip
+    for window, stride, message in (
+        ("512", None, "--window '512': expected HEIGHTxWIDTH in pixels"),
+        ("0x64", None, "--window '0x64': expected HEIGHTxWIDTH"),
+        ("64x64", "a", "--stride 'a': expected HEIGHTxWIDTH"),
+        ("64x64", "65x32", "--stride 65x32: larger than the window 64x64"),
+        (None, "32x32", "--stride 32x32: goes with --window"),
+    ):
+        with pytest.raises(Exception, match=message):
+            Augmentation.parse("1", False, window, stride)
+    with pytest.raises(Exception, match="multiples of 32; use e.g. --window 64x64"):
+        plan_passes(64, 128, (1.0,), False, 32, Window(48, 40, 16, 16))
+
+
+def test_sliding_window_equals_the_hand_written_average_of_crops():
+    model = _model()
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 64, 128)
+    win = Window(64, 64, 32, 32)
+    passes = plan_passes(64, 128, (1.0,), True, 32, win)
+    probs, masks, _ = predict_augmented(model, x, passes, win)
+    assert masks == [None, None]
+    ref = torch.zeros(2, 19, 64, 128)
+    with torch.no_grad():
+        for mirrored in (False, True):
+            xs = x.flip(-1) if mirrored else x
+            total, count = torch.zeros(2, 19, 64, 128), torch.zeros(64, 128)
+            for x0 in (0, 32, 64):
+                total[..., x0 : x0 + 64] += model(xs[..., x0 : x0 + 64])
+                count[:, x0 : x0 + 64] += 1
+            logits = total / count
+            ref += (logits.flip(-1) if mirrored else logits).softmax(1) / 2
+    assert torch.allclose(probs, ref, atol=1e-6)
+    # a window as large as the image is the plain prediction
+    whole = Window(64, 128, 64, 128)
+    one, _, _ = predict_augmented(model, x, plan_passes(64, 128, (1.0,), False, 32, whole), whole)
+    with torch.no_grad():
+        assert torch.allclose(one, model(x).softmax(1), atol=1e-6)
+
+
+def test_adaptive_sliding_window_builds_a_mask_per_crop():
+    model = _model("deeplabv3_batch_ap_resnet_tiny", edge_threshold=0.05, trimap_width=3)
+    torch.manual_seed(6)
+    x = torch.rand(1, 3, 64, 128) * 2 - 1
+    x[..., 64:] = 0.0  # the right crop is flat: it stays coarse
+    win = Window(64, 64, 64, 64)
+    passes = plan_passes(64, 128, (1.0,), False, 32, win)
+    _, (mask,), (fraction,) = predict_augmented(model, x, passes, win)
+    crops = []
+    with torch.no_grad():
+        for x0 in (0, 64):
+            model(x[..., x0 : x0 + 64])
+            crops.append(model.last_mask)
+    assert torch.equal(mask, torch.cat(crops, dim=-1)) and mask.shape == (1, 8, 16)
+    want = (high_res_fraction(crops[0]) + high_res_fraction(crops[1])) / 2
+    assert torch.allclose(fraction, want) and float(high_res_fraction(crops[1])) == 0.0
+    assert float(high_res_fraction(crops[0])) > 0.0
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +258,33 @@ def test_cli_eval_with_scales_and_flip_reports_and_logs_every_pass(weights):
     assert bad.exit_code != 0 and "--scales '1,x': expected factors > 0" in bad.output
 
 
+def test_cli_eval_with_a_sliding_window_counts_every_crop(weights):
+    from cadist.adaptive.stats import mac_line
+
+    root, val, path = weights
+    r = _eval(root, val, path, "--window", "32x64", "--stride", "32x32", "--log",
+              "--run-name", "slide")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    (p,) = out["tta"]["passes"]
+    # 64×128 in 32×64 crops every 32 px: 2 rows × 3 columns
+    assert (p["height"], p["width"], p["window"], p["windows"]) == (64, 128, [32, 64], 6)
+    line = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", 32, 64)
+    assert p["backbone_gmac"] == pytest.approx(6 * line.backbone(p["high_res_fraction"]))
+    assert out["tta"]["window"] == "32x64/32x32" and out["high_res_fraction"] == pytest.approx(
+        p["high_res_fraction"]
+    )
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.params["eval.window"] == "32x64/32x32"
+    rep = CliRunner().invoke(main, ["report", "--experiment", "cadist-demo",
+                                    "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--json"])  # fmt: skip
+    (row,) = [r for r in json.loads(rep.stdout)["runs"] if r["run"] == "slide"]
+    assert row["model"] == "deeplabv3_batch_ap_resnet_tiny + slide 32x64/32x32"
+    bad = _eval(root, val, path, "--window", "48x64")
+    assert bad.exit_code != 0 and "multiples of 32; use e.g. --window 64x64" in bad.output
+
+
 def test_cli_predict_with_scales_and_flip_writes_probabilities_and_each_scales_mask(weights):
     import numpy as np
     from PIL import Image
@@ -209,7 +313,7 @@ def test_cli_predict_with_scales_and_flip_writes_probabilities_and_each_scales_m
     load_weights(net, path)
     net = fold_batchnorm(net)
     x = normalized_input(np.asarray(Image.open(image).convert("RGB")))[None]
-    ref, masks = predict_augmented(net, x, plan_passes(64, 128, (0.5, 1.0), True, 32))
+    ref, masks, _ = predict_augmented(net, x, plan_passes(64, 128, (0.5, 1.0), True, 32))
     assert np.allclose(probs, ref[0].numpy(), atol=1e-5)
     for (h, w), m in (((32, 64), masks[0]), ((64, 128), masks[2])):
         saved = np.load(out / f"{stem}_mask_{h}x{w}.npy")
