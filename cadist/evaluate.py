@@ -127,7 +127,12 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
         tags["cadist.tta"] = f"scales {','.join(map(str, tta['scales']))}, flip {tta['flip']}" + (
             f", window {tta['window']}" if tta.get("window") else ""
         )
-    default_name = f"{job.name}-eval" + ("-tta" if tta else "")
+    default_name = f"{job.name}-eval" + (
+        ("-tta" if tta["scales"] != [1.0] or tta["flip"] else "")
+        + ("-slide" if tta.get("window") else "")
+        if tta
+        else ""
+    )
     tracker = Tracker(uri, new_run(uri, job.mlflow.experiment, run_name or default_name, tags))
     params = {"eval.ckpt": str(ckpt)}
     if tta:

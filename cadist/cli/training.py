@@ -72,7 +72,7 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     is_flag=True,
     help="Also record the evaluation as an MLflow run in the job's experiment (for `cadist report`).",
 )
-@click.option("--run-name", help="Name of that run; default: <job name>-eval[-tta].")
+@click.option("--run-name", help="Name of that run; default: <job name>-eval[-tta][-slide].")
 @_tta_options
 @click.option(
     "--per-image",

@@ -262,8 +262,7 @@ def test_cli_eval_with_a_sliding_window_counts_every_crop(weights):
     from cadist.adaptive.stats import mac_line
 
     root, val, path = weights
-    r = _eval(root, val, path, "--window", "32x64", "--stride", "32x32", "--log",
-              "--run-name", "slide")  # fmt: skip
+    r = _eval(root, val, path, "--window", "32x64", "--stride", "32x32", "--log")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     (p,) = out["tta"]["passes"]
@@ -279,7 +278,7 @@ def test_cli_eval_with_a_sliding_window_counts_every_crop(weights):
     assert run.data.params["eval.window"] == "32x64/32x32"
     rep = CliRunner().invoke(main, ["report", "--experiment", "cadist-demo",
                                     "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--json"])  # fmt: skip
-    (row,) = [r for r in json.loads(rep.stdout)["runs"] if r["run"] == "slide"]
+    (row,) = [r for r in json.loads(rep.stdout)["runs"] if r["run"] == "demo-eval-slide"]
     assert row["model"] == "deeplabv3_batch_ap_resnet_tiny + slide 32x64/32x32"
     bad = _eval(root, val, path, "--window", "48x64")
     assert bad.exit_code != 0 and "multiples of 32; use e.g. --window 64x64" in bad.output
