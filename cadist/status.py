@@ -73,6 +73,15 @@ def request_stop(storage: str | Path, name: str) -> dict:
             f"{storage}: no job named {name!r} here (jobs: {', '.join(known) or 'none'}); pass a "
             f"job name that `cadist status {storage}` lists"
         )
+    for state in (storage / META).glob("sweep-*.state.json"):
+        sweep = state.name[len("sweep-") : -len(".state.json")]
+        if name.startswith(f"{sweep}-"):
+            raise ConfigError(
+                f"job {name} is a trial of sweep {sweep}, whose trials do not take stop requests "
+                f"(Tune would count a stopped trial as finished); stop the sweep instead (Ctrl-C, "
+                f"or `ray job stop` for a submitted one): rerunning `cadist tune` resumes it, "
+                f"each unfinished trial from its last checkpoint"
+            )
     iterations = (read_yaml(resolved, "resolved job", "a job mapping").get("train") or {}).get(
         "iterations"
     )

@@ -276,7 +276,7 @@ def run_training(
         tags = {**({"cadist.weights_source": weights_source} if weights_source else {}),
                 **(extra_tags or {})}  # fmt: skip
         run_id, tracker = _open_run(job, uri, storage, rerun, tags)
-    trainer = _trainer(job, storage, uri, run_id, report_evals, callbacks)
+    trainer = _trainer(job, storage, uri, run_id, report_evals, callbacks, in_sweep)
     # read by Ray Train's controller, which the driver's environment is passed to at fit()
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.start_timeout_s)
     try:
@@ -375,7 +375,9 @@ def _open_run(job: JobConfig, uri: str, storage: Path, rerun, extra_tags: dict):
     return run_id, tracker
 
 
-def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, callbacks):
+def _trainer(
+    job: JobConfig, storage: Path, uri, run_id, report_evals: bool, callbacks, in_sweep=False
+):
     """Ray Train's TorchTrainer for the job: one DeepSpeed rank per worker (`train_worker`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -393,7 +395,8 @@ def _trainer(job: JobConfig, storage: Path, uri, run_id, report_evals: bool, cal
             "report_evals": report_evals,
             # where rank 0 keeps what a tracking server that stops answering cannot take yet
             "spool": str(spool_dir(storage, job.name, run_id)) if run_id else None,
-            "stop_file": str(job_file(storage, job.name, "stop")),  # `cadist stop` writes it
+            # `cadist stop` writes it; a sweep's trials take none (Tune would count them finished)
+            "stop_file": None if in_sweep else str(job_file(storage, job.name, "stop")),
         },
         scaling_config=ScalingConfig(
             # elastic: Ray Train asks for num_workers and starts with at least min_workers

@@ -197,5 +197,11 @@ def test_stop_request_for_a_job_by_name_or_file_and_its_errors(tmp_path, monkeyp
     assert r.exit_code == 2 and "no job named 'nothere' here (jobs: done, halfway)" in r.output
     r = run(main, ["stop", "halfway", "--storage", str(tmp_path / "elsewhere")])
     assert r.exit_code == 2 and "no cadist jobs here" in r.output
+    # a sweep's trial: refused (the sweep is stopped as a whole and resumed by rerunning it)
+    (meta / "sweep-sw.state.json").write_text("{}")
+    (meta / "sw-0a1b.yaml").write_text((meta / "halfway.yaml").read_text())
+    r = run(main, ["stop", "sw-0a1b", "--storage", "runs"])
+    assert r.exit_code == 2 and "job sw-0a1b is a trial of sweep sw" in r.output, r.output
+    assert not (meta / "sw-0a1b.stop.json").exists()
     r = run(main, ["stop", demo, "--storage", "runs"])
     assert r.exit_code == 2 and "--storage goes with a job name" in r.output
