@@ -28,7 +28,9 @@ def evaluate_job(
     a weights file, checkpoint folder or MLflow URI (read from the job's tracking store). With
     `tta` (not the paper's protocol) every image's prediction averages the augmentation's passes
     and "tta" lists them: size, mirrored, images, high-res fraction and backbone GMac per pass.
-    `per_image` adds each image's mIoU, pixel accuracy and high-res fraction, worst first."""
+    `per_image` adds each image's mIoU, pixel accuracy and high-res fraction, worst first (for
+    learned-mask models, like the totals: `miou` of the training network, `miou_inference` and
+    `high_res_fraction` of the inference network, `high_res_fraction_train`)."""
     tta = None if tta is None or tta.plain else tta
     uri = job.mlflow.tracking_uri if job.mlflow.enabled else None
     ckpt = resolve_weights(ckpt, uri)
@@ -48,11 +50,6 @@ def evaluate_job(
         model, make_loader(val), torch.device(device), tta=tta, per_image=images
     )
     out = cm.summary(CLASS_NAMES)
-    if per_image:
-        # worst first; an image with no labelled pixel (mIoU NaN) last
-        out["per_image"] = sorted(
-            images, key=lambda r: (math.isnan(r["miou"]), r["miou"], r["key"])
-        )
     out["pixels"] = int(cm.mat.sum())
     out["images"] = extra["images"]
     if getattr(model, "last_mask", None) is not None:
@@ -61,11 +58,23 @@ def evaluate_job(
         # the irregular inference network of the same weights (§7.5), as training logs it
         net = build_model(**job.model.build_kwargs() | {"network": "inference"})
         load_weights(net, ckpt, expect_name=job.model.name)
-        cm_i, _, extra_i = evaluate(net.to(device), make_loader(val), torch.device(device), tta=tta)
+        images_i = [] if per_image else None
+        cm_i, _, extra_i = evaluate(
+            net.to(device), make_loader(val), torch.device(device), tta=tta, per_image=images_i
+        )
         out["high_res_fraction_train"] = out["high_res_fraction"]
         out["miou_inference"] = cm_i.miou()
         out["high_res_fraction"] = extra_i["high_res_sum"] / max(1, extra_i["images"])
         extra = extra_i  # the MACs are the inference network's (§10.2)
+        for rec, inf in zip(images or [], images_i or [], strict=True):  # same order
+            assert rec["key"] == inf["key"], "both networks read the same validation stream"
+            rec["high_res_fraction_train"] = rec["high_res_fraction"]
+            rec["miou_inference"], rec["high_res_fraction"] = inf["miou"], inf["high_res_fraction"]
+    if per_image:
+        # worst first; an image with no labelled pixel (mIoU NaN) last
+        out["per_image"] = sorted(
+            images, key=lambda r: (math.isnan(r["miou"]), r["miou"], r["key"])
+        )
     if tta is not None:
         out["tta"] = {"scales": list(tta.scales), "flip": tta.flip,
                       "window": tta.window.label() if tta.window else None,
@@ -174,7 +183,8 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
 
 
 def per_image_csv(records: list[dict]) -> str:
-    """`key,miou,pixel_accuracy,pixels,high_res_fraction` lines (empty cells for NaN/absent)."""
+    """`key,miou,pixel_accuracy,pixels,high_res_fraction[,miou_inference,high_res_fraction_train]`
+    lines (empty cells for NaN/absent)."""
 
     def cell(v) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -182,6 +192,8 @@ def per_image_csv(records: list[dict]) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     cols = ("key", "miou", "pixel_accuracy", "pixels", "high_res_fraction")
+    if any("miou_inference" in r for r in records):  # learned-mask models: both networks
+        cols += ("miou_inference", "high_res_fraction_train")
     return (
         ",".join(cols)
         + "\n"

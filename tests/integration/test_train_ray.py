@@ -537,10 +537,17 @@ def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_lo
     sd = read_file(resolve_weights(r.checkpoint))["state_dict"]
     tied = [k for k in sd if "layer3_high_res" in k and k.endswith("weight")]
     assert tied and all(torch.equal(sd[k], sd[k.replace("high", "low")]) for k in tied)
-    ev = evaluate_job(job, r.checkpoint)
+    ev = evaluate_job(job, r.checkpoint, per_image=True)
     assert ev["miou"] == pytest.approx(m["val/miou"], abs=1e-9)
     assert ev["miou_inference"] == pytest.approx(m["val/miou_inference"], abs=1e-9)
     assert ev["high_res_fraction"] == pytest.approx(p, abs=1e-9)
+    # per image, like the totals: each network's mIoU, the inference network's fraction (images
+    # of one size: their mean is the total's)
+    rows = ev["per_image"]
+    assert len(rows) == ev["images"] and all("miou_inference" in row for row in rows)
+    for key, total in (("high_res_fraction", p), ("high_res_fraction_train",
+                       m["val/high_res_fraction_train"])):  # fmt: skip
+        assert sum(row[key] for row in rows) / len(rows) == pytest.approx(total, abs=1e-6)
 
 
 def test_training_goes_on_while_the_tracking_server_is_down(workdir, ray_local):

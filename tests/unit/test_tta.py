@@ -372,3 +372,11 @@ def test_per_image_figures_equal_each_image_evaluated_alone(weights):
     for t, row in zip(table, rows, strict=True):
         assert float(t["miou"]) == pytest.approx(row["miou"], abs=5e-5)
         assert float(t["high_res_fraction"]) == pytest.approx(row["high_res_fraction"], abs=5e-5)
+    assert "miou_inference" not in table[0]
+    # learned-mask models' records carry both networks: two more columns
+    from cadist.evaluate import per_image_csv
+
+    learned = [dict(rows[0], miou_inference=0.25, high_res_fraction_train=0.5)]
+    head, line = per_image_csv(learned).splitlines()
+    assert head.endswith(",high_res_fraction,miou_inference,high_res_fraction_train")
+    assert line.endswith(",0.2500,0.5000")
