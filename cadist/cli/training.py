@@ -47,6 +47,7 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
         "job": job.name,
         "miou": r.metrics.get("val/miou"),
         "step": r.metrics.get("step"),
+        "stopped": r.stopped,  # by `cadist stop`: rerun to resume
         "checkpoint": r.checkpoint,
         "mlflow_run_id": r.run_id,
     }
