@@ -28,6 +28,7 @@ JOB_ENV = "CADIST_JOB_YAML"
 SWEEP_ENV = "CADIST_SWEEP_JSON"
 SOURCE_ENV = "CADIST_JOB_SOURCE"
 RESTART_ENV = "CADIST_RESTART"
+STOP_ENV = "CADIST_STOP_JSON"  # `cadist stop --address`: {"job", "storage"}
 #: never uploaded with the project (environments, data, outputs)
 UPLOAD_EXCLUDES = [
     ".venv/",
@@ -158,6 +159,26 @@ def submit_sweep(
         (mlflow.get("tracking_uri") or "") if mlflow.get("enabled", True) else None,
     )
     return _submit(what, address, working_dir, wait, echo, timeout_s)
+
+
+def submit_stop(
+    name: str,
+    storage: str,
+    address: str,
+    working_dir: str | Path | None = ".",
+    echo: Callable[[str], None] = print,
+    timeout_s: float | None = None,
+) -> tuple[str, str]:
+    """`cadist stop --address`: ask job `name` under `storage` (a path on the cluster) to stop,
+    from a small Ray job on the cluster, for storage this machine does not see. Follows it;
+    returns (submission id, final status), or one error with its log's command."""
+    what = _Submission(
+        f"cadist-stop-{name}",
+        {STOP_ENV: json.dumps({"job": name, "storage": storage})},
+        {"cadist_stop": name},
+        None,
+    )
+    return _submit(what, address, working_dir, True, echo, timeout_s)
 
 
 @dataclass

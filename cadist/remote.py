@@ -1,6 +1,6 @@
 """Entry point of a submitted job on the cluster (`python -m cadist.remote`): the resolved job YAML
-(or a sweep and its base job, as JSON) arrives in the job's environment (`CADIST_JOB_YAML`,
-`CADIST_SWEEP_JSON`), never on a command line."""
+(or a sweep and its base job, as JSON; or a stop request) arrives in the job's environment
+(`CADIST_JOB_YAML`, `CADIST_SWEEP_JSON`, `CADIST_STOP_JSON`), never on a command line."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import sys
 
 import yaml
 
-from cadist.cluster import JOB_ENV, RESTART_ENV, SOURCE_ENV, SWEEP_ENV
+from cadist.cluster import JOB_ENV, RESTART_ENV, SOURCE_ENV, STOP_ENV, SWEEP_ENV
 from cadist.config import JobConfig
 from cadist.errors import CadistError
 
 
 def main() -> int:
+    if os.environ.get(STOP_ENV):
+        return _stop(json.loads(os.environ[STOP_ENV]))
     job_text, sweep_text = os.environ.get(JOB_ENV), os.environ.get(SWEEP_ENV)
     if not (job_text or sweep_text):
         print(
@@ -39,6 +41,18 @@ def main() -> int:
         return 2
     print(f"job {job.name}: {r.metrics}")
     print(f"checkpoint {r.checkpoint}; MLflow run {r.run_id} at {r.tracking_uri}")
+    return 0
+
+
+def _stop(blob: dict) -> int:
+    from cadist.status import request_stop
+
+    try:
+        request = request_stop(blob["storage"], blob["job"])
+    except CadistError as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    print(f"stop requested for job {blob['job']}: {json.dumps(request)}")
     return 0
 
 

@@ -262,12 +262,25 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     type=click.Path(file_okay=False),
     help="With a job name: the cluster.storage_path it trains under (default ./cadist_runs).",
 )
+@click.option(
+    "--address",
+    default=None,
+    help="A Ray cluster's dashboard (e.g. http://127.0.0.1:8265): write the request there, from "
+    "a small Ray job, for a storage path only the cluster sees (jobs run by `cadist submit`).",
+)
+@click.option(
+    "--no-upload",
+    is_flag=True,
+    help="With --address: use the cadist installed on the cluster instead of uploading this "
+    "project folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the request as one JSON object.")
-def stop_cmd(job, overrides, storage, as_json):
+def stop_cmd(job, overrides, storage, address, no_upload, as_json):
     """Ask a running `cadist train` job to stop cleanly: its workers write a checkpoint at the next
     progress report (every train.log_every steps) and end, the MLflow run is marked KILLED (tag
     cadist.stopped_at_step), and rerunning the job resumes there. JOB is the job's YAML file or its
-    name; the storage path must be one this machine sees (on a cluster: a shared file system)."""
+    name; the storage path must be one this machine sees (on a cluster: a shared file system),
+    else --address writes the request on the cluster."""
     from cadist.status import request_stop
 
     if Path(job).suffix in (".yaml", ".yml") and Path(job).is_file():
@@ -281,6 +294,19 @@ def stop_cmd(job, overrides, storage, as_json):
         raise click.UsageError(f"--set goes with a job file; {job} is not one")
     else:
         name, storage = job, storage or "cadist_runs"
+    if address:
+        from cadist.cluster import submit_stop
+        from cadist.errors import ConfigError
+
+        if not Path(storage).is_absolute():
+            raise ConfigError(
+                f"storage {storage}: with --address it is read on the cluster, where a relative "
+                f"path means another folder; give the job's cluster.storage_path as an absolute "
+                f"path (as the cluster sees it)"
+            )
+
+        submit_stop(name, storage, address, None if no_upload else ".", click.echo)
+        return
     request = request_stop(storage, name)
     if as_json:
         _print_json(request)

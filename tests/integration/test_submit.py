@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
-from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job, submit_sweep
+from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job, submit_stop, submit_sweep
 from cadist.config import load_job
 from cadist.errors import CadistError, ConfigError
 
@@ -82,6 +82,20 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     info = JobSubmissionClient(head).get_job_info(sid)
     assert info.entrypoint == ENTRYPOINT  # constant: the job travels in the environment
     assert info.metadata["cadist_job"] == "submitted"
+
+    # `cadist stop --address`: the request is written on the cluster, by a small Ray job
+    runs = tmp_path / "runs"
+    with pytest.raises(CadistError, match=r"job cadist-stop-submitted-\S+ ended FAILED"):
+        submit_stop("submitted", str(runs), head, working_dir=ROOT, echo=lines.append)
+    assert any("job submitted already finished (step 4/4" in ln for ln in lines), lines[-5:]
+    (runs / ".cadist" / "other.yaml").write_text((runs / ".cadist" / "submitted.yaml").read_text())
+    r = CliRunner().invoke(main, ["stop", "other", "--storage", str(runs), "--address", head,
+                                  "--no-upload"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "stop requested for job other" in r.output  # cadist.remote's line, followed here
+    assert json.loads((runs / ".cadist" / "other.stop.json").read_text())["job"] == "other"
+    r = CliRunner().invoke(main, ["stop", "other", "--storage", "runs", "--address", head])
+    assert r.exit_code == 2 and "with --address it is read on the cluster" in r.output
 
 
 @pytest.mark.slow
