@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
-from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job, submit_stop, submit_sweep
+from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job, submit_sweep
 from cadist.config import load_job
 from cadist.errors import CadistError, ConfigError
 
@@ -83,11 +83,9 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     assert info.entrypoint == ENTRYPOINT  # constant: the job travels in the environment
     assert info.metadata["cadist_job"] == "submitted"
 
-    # `cadist stop --address`: the request is written on the cluster, by a small Ray job
+    # `cadist stop --address`: the request is written on the cluster, by a small Ray job (its
+    # errors are request_stop's, test_resume.py, reported as a failing job's, below)
     runs = tmp_path / "runs"
-    with pytest.raises(CadistError, match=r"job cadist-stop-submitted-\S+ ended FAILED"):
-        submit_stop("submitted", str(runs), head, working_dir=ROOT, echo=lines.append)
-    assert any("job submitted already finished (step 4/4" in ln for ln in lines), lines[-5:]
     (runs / ".cadist" / "other.yaml").write_text((runs / ".cadist" / "submitted.yaml").read_text())
     r = CliRunner().invoke(main, ["stop", "other", "--storage", str(runs), "--address", head,
                                   "--no-upload"])  # fmt: skip
