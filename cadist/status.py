@@ -107,6 +107,24 @@ def request_stop(storage: str | Path, name: str) -> dict:
     }
 
 
+def wait_for_stop(storage: str | Path, name: str, timeout_s: float, poll_s: float = 0.5) -> int:
+    """Wait until job `name` has ended after `request_stop` (its driver clears the request once the
+    run's last checkpoint is registered); returns that checkpoint's step. A job that is not
+    running never clears it: a ConfigError after `timeout_s`."""
+    path = job_file(storage, name, "stop")
+    deadline = time.monotonic() + timeout_s
+    while path.exists():
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"job {name} did not stop within {timeout_s:g} s (the request {path} is still "
+                f"there): is it running? `cadist status {storage}` shows how far it got; a "
+                f"request for a job that is not running is cleared by its next start"
+            )
+        time.sleep(poll_s)
+    latest = latest_checkpoint(Path(storage) / name)
+    return latest[0] if latest else 0
+
+
 def _who() -> str:
     try:
         user = getpass.getuser()

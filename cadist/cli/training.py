@@ -274,8 +274,16 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     help="With --address: use the cadist installed on the cluster instead of uploading this "
     "project folder.",
 )
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Wait up to this long for the job to end; print the step of its last checkpoint.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the request as one JSON object.")
-def stop_cmd(job, overrides, storage, address, no_upload, as_json):
+def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
     """Ask a running `cadist train` job to stop cleanly: its workers write a checkpoint at the next
     progress report (every train.log_every steps) and end, the MLflow run is marked KILLED (tag
     cadist.stopped_at_step), and rerunning the job resumes there. JOB is the job's YAML file or its
@@ -298,6 +306,9 @@ def stop_cmd(job, overrides, storage, address, no_upload, as_json):
         from cadist.cluster import submit_stop
         from cadist.errors import ConfigError
 
+        if wait_s is not None:
+            raise click.UsageError("--wait reads the storage here: it goes without --address")
+
         if not Path(storage).is_absolute():
             raise ConfigError(
                 f"storage {storage}: with --address it is read on the cluster, where a relative "
@@ -308,8 +319,17 @@ def stop_cmd(job, overrides, storage, address, no_upload, as_json):
         submit_stop(name, storage, address, None if no_upload else ".", click.echo)
         return
     request = request_stop(storage, name)
+    if wait_s is not None:
+        from cadist.status import wait_for_stop
+
+        request["stopped_at_step"] = wait_for_stop(storage, name, wait_s)
     if as_json:
         _print_json(request)
+    elif wait_s is not None:
+        click.echo(
+            f"job {name} stopped; its last checkpoint is step {request['stopped_at_step']}; "
+            f"rerun it to resume"
+        )
     else:
         click.echo(
             f"stop requested for job {name} ({request['stop_file']}): it writes a checkpoint at "

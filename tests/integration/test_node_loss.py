@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 
 from cadist.config import load_job
 from cadist.errors import ClusterError
-from cadist.status import request_stop
+from cadist.status import request_stop, wait_for_stop
 from cadist.train.driver import run_training
 from cadist.train.plan import plan_training
 from cadist.train.resume import latest_checkpoint
@@ -155,13 +155,16 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
         cluster.add_node(num_cpus=1)
         wait_for([2, 1, 2], 240)
         request_stop(storage, job.name)  # also if it never grew: the assertions below tell
+        box["stopped_at"] = wait_for_stop(storage, job.name, 300)  # `cadist stop --wait`
 
     cluster, node = _two_nodes()
+    box = {}
     try:
-        box = _lose_a_node_while_training(tmp_path, cluster, node, job, node_returns_then_stop)
+        box |= _lose_a_node_while_training(tmp_path, cluster, node, job, node_returns_then_stop)
         assert "error" not in box, box
         r = box["result"]
         step = r.metrics["step"]
+        assert box["stopped_at"] == step  # the stop waited for the job's last checkpoint
         assert r.stopped and "stopped" not in r.metrics and 10 < step < 5000, r.metrics
         run = client.get_run(r.run_id)
         assert run.info.status == "KILLED" and run.data.tags["cadist.stopped_at_step"] == str(step)

@@ -184,6 +184,13 @@ def test_stop_request_for_a_job_by_name_or_file_and_its_errors(tmp_path, monkeyp
     states = {row["job"]: row["state"] for row in json.loads(r.stdout)["jobs"]}
     assert states == {"done": "finished", "halfway": "stop requested"}
 
+    # --wait: a job that is not running never clears the request
+    r = run(main, ["stop", "halfway", "--storage", "runs", "--wait", "0.3"])
+    assert r.exit_code == 2 and "job halfway did not stop within 0.3 s" in r.output, r.output
+    r = run(main, ["stop", "halfway", "--storage", str(tmp_path / "runs"), "--wait", "1",
+                   "--address", "http://127.0.0.1:9"])  # fmt: skip
+    assert r.exit_code == 2 and "--wait reads the storage here" in r.output
+
     # by job file: its name and cluster.storage_path (relative to where cadist runs)
     stop_file.unlink()
     demo = os.path.join(JOBS, "demo.yaml")
