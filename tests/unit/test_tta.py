@@ -322,6 +322,15 @@ def test_cli_predict_with_scales_and_flip_writes_probabilities_and_each_scales_m
         f"{stem}_{k}" for k in ("pred.png", "overlay.png", "probs.npy", "mask_32x64.npy",
                                 "mask_64x128.npy")
     )  # fmt: skip
+    # a sliding window: the crops' masks put together at the finest grid, the same mean
+    r = CliRunner().invoke(main, [*args[:-3], "--window", "64x64", "--out", str(root / "slide")])
+    assert r.exit_code == 0, r.output
+    win = Window.parse("64x64")  # stride 43x43: three overlapping crops along the width
+    ref, masks, _ = predict_augmented(net, x, plan_passes(64, 128, (1.0,), False, 32, win), win)
+    probs = np.load(root / "slide" / f"{stem}_probs.npy")
+    assert np.allclose(probs, ref[0].numpy(), atol=1e-5)
+    saved = np.load(root / "slide" / f"{stem}_mask_64x128.npy")
+    assert saved.shape == (8, 16) and np.array_equal(saved, masks[0][0].numpy())
 
 
 def test_per_image_figures_equal_each_image_evaluated_alone(weights):
