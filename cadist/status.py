@@ -23,9 +23,7 @@ def jobs_in(storage: str | Path) -> list[dict]:
     rows = []
     for resolved in sorted(meta.glob("*.yaml")):
         name = resolved.stem
-        job = read_yaml(resolved, "resolved job", "a job mapping")
-        iterations = (job.get("train") or {}).get("iterations")
-        latest = latest_checkpoint(storage / name)
+        job, iterations, latest = _progress(storage, name)
         step = latest[0] if latest else 0
         marker = job_file(storage, name, "mlflow")
         mlflow = json.loads(marker.read_text()) if marker.is_file() else {}
@@ -52,6 +50,12 @@ def jobs_in(storage: str | Path) -> list[dict]:
             }
         )
     return rows
+
+
+def _progress(storage: Path, name: str) -> tuple[dict, int | None, tuple[int, Path] | None]:
+    """Job `name`'s resolved job tree, its train.iterations and its latest checkpoint (or None)."""
+    job = read_yaml(job_file(storage, name, "job"), "resolved job", "a job mapping")
+    return job, (job.get("train") or {}).get("iterations"), latest_checkpoint(storage / name)
 
 
 def request_stop(storage: str | Path, name: str) -> dict:
@@ -82,10 +86,7 @@ def request_stop(storage: str | Path, name: str) -> dict:
                 f"or `ray job stop` for a submitted one): rerunning `cadist tune` resumes it, "
                 f"each unfinished trial from its last checkpoint"
             )
-    iterations = (read_yaml(resolved, "resolved job", "a job mapping").get("train") or {}).get(
-        "iterations"
-    )
-    latest = latest_checkpoint(storage / name)
+    _, iterations, latest = _progress(storage, name)
     if latest and iterations and latest[0] >= iterations:
         raise ConfigError(
             f"job {name} already finished (step {latest[0]}/{iterations}, {latest[1]}); nothing "

@@ -308,14 +308,12 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
 
         if wait_s is not None:
             raise click.UsageError("--wait reads the storage here: it goes without --address")
-
         if not Path(storage).is_absolute():
             raise ConfigError(
                 f"storage {storage}: with --address it is read on the cluster, where a relative "
                 f"path means another folder; give the job's cluster.storage_path as an absolute "
                 f"path (as the cluster sees it)"
             )
-
         submit_stop(name, storage, address, None if no_upload else ".", click.echo)
         return
     request = request_stop(storage, name)
@@ -343,8 +341,9 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status_cmd(storage, as_json):
     """The jobs under STORAGE (a jobs' cluster.storage_path; default ./cadist_runs): step reached,
-    finished, resumable or stop requested, MLflow run, and records waiting for a tracking server that did not
-    answer (a rerun sends them); then the sweeps: trials finished, stopped, failed, Pareto front."""
+    finished, resumable or stop requested, MLflow run, and records waiting for a tracking server
+    that did not answer (a rerun sends them); then the sweeps: trials finished, stopped, failed,
+    Pareto front."""
     from cadist.errors import ConfigError
     from cadist.status import jobs_in, sweep_table, sweeps_in, table
     from cadist.train.resume import META
