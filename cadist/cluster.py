@@ -168,13 +168,15 @@ def submit_stop(
     working_dir: str | Path | None = ".",
     echo: Callable[[str], None] = print,
     timeout_s: float | None = None,
+    kind: str | None = None,
 ) -> tuple[str, str]:
-    """`cadist stop --address`: ask job `name` under `storage` (a path on the cluster) to stop,
-    from a small Ray job on the cluster, for storage this machine does not see. Follows it;
-    returns (submission id, final status), or one error with its log's command."""
+    """`cadist stop --address`: ask job or sweep `name` (`kind` "job", "sweep" or None: whichever
+    has the name) under `storage` (a path on the cluster) to stop, from a small Ray job on the
+    cluster, for storage this machine does not see. Follows it; returns (submission id, final
+    status), or one error with its log's command."""
     what = _Submission(
         f"cadist-stop-{name}",
-        {STOP_ENV: json.dumps({"job": name, "storage": storage})},
+        {STOP_ENV: json.dumps({"job": name, "storage": storage, "kind": kind})},
         {"cadist_stop": name},
         None,
     )

@@ -48,11 +48,12 @@ def _stop(blob: dict) -> int:
     from cadist.status import request_stop
 
     try:
-        request = request_stop(blob["storage"], blob["job"])
+        request = request_stop(blob["storage"], blob["job"], blob.get("kind"))
     except CadistError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
-    print(f"stop requested for job {blob['job']}: {json.dumps(request)}")
+    what = "sweep" if "sweep" in request else "job"
+    print(f"stop requested for {what} {blob['job']}: {json.dumps(request)}")
     return 0
 
 

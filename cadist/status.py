@@ -1,6 +1,6 @@
 """`cadist status`: the jobs a storage path holds — how far each got, whether it can resume, its
-MLflow run, and records still waiting for a tracking server; `cadist stop`: ask a running job to
-checkpoint and end. Files only (no Ray, no MLflow)."""
+MLflow run, and records still waiting for a tracking server, then the sweeps; `cadist stop`: ask a
+running job or sweep to checkpoint and end. Files only (no Ray, no MLflow)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cadist.config import read_yaml
 from cadist.errors import ConfigError
-from cadist.train.resume import META, job_file, latest_checkpoint
+from cadist.train.resume import META, job_file, latest_checkpoint, sweep_file
 
 
 def jobs_in(storage: str | Path) -> list[dict]:
@@ -58,33 +58,45 @@ def _progress(storage: Path, name: str) -> tuple[dict, int | None, tuple[int, Pa
     return job, (job.get("train") or {}).get("iterations"), latest_checkpoint(storage / name)
 
 
-def request_stop(storage: str | Path, name: str) -> dict:
-    """Ask job `name` (trained under `storage`, its cluster.storage_path) to stop: its workers
-    agree at the next progress report (every train.log_every steps), write a checkpoint there and
-    end; the driver marks the MLflow run KILLED and clears the request, and rerunning the job
-    resumes from that checkpoint. A request for a job that is not running is cleared by its next
+def request_stop(storage: str | Path, name: str, kind: str | None = None) -> dict:
+    """Ask job or sweep `name` (run under `storage`, its cluster.storage_path) to stop; `kind`
+    "job" or "sweep" where the caller knows (None: whichever has that name).
+
+    A job's workers agree at the next progress report (every train.log_every steps), write a
+    checkpoint there and end; the driver marks the MLflow run KILLED and clears the request, and
+    rerunning the job resumes from that checkpoint. A sweep's running trials do the same, no
+    further trial starts, and once none runs the sweep saves its state, writes its results
+    (`"stopped": true`) and clears the request; rerunning `cadist tune` resumes every trial that
+    had not finished. A request for a job or sweep that is not running is cleared by its next
     start. The file is written under a temporary name and renamed."""
     storage = Path(storage)
     if not (storage / META).is_dir():
         raise ConfigError(
             f"{storage}: no cadist jobs here (no {META}/ folder); pass the cluster.storage_path "
-            f"job {name} uses (--storage)"
+            f"{name} uses (--storage)"
         )
-    resolved = job_file(storage, name, "job")
-    if not resolved.is_file():
-        known = sorted(p.stem for p in (storage / META).glob("*.yaml"))
+    is_job = job_file(storage, name, "job").is_file()
+    is_sweep = sweep_file(storage, name, "state").is_file()
+    if kind is None and is_job and is_sweep:
         raise ConfigError(
-            f"{storage}: no job named {name!r} here (jobs: {', '.join(known) or 'none'}); pass a "
-            f"job name that `cadist status {storage}` lists"
+            f"{storage}: both a job and a sweep are named {name!r}; pass the job's or the sweep's "
+            f"YAML file instead of the name"
         )
-    for state in (storage / META).glob("sweep-*.state.json"):
-        sweep = state.name[len("sweep-") : -len(".state.json")]
+    if kind == "sweep" or (kind is None and is_sweep):
+        return _request_sweep_stop(storage, name)
+    if not is_job:
+        raise ConfigError(
+            f"{storage}: no job or sweep named {name!r} here (jobs: "
+            f"{', '.join(_names(storage, 'jobs')) or 'none'}; sweeps: "
+            f"{', '.join(_names(storage, 'sweeps')) or 'none'}); pass a name that `cadist status "
+            f"{storage}` lists"
+        )
+    for sweep in _names(storage, "sweeps"):
         if name.startswith(f"{sweep}-"):
             raise ConfigError(
-                f"job {name} is a trial of sweep {sweep}, whose trials do not take stop requests "
-                f"(Tune would count a stopped trial as finished); stop the sweep instead (Ctrl-C, "
-                f"or `ray job stop` for a submitted one): rerunning `cadist tune` resumes it, "
-                f"each unfinished trial from its last checkpoint"
+                f"job {name} is a trial of sweep {sweep}, whose trials stop with their sweep (Tune "
+                f"would count one trial stopped alone as finished): `cadist stop {sweep}` "
+                f"checkpoints and ends its running trials, and rerunning `cadist tune` resumes them"
             )
     _, iterations, latest = _progress(storage, name)
     if latest and iterations and latest[0] >= iterations:
@@ -97,15 +109,44 @@ def request_stop(storage: str | Path, name: str) -> dict:
         "requested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "by": _who(),
     }
-    path = job_file(storage, name, "stop")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(request))
-    os.replace(tmp, path)
+    path = _write_request(job_file(storage, name, "stop"), request)
     return {
         **request,
         "stop_file": str(path.resolve()),
         "last_checkpoint_step": latest[0] if latest else None,
     }
+
+
+def _request_sweep_stop(storage: Path, name: str) -> dict:
+    results = sweep_file(storage, name, "results")
+    if not sweep_file(storage, name, "state").is_file():
+        raise ConfigError(
+            f"{storage}: no sweep named {name!r} here (sweeps: "
+            f"{', '.join(_names(storage, 'sweeps')) or 'none'}); pass a sweep name that "
+            f"`cadist status {storage}` lists"
+        )
+    if results.is_file() and not json.loads(results.read_text()).get("stopped"):
+        raise ConfigError(f"sweep {name} already ended (results: {results}); nothing to stop")
+    request = {"sweep": name, "requested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": _who()}
+    path = _write_request(sweep_file(storage, name, "stop"), request)
+    return {**request, "stop_file": str(path.resolve())}
+
+
+def _write_request(path: Path, request: dict) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(request))
+    os.replace(tmp, path)
+    return path
+
+
+def _names(storage: Path, what: str) -> list[str]:
+    """The jobs (resolved job files) or sweeps (state files) under `storage`, by name."""
+    if what == "jobs":
+        return sorted(p.stem for p in (storage / META).glob("*.yaml"))
+    return sorted(
+        p.name[len("sweep-") : -len(".state.json")]
+        for p in (storage / META).glob("sweep-*.state.json")
+    )
 
 
 def wait_for_stop(storage: str | Path, name: str, timeout_s: float, poll_s: float = 0.5) -> int:
@@ -126,6 +167,42 @@ def wait_for_stop(storage: str | Path, name: str, timeout_s: float, poll_s: floa
     return latest[0] if latest else 0
 
 
+def wait_for_sweep_stop(storage: str | Path, name: str, timeout_s: float, poll_s: float = 0.5):
+    """Wait until sweep `name` has ended after `request_stop` (its driver clears the request once
+    no trial runs and its results are written); returns {"stopped": whether it stopped before its
+    trials ended (else they all ended before the request was read), "trials": how many trials are
+    in each state}."""
+    path = sweep_file(storage, name, "stop")
+    deadline = time.monotonic() + timeout_s
+    while path.exists():
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"sweep {name} did not stop within {timeout_s:g} s (the request {path} is still "
+                f"there): is it running? its running trials end at their next progress report; "
+                f"a request for a sweep that is not running is cleared by its next start"
+            )
+        time.sleep(poll_s)
+    results = sweep_file(storage, name, "results")
+    stopped = results.is_file() and json.loads(results.read_text()).get("stopped", False)
+    return {"stopped": stopped, "trials": _trial_states(results)}
+
+
+def _trial_states(results: Path) -> dict[str, int]:
+    """How many of a sweep's trials ended in each state (finished, stopped early, stopped,
+    interrupted, not started, failed), from its results file (older files carry no state: it is derived)."""
+    counts: dict[str, int] = {}
+    for t in json.loads(results.read_text())["trials"] if results.is_file() else []:
+        state = t.get("state") or (
+            "failed"
+            if t.get("error")
+            else "stopped early"
+            if t.get("stopped_early")
+            else "finished"
+        )
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
 def _who() -> str:
     try:
         user = getpass.getuser()
@@ -136,41 +213,61 @@ def _who() -> str:
 
 def sweeps_in(storage: str | Path) -> list[dict]:
     """One row per sweep started under `storage` (`.cadist/sweep-<name>.state.json`): trials asked
-    for, and — once it ended — how many finished, failed or stopped early, and its Pareto front."""
-    meta = Path(storage) / META
+    for, its state (running or interrupted, stop requested, stopped, interrupted, ended) and —
+    once it ended or stopped — how many trials are in each state, and its Pareto front."""
+    storage = Path(storage)
     rows = []
-    for state in sorted(meta.glob("sweep-*.state.json")):
-        name = state.name[len("sweep-") : -len(".state.json")]
-        sweep = json.loads(state.read_text()).get("sweep") or {}
-        results = meta / f"sweep-{name}.results.json"
-        trials = json.loads(results.read_text())["trials"] if results.is_file() else None
+    for name in _names(storage, "sweeps"):
+        sweep = json.loads(sweep_file(storage, name, "state").read_text()).get("sweep") or {}
+        results = sweep_file(storage, name, "results")
+        blob = json.loads(results.read_text()) if results.is_file() else None
+        if sweep_file(storage, name, "stop").is_file():
+            state = "stop requested"
+        elif blob is None:
+            state = "running or interrupted"
+        else:
+            state = "ended"
+            if blob.get("stopped"):  # (files from before stop requests: stopped means on request)
+                state = "stopped" if blob.get("stop_requested", True) else "interrupted"
+        counts = _trial_states(results)
         rows.append(
             {
                 "sweep": name,
                 "num_samples": sweep.get("num_samples"),
                 "objectives": sweep.get("objectives"),
-                "ended": trials is not None,
-                "finished": sum(
-                    1 for t in trials or [] if not t["error"] and not t["stopped_early"]
-                ),
-                "stopped_early": sum(1 for t in trials or [] if t["stopped_early"]),
-                "failed": sum(1 for t in trials or [] if t["error"]),
-                "pareto": [t["job"] for t in trials or [] if t.get("pareto")],
-                "results": str(results) if trials is not None else None,
+                "state": state,
+                "ended": state == "ended",
+                "finished": counts.get("finished", 0),
+                "stopped_early": counts.get("stopped early", 0),
+                "stopped": counts.get("stopped", 0),
+                "not_started": counts.get("not started", 0),
+                "interrupted": counts.get("interrupted", 0),
+                "failed": counts.get("failed", 0),
+                "pareto": [t["job"] for t in (blob or {}).get("trials", []) if t.get("pareto")],
+                "results": str(results) if blob is not None else None,
             }
         )
     return rows
 
 
 def sweep_table(rows: list[dict]) -> str:
-    head = "| sweep | trials | finished | stopped early | failed | Pareto front |\n|---|---|---|---|---|---|"
+    head = (
+        "| sweep | trials | state | finished | stopped early | unfinished | failed "
+        "| Pareto front |\n|---|---|---|---|---|---|---|---|"
+    )
+    resume = {
+        "running or interrupted": "running or interrupted (rerun `cadist tune` to resume)",
+        "stopped": "stopped on request (rerun `cadist tune` to resume)",
+        "interrupted": "interrupted (rerun `cadist tune` to resume)",
+    }
     lines = [
-        f"| {r['sweep']} | {r['num_samples']} | "
+        f"| {r['sweep']} | {r['num_samples']} | {resume.get(r['state'], r['state'])} | "
         + (
-            f"{r['finished']} | {r['stopped_early']} | {r['failed']} | "
-            f"{', '.join(r['pareto']) or '–'} |"
-            if r["ended"]
-            else "running or interrupted (rerun `cadist tune` to resume) | | | |"
+            f"{r['finished']} | {r['stopped_early']} | "
+            f"{r['stopped'] + r['not_started'] + r['interrupted']} | "
+            f"{r['failed']} | {', '.join(r['pareto']) or '–'} |"
+            if r["results"]
+            else "| | | | |"
         )
         for r in rows
     ]

@@ -21,14 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import yaml
+from ray.tune import Callback
 
 from cadist.config import validate_job
 from cadist.errors import ConfigError
 from cadist.sweeps import METRICS, SweepConfig, load_sweep, pareto, trial_job
-from cadist.train.resume import changed_keys, job_file, set_aside
+from cadist.train.resume import changed_keys, job_file, latest_checkpoint, set_aside, sweep_file
+
+
+class SweepStopped(RuntimeError):
+    """A trial ended by `cadist stop SWEEP` (after a checkpoint, or before it started): Tune marks it
+    errored, and a rerun of the sweep resumes it (`resume_errored`) from that checkpoint."""
 
 
 def _space(sweep: SweepConfig) -> dict:
@@ -55,6 +62,9 @@ def _run_trial(config: dict, ctx: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     job = trial_job(ctx["fixed"], config, f"{ctx['name']}-{trial_id}", ctx["source"])
+    stop_file = ctx.get("stop_file")
+    if stop_file and os.path.exists(stop_file):  # asked to stop while this trial waited to start
+        raise SweepStopped(f"job {job.name}: not started, the sweep was asked to stop")
     tags = {"mlflow.parentRunId": ctx["parent_run_id"]} if ctx["parent_run_id"] else {}
     callbacks = None
     if ctx.get("asha"):  # every evaluation goes to Tune, whose scheduler may stop this trial
@@ -68,7 +78,10 @@ def _run_trial(config: dict, ctx: dict) -> None:
         callbacks=callbacks,
         report_evals=bool(callbacks),
         in_sweep=True,
+        stop_file=stop_file,
     )
+    if r.stopped:  # checkpointed on request: errored for Tune, so a rerun resumes it
+        raise SweepStopped(f"job {job.name}: stopped at step {r.metrics.get('step')} on request")
     report = {m: float(v) for m, v in r.metrics.items() if m in METRICS}
     report |= {"mlflow_run_id": r.run_id or "", "job": job.name, "step": r.metrics.get("step")}
     tune.report(report)
@@ -87,7 +100,8 @@ def _resume_or_start(
     which sets the earlier run's folder, MLflow marker and state aside and starts afresh."""
     exp_dir, state, marker = _sweep_files(storage, sweep)
     if restart:
-        moved = set_aside([exp_dir, state, marker])
+        ended = [sweep_file(storage, sweep.name, kind) for kind in ("results", "pareto")]
+        moved = set_aside([exp_dir, state, marker, *ended])
         if moved:
             echo(f"restarting sweep {sweep.name}: the earlier run is kept as {moved[0]}")
     elif would_resume(storage, sweep, fixed, source):
@@ -100,11 +114,31 @@ def _resume_or_start(
     return False
 
 
+class _StopWhenIdle(Callback):
+    """Tune callback of a sweep asked to stop: once none of its trials runs any more (each ended at a
+    checkpoint, or before it started), end the run as Ctrl-C would (SIGUSR1, which Tune catches:
+    it saves the experiment, trials not started yet stay pending for the rerun)."""
+
+    def __init__(self, stop_file: str):
+        self.stop_file = stop_file
+        self.sent = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.sent or not os.path.exists(self.stop_file):
+            return
+        if any(t.status == "RUNNING" for t in trials):
+            return
+        self.sent = True
+        # Tune catches SIGUSR1 only when it runs in the main thread; elsewhere the signal would end
+        # the process, and the remaining trials instead end one by one before they start
+        if callable(signal.getsignal(signal.SIGUSR1)):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def _sweep_files(storage: Path, sweep: SweepConfig) -> tuple[Path, Path, Path]:
     """The sweep's Tune experiment folder, its state (settings it started with), its MLflow marker."""
-    meta = storage / ".cadist"
-    return (storage / f"sweep-{sweep.name}", meta / f"sweep-{sweep.name}.state.json",
-            meta / f"sweep-{sweep.name}.mlflow.json")  # fmt: skip
+    return (storage / f"sweep-{sweep.name}", sweep_file(storage, sweep.name, "state"),
+            sweep_file(storage, sweep.name, "mlflow"))  # fmt: skip
 
 
 def would_resume(storage: Path, sweep: SweepConfig, fixed: dict, source: str) -> bool:
@@ -162,6 +196,9 @@ def run_loaded_sweep(
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
     storage = Path(base.cluster.storage_path)
     resumed = _resume_or_start(storage, sweep, fixed, source, restart, echo)
+    # a stop request is for the run going on when it was made: one left over would end this one
+    stop_file = sweep_file(storage, sweep.name, "stop")
+    stop_file.unlink(missing_ok=True)
     connect_ray(address or base.cluster.address, base.cluster.use_gpu, source)
     nodes = cluster_nodes()
     warning = check_resources(base, source, nodes)  # one trial must fit
@@ -175,7 +212,7 @@ def run_loaded_sweep(
         )
     parent, tracker = _open_parent(sweep, base, storage) if base.mlflow.enabled else (None, None)
     ctx = {"fixed": fixed, "name": sweep.name, "source": source, "parent_run_id": parent,
-           "asha": sweep.scheduler == "asha"}  # fmt: skip
+           "asha": sweep.scheduler == "asha", "stop_file": str(stop_file)}  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
     )
@@ -192,10 +229,18 @@ def run_loaded_sweep(
             trainable,
             param_space=_space(sweep),
             tune_config=_tune_config(sweep, base, slots),
-            run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=str(storage)),
+            run_config=tune.RunConfig(
+                name=f"sweep-{sweep.name}",
+                storage_path=str(storage),
+                callbacks=[_StopWhenIdle(str(stop_file))],
+            ),
         )
     rows = _rows(tuner.fit(), sweep, base, storage)
-    result, out, plot = _write_results(rows, sweep, storage)
+    # ended before its trials did: stopped on request, or interrupted (Ctrl-C, SIGTERM)
+    stopped = any(r["state"] in ("stopped", "not started", "interrupted") for r in rows)
+    requested = stop_file.exists()
+    result, out, plot = _write_results(rows, sweep, storage, stopped, requested)
+    stop_file.unlink(missing_ok=True)  # answered (or the sweep ended before it was read)
     if parent:
         tracker.log_artifact(out, "sweep")
         if plot:
@@ -203,7 +248,22 @@ def run_loaded_sweep(
         best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
         if best:
             tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
+        from cadist.tracking import set_status
+
+        set_status(tracker.uri, parent, "KILLED" if stopped else "FINISHED")
     echo(_table(rows, sweep))
+    if stopped:
+        n = {
+            s: sum(r["state"] == s for r in rows) for s in ("stopped", "not started", "interrupted")
+        }
+        echo(
+            f"sweep {sweep.name} stopped on request: {n['stopped']} trial(s) checkpointed and "
+            f"ended, {n['not started']} not started; rerun the same `cadist tune` command to resume"
+            if requested
+            else f"sweep {sweep.name} interrupted: {n['interrupted'] + n['stopped']} trial(s) "
+            f"ended before they finished, {n['not started']} not started; rerun the same `cadist "
+            f"tune` command to resume them from their last checkpoints"
+        )
     return result | {
         "results_file": str(out),
         "resumed": resumed,
@@ -268,43 +328,78 @@ def _tune_config(sweep: SweepConfig, base, slots: int):
 
 
 def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
-    """One row per trial (params, metrics, job, MLflow run, stopped early, error, Pareto flag);
-    the MLflow runs of trials stopped by the scheduler are marked KILLED, failed ones FAILED."""
+    """One row per trial (params, metrics, job, MLflow run, state, error, Pareto flag). States:
+    finished, stopped early (by ASHA; its MLflow run is marked KILLED here), stopped (on request,
+    at a checkpoint; the driver marked its run KILLED), interrupted (the sweep was, e.g. Ctrl-C; its
+    run is marked KILLED here, a rerun resumes it), not started (the sweep was stopped or
+    interrupted first), failed (its run is marked FAILED here)."""
     from cadist.tracking import resolve_uri, set_status
 
     rows = []
     for res in grid:
         last = res.metrics or {}
         job_name = last.get("job") or f"{sweep.name}-{last.get('trial_id', '?')}"
-        # a trial the scheduler stopped never made its final report: its run is found by marker
-        stopped = res.error is None and "job" not in last and "trial_id" in last
+        on_request = isinstance(res.error, SweepStopped)
+        if not last or (on_request and "not started" in str(res.error)):
+            state = "not started"
+        elif on_request:
+            state = "stopped"
+        elif res.error is not None:
+            state = "failed"
+        elif "job" not in last:  # stopped before its final report: by ASHA, or the sweep ended
+            state = "stopped early" if sweep.scheduler == "asha" else "interrupted"
+        else:
+            state = "finished"
+        # a trial without a final report: its run is found by its marker, its step by checkpoint
         run_id = last.get("mlflow_run_id") or _run_of(storage, job_name)
-        if (stopped or res.error is not None) and run_id and base.mlflow.enabled:
-            status = "KILLED" if stopped else "FAILED"
+        if state in ("stopped early", "interrupted", "failed") and run_id and base.mlflow.enabled:
+            status = "FAILED" if state == "failed" else "KILLED"  # a rerun resumes interrupted ones
             set_status(resolve_uri(base.mlflow.tracking_uri), run_id, status)
+        step, known = last.get("step"), bool(last) and (storage / job_name).is_dir()
+        if state in ("stopped", "not started"):  # where a rerun resumes it
+            latest = latest_checkpoint(storage / job_name) if known else None
+            step = latest[0] if latest else None
         rows.append(
             {
-                "params": {k: res.config.get(k) for k in sweep.search},
+                "params": {k: (res.config or {}).get(k) for k in sweep.search},
                 "metrics": {m: last[m] for m in METRICS if m in last},
-                "job": job_name,
-                "mlflow_run_id": run_id,
-                "step": last.get("step"),
-                "stopped_early": stopped,
-                "error": None if res.error is None else f"{type(res.error).__name__}: {res.error}",
+                "job": job_name if known or state != "not started" else None,
+                "mlflow_run_id": run_id if known or state != "not started" else None,
+                "step": step,
+                "state": state,
+                "stopped_early": state == "stopped early",
+                "error": f"{type(res.error).__name__}: {res.error}" if state == "failed" else None,
             }
         )
-    for row, on in zip(rows, pareto(rows, sweep.objectives), strict=True):
-        row["pareto"] = on
+    # the front of the trials that ended (a stopped trial's figures are from part of its run)
+    ended = [r for r in rows if r["state"] in ("finished", "stopped early")]
+    front = {id(r) for r, on in zip(ended, pareto(ended, sweep.objectives), strict=True) if on}
+    for row in rows:
+        row["pareto"] = id(row) in front
     return rows
 
 
-def _write_results(rows: list[dict], sweep: SweepConfig, storage: Path):
-    """`.cadist/sweep-<name>.results.json` (written whole, then renamed) and, for two objectives,
-    the trade-off figure beside it. Returns (result, its file, the figure or None)."""
-    out = storage / ".cadist" / f"sweep-{sweep.name}.results.json"
+def _write_results(
+    rows: list[dict],
+    sweep: SweepConfig,
+    storage: Path,
+    stopped: bool = False,
+    requested: bool = False,
+):
+    """`.cadist/sweep-<name>.results.json` (written whole, then renamed; `stopped`: the sweep ended
+    before its trials did, a rerun resumes it; `requested`: by `cadist stop`, else interrupted) and,
+    for two objectives, the trade-off figure beside it. Returns (result, its file, the figure or
+    None)."""
+    out = sweep_file(storage, sweep.name, "results")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    result = {"sweep": sweep.name, "objectives": sweep.objectives, "trials": rows}
+    result = {
+        "sweep": sweep.name,
+        "objectives": sweep.objectives,
+        "stopped": stopped,
+        "stop_requested": stopped and requested,
+        "trials": rows,
+    }
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
     plot = None
@@ -313,7 +408,7 @@ def _write_results(rows: list[dict], sweep: SweepConfig, storage: Path):
 
         (ym, yd), (xm, xd) = sweep.objectives.items()
         points = [{"label": _label(r["params"])} | r["metrics"] for r in rows]
-        plot = out.with_name(f"sweep-{sweep.name}.pareto.png")
+        plot = sweep_file(storage, sweep.name, "pareto")
         tradeoff_png(points, plot, xm, ym, xd, yd, title=f"sweep {sweep.name}")
     return result, out, plot
 
@@ -342,7 +437,12 @@ def _table(rows: list[dict], sweep: SweepConfig) -> str:
     for r in rows:
         vals = [r["params"].get(k) for k in keys] + [r["metrics"].get(m) for m in sweep.objectives]
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals]
-        note = f"stopped at step {r['step']}" if r.get("stopped_early") else (r["error"] or "")
+        note = {
+            "stopped early": f"stopped at step {r['step']}",
+            "stopped": f"stopped on request at step {r['step']}",
+            "interrupted": "interrupted",
+            "not started": "not started",
+        }.get(r["state"], r["error"] or "")
         cells.append("*" if r["pareto"] else note[:60])
         lines.append("  ".join(cells))
     return "\n".join(lines)

@@ -260,7 +260,7 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     "--storage",
     default=None,
     type=click.Path(file_okay=False),
-    help="With a job name: the cluster.storage_path it trains under (default ./cadist_runs).",
+    help="With a name: the cluster.storage_path it runs under (default ./cadist_runs).",
 )
 @click.option(
     "--address",
@@ -280,26 +280,26 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     type=float,
     default=None,
     metavar="SECONDS",
-    help="Wait up to this long for the job to end; print the step of its last checkpoint.",
+    help="Wait up to this long for the job or sweep to end; print where it stopped.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the request as one JSON object.")
 def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
-    """Ask a running `cadist train` job to stop cleanly: its workers write a checkpoint at the next
-    progress report (every train.log_every steps) and end, the MLflow run is marked KILLED (tag
-    cadist.stopped_at_step), and rerunning the job resumes there. JOB is the job's YAML file or its
+    """Ask a running `cadist train` job or `cadist tune` sweep to stop cleanly: a job's workers
+    write a checkpoint at the next progress report (every train.log_every steps) and end, the
+    MLflow run is marked KILLED (tag cadist.stopped_at_step), and rerunning the job resumes there.
+    A sweep's running trials do the same, no further trial starts, and the sweep ends with its
+    results so far; rerunning `cadist tune` resumes it. JOB is the job's or sweep's YAML file or its
     name; the storage path must be one this machine sees (on a cluster: a shared file system),
     else --address writes the request on the cluster."""
     from cadist.status import request_stop
 
+    kind = None
     if Path(job).suffix in (".yaml", ".yml") and Path(job).is_file():
-        from cadist.config import load_job
-
         if storage:
-            raise click.UsageError("--storage goes with a job name; a job file names its own")
-        resolved = load_job(job, overrides)
-        name, storage = resolved.name, resolved.cluster.storage_path
+            raise click.UsageError("--storage goes with a name; a job or sweep file names its own")
+        name, storage, kind = _stop_target(job, overrides)
     elif overrides:
-        raise click.UsageError(f"--set goes with a job file; {job} is not one")
+        raise click.UsageError(f"--set goes with a job or sweep file; {job} is not one")
     else:
         name, storage = job, storage or "cadist_runs"
     if address:
@@ -314,9 +314,12 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
                 f"path means another folder; give the job's cluster.storage_path as an absolute "
                 f"path (as the cluster sees it)"
             )
-        submit_stop(name, storage, address, None if no_upload else ".", click.echo)
+        submit_stop(name, storage, address, None if no_upload else ".", click.echo, kind=kind)
         return
-    request = request_stop(storage, name)
+    request = request_stop(storage, name, kind)
+    if "sweep" in request:
+        _stop_sweep(request, storage, wait_s, as_json)
+        return
     if wait_s is not None:
         from cadist.status import wait_for_stop
 
@@ -332,6 +335,43 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
         click.echo(
             f"stop requested for job {name} ({request['stop_file']}): it writes a checkpoint at "
             f"its next progress report and ends; rerun it to resume"
+        )
+
+
+def _stop_target(path: str, overrides) -> tuple[str, str, str]:
+    """(name, storage path, "job" or "sweep") of the job or sweep file `path` (one with `search:`
+    is a sweep; its storage is its base job's with the sweep's fixed overrides)."""
+    from cadist.config import load_job, read_yaml, validate_job
+
+    if "search" in read_yaml(Path(path), "job or sweep file", "a mapping"):
+        from cadist.sweeps import load_sweep
+
+        sweep, fixed, _ = load_sweep(path, overrides)
+        return sweep.name, validate_job(fixed, path).cluster.storage_path, "sweep"
+    job = load_job(path, overrides)
+    return job.name, job.cluster.storage_path, "job"
+
+
+def _stop_sweep(request: dict, storage: str, wait_s: float | None, as_json: bool) -> None:
+    name = request["sweep"]
+    if wait_s is not None:
+        from cadist.status import wait_for_sweep_stop
+
+        request |= wait_for_sweep_stop(storage, name, wait_s)
+    if as_json:
+        _print_json(request)
+    elif wait_s is not None:
+        counts = ", ".join(f"{n} {state}" for state, n in request["trials"].items())
+        click.echo(
+            f"sweep {name} stopped ({counts or 'no trials'}); rerun `cadist tune` to resume"
+            if request["stopped"]
+            else f"sweep {name} ended before it read the request ({counts})"
+        )
+    else:
+        click.echo(
+            f"stop requested for sweep {name} ({request['stop_file']}): its running trials write a "
+            f"checkpoint at their next progress report and end, no further trial starts; rerun "
+            f"`cadist tune` to resume"
         )
 
 

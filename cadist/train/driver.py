@@ -250,12 +250,15 @@ def run_training(
     report_evals: bool = False,
     in_sweep: bool = False,
     restart: bool = False,
+    stop_file: str | None = None,
 ) -> TrainResult:
     """Train (or resume) `job` on a Ray cluster; returns the run's final metrics and checkpoint.
     `extra_tags` go on a new MLflow run (a sweep's trials: the parent run); `callbacks` are Ray Train
     callbacks (a sweep's: reports to Tune), `report_evals` reports every evaluation to them;
     `in_sweep`: a failure leaves the MLflow run to the sweep, which marks it FAILED or KILLED;
-    `restart`: set an earlier run of this job name aside and start over (else a rerun resumes)."""
+    `restart`: set an earlier run of this job name aside and start over (else a rerun resumes);
+    `stop_file`: the request file that stops it (default: the job's own, which `cadist stop JOB`
+    writes; a sweep's trials: the sweep's)."""
     from cadist.tracking import NullTracker, check_reachable, resolve_uri
 
     check_data(job, source)
@@ -276,7 +279,8 @@ def run_training(
         tags = {**({"cadist.weights_source": weights_source} if weights_source else {}),
                 **(extra_tags or {})}  # fmt: skip
         run_id, tracker = _open_run(job, uri, storage, rerun, tags)
-    trainer = _trainer(job, storage, uri, run_id, report_evals, callbacks, in_sweep)
+    stop_file = stop_file or str(job_file(storage, job.name, "stop"))
+    trainer = _trainer(job, storage, uri, run_id, report_evals, callbacks, stop_file)
     # read by Ray Train's controller, which the driver's environment is passed to at fit()
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.start_timeout_s)
     try:
@@ -297,10 +301,14 @@ def run_training(
     metrics = dict(result.metrics or {})
     stopped = bool(metrics.pop("stopped", False))
     if stopped:
-        job_file(storage, job.name, "stop").unlink(missing_ok=True)
+        if not in_sweep:  # a sweep's request is the sweep's to clear, once no trial runs
+            Path(stop_file).unlink(missing_ok=True)
         print(
             f"cadist: job {job.name} stopped at step {metrics.get('step')} on request (checkpoint "
-            f"{ckpt}); rerun the same command to resume",
+            f"{ckpt}); "
+            + (
+                "rerunning the sweep resumes it" if in_sweep else "rerun the same command to resume"
+            ),
             file=sys.stderr,
         )
     if run_id:
@@ -376,7 +384,7 @@ def _open_run(job: JobConfig, uri: str, storage: Path, rerun, extra_tags: dict):
 
 
 def _trainer(
-    job: JobConfig, storage: Path, uri, run_id, report_evals: bool, callbacks, in_sweep=False
+    job: JobConfig, storage: Path, uri, run_id, report_evals: bool, callbacks, stop_file: str
 ):
     """Ray Train's TorchTrainer for the job: one DeepSpeed rank per worker (`train_worker`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -395,8 +403,8 @@ def _trainer(
             "report_evals": report_evals,
             # where rank 0 keeps what a tracking server that stops answering cannot take yet
             "spool": str(spool_dir(storage, job.name, run_id)) if run_id else None,
-            # `cadist stop` writes it; a sweep's trials take none (Tune would count them finished)
-            "stop_file": None if in_sweep else str(job_file(storage, job.name, "stop")),
+            # `cadist stop` writes it: checkpoint at the next progress report and end
+            "stop_file": stop_file,
         },
         scaling_config=ScalingConfig(
             # elastic: Ray Train asks for num_workers and starts with at least min_workers

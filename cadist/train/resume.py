@@ -54,6 +54,22 @@ def job_file(storage: str | Path, name: str, kind: str) -> Path:
     return Path(storage) / META / f"{name}{_SUFFIX[kind]}"
 
 
+#: a sweep's files in `<storage>/.cadist/`, beside Tune's experiment folder `<storage>/sweep-<name>/`
+_SWEEP_SUFFIX = {
+    "state": ".state.json",  # the settings it started with (a rerun with others is refused)
+    "mlflow": ".mlflow.json",  # its parent MLflow run
+    "results": ".results.json",  # written when it ends (or stops on request)
+    "pareto": ".pareto.png",  # the trade-off figure, for two objectives
+    "stop": ".stop.json",  # `cadist stop SWEEP`: trials checkpoint and end, none starts
+}
+
+
+def sweep_file(storage: str | Path, name: str, kind: str) -> Path:
+    """Where cadist keeps file `kind` ("state", "mlflow", "results", "pareto", "stop") of sweep
+    `name`."""
+    return Path(storage) / META / f"sweep-{name}{_SWEEP_SUFFIX[kind]}"
+
+
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts (either side may lack them)."""
     keys = []

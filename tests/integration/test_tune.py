@@ -69,12 +69,14 @@ def _sweep_dirs(runs: Path, name: str) -> list[Path]:
     return sorted(p for p in runs.glob(f"{name}-*") if p.is_dir())
 
 
-def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
+def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path):
     """`cadist tune` killed (SIGKILL to its whole process group, Ray included) while the second
-    trial trains; the rerun keeps the first trial, continues the second from its checkpoint in the
-    same MLflow run, and a changed sweep file is refused unless --restart. The finished sweep: its
-    trials as MLflow runs under the sweep's run (the default store, ./mlflow.db where `cadist tune`
-    runs), each with its own values as params, and the Pareto front of the two objectives."""
+    trial trains; the rerun keeps the first trial and continues the second from its checkpoint in
+    the same MLflow run, until `cadist stop` ends it (and the sweep) at its next progress report;
+    the next rerun finishes it from there. A changed sweep file is refused unless --restart. The
+    finished sweep: its trials as MLflow runs under the sweep's run (the default store, ./mlflow.db
+    where `cadist tune` runs), each with its own values as params, and the Pareto front of the two
+    objectives."""
     import json
     import os
     import signal
@@ -82,11 +84,18 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     import sys
     import time
 
+    from cadist.status import sweeps_in
+    from cadist.train.resume import latest_checkpoint
+    from cadist.tune import _run_of
+
+    ITERATIONS = 48  # noqa: N806
     train, val = tiny_shards(tmp_path, seed=6)
     sweep = {
         "name": "itest_resume",
         "job": str(ROOT / "jobs" / "demo.yaml"),
-        "set": _fixed(train, val, iterations=24, log_every=4),
+        # long enough that the killed trial has progress reports left once resumed (the kill
+        # lands once Ray Train registered a checkpoint: step 4 to 20 seen)
+        "set": _fixed(train, val, iterations=ITERATIONS, log_every=4),
         "search": {
             "model.edge_threshold": {"loguniform": [0.02, 2.0]},
             "model.trimap_width": {"choice": [1, 21]},
@@ -133,24 +142,72 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     assert bad.returncode != 0
     assert "sweep.num_samples" in bad.stderr and "--restart" in bad.stderr, bad.stderr
 
+    # the rerun resumes the killed trial; `cadist stop SWEEP_FILE --wait` ends it at its next
+    # progress report (with a checkpoint there), and the sweep with it
+    resolved = runs / ".cadist" / f"{order[1].name}.yaml"  # rewritten when its driver starts it
+    before = resolved.stat().st_mtime_ns
+    log = open(tmp_path / "second.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 300
+        while resolved.stat().st_mtime_ns == before:
+            assert proc.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
+            assert time.time() < deadline, "the killed trial never restarted"
+            time.sleep(0.2)
+        stop = subprocess.run(
+            [*cmd[:3], "stop", "sweep.yaml", "--wait", "300"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert proc.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    second_log = (tmp_path / "second.log").read_text()
+    assert stop.returncode == 0, stop.stdout + stop.stderr + second_log[-3000:]
+    assert "sweep itest_resume stopped (1 finished, 1 stopped)" in stop.stdout, stop.stdout
+    assert "sweep itest_resume stopped on request: 1 trial(s) checkpointed and ended" in second_log
+    result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
+    assert result["stopped"] is True
+    states = {t["job"]: (t["state"], t["step"]) for t in result["trials"]}
+    stopped_at = states[order[1].name][1]
+    assert states == {
+        order[0].name: ("finished", ITERATIONS),
+        order[1].name: ("stopped", stopped_at),
+    }
+    assert stopped_at < ITERATIONS and stopped_at % 4 == 0  # at a progress report
+    assert latest_checkpoint(order[1])[0] == stopped_at
+    assert not (runs / ".cadist" / "sweep-itest_resume.stop.json").exists()
+    assert [s["state"] for s in sweeps_in(runs)] == ["stopped"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trial_run = client.get_run(_run_of(runs, order[1].name))
+    assert trial_run.info.status == "KILLED"
+    assert trial_run.data.tags["cadist.stopped_at_step"] == str(stopped_at)
+    exp = client.get_experiment_by_name("sweeps").experiment_id
+    parents = client.search_runs([exp], "attributes.run_name = 'itest_resume'")
+    assert [p.info.status for p in parents] == ["KILLED"]
+
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming sweep itest_resume" in again.stdout
     result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
+    assert result["stopped"] is False
     trials = result["trials"]
     assert len(trials) == 2 and all(t["error"] is None for t in trials), trials
     assert {t["job"] for t in trials} == jobs_before  # the same trials, none started anew
     assert {p.name for p in _sweep_dirs(runs, "itest_resume")} == jobs_before
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sweeps").experiment_id
     parents = client.search_runs([exp], "attributes.run_name = 'itest_resume'")
-    assert len(parents) == 1
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in trials)
     by_job = {c.data.tags["cadist.job"]: c for c in children}
     second = by_job[order[1].name]  # the trial that was killed
     resumed = client.get_metric_history(second.info.run_id, "train/resumed_from_step")
-    assert resumed and resumed[-1].value >= 4  # continued from its checkpoint, not from step 0
+    # continued from its checkpoints, not from step 0: after the kill, then after the stop
+    assert len(resumed) >= 2 and 4 <= resumed[-2].value < stopped_at, resumed
+    assert resumed[-1].value == stopped_at, resumed
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(t["metrics"]["val/miou"] > 0 for t in trials)
     for t in trials:  # values from the searched domains, recorded as the trial run's params
@@ -181,6 +238,7 @@ def test_killed_sweep_resumes_keeping_finished_trials(tmp_path):
     said = []
     assert _resume_or_start(runs, loaded, fixed, "sweep.yaml", True, said.append) is False
     aside = list(runs.glob("sweep-itest_resume.before-*"))
+    assert len(list((runs / ".cadist").glob("sweep-itest_resume.results.json.before-*"))) == 1
     assert len(aside) == 1 and said == [
         f"restarting sweep itest_resume: the earlier run is kept as {aside[0]}"
     ]

@@ -133,13 +133,38 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
     trial = {"error": None, "stopped_early": False, "pareto": False}
     trials = [{**trial, "job": "sw-a", "pareto": True}, {**trial, "job": "sw-b",
               "stopped_early": True}, {**trial, "job": "sw-c", "error": "RayTaskError"}]  # fmt: skip
+    # (a results file from before trials had a state: it is derived)
     (meta / "sweep-sw.results.json").write_text(json.dumps({"sweep": "sw", "trials": trials}))
+    # a sweep stopped on request: one trial finished, one checkpointed and ended, one not started
+    (meta / "sweep-st.state.json").write_text(json.dumps(sweep))
+    trials = [{**trial, "job": "st-a", "state": "finished", "pareto": True},
+              {**trial, "job": "st-b", "state": "stopped"},
+              {**trial, "job": None, "state": "not started"}]  # fmt: skip
+    (meta / "sweep-st.results.json").write_text(
+        json.dumps({"sweep": "st", "stopped": True, "trials": trials})
+    )
+    # one interrupted (Ctrl-C): a trial ended before its final report, none stopped on request
+    (meta / "sweep-int.state.json").write_text(json.dumps(sweep))
+    trials = [{**trial, "job": "int-a", "state": "finished"},
+              {**trial, "job": "int-b", "state": "interrupted"}]  # fmt: skip
+    (meta / "sweep-int.results.json").write_text(
+        json.dumps({"stopped": True, "stop_requested": False, "trials": trials})
+    )
+    (meta / "sweep-asked.state.json").write_text(json.dumps(sweep))
+    (meta / "sweep-asked.stop.json").write_text(json.dumps({"sweep": "asked"}))
     r = CliRunner().invoke(main, ["status", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     sweeps = {row["sweep"]: row for row in json.loads(r.stdout)["sweeps"]}
-    assert sweeps["open"]["ended"] is False
+    assert sweeps["open"]["ended"] is False and sweeps["open"]["state"] == "running or interrupted"
+    assert sweeps["asked"]["state"] == "stop requested"
+    assert (sweeps["int"]["state"], sweeps["int"]["interrupted"]) == ("interrupted", 1)
     sw = sweeps["sw"]
     assert (sw["finished"], sw["stopped_early"], sw["failed"], sw["pareto"]) == (1, 1, 1, ["sw-a"])
+    assert sw["state"] == "ended" and sw["ended"] is True
+    st = sweeps["st"]
+    assert (st["state"], st["ended"], st["finished"], st["stopped"], st["not_started"]) == (
+        "stopped", False, 1, 1, 1,
+    )  # fmt: skip
     rows = {row["job"]: row for row in json.loads(r.stdout)["jobs"]}
     assert list(rows) == ["done", "fresh", "halfway"]
     assert (rows["done"]["step"], rows["done"]["state"]) == (600, "finished")
@@ -151,8 +176,16 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
     r = CliRunner().invoke(main, ["status", str(tmp_path)])
     assert "| halfway | deeplabv3_resnet_tiny | 100/600 | resumable | run-halfway | 2 |" in r.stdout
     assert "records wait for MLflow in: halfway" in r.output
-    assert "| sw | 3 | 1 | 1 | 1 | sw-a |" in r.stdout
+    assert "| sw | 3 | ended | 1 | 1 | 0 | 1 | sw-a |" in r.stdout
+    assert (
+        "| st | 3 | stopped on request (rerun `cadist tune` to resume) | 1 | 0 | 2 | 0 | st-a |"
+        in r.stdout
+    )
     assert "| open | 3 | running or interrupted" in r.stdout
+    assert "| asked | 3 | stop requested | | | | | |" in r.stdout
+    assert (
+        "| int | 3 | interrupted (rerun `cadist tune` to resume) | 1 | 0 | 1 | 0 | – |" in r.stdout
+    )
     r = CliRunner().invoke(main, ["status", str(tmp_path / "done")])
     assert r.exit_code == 2 and "no cadist jobs here" in r.output
 
@@ -201,7 +234,8 @@ def test_stop_request_for_a_job_by_name_or_file_and_its_errors(tmp_path, monkeyp
     r = run(main, ["stop", "done", "--storage", "runs"])
     assert r.exit_code == 2 and "job done already finished (step 600/600" in r.output
     r = run(main, ["stop", "nothere", "--storage", "runs"])
-    assert r.exit_code == 2 and "no job named 'nothere' here (jobs: done, halfway)" in r.output
+    assert r.exit_code == 2, r.output
+    assert "no job or sweep named 'nothere' here (jobs: done, halfway; sweeps: none)" in r.output
     r = run(main, ["stop", "halfway", "--storage", str(tmp_path / "elsewhere")])
     assert r.exit_code == 2 and "no cadist jobs here" in r.output
     # a sweep's trial: refused (the sweep is stopped as a whole and resumed by rerunning it)
@@ -211,4 +245,81 @@ def test_stop_request_for_a_job_by_name_or_file_and_its_errors(tmp_path, monkeyp
     assert r.exit_code == 2 and "job sw-0a1b is a trial of sweep sw" in r.output, r.output
     assert not (meta / "sw-0a1b.stop.json").exists()
     r = run(main, ["stop", demo, "--storage", "runs"])
-    assert r.exit_code == 2 and "--storage goes with a job name" in r.output
+    assert r.exit_code == 2 and "--storage goes with a name" in r.output
+
+
+def test_stop_request_for_a_sweep_by_name_or_file_and_its_errors(tmp_path, monkeypatch):
+    import json
+    import threading
+    import time
+
+    import yaml
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    meta = tmp_path / "runs" / ".cadist"
+    meta.mkdir(parents=True)
+    sweep = {
+        "name": "sw",
+        "job": os.path.join(JOBS, "demo.yaml"),
+        "set": {"cluster.storage_path": "runs"},
+        "search": {"model.edge_threshold": {"uniform": [0.05, 0.5]}},
+        "objectives": {"val/miou": "max"},
+        "num_samples": 3,
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    run = CliRunner().invoke
+    r = run(main, ["stop", "sweep.yaml"])
+    assert r.exit_code == 2 and "no sweep named 'sw' here (sweeps: none)" in r.output, r.output
+    (meta / "sweep-sw.state.json").write_text(json.dumps({"sweep": sweep}))
+    r = run(main, ["stop", "sweep.yaml", "--json"])  # by file: its name, its base job's storage
+    assert r.exit_code == 0, r.output
+    request = json.loads(r.stdout)
+    stop_file = meta / "sweep-sw.stop.json"
+    assert request["sweep"] == "sw" and request["stop_file"] == str(stop_file)
+    assert json.loads(stop_file.read_text())["sweep"] == "sw" and not list(meta.glob("*.tmp"))
+    r = run(main, ["status", "runs", "--json"])
+    assert json.loads(r.stdout)["sweeps"][0]["state"] == "stop requested"
+    # --wait: a sweep that is not running never clears the request
+    r = run(main, ["stop", "sw", "--storage", "runs", "--wait", "0.3"])
+    assert r.exit_code == 2 and "sweep sw did not stop within 0.3 s" in r.output, r.output
+    # once the sweep cleared it, --wait prints how its trials ended
+    stop_file.unlink()
+    r = run(main, ["stop", "sw", "--storage", "runs"])
+    assert r.exit_code == 0 and "stop requested for sweep sw" in r.output, r.output
+    stop_file.unlink()
+    trials = [{"job": "sw-a", "state": "finished"}, {"job": "sw-b", "state": "stopped"}]
+
+    def driver(stopped: bool):  # the sweep's driver: once its trials ended, results, then clear
+        deadline = time.monotonic() + 10
+        while not stop_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = trials if stopped else [trials[0], {"job": "sw-b", "state": "finished"}]
+        (meta / "sweep-sw.results.json").write_text(
+            json.dumps({"stopped": stopped, "trials": done})
+        )
+        stop_file.unlink(missing_ok=True)
+
+    for stopped, said in (
+        (True, "sweep sw stopped (1 finished, 1 stopped); rerun `cadist tune` to resume"),
+        (False, "sweep sw ended before it read the request (2 finished)"),
+    ):  # (a rerun of a stopped sweep may be stopped again)
+        (meta / "sweep-sw.results.json").write_text(json.dumps({"stopped": True, "trials": []}))
+        clearing = threading.Thread(target=driver, args=(stopped,))
+        clearing.start()
+        r = run(main, ["stop", "sw", "--storage", "runs", "--wait", "10"])
+        clearing.join()
+        assert r.exit_code == 0 and said in r.output, r.output
+    # one that ended may not
+    r = run(main, ["stop", "sw", "--storage", "runs"])
+    assert r.exit_code == 2 and "sweep sw already ended" in r.output, r.output
+    # a job and a sweep of the same name: the file says which
+    job = load_job(os.path.join(JOBS, "demo.yaml"), ["name=sw"])
+    (meta / "sw.yaml").write_text(job.to_yaml())
+    r = run(main, ["stop", "sw", "--storage", "runs"])
+    assert r.exit_code == 2 and "both a job and a sweep are named 'sw'" in r.output, r.output
+    r = run(main, ["stop", os.path.join(JOBS, "demo.yaml"), "--set", "name=sw",
+                   "--set", "cluster.storage_path=runs"])  # fmt: skip
+    assert r.exit_code == 0 and "stop requested for job sw" in r.output, r.output
