@@ -92,6 +92,12 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     assert r.exit_code == 0, r.output
     assert "stop requested for job other" in r.output  # cadist.remote's line, followed here
     assert json.loads((runs / ".cadist" / "other.stop.json").read_text())["job"] == "other"
+    # (a sweep's name: the same request, for the sweep)
+    (runs / ".cadist" / "sweep-sw.state.json").write_text("{}")
+    r = CliRunner().invoke(main, ["stop", "sw", "--storage", str(runs), "--address", head,
+                                  "--no-upload"])  # fmt: skip
+    assert r.exit_code == 0 and "stop requested for sweep sw" in r.output, r.output
+    assert json.loads((runs / ".cadist" / "sweep-sw.stop.json").read_text())["sweep"] == "sw"
     r = CliRunner().invoke(main, ["stop", "other", "--storage", "runs", "--address", head])
     assert r.exit_code == 2 and "with --address it is read on the cluster" in r.output
 
@@ -145,6 +151,7 @@ def test_a_submitted_sweep_runs_its_driver_on_the_cluster(tmp_path, head):
     exp = client.get_experiment_by_name("submitted-sweeps").experiment_id
     runs = client.search_runs([exp])
     (parent,) = [r for r in runs if r.info.run_name == "submitted_sweep"]
+    assert parent.info.status == "FINISHED" and trials[0]["state"] == "finished"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in trials)
     from ray.job_submission import JobSubmissionClient
