@@ -323,3 +323,59 @@ def test_stop_request_for_a_sweep_by_name_or_file_and_its_errors(tmp_path, monke
     r = run(main, ["stop", os.path.join(JOBS, "demo.yaml"), "--set", "name=sw",
                    "--set", "cluster.storage_path=runs"])  # fmt: skip
     assert r.exit_code == 0 and "stop requested for job sw" in r.output, r.output
+
+
+def test_sweep_results_name_how_each_trial_ended(tmp_path):
+    """The rows a sweep writes from Ray Tune's results: finished, stopped early by ASHA (or, with
+    no scheduler, interrupted), stopped on request at its checkpoint, not started (a trial that
+    waited, or one Tune had not configured yet), failed; the Pareto front only of trials that
+    ended; a stopped trial's step is its newest checkpoint's."""
+    from ray.tune import Result
+
+    from cadist.config import validate_job
+    from cadist.sweeps import SweepConfig
+    from cadist.tune import SweepStopped, _rows
+
+    base = validate_job(
+        _job("cluster.storage_path=" + str(tmp_path), "mlflow.enabled=false"), "demo"
+    )
+    _checkpoint(tmp_path / "sw-c", 8)
+    _checkpoint(tmp_path / "sw-c", 12)
+    (tmp_path / "sw-c" / "step_00000016").mkdir()  # being written when it stopped: not it
+
+    def res(trial, error=None, **metrics):
+        last = {"trial_id": trial, "config": {"model.edge_threshold": 0.1}} | metrics
+        return Result(metrics=last if trial else {}, checkpoint=None, error=error, path="")
+
+    done = {"job": "sw-a", "val/miou": 0.5, "step": 20}
+    grid = [
+        res("a", **done),
+        res("b", **{"val/miou": 0.6, "step": 10}),  # no final report
+        res("c", error=SweepStopped("job sw-c: stopped at step 12 on request")),
+        res("d", error=SweepStopped("job sw-d: not started, the sweep was asked to stop")),
+        res(None),  # pending: Tune has no metrics (nor config) for it yet
+        res("f", error=RuntimeError("boom")),
+    ]
+    for scheduler, b_state in (("asha", "stopped early"), ("fifo", "interrupted")):
+        sweep = SweepConfig.model_validate(
+            {
+                "name": "sw",
+                "job": "demo.yaml",
+                "scheduler": scheduler,
+                "search": {"model.edge_threshold": {"uniform": [0.05, 0.5]}},
+                "objectives": {"val/miou": "max"},
+            }  # fmt: skip
+        )
+        rows = _rows(grid, sweep, base, tmp_path)
+        got = [(r["job"], r["state"], r["step"], r["pareto"], bool(r["error"])) for r in rows]
+        assert got == [
+            ("sw-a", "finished", 20, scheduler == "fifo", False),
+            ("sw-b", b_state, 10, scheduler == "asha", False),  # ASHA's is on the front
+            ("sw-c", "stopped", 12, False, False),
+            (None, "not started", None, False, False),
+            (None, "not started", None, False, False),
+            ("sw-f", "failed", None, False, True),
+        ], got
+        assert rows[0]["params"] == {"model.edge_threshold": 0.1} and rows[4]["params"] == {
+            "model.edge_threshold": None
+        }
