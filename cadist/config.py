@@ -125,6 +125,27 @@ class EvalConfig(_Section):
     learned_inference: bool = True
     """Learned-mask models: also evaluate the irregular inference network (§7.5) built from the
     current weights (`val/miou_inference`), beside the training network (`val/miou`)."""
+    window: str | None = None
+    """Sliding-window evaluation (mmsegmentation's "slide" mode), e.g. "512x1024": the network runs
+    on crops of that many pixels, their logits averaged where they overlap; an adaptive network
+    builds a mask per crop, and the logged GMac is the crops' total at crop size (§10). Sides must
+    be multiples of the model's input multiple (32 for most). None: whole images (the paper's
+    protocol). `cadist eval --window` evaluates a checkpoint the same way."""
+    stride: str | None = None
+    """With `window`: pixels between crops, e.g. "341x683" (default two thirds of the window)."""
+
+    @model_validator(mode="after")
+    def _a_window(self) -> EvalConfig:
+        if self.stride and not self.window:
+            raise ValueError(f"eval.stride {self.stride}: goes with eval.window (e.g. 512x1024)")
+        if self.window:
+            from cadist.eval.tta import Window  # (torch: only for jobs that slide)
+
+            try:
+                Window.parse(self.window, self.stride, ("eval.window", "eval.stride"))
+            except ConfigError as exn:
+                raise ValueError(str(exn)) from None
+        return self
 
 
 class ClusterConfig(_Section):

@@ -21,16 +21,25 @@ def _at(history: list[tuple[int, float]], step: int) -> float | None:
     return before[-1] if before else None
 
 
+NONE = (None, "None", "")  # a param of a job key left unset (MLflow keeps str(None))
+
+
 def _augmentation(params: dict) -> str:
     """A test-time augmentation evaluation's passes, e.g. "TTA 0.75,1.0,1.25 flip", "slide
-    512x1024/341x683"; "" for none."""
+    512x1024/341x683" (also a training run whose job set eval.window); "" for none."""
     scales = params.get("eval.tta_scales")
-    if not scales:
-        return ""
+    if not scales:  # a training run: its evaluations slide if its job set eval.window
+        window = params.get("eval.window")
+        if window in NONE:
+            return ""
+        from cadist.eval.tta import Window
+
+        stride = params.get("eval.stride")
+        return f"slide {Window.parse(window, None if stride == 'None' else stride).label()}"
     flip = params.get("eval.tta_flip") == "True"
     tta = f"TTA {scales}" + (" flip" if flip else "") if (scales != "1.0" or flip) else ""
     window = params.get("eval.window")
-    return " ".join(filter(None, [tta, f"slide {window}" if window else ""]))
+    return " ".join(filter(None, [tta, f"slide {window}" if window not in NONE else ""]))
 
 
 def summarise(runs: list[dict]) -> list[dict]:

@@ -187,12 +187,13 @@ def run_loaded_sweep(
     `address`: the Ray cluster (default: the base job's, else a local Ray)."""
     from ray import tune
 
-    from cadist.train.driver import _absolute, check_data, check_weights
+    from cadist.train.driver import _absolute, check_data, check_eval, check_weights
     from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, trial_slots
 
     base = _absolute(validate_job(json.loads(json.dumps(fixed)), source))
     check_data(base, source)
     check_weights(base, source)
+    check_eval(base, source)
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
     storage = Path(base.cluster.storage_path)
     resumed = _resume_or_start(storage, sweep, fixed, source, restart, echo)

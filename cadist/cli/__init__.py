@@ -76,7 +76,8 @@ def _tta_options(f):
         default=None,
         metavar="HxW",
         help="Sliding-window inference: run the model on crops of this size, e.g. 512x1024, and "
-        "average the logits where they overlap (mmsegmentation's slide mode).",
+        "average the logits where they overlap (mmsegmentation's slide mode). `eval` takes the "
+        "job's eval.window by default; `whole` runs whole images.",
     )(f)
     f = click.option(
         "--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored."

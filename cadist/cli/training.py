@@ -86,7 +86,9 @@ def eval_cmd(
 ):
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
     adaptive models also the high-res fraction. With --scales/--flip/--window, also each pass's
-    size (and crops), high-res fraction and GMac, and the GMac per image of all passes."""
+    size (and crops), high-res fraction and GMac, and the GMac per image of all passes. A job with
+    eval.window is evaluated in that sliding window, as during training, unless --window says
+    otherwise (`--window whole`: whole images)."""
     import torch
 
     from cadist.config import load_job
@@ -95,8 +97,14 @@ def eval_cmd(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tta = Augmentation.parse(scales, flip, window, stride)
     job = load_job(job_file, overrides)
+    if window is None and job.eval.window:  # the job's evaluation protocol, as in training
+        window, stride = job.eval.window, stride or job.eval.stride
+    elif window == "whole":
+        if stride:
+            raise click.UsageError("--stride goes with a window; --window whole has none")
+        window = None
+    tta = Augmentation.parse(scales, flip, window, stride)
     if log_run:  # an unreachable store fails before the evaluation, not after
         from cadist.tracking import check_reachable, resolve_uri
 

@@ -44,16 +44,22 @@ class Window:
     stride_w: int
 
     @classmethod
-    def parse(cls, window: str, stride: str | None = None) -> Window:
+    def parse(
+        cls,
+        window: str,
+        stride: str | None = None,
+        names: tuple[str, str] = ("--window", "--stride"),
+    ) -> Window:
         """From "512x1024" (`--window`) and "341x683" (`--stride`; default two thirds of the window,
-        as mmsegmentation's Cityscapes configs), with one clear error."""
-        h, w = _pair(window, "--window", "512x1024")
+        as mmsegmentation's Cityscapes configs), with one clear error naming `names` (the options,
+        or a job's keys)."""
+        h, w = _pair(window, names[0], "512x1024")
         sh, sw = (
-            _pair(stride, "--stride", "341x683") if stride else (round(h * 2 / 3), round(w * 2 / 3))
+            _pair(stride, names[1], "341x683") if stride else (round(h * 2 / 3), round(w * 2 / 3))
         )
         if sh > h or sw > w:
             raise ConfigError(
-                f"--stride {sh}x{sw}: larger than the window {h}x{w}, so some pixels would have no "
+                f"{names[1]} {sh}x{sw}: larger than the window {h}x{w}, so some pixels would have no "
                 f"prediction; use a stride of at most the window, e.g. {round(h * 2 / 3)}x{round(w * 2 / 3)}"
             )
         return cls(h, w, sh, sw)

@@ -96,6 +96,24 @@ def check_weights(job: JobConfig, source: str) -> None:
             )
 
 
+def check_eval(job: JobConfig, source: str) -> None:
+    """A sliding-window evaluation (`eval.window`) suits the model: crop sides multiples of its
+    input multiple — before any worker starts (else the first evaluation would fail)."""
+    if not job.eval.window:
+        return
+    from cadist.eval.tta import Window, size_multiple
+    from cadist.models.build import build_model
+
+    window = Window.parse(job.eval.window, job.eval.stride, ("eval.window", "eval.stride"))
+    multiple = size_multiple(build_model(**job.model.build_kwargs()))
+    if window.height % multiple or window.width % multiple:
+        up = [-(-v // multiple) * multiple for v in (window.height, window.width)]
+        raise ConfigError(
+            f"{source}: eval.window {job.eval.window}: {job.model.name} takes inputs whose sides "
+            f"are multiples of {multiple}; use e.g. eval.window={up[0]}x{up[1]}"
+        )
+
+
 def val_image_size(job: JobConfig) -> tuple[int, int] | None:
     """(H, W) of the first validation sample (its JSON record), or None if unreadable."""
     import json
@@ -263,6 +281,7 @@ def run_training(
 
     check_data(job, source)
     check_weights(job, source)
+    check_eval(job, source)
     job = _absolute(job)
     weights_source = job.model.weights  # as given: an MLflow URI is fetched to a file below
     job, rerun = _prepare_storage(job, source, restart)

@@ -131,7 +131,7 @@ def evaluate(
             mask = getattr(model, "last_mask", None)
             fractions = None if mask is None else high_res_fraction(mask)
         else:
-            (pred, fractions), mask = _augmented(model, x, tta, passes), None
+            pred, fractions, mask = _augmented(model, x, tta, passes)
         images += x.shape[0]
         if fractions is not None:
             high_res += float(fractions.sum())
@@ -157,10 +157,13 @@ def evaluate(
 
 
 def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dict):
-    """The augmented prediction (B, H, W) of x and each image's mean high-res fraction over the
-    passes (B,) (None for dense models); adds each pass's images and high-res sum to `passes`."""
+    """The augmented prediction (B, H, W) of x, each image's mean high-res fraction over the
+    passes (B,) (None for dense models) and — with one unmirrored pass at the input's size (a
+    sliding window alone) — its mask (the crops' put together; else None); adds each pass's
+    images and high-res sum to `passes`."""
     plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model), tta.window)
-    probs, _, per_pass = predict_augmented(model, x, plan, tta.window)
+    probs, masks, per_pass = predict_augmented(model, x, plan, tta.window)
+    one = len(plan) == 1 and not plan[0].flip and (plan[0].height, plan[0].width) == x.shape[-2:]
     fractions = []
     for p, f in zip(plan, per_pass, strict=True):
         n, s = passes.get(p, (0, None))
@@ -168,7 +171,8 @@ def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dic
             fractions.append(f)
             s = (s or 0.0) + float(f.sum())
         passes[p] = (n + x.shape[0], s)
-    return probs.argmax(1), (torch.stack(fractions).mean(0) if fractions else None)
+    mean = torch.stack(fractions).mean(0) if fractions else None
+    return probs.argmax(1), mean, masks[0] if one else None
 
 
 def _per_image(pred, target, keys, fractions, num_classes: int) -> list[dict]:

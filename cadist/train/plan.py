@@ -14,6 +14,7 @@ from cadist.train.driver import (
     _absolute,
     _previous_job,
     check_data,
+    check_eval,
     check_weights,
     val_image_size,
 )
@@ -34,6 +35,7 @@ def plan_training(
 
     check_data(job, source)
     check_weights(job, source)
+    check_eval(job, source)
     job = _absolute(job)
     storage = Path(job.cluster.storage_path)
     if restart:
@@ -262,6 +264,7 @@ def plan_sweep(
     base = _absolute(validate_job(json.loads(json.dumps(fixed)), source))
     check_data(base, source)
     check_weights(base, source)
+    check_eval(base, source)
     storage = Path(base.cluster.storage_path)
     fixed = json.loads(json.dumps(base.model_dump()))
     resumes = not restart and would_resume(storage, sweep, fixed, source)

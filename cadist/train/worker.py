@@ -154,18 +154,23 @@ def mask_overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _log_adaptive(tracker, job: JobConfig, extra: dict, kept_shape, step: int, device) -> dict:
-    """Mean high-res fraction over all validation images (all ranks) and the GMac it implies."""
+    """Mean high-res fraction over all validation images (all ranks) and the GMac it implies —
+    with `eval.window`, of the crops: the line at crop size times the crops per image (§10; the
+    fraction is the crops' mean, and the line is linear in it)."""
     from cadist.adaptive.stats import mac_line
 
     p = _mean_fraction(extra, device)
     if isinstance(tracker, NullTracker):  # ranks > 0: only the collective above
         return {"val/high_res_fraction": p}
-    line = mac_line(job.model.name, job.model.adaptive_mode, *kept_shape)
+    times, size = 1, kept_shape
+    for one in extra.get("passes") or ():  # (a window: one pass, in crops)
+        times, size = one.tiles, one.tile or (one.height, one.width)
+    line = mac_line(job.model.name, job.model.adaptive_mode, *size)
     metrics = {
         "val/high_res_fraction": p,
-        "macs/backbone_gmac": line.backbone(p),
-        "macs/backbone_gmac_computed": line.backbone(p, actual=True),
-        "macs/total_gmac": line.backbone(p) + line.head_gmac,
+        "macs/backbone_gmac": times * line.backbone(p),
+        "macs/backbone_gmac_computed": times * line.backbone(p, actual=True),
+        "macs/total_gmac": times * (line.backbone(p) + line.head_gmac),
     }
     tracker.log_metrics(metrics, step)
     return metrics
@@ -186,7 +191,9 @@ def _eval_learned(tracker, job: JobConfig, model, val, extra, hw, step: int, dev
     dtype = next(model.parameters()).dtype
     net = build_model(**kw).to(device, dtype)
     net.load_state_dict(inference_state(model.state_dict()))
-    cm, _, extra_inf = evaluate(net, _on_device(make_loader(val), device, dtype), device)
+    cm, _, extra_inf = evaluate(
+        net, _on_device(make_loader(val), device, dtype), device, tta=_eval_window(job)
+    )
     cm.all_reduce()
     out["val/miou_inference"] = cm.miou()
     tracker.log_metrics(out, step)
@@ -208,6 +215,16 @@ def _stop_requested(stop_file: str | None, device) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _eval_window(job: JobConfig):
+    """`eval.window` as the one-pass augmentation `evaluate` slides with (None: whole images)."""
+    if not job.eval.window:
+        return None
+    from cadist.eval.tta import Augmentation, Window
+
+    window = Window.parse(job.eval.window, job.eval.stride, ("eval.window", "eval.stride"))
+    return Augmentation(window=window)
 
 
 def _mean_fraction(extra: dict, device) -> float:
@@ -376,6 +393,7 @@ def _evaluate(tracker, job, engine, val, state: dict, rank, device, dtype) -> di
         _on_device(make_loader(val), device, dtype),
         device,
         keep=max(1, job.eval.log_images) if rank == 0 else 0,
+        tta=_eval_window(job),
     )
     cm.all_reduce()
     metrics = {}

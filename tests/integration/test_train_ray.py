@@ -1,6 +1,7 @@
 """Training on real components: a local Ray cluster (2 workers), DeepSpeed on the CPU (gloo),
 real WebDataset shards and a real MLflow SQLite store."""
 
+import json
 import os
 import signal
 import sys
@@ -450,6 +451,8 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
 
 
 def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
+    """…evaluated in a sliding window (eval.window 64x64: three crops of each 64×128 image, default
+    stride 43): the logged GMac is the crops', and `cadist eval` of the job slides the same way."""
     job = make_job(
         workdir,
         "itest-edge",
@@ -458,6 +461,7 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
             "train.iterations": 10,
             "eval.interval": 10,
             "eval.log_images": 1,
+            "eval.window": "64x64",
         },
     )
     r = run_training(job, "itest")
@@ -466,11 +470,12 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
     m = client.get_run(r.run_id).data.metrics
     p = m["val/high_res_fraction"]
     assert 0.0 <= p <= 1.0
-    # the logged GMac follows the method's line for this input size (64×128: OS8 grid 8×16)
+    # the logged GMac follows the method's line at the crops' size (64×64: OS8 grid 8×8), times
+    # the crops per image
     from cadist.adaptive.stats import mac_line
 
-    line = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", 64, 128)
-    assert m["macs/backbone_gmac"] == pytest.approx(line.backbone(p), rel=1e-9)
+    line = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", 64, 64)
+    assert m["macs/backbone_gmac"] == pytest.approx(3 * line.backbone(p), rel=1e-9)
     assert m["macs/backbone_gmac_computed"] <= m["macs/backbone_gmac"]
     arts = _artifacts(client, r.run_id)
     pred = [a for a in arts if a.startswith("predictions/step_00000010/")]
@@ -478,13 +483,23 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
     local = client.download_artifacts(r.run_id, pred[0], str(workdir))
     from PIL import Image
 
-    assert Image.open(local).size == (4 * 128, 64)  # image | truth | prediction | mask overlay
-    # `cadist eval` of the final checkpoint reproduces the logged mIoU and high-res fraction
-    from cadist.evaluate import evaluate_job
+    # image | truth | prediction | mask overlay (the crops' masks put together)
+    assert Image.open(local).size == (4 * 128, 64)
+    # `cadist eval` of the job and its final checkpoint reproduces the logged mIoU, high-res
+    # fraction and GMac (it slides in the job's window)
+    from click.testing import CliRunner
 
-    ev = evaluate_job(job, r.checkpoint)
+    from cadist.cli import main
+
+    job_file = workdir / "itest-edge.yaml"
+    job_file.write_text(job.to_yaml())
+    out = CliRunner().invoke(main, ["eval", str(job_file), "--ckpt", str(r.checkpoint)])
+    assert out.exit_code == 0, out.output
+    ev = json.loads(out.stdout)
+    assert ev["tta"]["window"] == "64x64/43x43" and ev["tta"]["passes"][0]["windows"] == 3
     assert ev["miou"] == pytest.approx(m["val/miou"], abs=1e-9)
     assert ev["high_res_fraction"] == pytest.approx(p, abs=1e-9)
+    assert ev["tta"]["backbone_gmac"] == pytest.approx(m["macs/backbone_gmac"], rel=1e-9)
 
 
 def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_local):

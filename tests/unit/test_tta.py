@@ -389,3 +389,46 @@ def test_per_image_figures_equal_each_image_evaluated_alone(weights):
     head, line = per_image_csv(learned).splitlines()
     assert head.endswith(",high_res_fraction,miou_inference,high_res_fraction_train")
     assert line.endswith(",0.2500,0.5000")
+
+
+def test_a_job_s_eval_window_is_checked_up_front_and_is_cadist_eval_s_default(weights, tmp_path):
+    """`eval.window`/`eval.stride` in a job: one clear error for a bad value, for a stride alone
+    and — before any worker starts — for crops the model cannot take; `cadist eval` of that job
+    slides the same way unless --window says otherwise; `cadist report` labels such runs."""
+    from pathlib import Path
+
+    from cadist.config import load_job
+    from cadist.errors import ConfigError
+    from cadist.report import _augmentation
+    from cadist.train.driver import check_eval
+
+    demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
+    for sets, said in (
+        (["eval.window=64by128"], "eval.window .64by128.: expected HEIGHTxWIDTH in pixels"),
+        (["eval.stride=32x32"], "eval.stride 32x32: goes with eval.window"),
+        (["eval.window=32x64", "eval.stride=48x48"], "eval.stride 48x48: larger than the window"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            load_job(demo, sets)
+    job = load_job(demo, ["model.name=deeplabv3_batch_ap_resnet_tiny", "eval.window=48x64"])
+    with pytest.raises(ConfigError, match=r"eval.window 48x64: deeplabv3_batch_ap_resnet_tiny takes "
+                       r"inputs whose sides are multiples of 32; use e.g. eval.window=64x64"):  # fmt: skip
+        check_eval(job, "demo.yaml")
+    check_eval(load_job(demo, ["eval.window=64x64"]), "demo.yaml")  # fits: no error
+
+    root, val, path = weights
+    explicit = json.loads(_eval(root, val, path, "--window", "32x64", "--stride", "32x32").stdout)
+    r = _eval(root, val, path, "--set", "eval.window=32x64", "--set", "eval.stride=32x32")
+    assert r.exit_code == 0, r.output
+    by_job = json.loads(r.stdout)
+    assert by_job["tta"]["window"] == "32x64/32x32" and by_job["miou"] == explicit["miou"]
+    whole = _eval(root, val, path, "--set", "eval.window=32x64", "--window", "whole")
+    assert whole.exit_code == 0, whole.output
+    assert "tta" not in json.loads(whole.stdout)
+    assert json.loads(whole.stdout)["miou"] == json.loads(_eval(root, val, path).stdout)["miou"]
+
+    # report labels: a training run whose job slides; an evaluation run's (and none for unset keys)
+    assert _augmentation({"eval.window": "64x64", "eval.stride": "None"}) == "slide 64x64/43x43"
+    assert _augmentation({"eval.window": "None", "eval.stride": "None"}) == ""
+    tta = {"eval.tta_scales": "1.0", "eval.tta_flip": "True", "eval.window": "None"}
+    assert _augmentation(tta) == "TTA 1.0 flip"
