@@ -153,16 +153,13 @@ def wait_for_stop(storage: str | Path, name: str, timeout_s: float, poll_s: floa
     """Wait until job `name` has ended after `request_stop` (its driver clears the request once the
     run's last checkpoint is registered); returns that checkpoint's step. A job that is not
     running never clears it: a ConfigError after `timeout_s`."""
-    path = job_file(storage, name, "stop")
-    deadline = time.monotonic() + timeout_s
-    while path.exists():
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"job {name} did not stop within {timeout_s:g} s (the request {path} is still "
-                f"there): is it running? `cadist status {storage}` shows how far it got; a "
-                f"request for a job that is not running is cleared by its next start"
-            )
-        time.sleep(poll_s)
+    _wait_until_cleared(
+        job_file(storage, name, "stop"),
+        f"job {name}",
+        f"`cadist status {storage}` shows how far it got",
+        timeout_s,
+        poll_s,
+    )
     latest = latest_checkpoint(Path(storage) / name)
     return latest[0] if latest else 0
 
@@ -172,19 +169,30 @@ def wait_for_sweep_stop(storage: str | Path, name: str, timeout_s: float, poll_s
     no trial runs and its results are written); returns {"stopped": whether it stopped before its
     trials ended (else they all ended before the request was read), "trials": how many trials are
     in each state}."""
-    path = sweep_file(storage, name, "stop")
+    _wait_until_cleared(
+        sweep_file(storage, name, "stop"),
+        f"sweep {name}",
+        "its running trials end at their next progress report",
+        timeout_s,
+        poll_s,
+    )
+    results = sweep_file(storage, name, "results")
+    stopped = results.is_file() and json.loads(results.read_text()).get("stopped", False)
+    return {"stopped": stopped, "trials": _trial_states(results)}
+
+
+def _wait_until_cleared(path: Path, what: str, hint: str, timeout_s: float, poll_s: float) -> None:
+    """Wait until the stop request `path` is gone (its driver clears it once `what` has ended); a
+    ConfigError after `timeout_s` (one that is not running never clears it)."""
     deadline = time.monotonic() + timeout_s
     while path.exists():
         if time.monotonic() > deadline:
             raise ConfigError(
-                f"sweep {name} did not stop within {timeout_s:g} s (the request {path} is still "
-                f"there): is it running? its running trials end at their next progress report; "
-                f"a request for a sweep that is not running is cleared by its next start"
+                f"{what} did not stop within {timeout_s:g} s (the request {path} is still there): "
+                f"is it running? {hint}; a request for a {what.split()[0]} that is not running is "
+                f"cleared by its next start"
             )
         time.sleep(poll_s)
-    results = sweep_file(storage, name, "results")
-    stopped = results.is_file() and json.loads(results.read_text()).get("stopped", False)
-    return {"stopped": stopped, "trials": _trial_states(results)}
 
 
 def _trial_states(results: Path) -> dict[str, int]:
