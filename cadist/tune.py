@@ -323,9 +323,16 @@ def _tune_config(sweep: SweepConfig, base, slots: int):
     return tune.TuneConfig(
         search_alg=search_alg,
         scheduler=scheduler,
+        trial_dirname_creator=_trial_dirname,
         num_samples=sweep.num_samples,
         **({"metric": metrics[0], "mode": modes[0]} if len(metrics) == 1 else {}),
     )
+
+
+def _trial_dirname(trial) -> str:
+    """A trial's folder in the Tune experiment: its id (so a trial that never reported is still
+    found: its job is `<sweep>-<trial id>`)."""
+    return trial.trial_id
 
 
 def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
@@ -339,16 +346,19 @@ def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
     rows = []
     for res in grid:
         last = res.metrics or {}
-        job_name = last.get("job") or f"{sweep.name}-{last.get('trial_id', '?')}"
+        # (a trial that never reported has no trial_id there; its folder is named by it)
+        trial_id = last.get("trial_id") or (Path(res.path).name if res.path else "?")
+        job_name = last.get("job") or f"{sweep.name}-{trial_id}"
+        ran = (storage / job_name).is_dir()
         on_request = isinstance(res.error, SweepStopped)
-        if not last or (on_request and "not started" in str(res.error)):
+        if (on_request and "not started" in str(res.error)) or (not last and not ran):
             state = "not started"
         elif on_request:
             state = "stopped"
         elif res.error is not None:
             state = "failed"
         elif "job" not in last:  # stopped before its final report: by ASHA, or the sweep ended
-            state = "stopped early" if sweep.scheduler == "asha" else "interrupted"
+            state = "stopped early" if sweep.scheduler == "asha" and last else "interrupted"
         else:
             state = "finished"
         # a trial without a final report: its run is found by its marker, its step by checkpoint
@@ -356,16 +366,16 @@ def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
         if state in ("stopped early", "interrupted", "failed") and run_id and base.mlflow.enabled:
             status = "FAILED" if state == "failed" else "KILLED"  # a rerun resumes interrupted ones
             set_status(resolve_uri(base.mlflow.tracking_uri), run_id, status)
-        step, known = last.get("step"), bool(last) and (storage / job_name).is_dir()
-        if state in ("stopped", "not started"):  # where a rerun resumes it
-            latest = latest_checkpoint(storage / job_name) if known else None
+        step = last.get("step")
+        if state in ("stopped", "interrupted", "not started"):  # where a rerun resumes it
+            latest = latest_checkpoint(storage / job_name) if ran else None
             step = latest[0] if latest else None
         rows.append(
             {
                 "params": {k: (res.config or {}).get(k) for k in sweep.search},
                 "metrics": {m: last[m] for m in METRICS if m in last},
-                "job": job_name if known or state != "not started" else None,
-                "mlflow_run_id": run_id if known or state != "not started" else None,
+                "job": job_name if ran or state != "not started" else None,
+                "mlflow_run_id": run_id if ran or state != "not started" else None,
                 "step": step,
                 "state": state,
                 "stopped_early": state == "stopped early",

@@ -328,8 +328,9 @@ def test_stop_request_for_a_sweep_by_name_or_file_and_its_errors(tmp_path, monke
 def test_sweep_results_name_how_each_trial_ended(tmp_path):
     """The rows a sweep writes from Ray Tune's results: finished, stopped early by ASHA (or, with
     no scheduler, interrupted), stopped on request at its checkpoint, not started (a trial that
-    waited, or one Tune had not configured yet), failed; the Pareto front only of trials that
-    ended; a stopped trial's step is its newest checkpoint's."""
+    waited, or one Tune had not configured yet), interrupted before it reported, failed; the
+    Pareto front only of trials that ended; a stopped or interrupted trial's step is its newest
+    checkpoint's."""
     from ray.tune import Result
 
     from cadist.config import validate_job
@@ -343,9 +344,12 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
     _checkpoint(tmp_path / "sw-c", 12)
     (tmp_path / "sw-c" / "step_00000016").mkdir()  # being written when it stopped: not it
 
-    def res(trial, error=None, **metrics):
+    _checkpoint(tmp_path / "sw-e", 4)
+
+    def res(trial, error=None, reported=True, **metrics):
         last = {"trial_id": trial, "config": {"model.edge_threshold": 0.1}} | metrics
-        return Result(metrics=last if trial else {}, checkpoint=None, error=error, path="")
+        path = str(tmp_path / "sweep-sw" / trial) if trial else ""  # (named by its id)
+        return Result(metrics=last if reported else {}, checkpoint=None, error=error, path=path)
 
     done = {"job": "sw-a", "val/miou": 0.5, "step": 20}
     grid = [
@@ -353,7 +357,8 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
         res("b", **{"val/miou": 0.6, "step": 10}),  # no final report
         res("c", error=SweepStopped("job sw-c: stopped at step 12 on request")),
         res("d", error=SweepStopped("job sw-d: not started, the sweep was asked to stop")),
-        res(None),  # pending: Tune has no metrics (nor config) for it yet
+        res(None, reported=False),  # pending: Tune has no metrics (nor config) for it yet
+        res("e", reported=False),  # cut short (Ctrl-C) before it reported: found by its folder
         res("f", error=RuntimeError("boom")),
     ]
     for scheduler, b_state in (("asha", "stopped early"), ("fifo", "interrupted")):
@@ -370,10 +375,12 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
         got = [(r["job"], r["state"], r["step"], r["pareto"], bool(r["error"])) for r in rows]
         assert got == [
             ("sw-a", "finished", 20, scheduler == "fifo", False),
-            ("sw-b", b_state, 10, scheduler == "asha", False),  # ASHA's is on the front
+            # ASHA's is on the front; interrupted, its step is its checkpoint's (none here)
+            ("sw-b", b_state, 10 if scheduler == "asha" else None, scheduler == "asha", False),
             ("sw-c", "stopped", 12, False, False),
             (None, "not started", None, False, False),
             (None, "not started", None, False, False),
+            ("sw-e", "interrupted", 4, False, False),
             ("sw-f", "failed", None, False, True),
         ], got
         assert rows[0]["params"] == {"model.edge_threshold": 0.1} and rows[4]["params"] == {
