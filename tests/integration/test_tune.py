@@ -69,7 +69,7 @@ def _sweep_dirs(runs: Path, name: str) -> list[Path]:
     return sorted(p for p in runs.glob(f"{name}-*") if p.is_dir())
 
 
-def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path):
+def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, monkeypatch):
     """`cadist tune` killed (SIGKILL to its whole process group, Ray included) while the second
     trial trains; the rerun keeps the first trial and continues the second from its checkpoint in
     the same MLflow run, until `cadist stop` ends it (and the sweep) at its next progress report;
@@ -84,6 +84,9 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path):
     import sys
     import time
 
+    from click.testing import CliRunner
+
+    from cadist.cli import main
     from cadist.status import sweeps_in
     from cadist.train.resume import latest_checkpoint
     from cadist.tune import _run_of
@@ -136,11 +139,10 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path):
     # a changed sweep is refused with the keys that changed
     changed = dict(sweep, num_samples=3)
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
-    bad = subprocess.run(
-        [*cmd[:-1], "changed.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert bad.returncode != 0
-    assert "sweep.num_samples" in bad.stderr and "--restart" in bad.stderr, bad.stderr
+    monkeypatch.chdir(tmp_path)  # (in this process: the refusal comes before Ray starts)
+    bad = CliRunner().invoke(main, ["tune", "changed.yaml"])
+    assert bad.exit_code == 2, bad.output
+    assert "sweep.num_samples" in bad.output and "--restart" in bad.output, bad.output
 
     # the rerun resumes the killed trial; `cadist stop SWEEP_FILE --wait` ends it at its next
     # progress report (with a checkpoint there), and the sweep with it
