@@ -9,6 +9,7 @@ count) may change, and the changes are printed and recorded on the MLflow run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -95,13 +96,30 @@ def set_aside(paths: list[Path]) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """The newest complete cadist checkpoint (`step_<n>/` with weights and DeepSpeed state)."""
+    """The newest complete cadist checkpoint (`step_<n>/` with weights and DeepSpeed state) that
+    Ray Train registered — the one a rerun resumes from. A worker writes the folder before Ray
+    Train registers it, so a crash can leave a newer, complete but unregistered one behind (and a
+    rerun overwrites it); without Ray Train's record (`checkpoint_manager_snapshot.json`) every
+    complete folder counts."""
     found = [
         (int(p.name[5:]), p)
         for p in run_dir.glob("step_*")
         if p.name[5:].isdigit() and (p / "model.pt").is_file() and (p / "state").is_dir()
     ]
+    registered = _registered(run_dir)
+    if registered is not None:
+        found = [(step, p) for step, p in found if p.name in registered]
     return max(found) if found else None
+
+
+def _registered(run_dir: Path) -> set[str] | None:
+    """The checkpoint folders Ray Train's checkpoint manager holds for the run (its snapshot,
+    rewritten whenever one is registered), or None where there is none or it cannot be read."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def zero_world(ckpt: Path) -> int | None:

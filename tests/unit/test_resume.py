@@ -35,6 +35,18 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     assert latest_checkpoint(tmp_path) == (20, newest)
     assert zero_world(newest) is None
     assert zero_world(_checkpoint(tmp_path, 40, zero_ranks=2)) == 2
+    # with Ray Train's record: the newest it registered (a crash can leave a newer, complete
+    # folder it never registered; a rerun resumes from the registered one)
+    import json
+
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "step_00000010"}, {"checkpoint_dir_name": "step_00000020"}]}))  # fmt: skip
+    assert latest_checkpoint(tmp_path) == (20, newest)
+    snapshot.write_text(json.dumps({"checkpoint_results": []}))  # none registered yet
+    assert latest_checkpoint(tmp_path) is None
+    snapshot.write_text("{")  # unreadable: every complete folder counts
+    assert latest_checkpoint(tmp_path)[0] == 40
 
 
 def test_a_resume_may_change_how_the_job_runs_but_not_what_it_trains(tmp_path):
