@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from cadist.errors import ConfigError
+from cadist.eval.passes import JOB_NAMES, Augmentation, parse_scales
 from cadist.models.names import AdaptiveMode, ModelName
 
 
@@ -133,19 +134,35 @@ class EvalConfig(_Section):
     protocol). `cadist eval --window` evaluates a checkpoint the same way."""
     stride: str | None = None
     """With `window`: pixels between crops, e.g. "341x683" (default two thirds of the window)."""
+    scales: list[float] = [1.0]
+    """Test-time augmentation (mmsegmentation's "aug test"): each validation image also runs
+    resized by these factors of its sides, e.g. [0.75, 1.0, 1.25] (or "0.75,1,1.25"), and the
+    class probabilities of all passes are averaged; the logged GMac is all passes' total. [1.0]:
+    the paper's single-scale protocol. `cadist eval` takes it as its default `--scales`."""
+    flip: bool = False
+    """Test-time augmentation: each scale also runs mirrored (doubles the evaluation's cost)."""
+
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _scales(cls, value):
+        try:
+            return list(parse_scales(value, "eval.scales"))
+        except ConfigError as exn:
+            raise ValueError(str(exn)) from None
 
     @model_validator(mode="after")
     def _a_window(self) -> EvalConfig:
-        if self.stride and not self.window:
-            raise ValueError(f"eval.stride {self.stride}: goes with eval.window (e.g. 512x1024)")
-        if self.window:
-            from cadist.eval.tta import Window  # (torch: only for jobs that slide)
-
-            try:
-                Window.parse(self.window, self.stride, ("eval.window", "eval.stride"))
-            except ConfigError as exn:
-                raise ValueError(str(exn)) from None
+        try:
+            self.augmentation()
+        except ConfigError as exn:
+            raise ValueError(str(exn)) from None
         return self
+
+    def augmentation(self) -> Augmentation | None:
+        """The evaluation protocol these keys set: None for the paper's (whole images, one scale,
+        no flip), else the `Augmentation` every evaluation runs."""
+        tta = Augmentation.parse(self.scales, self.flip, self.window, self.stride, JOB_NAMES)
+        return None if tta.plain else tta
 
 
 class ClusterConfig(_Section):
@@ -327,6 +344,8 @@ class JobConfig(_Section):
             for k, v in obj.items():
                 if isinstance(v, dict):
                     walk(f"{prefix}{k}.", v)
+                elif isinstance(v, list):  # eval.scales: "0.75,1.0,1.25", as the CLI takes it
+                    out[f"{prefix}{k}"] = ",".join(map(str, v))
                 else:
                     out[f"{prefix}{k}"] = v
 

@@ -11,7 +11,7 @@ from cadist.checkpoints import resolve_weights
 from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
-from cadist.eval.tta import Augmentation
+from cadist.eval.passes import Augmentation
 from cadist.models.build import build_model, is_learned
 from cadist.models.weights import load_weights
 from cadist.train.loop import evaluate
@@ -143,14 +143,11 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
         else ""
     )
     tracker = Tracker(uri, new_run(uri, job.mlflow.experiment, run_name or default_name, tags))
-    params = {"eval.ckpt": str(ckpt)}
-    if tta:
-        params |= {
-            "eval.tta_scales": ",".join(map(str, tta["scales"])),
-            "eval.tta_flip": tta["flip"],
-        }
-        if tta.get("window"):
-            params["eval.window"] = tta["window"]
+    # what this evaluation ran, over the job's eval.* keys (it may not be the job's protocol)
+    window, _, stride = (tta.get("window") or "").partition("/") if tta else ("", "", "")
+    params = {"eval.ckpt": str(ckpt), "eval.scales": ",".join(map(str, tta["scales"] if tta else [1.0])),
+              "eval.flip": bool(tta and tta["flip"]), "eval.window": window or None,
+              "eval.stride": stride or None}  # fmt: skip
     tracker.log_params(job.flat() | params)
     metrics = val_metrics(result)
     hw = val_image_size(job)

@@ -12,7 +12,8 @@ from PIL import Image
 from cadist.data.cityscapes import PALETTE
 from cadist.data.transforms import normalized_input
 from cadist.errors import DataError
-from cadist.eval.tta import Augmentation, plan_passes, predict_augmented, size_multiple
+from cadist.eval.passes import Augmentation
+from cadist.eval.tta import plan_passes, predict_augmented, size_multiple
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

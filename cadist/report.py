@@ -25,21 +25,19 @@ NONE = (None, "None", "")  # a param of a job key left unset (MLflow keeps str(N
 
 
 def _augmentation(params: dict) -> str:
-    """A test-time augmentation evaluation's passes, e.g. "TTA 0.75,1.0,1.25 flip", "slide
-    512x1024/341x683" (also a training run whose job set eval.window); "" for none."""
-    scales = params.get("eval.tta_scales")
-    if not scales:  # a training run: its evaluations slide if its job set eval.window
-        window = params.get("eval.window")
-        if window in NONE:
-            return ""
-        from cadist.eval.tta import Window
+    """The evaluation protocol of a run if not the paper's, e.g. "TTA 0.75,1.0,1.25 flip", "slide
+    512x1024/341x683": a training run's from its job's `eval.*` keys, a `cadist eval --log` run's
+    from what it ran (older ones logged `eval.tta_scales`/`eval.tta_flip`); "" for none."""
+    from cadist.eval.passes import Augmentation
 
-        stride = params.get("eval.stride")
-        return f"slide {Window.parse(window, None if stride == 'None' else stride).label()}"
-    flip = params.get("eval.tta_flip") == "True"
-    tta = f"TTA {scales}" + (" flip" if flip else "") if (scales != "1.0" or flip) else ""
-    window = params.get("eval.window")
-    return " ".join(filter(None, [tta, f"slide {window}" if window not in NONE else ""]))
+    def param(key: str) -> str | None:
+        value = params.get(key)
+        return None if value in NONE else value
+
+    scales = param("eval.tta_scales") or param("eval.scales") or "1"
+    flip = (param("eval.tta_flip") or param("eval.flip")) == "True"
+    window, _, stride = (param("eval.window") or "").partition("/")  # older: "HxW/SHxSW"
+    return Augmentation.parse(scales, flip, window or None, stride or param("eval.stride")).label()
 
 
 def summarise(runs: list[dict]) -> list[dict]:

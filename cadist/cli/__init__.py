@@ -77,18 +77,21 @@ def _tta_options(f):
         metavar="HxW",
         help="Sliding-window inference: run the model on crops of this size, e.g. 512x1024, and "
         "average the logits where they overlap (mmsegmentation's slide mode). `eval` takes the "
-        "job's eval.window by default; `whole` runs whole images.",
+        "job's eval.window (and eval.stride) by default; `whole` runs whole images.",
     )(f)
     f = click.option(
-        "--flip", is_flag=True, help="Test-time augmentation: also run each scale mirrored."
+        "--flip/--no-flip",
+        default=None,
+        help="Test-time augmentation: also run each scale mirrored (`eval`: default the job's "
+        "eval.flip; `predict`: no).",
     )(f)
     return click.option(
         "--scales",
-        default="1",
-        show_default=True,
+        default=None,
+        metavar="S1,S2,…",
         help="Test-time augmentation: run each image at these scales of its size, e.g. "
         "0.75,1,1.25, and average the class probabilities (not the paper's single-scale "
-        "protocol).",
+        "protocol). `eval`: default the job's eval.scales; `predict`: 1.",
     )(f)
 
 

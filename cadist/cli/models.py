@@ -286,13 +286,13 @@ def predict_cmd(
     and --save-mask each unmirrored pass's mask (<stem>_mask_<h>x<w>.npy)."""
     import torch
 
-    from cadist.eval.tta import Augmentation
+    from cadist.eval.passes import Augmentation
     from cadist.models.build import is_adaptive
     from cadist.models.fold import fold_batchnorm
     from cadist.models.weights import load_weights
     from cadist.predict import write_prediction
 
-    tta = Augmentation.parse(scales, flip, window, stride)
+    tta = Augmentation.parse(scales or "1", bool(flip), window, stride)
     ckpt, opts = _from_checkpoint(ckpt, opts)
     model = opts["model"]
     if save_mask and not is_adaptive(model):

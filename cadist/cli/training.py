@@ -86,13 +86,14 @@ def eval_cmd(
 ):
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
     adaptive models also the high-res fraction. With --scales/--flip/--window, also each pass's
-    size (and crops), high-res fraction and GMac, and the GMac per image of all passes. A job with
-    eval.window is evaluated in that sliding window, as during training, unless --window says
-    otherwise (`--window whole`: whole images)."""
+    size (and crops), high-res fraction and GMac, and the GMac per image of all passes. By default
+    the job's evaluation protocol, as during training: its eval.scales, eval.flip and eval.window
+    (with eval.stride, or --stride); the options override it (`--scales 1 --no-flip --window
+    whole`: the paper's single-scale whole-image protocol)."""
     import torch
 
     from cadist.config import load_job
-    from cadist.eval.tta import Augmentation
+    from cadist.eval.passes import Augmentation
     from cadist.evaluate import evaluate_job, log_evaluation
 
     if device == "auto":
@@ -104,7 +105,8 @@ def eval_cmd(
         if stride:
             raise click.UsageError("--stride goes with a window; --window whole has none")
         window = None
-    tta = Augmentation.parse(scales, flip, window, stride)
+    scales = job.eval.scales if scales is None else scales
+    tta = Augmentation.parse(scales, job.eval.flip if flip is None else flip, window, stride)
     if log_run:  # an unreachable store fails before the evaluation, not after
         from cadist.tracking import check_reachable, resolve_uri
 

@@ -12,104 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cadist.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One forward of the augmentation: the input size it runs at, whether it is mirrored, and
-    with a sliding window the crop size (tile_h, tile_w) and how many crops cover the input."""
-
-    height: int
-    width: int
-    flip: bool
-    tile: tuple[int, int] | None = None
-    tiles: int = 1
-
-
-@dataclass(frozen=True)
-class Window:
-    """Sliding-window inference: crops of height × width pixels, one every stride_h rows and
-    stride_w columns (the last crop of a row or column ends at the image's edge)."""
-
-    height: int
-    width: int
-    stride_h: int
-    stride_w: int
-
-    @classmethod
-    def parse(
-        cls,
-        window: str,
-        stride: str | None = None,
-        names: tuple[str, str] = ("--window", "--stride"),
-    ) -> Window:
-        """From "512x1024" (`--window`) and "341x683" (`--stride`; default two thirds of the window,
-        as mmsegmentation's Cityscapes configs), with one clear error naming `names` (the options,
-        or a job's keys)."""
-        h, w = _pair(window, names[0], "512x1024")
-        sh, sw = (
-            _pair(stride, names[1], "341x683") if stride else (round(h * 2 / 3), round(w * 2 / 3))
-        )
-        if sh > h or sw > w:
-            raise ConfigError(
-                f"{names[1]} {sh}x{sw}: larger than the window {h}x{w}, so some pixels would have no "
-                f"prediction; use a stride of at most the window, e.g. {round(h * 2 / 3)}x{round(w * 2 / 3)}"
-            )
-        return cls(h, w, sh, sw)
-
-    def label(self) -> str:
-        return f"{self.height}x{self.width}/{self.stride_h}x{self.stride_w}"
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Test-time scales (factors of the image's sides), whether each is also run mirrored, and
-    an optional sliding window each pass runs in."""
-
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    window: Window | None = None
-
-    @classmethod
-    def parse(
-        cls, scales: str, flip: bool, window: str | None = None, stride: str | None = None
-    ) -> Augmentation:
-        """From a comma list like "0.75,1,1.25" (`--scales`), `--flip`, `--window`, `--stride`,
-        with one clear error."""
-        try:
-            values = tuple(float(v) for v in scales.split(",") if v.strip())
-        except ValueError:
-            values = ()
-        if not values or not all(v > 0 and math.isfinite(v) for v in values):
-            raise ConfigError(
-                f"--scales {scales!r}: expected factors > 0 separated by commas, e.g. 0.75,1,1.25"
-            )
-        if stride and not window:
-            raise ConfigError(f"--stride {stride}: goes with --window (e.g. --window 512x1024)")
-        return cls(values, flip, Window.parse(window, stride) if window else None)
-
-    @property
-    def plain(self) -> bool:
-        """The paper's single-scale protocol: one unmirrored pass of the whole image."""
-        return self.scales == (1.0,) and not self.flip and self.window is None
-
-
-def _pair(text: str, option: str, example: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(v) for v in parts)
-    except ValueError:
-        h = w = 0
-    if h <= 0 or w <= 0:
-        raise ConfigError(f"{option} {text!r}: expected HEIGHTxWIDTH in pixels, e.g. {example}")
-    return h, w
+from cadist.eval.passes import Pass, Window
 
 
 def size_multiple(model: nn.Module) -> int:

@@ -98,14 +98,15 @@ def check_weights(job: JobConfig, source: str) -> None:
 
 def check_eval(job: JobConfig, source: str) -> None:
     """A sliding-window evaluation (`eval.window`) suits the model: crop sides multiples of its
-    input multiple — before any worker starts (else the first evaluation would fail)."""
-    if not job.eval.window:
+    input multiple — before any worker starts (else the first evaluation would fail). Scales need
+    no check: each pass's size is rounded to the multiple."""
+    tta = job.eval.augmentation()
+    if tta is None or tta.window is None:
         return
-    from cadist.eval.tta import Window, size_multiple
+    from cadist.eval.tta import size_multiple
     from cadist.models.build import build_model
 
-    window = Window.parse(job.eval.window, job.eval.stride, ("eval.window", "eval.stride"))
-    multiple = size_multiple(build_model(**job.model.build_kwargs()))
+    window, multiple = tta.window, size_multiple(build_model(**job.model.build_kwargs()))
     if window.height % multiple or window.width % multiple:
         up = [-(-v // multiple) * multiple for v in (window.height, window.width)]
         raise ConfigError(

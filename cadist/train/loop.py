@@ -13,8 +13,8 @@ from torch import nn
 
 from cadist.data.cityscapes import IGNORE_INDEX
 from cadist.eval.miou import ConfusionMatrix
+from cadist.eval.passes import Augmentation
 from cadist.eval.tta import (
-    Augmentation,
     high_res_fraction,
     plan_passes,
     predict_augmented,
@@ -158,12 +158,13 @@ def evaluate(
 
 def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dict):
     """The augmented prediction (B, H, W) of x, each image's mean high-res fraction over the
-    passes (B,) (None for dense models) and — with one unmirrored pass at the input's size (a
-    sliding window alone) — its mask (the crops' put together; else None); adds each pass's
-    images and high-res sum to `passes`."""
+    passes (B,) (None for dense models) and the mask of its unmirrored pass at the input's own
+    size (with a window the crops' put together; None if no pass runs at that size) — the one
+    logged over the image; adds each pass's images and high-res sum to `passes`."""
     plan = plan_passes(*x.shape[-2:], tta.scales, tta.flip, size_multiple(model), tta.window)
     probs, masks, per_pass = predict_augmented(model, x, plan, tta.window)
-    one = len(plan) == 1 and not plan[0].flip and (plan[0].height, plan[0].width) == x.shape[-2:]
+    own = [m for p, m in zip(plan, masks, strict=True)
+           if not p.flip and (p.height, p.width) == x.shape[-2:]]  # fmt: skip
     fractions = []
     for p, f in zip(plan, per_pass, strict=True):
         n, s = passes.get(p, (0, None))
@@ -172,7 +173,7 @@ def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dic
             s = (s or 0.0) + float(f.sum())
         passes[p] = (n + x.shape[0], s)
     mean = torch.stack(fractions).mean(0) if fractions else None
-    return probs.argmax(1), mean, masks[0] if one else None
+    return probs.argmax(1), mean, own[0] if own else None
 
 
 def _per_image(pred, target, keys, fractions, num_classes: int) -> list[dict]:

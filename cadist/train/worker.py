@@ -24,6 +24,7 @@ from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
 from cadist.eval.miou import iou_csv, val_metrics
+from cadist.eval.passes import Pass
 from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
@@ -153,24 +154,36 @@ def mask_overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _log_adaptive(tracker, job: JobConfig, extra: dict, kept_shape, step: int, device) -> dict:
-    """Mean high-res fraction over all validation images (all ranks) and the GMac it implies —
-    with `eval.window`, of the crops: the line at crop size times the crops per image (§10; the
-    fraction is the crops' mean, and the line is linear in it)."""
+def _log_adaptive(tracker, job: JobConfig, extra: dict, hw, step: int, device) -> dict:
+    """Mean high-res fraction over all validation images (all ranks) and the GMac per image it
+    implies (§10) — with `eval.scales`/`flip`/`window`, all passes' total: each pass's line at its
+    size (a window's: at crop size, times the crops) at the pass's mean fraction. Summed over
+    images and ranks, which is exact because the line is linear in the fraction."""
     from cadist.adaptive.stats import mac_line
 
-    p = _mean_fraction(extra, device)
+    passes = extra.get("passes") or {Pass(*hw, False): (extra["images"], extra["high_res_sum"])}
+    sums = [extra["high_res_sum"], extra["images"], 0.0, 0.0, 0.0]
+    for one, (n, high_res) in passes.items():
+        if n:
+            line = mac_line(
+                job.model.name, job.model.adaptive_mode, *(one.tile or (one.height, one.width))
+            )
+            q, times = (high_res or 0.0) / n, n * one.tiles
+            sums[2] += times * line.backbone(q)
+            sums[3] += times * line.backbone(q, actual=True)
+            sums[4] += times * (line.backbone(q) + line.head_gmac)
+    t = torch.tensor(sums, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    high_res, images, backbone, computed, total = (float(v) for v in t)
+    images = max(images, 1.0)
     if isinstance(tracker, NullTracker):  # ranks > 0: only the collective above
-        return {"val/high_res_fraction": p}
-    times, size = 1, kept_shape
-    for one in extra.get("passes") or ():  # (a window: one pass, in crops)
-        times, size = one.tiles, one.tile or (one.height, one.width)
-    line = mac_line(job.model.name, job.model.adaptive_mode, *size)
+        return {"val/high_res_fraction": high_res / images}
     metrics = {
-        "val/high_res_fraction": p,
-        "macs/backbone_gmac": times * line.backbone(p),
-        "macs/backbone_gmac_computed": times * line.backbone(p, actual=True),
-        "macs/total_gmac": times * (line.backbone(p) + line.head_gmac),
+        "val/high_res_fraction": high_res / images,
+        "macs/backbone_gmac": backbone / images,
+        "macs/backbone_gmac_computed": computed / images,
+        "macs/total_gmac": total / images,
     }
     tracker.log_metrics(metrics, step)
     return metrics
@@ -192,7 +205,7 @@ def _eval_learned(tracker, job: JobConfig, model, val, extra, hw, step: int, dev
     net = build_model(**kw).to(device, dtype)
     net.load_state_dict(inference_state(model.state_dict()))
     cm, _, extra_inf = evaluate(
-        net, _on_device(make_loader(val), device, dtype), device, tta=_eval_window(job)
+        net, _on_device(make_loader(val), device, dtype), device, tta=job.eval.augmentation()
     )
     cm.all_reduce()
     out["val/miou_inference"] = cm.miou()
@@ -215,16 +228,6 @@ def _stop_requested(stop_file: str | None, device) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def _eval_window(job: JobConfig):
-    """`eval.window` as the one-pass augmentation `evaluate` slides with (None: whole images)."""
-    if not job.eval.window:
-        return None
-    from cadist.eval.tta import Augmentation, Window
-
-    window = Window.parse(job.eval.window, job.eval.stride, ("eval.window", "eval.stride"))
-    return Augmentation(window=window)
 
 
 def _mean_fraction(extra: dict, device) -> float:
@@ -393,7 +396,7 @@ def _evaluate(tracker, job, engine, val, state: dict, rank, device, dtype) -> di
         _on_device(make_loader(val), device, dtype),
         device,
         keep=max(1, job.eval.log_images) if rank == 0 else 0,
-        tta=_eval_window(job),
+        tta=job.eval.augmentation(),
     )
     cm.all_reduce()
     metrics = {}

@@ -451,8 +451,10 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
 
 
 def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
-    """…evaluated in a sliding window (eval.window 64x64: three crops of each 64×128 image, default
-    stride 43): the logged GMac is the crops', and `cadist eval` of the job slides the same way."""
+    """…evaluated with the job's test-time augmentation: scales 0.5 and 1, mirrored, each in a
+    sliding window (eval.window 64x64: three crops of a 64×128 image at default stride 43, one of
+    its 32×64 half): the logged GMac is all passes' crops', and `cadist eval` of the job evaluates
+    the same way."""
     job = make_job(
         workdir,
         "itest-edge",
@@ -462,31 +464,28 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
             "eval.interval": 10,
             "eval.log_images": 1,
             "eval.window": "64x64",
+            "eval.scales": [0.5, 1.0],
+            "eval.flip": True,
         },
     )
     r = run_training(job, "itest")
     assert r.metrics["step"] == 10
     client = MlflowClient(r.tracking_uri)
-    m = client.get_run(r.run_id).data.metrics
+    run = client.get_run(r.run_id)
+    m = run.data.metrics
     p = m["val/high_res_fraction"]
     assert 0.0 <= p <= 1.0
-    # the logged GMac follows the method's line at the crops' size (64×64: OS8 grid 8×8), times
-    # the crops per image
-    from cadist.adaptive.stats import mac_line
-
-    line = mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", 64, 64)
-    assert m["macs/backbone_gmac"] == pytest.approx(3 * line.backbone(p), rel=1e-9)
-    assert m["macs/backbone_gmac_computed"] <= m["macs/backbone_gmac"]
+    assert (run.data.params["eval.scales"], run.data.params["eval.flip"]) == ("0.5,1.0", "True")
     arts = _artifacts(client, r.run_id)
     pred = [a for a in arts if a.startswith("predictions/step_00000010/")]
     assert len(pred) == 1
     local = client.download_artifacts(r.run_id, pred[0], str(workdir))
     from PIL import Image
 
-    # image | truth | prediction | mask overlay (the crops' masks put together)
+    # image | truth | prediction | mask overlay (the scale-1 pass's crops' masks put together)
     assert Image.open(local).size == (4 * 128, 64)
     # `cadist eval` of the job and its final checkpoint reproduces the logged mIoU, high-res
-    # fraction and GMac (it slides in the job's window)
+    # fraction and GMac (it runs the job's passes)
     from click.testing import CliRunner
 
     from cadist.cli import main
@@ -496,10 +495,29 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
     out = CliRunner().invoke(main, ["eval", str(job_file), "--ckpt", str(r.checkpoint)])
     assert out.exit_code == 0, out.output
     ev = json.loads(out.stdout)
-    assert ev["tta"]["window"] == "64x64/43x43" and ev["tta"]["passes"][0]["windows"] == 3
+    passes = {(q["height"], q["width"], q["flip"]): q for q in ev["tta"]["passes"]}
+    assert sorted(passes) == [(32, 64, False), (32, 64, True), (64, 128, False), (64, 128, True)]
+    assert [passes[32, 64, False]["windows"], passes[64, 128, False]["windows"]] == [1, 3]
     assert ev["miou"] == pytest.approx(m["val/miou"], abs=1e-9)
     assert ev["high_res_fraction"] == pytest.approx(p, abs=1e-9)
-    assert ev["tta"]["backbone_gmac"] == pytest.approx(m["macs/backbone_gmac"], rel=1e-9)
+    # the logged GMac follows the method's line at each pass's crop size (64×64 at scale 1,
+    # 32×64 at 0.5) at that pass's high-res fraction, times its crops, summed over the passes
+    from cadist.adaptive.stats import mac_line
+
+    by_hand = sum(
+        q["windows"]
+        * mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", *q["window"]).backbone(
+            q["high_res_fraction"]
+        )
+        for q in passes.values()
+    )
+    assert m["macs/backbone_gmac"] == pytest.approx(by_hand, rel=1e-9)
+    assert ev["tta"]["backbone_gmac"] == pytest.approx(by_hand, rel=1e-9)
+    assert m["macs/backbone_gmac_computed"] <= m["macs/backbone_gmac"]
+    # `cadist report` names the protocol the run was evaluated with
+    from cadist.report import _augmentation
+
+    assert _augmentation(run.data.params) == "TTA 0.5,1.0 flip slide 64x64/43x43"
 
 
 def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_local):

@@ -11,10 +11,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
+from cadist.eval.passes import Augmentation, Pass, Window
 from cadist.eval.tta import (
-    Augmentation,
-    Pass,
-    Window,
     crop_boxes,
     high_res_fraction,
     plan_passes,
@@ -240,10 +238,7 @@ def test_cli_eval_with_scales_and_flip_reports_and_logs_every_pass(weights):
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = client.get_run(out["mlflow_run_id"])
     assert run.info.run_name == "demo-eval-tta"
-    assert (
-        run.data.params["eval.tta_scales"] == "0.5,1.0"
-        and run.data.params["eval.tta_flip"] == "True"
-    )
+    assert (run.data.params["eval.scales"], run.data.params["eval.flip"]) == ("0.5,1.0", "True")
     assert run.data.tags["cadist.tta"] == "scales 0.5,1.0, flip True"
     assert run.data.metrics["macs/backbone_gmac"] == pytest.approx(tta["backbone_gmac"])
     assert run.data.metrics["val/miou"] == pytest.approx(out["miou"])
@@ -275,7 +270,7 @@ def test_cli_eval_with_a_sliding_window_counts_every_crop(weights):
     )
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = client.get_run(out["mlflow_run_id"])
-    assert run.data.params["eval.window"] == "32x64/32x32"
+    assert (run.data.params["eval.window"], run.data.params["eval.stride"]) == ("32x64", "32x32")
     rep = CliRunner().invoke(main, ["report", "--experiment", "cadist-demo",
                                     "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--json"])  # fmt: skip
     (row,) = [r for r in json.loads(rep.stdout)["runs"] if r["run"] == "demo-eval-slide"]
@@ -391,11 +386,14 @@ def test_per_image_figures_equal_each_image_evaluated_alone(weights):
     assert line.endswith(",0.2500,0.5000")
 
 
-def test_a_job_s_eval_window_is_checked_up_front_and_is_cadist_eval_s_default(weights, tmp_path):
-    """`eval.window`/`eval.stride` in a job: one clear error for a bad value, for a stride alone
-    and — before any worker starts — for crops the model cannot take; `cadist eval` of that job
-    slides the same way unless --window says otherwise; `cadist report` labels such runs."""
+def test_a_job_s_eval_protocol_is_checked_up_front_and_is_cadist_eval_s_default(weights):
+    """`eval.window`/`eval.stride`/`eval.scales`/`eval.flip` in a job: one clear error for a bad
+    value, for a stride alone and — before any worker starts — for crops the model cannot take;
+    `cadist eval` of that job evaluates the same way unless its options say otherwise, and logs
+    what it ran; `cadist report` labels such runs."""
     from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
 
     from cadist.config import load_job
     from cadist.errors import ConfigError
@@ -407,6 +405,9 @@ def test_a_job_s_eval_window_is_checked_up_front_and_is_cadist_eval_s_default(we
         (["eval.window=64by128"], "eval.window .64by128.: expected HEIGHTxWIDTH in pixels"),
         (["eval.stride=32x32"], "eval.stride 32x32: goes with eval.window"),
         (["eval.window=32x64", "eval.stride=48x48"], "eval.stride 48x48: larger than the window"),
+        (["eval.scales=0.5,x"], "eval.scales .0.5,x.: expected factors > 0 separated by commas"),
+        (["eval.scales=[0.5, -1]"], r"eval.scales \[0.5, -1\]: expected factors > 0"),
+        (["eval.scales=[]"], r"eval.scales \[\]: expected factors > 0"),
     ):
         with pytest.raises(ConfigError, match=said):
             load_job(demo, sets)
@@ -415,6 +416,11 @@ def test_a_job_s_eval_window_is_checked_up_front_and_is_cadist_eval_s_default(we
                        r"inputs whose sides are multiples of 32; use e.g. eval.window=64x64"):  # fmt: skip
         check_eval(job, "demo.yaml")
     check_eval(load_job(demo, ["eval.window=64x64"]), "demo.yaml")  # fits: no error
+    # scales as a comma list (as --scales) or a YAML list; the paper's protocol is no augmentation
+    assert load_job(demo, ["eval.scales=0.75,1,1.25"]).eval.scales == [0.75, 1.0, 1.25]
+    assert load_job(demo, ["eval.scales=[0.5, 1]"]).flat()["eval.scales"] == "0.5,1.0"
+    assert load_job(demo, ["eval.scales=1"]).eval.augmentation() is None
+    assert load_job(demo, ["eval.flip=true"]).eval.augmentation().flip
 
     root, val, path = weights
     explicit = json.loads(_eval(root, val, path, "--window", "32x64", "--stride", "32x32").stdout)
@@ -422,13 +428,33 @@ def test_a_job_s_eval_window_is_checked_up_front_and_is_cadist_eval_s_default(we
     assert r.exit_code == 0, r.output
     by_job = json.loads(r.stdout)
     assert by_job["tta"]["window"] == "32x64/32x32" and by_job["miou"] == explicit["miou"]
-    whole = _eval(root, val, path, "--set", "eval.window=32x64", "--window", "whole")
+    plain = json.loads(_eval(root, val, path).stdout)
+    whole = _eval(root, val, path, "--set", "eval.window=32x64", "--window", "whole", "--log")
     assert whole.exit_code == 0, whole.output
     assert "tta" not in json.loads(whole.stdout)
-    assert json.loads(whole.stdout)["miou"] == json.loads(_eval(root, val, path).stdout)["miou"]
+    assert json.loads(whole.stdout)["miou"] == plain["miou"]
+    # the job's scales and flip are the default too; --scales 1 --no-flip is the paper's protocol
+    sets = ("--set", "eval.scales=[0.5, 1]", "--set", "eval.flip=true")
+    explicit = json.loads(_eval(root, val, path, "--scales", "0.5,1", "--flip").stdout)
+    by_job = json.loads(_eval(root, val, path, *sets, "--log").stdout)
+    assert (by_job["tta"]["scales"], by_job["tta"]["flip"]) == ([0.5, 1.0], True)
+    assert by_job["miou"] == explicit["miou"] and len(by_job["tta"]["passes"]) == 4
+    assert by_job["tta"]["backbone_gmac"] == pytest.approx(explicit["tta"]["backbone_gmac"])
+    overridden = json.loads(_eval(root, val, path, *sets, "--scales", "1", "--no-flip").stdout)
+    assert "tta" not in overridden and overridden["miou"] == plain["miou"]
+    # each logged evaluation records what it ran, not its job's keys: the whole-image one is plain
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    for run_id, label in ((json.loads(whole.stdout), ""), (by_job, "TTA 0.5,1.0 flip")):
+        params = client.get_run(run_id["mlflow_run_id"]).data.params
+        assert _augmentation(params) == label, params
 
-    # report labels: a training run whose job slides; an evaluation run's (and none for unset keys)
+    # report labels: a training run whose job slides or augments; an evaluation run's, as older
+    # cadist logged them (and none for unset keys)
     assert _augmentation({"eval.window": "64x64", "eval.stride": "None"}) == "slide 64x64/43x43"
     assert _augmentation({"eval.window": "None", "eval.stride": "None"}) == ""
+    train = {"eval.scales": "0.75,1.0", "eval.flip": "False", "eval.window": "None"}
+    assert _augmentation(train) == "TTA 0.75,1.0"
     tta = {"eval.tta_scales": "1.0", "eval.tta_flip": "True", "eval.window": "None"}
     assert _augmentation(tta) == "TTA 1.0 flip"
+    old = {"eval.tta_scales": "1.0", "eval.tta_flip": "False", "eval.window": "64x64/32x32"}
+    assert _augmentation(old) == "slide 64x64/32x32"
