@@ -235,8 +235,8 @@ def sweeps_in(storage: str | Path) -> list[dict]:
             state = "running or interrupted"
         else:
             state = "ended"
-            if blob.get("stopped"):  # (files from before stop requests: stopped means on request)
-                state = "stopped" if blob.get("stop_requested", True) else "interrupted"
+            if blob.get("stopped"):  # (older files, from before stop requests: interrupted)
+                state = "stopped" if blob.get("stop_requested", False) else "interrupted"
         counts = _trial_states(results)
         rows.append(
             {

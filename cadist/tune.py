@@ -135,6 +135,39 @@ class _StopWhenIdle(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+ENDED = "cadist_trials_ended.json"  # in the Tune experiment folder (set aside with it on --restart)
+
+
+class _RecordEnded(Callback):
+    """Tune callback: the ids of trials Tune ended — finished, or stopped by the scheduler (ASHA) —
+    in `<experiment>/cadist_trials_ended.json`, so that the sweep's results tell a trial ASHA
+    stopped from one an interruption cut short (neither made its final report)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def setup(self, **info):
+        if not os.path.exists(self.path):
+            self._write([])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._write(sorted(set(_ended(Path(self.path)) or ()) | {trial.trial_id}))
+
+    def _write(self, ids: list[str]) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        Path(tmp).write_text(json.dumps(ids))
+        os.replace(tmp, self.path)
+
+
+def _ended(path: Path) -> set[str] | None:
+    """The trial ids `_RecordEnded` wrote; None where it did not run (sweeps from older cadist)."""
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def _sweep_files(storage: Path, sweep: SweepConfig) -> tuple[Path, Path, Path]:
     """The sweep's Tune experiment folder, its state (settings it started with), its MLflow marker."""
     return (storage / f"sweep-{sweep.name}", sweep_file(storage, sweep.name, "state"),
@@ -233,7 +266,10 @@ def run_loaded_sweep(
             run_config=tune.RunConfig(
                 name=f"sweep-{sweep.name}",
                 storage_path=str(storage),
-                callbacks=[_StopWhenIdle(str(stop_file))],
+                callbacks=[
+                    _StopWhenIdle(str(stop_file)),
+                    _RecordEnded(str(storage / f"sweep-{sweep.name}" / ENDED)),
+                ],
             ),
         )
     rows = _rows(tuner.fit(), sweep, base, storage)
@@ -343,6 +379,7 @@ def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
     interrupted first), failed (its run is marked FAILED here)."""
     from cadist.tracking import resolve_uri, set_status
 
+    ended = _ended(storage / f"sweep-{sweep.name}" / ENDED)
     rows = []
     for res in grid:
         last = res.metrics or {}
@@ -358,7 +395,9 @@ def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
         elif res.error is not None:
             state = "failed"
         elif "job" not in last:  # stopped before its final report: by ASHA, or the sweep ended
-            state = "stopped early" if sweep.scheduler == "asha" and last else "interrupted"
+            by_tune = trial_id in ended if ended is not None else True  # (older sweeps: guess)
+            asha = sweep.scheduler == "asha" and last and by_tune
+            state = "stopped early" if asha else "interrupted"
         else:
             state = "finished"
         # a trial without a final report: its run is found by its marker, its step by checkpoint

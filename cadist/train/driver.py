@@ -103,16 +103,25 @@ def check_eval(job: JobConfig, source: str) -> None:
     tta = job.eval.augmentation()
     if tta is None or tta.window is None:
         return
-    from cadist.eval.tta import size_multiple
-    from cadist.models.build import build_model
-
-    window, multiple = tta.window, size_multiple(build_model(**job.model.build_kwargs()))
+    window, multiple = tta.window, input_multiple(job)
     if window.height % multiple or window.width % multiple:
         up = [-(-v // multiple) * multiple for v in (window.height, window.width)]
         raise ConfigError(
             f"{source}: eval.window {job.eval.window}: {job.model.name} takes inputs whose sides "
             f"are multiples of {multiple}; use e.g. eval.window={up[0]}x{up[1]}"
         )
+
+
+def input_multiple(job: JobConfig) -> int:
+    """The multiple the job's model needs its input sides to be (`cadist.eval.tta.size_multiple`),
+    from its structure on the meta device: no memory, no initialisation."""
+    import torch
+
+    from cadist.eval.tta import size_multiple
+    from cadist.models.build import build_model
+
+    with torch.device("meta"):
+        return size_multiple(build_model(**job.model.build_kwargs()))
 
 
 def val_image_size(job: JobConfig) -> tuple[int, int] | None:

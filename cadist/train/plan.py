@@ -16,6 +16,7 @@ from cadist.train.driver import (
     check_data,
     check_eval,
     check_weights,
+    input_multiple,
     val_image_size,
 )
 from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, describe_nodes
@@ -79,6 +80,7 @@ def plan_training(
         "storage": str(storage / job.name),
         "mlflow": mlflow,
         "macs": _macs(job),
+        "eval": _evaluation(job),
         "deepspeed": deepspeed_config(job, job.cluster.use_gpu),
     }
 
@@ -167,6 +169,35 @@ def _macs(job: JobConfig) -> dict | None:
     }
 
 
+def _evaluation(job: JobConfig) -> dict:
+    """How the job evaluates (every `eval.interval` steps and at the end): the protocol's label
+    ("" for the paper's: whole images, one scale), and with test-time augmentation or a sliding
+    window the passes and the forwards (crops) each validation image then costs."""
+    out = {"interval": job.eval.interval, "protocol": "", "passes": 1, "forwards_per_image": 1}
+    tta = job.eval.augmentation()
+    if tta is None:
+        return out
+    out["protocol"] = tta.label()
+    hw = val_image_size(job)
+    if hw is not None:
+        from cadist.eval.tta import plan_passes
+
+        passes = plan_passes(*hw, tta.scales, tta.flip, input_multiple(job), tta.window)
+        out |= {"passes": len(passes), "forwards_per_image": sum(p.tiles for p in passes)}
+    return out
+
+
+def _eval_line(ev: dict, hw: list[int] | None) -> str:
+    if not ev["protocol"]:
+        return f"  evaluates every {ev['interval']} steps and at the end: whole images, one scale"
+    size = f" {hw[0]}×{hw[1]}" if hw else ""
+    return (
+        f"  evaluates every {ev['interval']} steps and at the end: {ev['protocol']} — "
+        f"{_n(ev['passes'], 'pass')}, {_n(ev['forwards_per_image'], 'forward')} per{size} "
+        f"validation image (the logged GMac is all of them)"
+    )
+
+
 def describe(plan: dict) -> str:
     """The plan as a few lines for the console."""
     b, c, d, m = plan["batch"], plan["cluster"], plan["data"], plan["model"]
@@ -215,6 +246,7 @@ def describe(plan: dict) -> str:
         )
     elif mac:
         lines.append(_mac_line(mac, f"head {mac['head_gmac']:.2f}"))
+    lines.append(_eval_line(plan["eval"], mac and mac["input_hw"]))
     ds = plan["deepspeed"]
     lines.append(
         f"  DeepSpeed: ZeRO {ds['zero_optimization']['stage']}, "
@@ -235,7 +267,7 @@ def _mac_line(mac: dict, note: str) -> str:
 
 
 def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'s' * (count != 1)}"
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def _adaptive(model: dict) -> bool:
@@ -303,6 +335,7 @@ def plan_sweep(
         "storage": str(storage),
         "mlflow": mlflow,
         "macs": _macs(base),
+        "eval": _evaluation(base),
     }
 
 
@@ -341,5 +374,8 @@ def describe_sweep(plan: dict) -> str:
     mac = plan["macs"]
     if mac and "backbone_gmac_at_p0" in mac:
         lines.append(_mac_line(mac, "base job's settings"))
+    lines.append(
+        _eval_line(plan["eval"], mac and mac["input_hw"]).replace("  ", "  each trial ", 1)
+    )
     lines.append("nothing was started; `cadist tune` with the same arguments runs it")
     return "\n".join(lines)

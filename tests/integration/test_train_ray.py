@@ -363,23 +363,29 @@ def test_a_ray_address_nothing_answers_at_is_one_error(workdir, tmp_path):
 
 # -- a 2-worker DeepSpeed step equals a 1-process step on the concatenated batch -----------------
 def _one_step_worker(cfg):
+    """Each case of `cfg["cases"]` ({"job", "batch", "out"}) in turn, in one Ray Train run (one
+    start for all): two optimiser steps of a fresh engine on this rank's share of the batch."""
     import ray.train
 
     from cadist.config import JobConfig
     from cadist.train.engine import build_engine, train_step
 
-    job = JobConfig.model_validate(cfg["job"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     cpu = torch.device("cpu")
-    engine = build_engine(job, False, world, cpu)
-    _no_dropout(engine.module)  # dropout masks are random per process; the rest must match exactly
-    x, y = torch.load(cfg["batch"], weights_only=True)
-    n, m = x.shape[0] // world, job.micro_batch
-    for _ in range(2):  # two optimiser steps, each of n / m micro-batches of this rank's share
-        for i in range(rank * n, (rank + 1) * n, m):
-            train_step(engine, {"image": x[i : i + m], "label": y[i : i + m]}, cpu, torch.float32)
-    if rank == 0:
-        torch.save(engine.module.state_dict(), cfg["out"])
+    for case in cfg["cases"]:
+        job = JobConfig.model_validate(case["job"])
+        engine = build_engine(job, False, world, cpu)
+        _no_dropout(engine.module)  # dropout masks are random per process; the rest must match
+        x, y = torch.load(case["batch"], weights_only=True)
+        n, m = x.shape[0] // world, job.micro_batch
+        for _ in range(2):  # two optimiser steps, each of n / m micro-batches of this rank's share
+            for i in range(rank * n, (rank + 1) * n, m):
+                train_step(
+                    engine, {"image": x[i : i + m], "label": y[i : i + m]}, cpu, torch.float32
+                )
+        if rank == 0:
+            torch.save(engine.module.state_dict(), case["out"])
+        del engine
     ray.train.report({"done": 1})
 
 
@@ -401,9 +407,9 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
     x8, y8 = torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 19, (8, 64, 64), generator=g)
     # micro-batches of 2 images per worker: BatchNorm over the 1×1 pooled ASPP branch of 2 images
     # in all is too ill-conditioned to compare (float64 vs float32 statistics differ by 1e-3)
+    cases, jobs = [], []
     for stage, acc in ((0, 1), (2, 1), (0, 2)):
-        x, y = x8[: 4 * acc], y8[: 4 * acc]
-        torch.save((x, y), tmp_path / "batch.pt")
+        torch.save((x8[: 4 * acc], y8[: 4 * acc]), tmp_path / f"batch{acc}.pt")
         job = make_job(
             workdir,
             f"itest-eq{stage}-{acc}",
@@ -414,16 +420,19 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
             },
         )
         out = tmp_path / f"ds{stage}-{acc}.pt"
-        TorchTrainer(
-            _one_step_worker,
-            train_loop_config={
-                "job": job.model_dump(),
-                "batch": str(tmp_path / "batch.pt"),
-                "out": str(out),
-            },
-            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-            run_config=RunConfig(name=f"eq{stage}-{acc}", storage_path=str(tmp_path / "ray")),
-        ).fit()
+        cases.append({"job": job.model_dump(), "batch": str(tmp_path / f"batch{acc}.pt"),
+                      "out": str(out)})  # fmt: skip
+        jobs.append(job)
+    TorchTrainer(
+        _one_step_worker,
+        train_loop_config={"cases": cases},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name="eq", storage_path=str(tmp_path / "ray")),
+    ).fit()
+    for case, job in zip(cases, jobs, strict=True):
+        x, y = torch.load(case["batch"], weights_only=True)
+        out, acc = case["out"], job.deepspeed.gradient_accumulation_steps
+        stage = job.deepspeed.zero_stage
         seed_everything(job.train.seed)
         ref = build_model(job.model.name, job.model.output_stride)
         _no_dropout(ref)

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cadist.tune import ENDED
+
 from ..conftest import registered_checkpoint, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -300,3 +302,7 @@ def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):
         status = client.get_run(t["mlflow_run_id"]).info.status
         assert status == ("KILLED" if t["stopped_early"] else "FINISHED"), (t, status)
     assert r.stdout.count("stopped at step") == len(stopped)
+    # Tune's record of the trials it ended — the finished one and the one ASHA stopped — tells
+    # the latter from a trial an interruption cuts short
+    ended = json.loads((tmp_path / "runs" / "sweep-itest_asha" / ENDED).read_text())
+    assert sorted(ended) == sorted(t["job"].removeprefix("itest_asha-") for t in trials)

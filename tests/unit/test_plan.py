@@ -58,6 +58,24 @@ def test_dry_run_checks_and_describes_without_starting_anything(tmp_path, monkey
     macs = json.loads(r.stdout)["macs"]
     assert macs["backbone_gmac_at_p0"] == round(line.backbone(0.0), 2)
     assert macs["backbone_gmac_per_p"] == round(line.backbone(1.0) - line.backbone(0.0), 2) > 0
+    # the evaluation protocol: the paper's, or the job's passes and the forwards they cost
+    assert plan["eval"] == {"interval": job.eval.interval, "protocol": "", "passes": 1,
+                            "forwards_per_image": 1}  # fmt: skip
+    sets = [
+        "--set",
+        "eval.scales=[0.5, 1]",
+        "--set",
+        "eval.flip=true",
+        "--set",
+        "eval.window=64x64",
+    ]
+    r = CliRunner().invoke(main, [*args, *sets])
+    assert r.exit_code == 0, r.output
+    # scale 1: 64×128 in three 64×64 crops; 0.5: 32×64 in one; each also mirrored
+    assert (
+        f"evaluates every {job.eval.interval} steps and at the end: TTA 0.5,1.0 flip slide "
+        "64x64/43x43 — 4 passes, 8 forwards per 64×128 validation image" in r.stdout
+    ), r.stdout
     assert _files(tmp_path) == before  # nothing written: no run folder, no MLflow store
 
     # a rerun: resumes from the newest checkpoint, lists what changes, continues the MLflow run
@@ -119,12 +137,15 @@ def test_sweep_dry_run_shows_trials_and_how_many_run_at_once(tmp_path, monkeypat
     assert plan["search"] == sweep["search"]
     assert plan["trial"]["epochs"] == round(600 * 2 / 8, 2)
     assert plan["macs"]["backbone_gmac_per_p"] > 0
+    assert plan["eval"]["protocol"] == "" and plan["eval"]["forwards_per_image"] == 1
     assert _files(tmp_path) == before
     r = CliRunner().invoke(main, ["tune", "sweep.yaml", "--dry-run", "--set", "num_samples=3"])
     assert r.exit_code == 0, r.output
     assert "sweep plan (sweep.yaml): 3 trials of" in r.stdout
     assert "search model.trimap_width: choice [5, 11]" in r.stdout
     assert f"at once: {min(4, cpus)} trial(s) on a local Ray on this machine" in r.stdout
+    every = load_job(os.path.join(JOBS, "demo.yaml"), []).eval.interval
+    assert f"each trial evaluates every {every} steps and at the end: whole images" in r.stdout
     # a searched value the job schema refuses is the error `cadist tune` gives
     r = CliRunner().invoke(
         main, ["tune", "sweep.yaml", "--dry-run", "--set", "set.cluster.num_workers=0"]

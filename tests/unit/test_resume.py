@@ -153,8 +153,11 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
               {**trial, "job": "st-b", "state": "stopped"},
               {**trial, "job": None, "state": "not started"}]  # fmt: skip
     (meta / "sweep-st.results.json").write_text(
-        json.dumps({"sweep": "st", "stopped": True, "trials": trials})
+        json.dumps({"sweep": "st", "stopped": True, "stop_requested": True, "trials": trials})
     )
+    # a results file from before stop requests: "stopped" meant interrupted (Ctrl-C)
+    (meta / "sweep-old.state.json").write_text(json.dumps(sweep))
+    (meta / "sweep-old.results.json").write_text(json.dumps({"stopped": True, "trials": trials}))
     # one interrupted (Ctrl-C): a trial ended before its final report, none stopped on request
     (meta / "sweep-int.state.json").write_text(json.dumps(sweep))
     trials = [{**trial, "job": "int-a", "state": "finished"},
@@ -170,6 +173,7 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
     assert sweeps["open"]["ended"] is False and sweeps["open"]["state"] == "running or interrupted"
     assert sweeps["asked"]["state"] == "stop requested"
     assert (sweeps["int"]["state"], sweeps["int"]["interrupted"]) == ("interrupted", 1)
+    assert sweeps["old"]["state"] == "interrupted"
     sw = sweeps["sw"]
     assert (sw["finished"], sw["stopped_early"], sw["failed"], sw["pareto"]) == (1, 1, 1, ["sw-a"])
     assert sw["state"] == "ended" and sw["ended"] is True
@@ -343,11 +347,13 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
     waited, or one Tune had not configured yet), interrupted before it reported, failed; the
     Pareto front only of trials that ended; a stopped or interrupted trial's step is its newest
     checkpoint's."""
+    import json
+
     from ray.tune import Result
 
     from cadist.config import validate_job
     from cadist.sweeps import SweepConfig
-    from cadist.tune import SweepStopped, _rows
+    from cadist.tune import ENDED, SweepStopped, _rows
 
     base = validate_job(
         _job("cluster.storage_path=" + str(tmp_path), "mlflow.enabled=false"), "demo"
@@ -372,8 +378,18 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
         res(None, reported=False),  # pending: Tune has no metrics (nor config) for it yet
         res("e", reported=False),  # cut short (Ctrl-C) before it reported: found by its folder
         res("f", error=RuntimeError("boom")),
+        res("g", **{"val/miou": 0.4, "step": 5}),  # no final report either
     ]
-    for scheduler, b_state in (("asha", "stopped early"), ("fifo", "interrupted")):
+    ended = tmp_path / "sweep-sw" / ENDED  # the trials Tune ended (finished, or stopped by ASHA)
+    ended.parent.mkdir()
+    for scheduler, ids, b_state, g_state in (
+        ("asha", ["a", "b"], "stopped early", "interrupted"),  # g: cut short by an interruption
+        ("asha", None, "stopped early", "stopped early"),  # a sweep from before the record
+        ("fifo", ["a", "b"], "interrupted", "interrupted"),
+    ):
+        ended.unlink(missing_ok=True)
+        if ids is not None:
+            ended.write_text(json.dumps(ids))
         sweep = SweepConfig.model_validate(
             {
                 "name": "sw",
@@ -394,6 +410,7 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
             (None, "not started", None, False, False),
             ("sw-e", "interrupted", 4, False, False),
             ("sw-f", "failed", None, False, True),
+            ("sw-g", g_state, 5 if g_state == "stopped early" else None, False, False),
         ], got
         assert rows[0]["params"] == {"model.edge_threshold": 0.1} and rows[4]["params"] == {
             "model.edge_threshold": None
