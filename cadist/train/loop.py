@@ -13,7 +13,7 @@ from torch import nn
 
 from cadist.data.cityscapes import IGNORE_INDEX
 from cadist.eval.miou import ConfusionMatrix
-from cadist.eval.passes import Augmentation
+from cadist.eval.passes import Augmentation, Pass
 from cadist.eval.tta import (
     high_res_fraction,
     plan_passes,
@@ -114,9 +114,9 @@ def evaluate(
 
     Returns the local confusion matrix, the first `keep` samples as {"key", "image", "label",
     "pred"[, "mask"]} (CPU tensors) for logging, and sums for adaptive models:
-    {"images": n, "high_res_sum": Σ per-image high-res fraction} (0 for dense models; with `tta`
-    each image's mean over the passes); with `tta` also "passes": {Pass: [images, Σ per-image
-    high-res fraction or None]}. A `per_image` list gets one record per image: {"key", "miou",
+    {"images": n, "high_res_sum": Σ per-image high-res fraction (0 for dense models; with `tta`
+    each image's mean over the passes), "passes": {Pass: (images, Σ per-image high-res fraction
+    or None)}} — without `tta` one unmirrored pass per input size. A `per_image` list gets one record per image: {"key", "miou",
     "pixel_accuracy", "pixels"[, "high_res_fraction"]}."""
     was_training = model.training
     model.eval()
@@ -130,6 +130,7 @@ def evaluate(
             pred = model(x).argmax(1)
             mask = getattr(model, "last_mask", None)
             fractions = None if mask is None else high_res_fraction(mask)
+            _count(passes, Pass(*x.shape[-2:], False), x.shape[0], fractions)
         else:
             pred, fractions, mask = _augmented(model, x, tta, passes)
         images += x.shape[0]
@@ -150,10 +151,7 @@ def evaluate(
                 item["mask"] = mask[i].cpu()
             kept.append(item)
     model.train(was_training)
-    extra = {"images": images, "high_res_sum": high_res}
-    if tta is not None:
-        extra["passes"] = passes
-    return cm, kept, extra
+    return cm, kept, {"images": images, "high_res_sum": high_res, "passes": passes}
 
 
 def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dict):
@@ -165,15 +163,19 @@ def _augmented(model: nn.Module, x: torch.Tensor, tta: Augmentation, passes: dic
     probs, masks, per_pass = predict_augmented(model, x, plan, tta.window)
     own = [m for p, m in zip(plan, masks, strict=True)
            if not p.flip and (p.height, p.width) == x.shape[-2:]]  # fmt: skip
-    fractions = []
     for p, f in zip(plan, per_pass, strict=True):
-        n, s = passes.get(p, (0, None))
-        if f is not None:
-            fractions.append(f)
-            s = (s or 0.0) + float(f.sum())
-        passes[p] = (n + x.shape[0], s)
+        _count(passes, p, x.shape[0], f)
+    fractions = [f for f in per_pass if f is not None]
     mean = torch.stack(fractions).mean(0) if fractions else None
     return probs.argmax(1), mean, own[0] if own else None
+
+
+def _count(passes: dict, p: Pass, images: int, fractions: torch.Tensor | None) -> None:
+    """Adds a batch's images (and their high-res fractions' sum, adaptive models) to pass p's."""
+    n, s = passes.get(p, (0, None))
+    if fractions is not None:
+        s = (s or 0.0) + float(fractions.sum())
+    passes[p] = (n + images, s)
 
 
 def _per_image(pred, target, keys, fractions, num_classes: int) -> list[dict]:

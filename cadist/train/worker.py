@@ -24,7 +24,6 @@ from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
 from cadist.eval.miou import iou_csv, val_metrics
-from cadist.eval.passes import Pass
 from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
@@ -154,16 +153,15 @@ def mask_overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _log_adaptive(tracker, job: JobConfig, extra: dict, hw, step: int, device) -> dict:
+def _log_adaptive(tracker, job: JobConfig, extra: dict, step: int, device) -> dict:
     """Mean high-res fraction over all validation images (all ranks) and the GMac per image it
     implies (§10) — with `eval.scales`/`flip`/`window`, all passes' total: each pass's line at its
     size (a window's: at crop size, times the crops) at the pass's mean fraction. Summed over
     images and ranks, which is exact because the line is linear in the fraction."""
     from cadist.adaptive.stats import mac_line
 
-    passes = extra.get("passes") or {Pass(*hw, False): (extra["images"], extra["high_res_sum"])}
     sums = [extra["high_res_sum"], extra["images"], 0.0, 0.0, 0.0]
-    for one, (n, high_res) in passes.items():
+    for one, (n, high_res) in extra["passes"].items():
         if n:
             line = mac_line(
                 job.model.name, job.model.adaptive_mode, *(one.tile or (one.height, one.width))
@@ -189,7 +187,7 @@ def _log_adaptive(tracker, job: JobConfig, extra: dict, hw, step: int, device) -
     return metrics
 
 
-def _eval_learned(tracker, job: JobConfig, model, val, extra, hw, step: int, device) -> dict:
+def _eval_learned(tracker, job: JobConfig, model, val, extra, step: int, device) -> dict:
     """Learned-mask models (§7.5): the training network's high-res share, then — unless
     `eval.learned_inference` is off — the irregular inference network built from the current
     weights: its mIoU, high-res share and the MACs that implies (what the method reports)."""
@@ -199,7 +197,7 @@ def _eval_learned(tracker, job: JobConfig, model, val, extra, hw, step: int, dev
     out = {"val/high_res_fraction_train": p_train}
     if not job.eval.learned_inference:
         tracker.log_metrics(out, step)
-        return out | _log_adaptive(tracker, job, extra, hw, step, device)
+        return out | _log_adaptive(tracker, job, extra, step, device)
     kw = job.model.build_kwargs() | {"network": "inference"}
     dtype = next(model.parameters()).dtype
     net = build_model(**kw).to(device, dtype)
@@ -210,7 +208,7 @@ def _eval_learned(tracker, job: JobConfig, model, val, extra, hw, step: int, dev
     cm.all_reduce()
     out["val/miou_inference"] = cm.miou()
     tracker.log_metrics(out, step)
-    return out | _log_adaptive(tracker, job, extra_inf, hw, step, device)
+    return out | _log_adaptive(tracker, job, extra_inf, step, device)
 
 
 def _learned_train_metrics(engine) -> dict:
@@ -401,11 +399,10 @@ def _evaluate(tracker, job, engine, val, state: dict, rank, device, dtype) -> di
     cm.all_reduce()
     metrics = {}
     if is_adaptive(job.model.name):
-        hw = tuple(kept[0]["label"].shape) if kept else _val_hw(job)
         if is_learned(job.model.name):
-            metrics |= _eval_learned(tracker, job, engine.module, val, extra, hw, step, device)
+            metrics |= _eval_learned(tracker, job, engine.module, val, extra, step, device)
         else:
-            metrics |= _log_adaptive(tracker, job, extra, hw, step, device)
+            metrics |= _log_adaptive(tracker, job, extra, step, device)
     kept = kept[: job.eval.log_images]
     miou = cm.miou()
     is_best = miou > state["best_miou"]  # the summed matrix is the same on every rank
@@ -458,12 +455,6 @@ def _recorded(job: JobConfig) -> dict:
         "model_config": job.model.model_dump(),
         "output_stride": job.model.output_stride,
     }
-
-
-def _val_hw(job: JobConfig) -> tuple[int, int]:
-    from cadist.train.driver import val_image_size
-
-    return val_image_size(job) or (0, 0)
 
 
 def _on_device(batches, device, dtype):
