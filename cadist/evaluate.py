@@ -11,10 +11,30 @@ from cadist.checkpoints import resolve_weights
 from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
+from cadist.errors import ConfigError
 from cadist.eval.passes import Augmentation
 from cadist.models.build import build_model, is_learned
 from cadist.models.weights import load_weights
 from cadist.train.loop import evaluate
+
+
+def eval_protocol(
+    job: JobConfig,
+    scales: str | None = None,
+    flip: bool | None = None,
+    window: str | None = None,
+    stride: str | None = None,
+) -> Augmentation:
+    """`cadist eval`'s protocol: its `--scales`, `--flip/--no-flip`, `--window` (`whole`: whole
+    images) and `--stride` where given, else the job's `eval.*` keys, as during training."""
+    if window is None and job.eval.window:
+        window, stride = job.eval.window, stride or job.eval.stride
+    elif window == "whole":
+        if stride:
+            raise ConfigError("--stride goes with a window; --window whole has none")
+        window = None
+    scales = job.eval.scales if scales is None else scales
+    return Augmentation.parse(scales, job.eval.flip if flip is None else flip, window, stride)
 
 
 def evaluate_job(
@@ -75,13 +95,22 @@ def evaluate_job(
         out["per_image"] = sorted(
             images, key=lambda r: (math.isnan(r["miou"]), r["miou"], r["key"])
         )
+    # GMac per image under the method's rules (§10): each pass's at its size and high-res fraction
+    # (the inference network's for learned-mask models), all of an image's passes together
+    passes = _pass_table(job, extra["passes"])
+    for key in GMAC_KEYS:
+        if all(key in p for p in passes):
+            out[key] = sum(p[key] * p["images"] for p in passes) / max(1, extra["images"])
     if tta is not None:
         out["tta"] = {"scales": list(tta.scales), "flip": tta.flip,
                       "window": tta.window.label() if tta.window else None,
-                      "passes": _pass_table(job, extra["passes"])}  # fmt: skip
+                      "passes": passes}  # fmt: skip
         for key in ("backbone_gmac", "total_gmac"):  # per image, all passes
-            out["tta"][key] = sum(p[key] for p in out["tta"]["passes"])
+            out["tta"][key] = out[key]
     return out
+
+
+GMAC_KEYS = ("backbone_gmac", "backbone_gmac_computed", "total_gmac")
 
 
 def _pass_table(job: JobConfig, passes: dict) -> list[dict]:
@@ -97,40 +126,48 @@ def _pass_table(job: JobConfig, passes: dict) -> list[dict]:
             row["high_res_fraction"] = high_res / max(1, images)
         # linear in the high-res fraction at a given size: crops × one crop at their mean
         gmac = _gmac(job, *(p.tile or (p.height, p.width)), row.get("high_res_fraction"))
-        row["backbone_gmac"], row["total_gmac"] = (v * p.tiles for v in gmac)
-        rows.append(row)
+        rows.append(row | {k: v * p.tiles for k, v in gmac.items()})
     return rows
 
 
-def _gmac(job: JobConfig, height: int, width: int, high_res: float | None) -> tuple[float, float]:
-    """Backbone and total GMac of one H×W image (adaptive: at high-res fraction `high_res`)."""
+def _gmac(job: JobConfig, height: int, width: int, high_res: float | None) -> dict[str, float]:
+    """Backbone and total GMac of one H×W image (adaptive: at high-res fraction `high_res`, and
+    the backbone's as cadist computes it, `backbone_gmac_computed`)."""
     from cadist.macs import count_dense
     from cadist.models.build import is_adaptive
 
     if not is_adaptive(job.model.name):
         m = count_dense(job.model.name, job.model.output_stride, height, width)
-        return m["backbone_gmac"], m["total_gmac"]
+        return {"backbone_gmac": m["backbone_gmac"], "total_gmac": m["total_gmac"]}
     from cadist.adaptive.stats import mac_line
 
     line = mac_line(job.model.name, job.model.adaptive_mode, height, width)
-    return line.backbone(high_res), line.backbone(high_res) + line.head_gmac
+    return {"backbone_gmac": line.backbone(high_res),
+            "backbone_gmac_computed": line.backbone(high_res, actual=True),
+            "total_gmac": line.backbone(high_res) + line.head_gmac}  # fmt: skip
 
 
-def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None = None) -> str:
+def log_evaluation(
+    job: JobConfig,
+    ckpt: str,
+    result: dict,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
     """`cadist eval --log`: the evaluation as an MLflow run in the job's experiment, shaped like a
     training run's evaluation at step 0 (params, `val/*`, `macs/*`, the IoU table), so that
-    `cadist report` lists e.g. released checkpoints beside trained ones. Returns the run id."""
+    `cadist report` lists e.g. released checkpoints beside trained ones (nested under
+    `parent_run_id` if given: `cadist eval --vary`). Returns the run id."""
     from cadist import __version__
     from cadist.eval.miou import iou_csv, val_metrics
-    from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive
     from cadist.tracking import Tracker, check_reachable, new_run, resolve_uri
-    from cadist.train.driver import val_image_size
 
     uri = resolve_uri(job.mlflow.tracking_uri)
     check_reachable(uri)
     tags = {"cadist.job": job.name, "cadist.task": "eval", "cadist.weights_source": str(ckpt),
             "cadist.version": __version__}  # fmt: skip
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     tta = result.get("tta")
     if tta:  # apart in `cadist report`: an augmented evaluation costs all its passes
         tags["cadist.tta"] = f"scales {','.join(map(str, tta['scales']))}, flip {tta['flip']}" + (
@@ -150,25 +187,9 @@ def log_evaluation(job: JobConfig, ckpt: str, result: dict, run_name: str | None
               "eval.stride": stride or None}  # fmt: skip
     tracker.log_params(job.flat() | params)
     metrics = val_metrics(result)
-    hw = val_image_size(job)
-    if tta:
-        metrics |= {
-            "macs/backbone_gmac": tta["backbone_gmac"],
-            "macs/total_gmac": tta["total_gmac"],
-        }
-        if "high_res_fraction" in result:
-            metrics["val/high_res_fraction"] = result["high_res_fraction"]
-    elif hw and is_adaptive(job.model.name) and "high_res_fraction" in result:
-        from cadist.adaptive.stats import mac_line
-
-        line = mac_line(job.model.name, job.model.adaptive_mode, *hw)
-        p = result["high_res_fraction"]
-        metrics |= {"val/high_res_fraction": p, "macs/backbone_gmac": line.backbone(p),
-                    "macs/backbone_gmac_computed": line.backbone(p, actual=True),
-                    "macs/total_gmac": line.backbone(p) + line.head_gmac}  # fmt: skip
-    elif hw and not is_adaptive(job.model.name):
-        m = count_dense(job.model.name, job.model.output_stride, *hw)
-        metrics |= {"macs/backbone_gmac": m["backbone_gmac"], "macs/total_gmac": m["total_gmac"]}
+    metrics |= {f"macs/{k}": result[k] for k in GMAC_KEYS if k in result}
+    if "high_res_fraction" in result:
+        metrics["val/high_res_fraction"] = result["high_res_fraction"]
     if "miou_inference" in result:
         metrics["val/miou_inference"] = result["miou_inference"]
     tracker.log_metrics(metrics, 0)

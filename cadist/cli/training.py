@@ -81,9 +81,24 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     help="Also each image's mIoU, pixel accuracy and high-res fraction, worst first (with --log: "
     "eval/per_image.csv).",
 )
+@click.option(
+    "--vary",
+    multiple=True,
+    metavar="KEY=V1,V2,…",
+    help="Evaluate the same weights at each of these values (repeatable: every combination), e.g. "
+    "--vary model.edge_threshold=0.1,0.2,0.4: each setting's mIoU, high-res fraction and GMac, "
+    "and which are on the mIoU-GMac Pareto front. Keys that leave the weights alone: "
+    "model.edge_threshold, trimap_width, mask_variant, mask_sampling and eval.*.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="With --vary: write the trade-off figure (mIoU against backbone GMac) here.",
+)
 def eval_cmd(
-    job_file, ckpt, overrides, device, log_run, run_name, scales, flip, window, stride, per_image
-):
+    job_file, ckpt, overrides, device, log_run, run_name, scales, flip, window, stride, per_image,
+    vary, plot,
+):  # fmt: skip
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
     adaptive models also the high-res fraction. With --scales/--flip/--window, also each pass's
     size (and crops), high-res fraction and GMac, and the GMac per image of all passes. By default
@@ -93,20 +108,37 @@ def eval_cmd(
     import torch
 
     from cadist.config import load_job
-    from cadist.eval.passes import Augmentation
-    from cadist.evaluate import evaluate_job, log_evaluation
+    from cadist.evaluate import eval_protocol, evaluate_job, log_evaluation
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = {"scales": scales, "flip": flip, "window": window, "stride": stride}
+    if vary:
+        if per_image:
+            raise click.UsageError(
+                "--per-image goes with one setting: evaluate it alone, with --set KEY=VALUE"
+            )
+        from cadist.tradeoff import evaluate_varied
+
+        _print_json(
+            evaluate_varied(
+                job_file,
+                overrides,
+                ckpt,
+                vary,
+                options,
+                device,
+                log_run,
+                run_name,
+                plot,
+                echo=lambda m: click.echo(m, err=True),
+            )  # fmt: skip
+        )
+        return
+    if plot:
+        raise click.UsageError("--plot goes with --vary (the trade-off of several settings)")
     job = load_job(job_file, overrides)
-    if window is None and job.eval.window:  # the job's evaluation protocol, as in training
-        window, stride = job.eval.window, stride or job.eval.stride
-    elif window == "whole":
-        if stride:
-            raise click.UsageError("--stride goes with a window; --window whole has none")
-        window = None
-    scales = job.eval.scales if scales is None else scales
-    tta = Augmentation.parse(scales, job.eval.flip if flip is None else flip, window, stride)
+    tta = eval_protocol(job, **options)
     if log_run:  # an unreachable store fails before the evaluation, not after
         from cadist.tracking import check_reachable, resolve_uri
 
