@@ -151,7 +151,7 @@ class EvalConfig(_Section):
             raise ValueError(str(exn)) from None
 
     @model_validator(mode="after")
-    def _a_window(self) -> EvalConfig:
+    def _a_protocol(self) -> EvalConfig:
         try:
             self.augmentation()
         except ConfigError as exn:

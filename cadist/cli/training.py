@@ -73,7 +73,11 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     is_flag=True,
     help="Also record the evaluation as an MLflow run in the job's experiment (for `cadist report`).",
 )
-@click.option("--run-name", help="Name of that run; default: <job name>-eval[-tta][-slide].")
+@click.option(
+    "--run-name",
+    help="Name of that run; default: <job name>-eval[-tta][-slide] (with --vary: of the run the "
+    "settings' runs are nested under, default <job name>-vary).",
+)
 @_tta_options
 @click.option(
     "--per-image",
@@ -104,7 +108,8 @@ def eval_cmd(
     size (and crops), high-res fraction and GMac, and the GMac per image of all passes. By default
     the job's evaluation protocol, as during training: its eval.scales, eval.flip and eval.window
     (with eval.stride, or --stride); the options override it (`--scales 1 --no-flip --window
-    whole`: the paper's single-scale whole-image protocol)."""
+    whole`: the paper's single-scale whole-image protocol). With --vary, the same weights at each
+    combination of the given values, and which settings are on the mIoU-GMac Pareto front."""
     import torch
 
     from cadist.config import load_job
@@ -132,7 +137,7 @@ def eval_cmd(
                 run_name,
                 plot,
                 echo=lambda m: click.echo(m, err=True),
-            )  # fmt: skip
+            )
         )
         return
     if plot:
