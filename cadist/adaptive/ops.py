@@ -197,6 +197,13 @@ class IrregularConv3x3(nn.Module):
             out = _conv_forward(x, self._w9(dt), idx, dt)
         return out + self.bias if self.bias is not None else out
 
+    def train(self, mode: bool = True):
+        # a new evaluation lays the weights out afresh: an optimiser may have written them without
+        # bumping their version (DeepSpeed ZeRO-1/2 update a flat buffer the weights are views of,
+        # `param.data` set to them), which the key below cannot see
+        self._w9_cache = None
+        return super().train(mode)
+
     def _w9(self, dt: torch.dtype) -> torch.Tensor:
         w = self.weight
         key = (w.data_ptr(), w._version, dt, w.device)
