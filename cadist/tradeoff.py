@@ -122,9 +122,9 @@ def evaluate_varied(
     `<job>-vary` run that holds the results and the trade-off figure. Returns {"job", "ckpt",
     "vary", "results": one row per setting (its figures, `pareto`, its run), "pareto": the front's
     settings by increasing GMac, "plot", "mlflow_run_id"}."""
-    from cadist.checkpoints import resolve_weights
     from cadist.config import load_job
-    from cadist.evaluate import eval_protocol, evaluate_job, log_evaluation
+    from cadist.eval.tta import input_multiple
+    from cadist.evaluate import eval_protocol
 
     vary = parse_vary(specs)
     for key in vary:
@@ -137,7 +137,15 @@ def evaluate_varied(
     plan = []
     for setting in settings(vary):  # all checked before the first evaluation
         job = load_job(job_file, [*overrides, *as_overrides(setting)])
-        plan.append((setting, job, eval_protocol(job, **options)))
+        tta = eval_protocol(job, **options)
+        if tta.window is not None:
+            multiple = input_multiple(job.model.build_kwargs())
+            if tta.window.height % multiple or tta.window.width % multiple:
+                raise ConfigError(
+                    f"--vary {label(setting)}: window {tta.window.height}x{tta.window.width}: "
+                    f"{job.model.name} takes inputs whose sides are multiples of {multiple}"
+                )
+        plan.append((setting, job, tta))
     uri = parent = tracker = None
     if log_run:
         from cadist import __version__
@@ -152,11 +160,41 @@ def evaluate_varied(
         tracker.log_params(
             {"eval.ckpt": str(ckpt)} | {f"vary.{k}": json.dumps(v) for k, v in vary.items()}
         )
+    try:
+        out = _evaluate_all(plan, base, ckpt, device, parent, echo)
+    except BaseException:
+        if tracker is not None:  # not left RUNNING
+            tracker.finish("FAILED")
+        raise
+    title = f"{base.name}: " + ", ".join(vary)
+    out["vary"] = vary
+    if plot:
+        write_plot(out["results"], plot, title)
+        out["plot"] = str(plot)
+    if tracker is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            figure = Path(plot) if plot else Path(tmp) / "tradeoff.png"
+            if not plot:
+                write_plot(out["results"], figure, title)
+            tracker.log_artifact(figure, "vary")
+        tracker.log_dict(out, "vary/results.json")
+        tracker.finish()
+    return out
+
+
+def _evaluate_all(plan: list, base, ckpt: str, device: str, parent: str | None, echo) -> dict:
+    """Each (setting, job, protocol) of `plan` evaluated in turn (logged under `parent` if given):
+    {"job", "ckpt", "results", "pareto", "plot": None, "mlflow_run_id": parent}."""
+    from cadist.checkpoints import resolve_weights
+    from cadist.evaluate import evaluate_job, log_evaluation
+
     weights = resolve_weights(ckpt, base.mlflow.tracking_uri if base.mlflow.enabled else None)
     results = []
     for i, (setting, job, tta) in enumerate(plan, 1):
         result = evaluate_job(job, weights, device, tta)
-        if log_run:
+        if parent:
             name = run_name(base.name, setting)
             result["mlflow_run_id"] = log_evaluation(job, ckpt, result, name, parent)
         results.append((setting, result))
@@ -169,20 +207,5 @@ def evaluate_varied(
         if "mlflow_run_id" in result:
             row["mlflow_run_id"] = result["mlflow_run_id"]
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["backbone_gmac"])
-    out = {"job": base.name, "ckpt": str(ckpt), "vary": vary, "results": rows,
-           "pareto": [r["setting"] for r in front], "plot": None, "mlflow_run_id": parent}  # fmt: skip
-    title = f"{base.name}: " + ", ".join(vary)
-    if plot:
-        write_plot(rows, plot, title)
-        out["plot"] = str(plot)
-    if tracker is not None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            figure = Path(plot) if plot else Path(tmp) / "tradeoff.png"
-            if not plot:
-                write_plot(rows, figure, title)
-            tracker.log_artifact(figure, "vary")
-        tracker.log_dict(out, "vary/results.json")
-        tracker.finish()
-    return out
+    return {"job": base.name, "ckpt": str(ckpt), "results": rows,
+            "pareto": [r["setting"] for r in front], "plot": None, "mlflow_run_id": parent}  # fmt: skip

@@ -35,6 +35,15 @@ def size_multiple(model: nn.Module) -> int:
     return m
 
 
+def input_multiple(build_kwargs: dict) -> int:
+    """`size_multiple` of the model `build_model(**build_kwargs)` makes, from its structure on the
+    meta device: no memory, no initialisation."""
+    from cadist.models.build import build_model
+
+    with torch.device("meta"):
+        return size_multiple(build_model(**build_kwargs))
+
+
 def plan_passes(
     height: int,
     width: int,

@@ -113,15 +113,10 @@ def check_eval(job: JobConfig, source: str) -> None:
 
 
 def input_multiple(job: JobConfig) -> int:
-    """The multiple the job's model needs its input sides to be (`cadist.eval.tta.size_multiple`),
-    from its structure on the meta device: no memory, no initialisation."""
-    import torch
+    """The multiple the job's model needs its input sides to be (`cadist.eval.tta.size_multiple`)."""
+    from cadist.eval.tta import input_multiple as of_model
 
-    from cadist.eval.tta import size_multiple
-    from cadist.models.build import build_model
-
-    with torch.device("meta"):
-        return size_multiple(build_model(**job.model.build_kwargs()))
+    return of_model(job.model.build_kwargs())
 
 
 def val_image_size(job: JobConfig) -> tuple[int, int] | None:

@@ -157,6 +157,12 @@ def test_vary_takes_every_combination_and_the_evaluation_protocol(weights):
         (["--vary", "eval.flip=true,false", "--flip"], "--vary eval.flip and --flip: the option"),
         (["--vary", "model.edge_threshold=0.1,-1"], "model.edge_threshold"),
         (["--vary", "model.trimap_width=1", "--per-image"], "--per-image goes with one setting"),
+        (
+            ["--vary", "eval.window=64x64,48x64"],
+            "--vary window=48x64: window 48x64: "
+            + MODEL
+            + " takes inputs whose sides are multiples of 32",
+        ),
         (["--plot", "x.png"], "--plot goes with --vary"),
     ],
 )
