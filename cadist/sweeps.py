@@ -18,7 +18,14 @@ from pydantic import (
     model_validator,
 )
 
-from cadist.config import JobConfig, parse_overrides, read_yaml, validate_job
+from cadist.config import (
+    JobConfig,
+    forget_key,
+    parse_overrides,
+    read_job_tree,
+    read_yaml,
+    validate_job,
+)
 from cadist.errors import ConfigError
 
 #: metrics a trial reports; macs/* and the mask statistics only for content-adaptive models
@@ -136,11 +143,12 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Sweep
     job_path = (path.parent / sweep.job).resolve()
     if not job_path.is_file():
         raise ConfigError(f"{path}: job: {job_path} does not exist")
-    base = read_yaml(job_path, "job file", "a mapping of sections (name, model, data, …)")
+    base, origins = read_job_tree(job_path)
     fixed = json.loads(json.dumps(base))
     for key, value in sweep.set.items():
         _put(fixed, key, value)
-    job = validate_job(json.loads(json.dumps(fixed)), f"{path}: set")
+        forget_key(origins, key)
+    job = validate_job(json.loads(json.dumps(fixed)), f"{path}: set", origins)
     for key, dom in sweep.search.items():
         for value in _values(dom):
             trial = json.loads(json.dumps(fixed))
