@@ -390,6 +390,38 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     return validate_job(tree, str(path), origins)
 
 
+def job_sources(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """For each key a job file (or one of its bases) or an override sets: where it was set — the
+    file, or "--set"."""
+    _, origins = read_job_tree(path)
+    for key, _value in parse_overrides(overrides):
+        forget_key(origins, key)
+        origins[key] = "--set"
+    return origins
+
+
+def job_yaml(job: JobConfig, sources: dict[str, str] | None = None) -> str:
+    """The job as YAML, every key (defaults included); with `sources` (`job_sources`), each key's
+    line ends with a comment saying where it was set (`# default` where nowhere)."""
+    if sources is None:
+        return job.to_yaml()
+    lines: list[str] = []
+
+    def walk(tree: dict, prefix: str, pad: str) -> None:
+        for k, v in tree.items():
+            dotted = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                lines.append(f"{pad}{k}:")
+                walk(v, f"{dotted}.", pad + "  ")
+                continue
+            text = yaml.safe_dump(v, default_flow_style=True, width=1 << 20, allow_unicode=True)
+            text = text.rstrip("\n").removesuffix("\n...")  # a scalar document's end marker
+            lines.append(f"{pad}{k}: {text}  # {sources.get(dotted, 'default')}")
+
+    walk(job.model_dump(), "", "")
+    return "\n".join(lines) + "\n"
+
+
 BASE_KEY = "_base_"
 """A job file's list of job files it starts from (mmsegmentation's convention)."""
 DELETE_KEY = "_delete_"

@@ -1,4 +1,4 @@
-"""`cadist train`, `eval`, `demo`, `tune` and `report`."""
+"""`cadist train`, `config`, `eval`, `demo`, `tune` and `report`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,24 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     _print_json(summary)
     if r.tracking_uri:
         click.echo(f"browse: mlflow ui --backend-store-uri {r.tracking_uri} --host 127.0.0.1")
+
+
+@main.command("config")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@_set_option("a job key, e.g. --set train.iterations=1000")
+@click.option(
+    "--sources",
+    is_flag=True,
+    help="End each key's line with where it was set: a job file (its own or a _base_), --set, "
+    "or default.",
+)
+def config_cmd(job_file, overrides, sources):
+    """Print JOB_FILE as cadist runs it: its `_base_` files merged in, the overrides applied,
+    validated, every key (defaults included) — YAML that `cadist train` takes as a job file."""
+    from cadist.config import job_sources, job_yaml, load_job
+
+    job = load_job(job_file, overrides)
+    click.echo(job_yaml(job, job_sources(job_file, overrides) if sources else None), nl=False)
 
 
 @main.command("eval")

@@ -145,6 +145,27 @@ def test_jobs_build_on_base_files(tmp_path):
     assert (job.model.name, job.model.output_stride) == ("deeplabv3_resnet_tiny", 16)
     assert (job.eval.interval, job.eval.scales, job.eval.flip) == (3, [1.0], False)  # replaced
     assert load_job(child, ["train.seed=3", "name=x"]).train.seed == 3
+    # `cadist config`: the merged job, every key, optionally where each was set; it runs as is
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+
+    shown = CliRunner().invoke(main, ["config", str(child), "--sources", "--set", "train.seed=4"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    for line in (
+        "name: my_job  # " + str(child),
+        "  iterations: 20  # " + str(tmp_path / "_base_" / "short.yaml"),
+        "  batch_size: 4  # " + str(tmp_path / "_base_" / "common.yaml"),
+        "  seed: 4  # --set",
+        "  interval: 3  # " + str(child),
+        "  flip: false  # default",
+        "  scales: [1.0]  # default",
+    ):
+        assert line in lines, (line, shown.stdout)
+    plain = CliRunner().invoke(main, ["config", str(child)])
+    (tmp_path / "merged.yaml").write_text(plain.stdout)
+    assert load_job(tmp_path / "merged.yaml") == job
     grandchild = tmp_path / "deeper.yaml"
     grandchild.write_text("_base_: my_job.yaml\nname: deeper\nmodel: {output_stride: 8}\n")
     deeper = load_job(grandchild)
