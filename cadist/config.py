@@ -380,24 +380,30 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
 
 
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read (with its `_base_` files), override and validate a job file; `ConfigError` names file,
-    key, value and the fix."""
+    """Read, override and validate a job file; `ConfigError` names file, key, value and the fix."""
     path = Path(path)
-    tree, origins = read_job_tree(path)
+    tree = read_yaml(path, "job file", "a mapping of sections (name, model, data, …)")
     for key, value in parse_overrides(overrides):
         _set(tree, key, value, str(path))
-        forget_key(origins, key)  # an error in it names the job file given
-    return validate_job(tree, str(path), origins)
+    return validate_job(tree, str(path))
 
 
 def job_sources(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
-    """For each key a job file (or one of its bases) or an override sets: where it was set — the
-    file, or "--set"."""
-    _, origins = read_job_tree(path)
+    """For each key the job file or an override sets: where — the file, or "--set"."""
+    tree = read_yaml(Path(path), "job file", "a mapping of sections (name, model, data, …)")
+    sources = dict.fromkeys(_leaves(tree), str(path))
     for key, _value in parse_overrides(overrides):
-        forget_key(origins, key)
-        origins[key] = "--set"
-    return origins
+        for k in [k for k in sources if k == key or k.startswith(f"{key}.")]:
+            del sources[k]
+        sources[key] = "--set"
+    return sources
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
 
 
 def job_yaml(job: JobConfig, sources: dict[str, str] | None = None) -> str:
@@ -422,99 +428,6 @@ def job_yaml(job: JobConfig, sources: dict[str, str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-BASE_KEY = "_base_"
-"""A job file's list of job files it starts from (mmsegmentation's convention)."""
-DELETE_KEY = "_delete_"
-"""`_delete_: true` in a section: it replaces the bases' section instead of merging into it."""
-JOB_EXPECTED = "a mapping of sections (name, model, data, …)"
-
-
-def read_job_tree(path: str | Path) -> tuple[dict, dict[str, str]]:
-    """A job file's mapping with its `_base_` files merged in, and for each key set by a file,
-    which file (`{"train.iterations": "jobs/_base_/cityscapes.yaml", …}`).
-
-    `_base_: FILE` or a list of files, relative to the file naming them, each of which may have
-    bases of its own. Later bases override earlier ones and the file overrides its bases: sections
-    merge key by key, any other value (lists included) replaces; `_delete_: true` in a section
-    replaces the inherited section whole. `name` is never inherited: a job without one is named
-    after its file (`jobs/edge_tau03.yaml` → `edge_tau03`). Relative paths in values (shards,
-    weights, storage) keep meaning the working directory, as in any job file."""
-    path = Path(path)
-    tree, origins = _merged(path, ())
-    if "name" not in tree:
-        tree["name"] = path.stem
-        origins["name"] = str(path)
-    return tree, origins
-
-
-def _merged(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
-    me = path.resolve()
-    if me in chain:
-        loop = " → ".join(str(p) for p in (*chain[chain.index(me) :], me))
-        raise ConfigError(f"{path}: {BASE_KEY}: the files inherit from each other ({loop})")
-    tree = read_yaml(path, "job file", JOB_EXPECTED)
-    bases = tree.pop(BASE_KEY, None)
-    if isinstance(bases, str):
-        bases = [bases]
-    if bases is None or not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        if bases is not None:
-            raise ConfigError(
-                f"{path}: {BASE_KEY}: expected a job file or a list of job files, relative to "
-                f"this file (got {bases!r}), e.g. {BASE_KEY}: _base_/cityscapes.yaml"
-            )
-        bases = []
-    merged: dict = {}
-    origins: dict[str, str] = {}
-    for name in bases:
-        base = path.parent / name
-        if not base.is_file():
-            raise ConfigError(
-                f"{path}: {BASE_KEY}: {base} does not exist (paths are relative to the file "
-                f"that names them, here {path.parent}/)"
-            )
-        base_tree, base_origins = _merged(base, (*chain, me))
-        base_tree.pop("name", None)
-        base_origins.pop("name", None)
-        _merge_into(merged, origins, base_tree, base_origins, "")
-    _merge_into(merged, origins, tree, dict.fromkeys(_keys(tree), str(path)), "")
-    return merged, origins
-
-
-def _keys(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        out.append(f"{prefix}{k}")
-        if isinstance(v, dict):
-            out += _keys(v, f"{prefix}{k}.")
-    return out
-
-
-def _merge_into(dst: dict, origins: dict, src: dict, src_origins: dict, prefix: str) -> None:
-    for k, v in src.items():
-        dotted = f"{prefix}{k}"
-        if isinstance(v, dict):
-            v = dict(v)
-            replace = v.pop(DELETE_KEY, False)
-            if not isinstance(replace, bool):
-                raise ConfigError(
-                    f"{src_origins.get(dotted, '?')}: {dotted}.{DELETE_KEY}: expected true or "
-                    f"false (got {replace!r}); true replaces the inherited {dotted} section whole"
-                )
-            if replace or not isinstance(dst.get(k), dict):
-                dst[k] = {}
-                forget_key(origins, dotted)
-            _merge_into(dst[k], origins, v, src_origins, f"{dotted}.")
-        else:
-            dst[k] = v
-            forget_key(origins, dotted)
-            origins[dotted] = src_origins[dotted]
-
-
-def forget_key(origins: dict[str, str], dotted: str) -> None:
-    for key in [k for k in origins if k == dotted or k.startswith(f"{dotted}.")]:
-        del origins[key]
-
-
 def read_yaml(path: Path, what: str, expected: str) -> dict:
     """A YAML mapping from `path`; `ConfigError` naming the file otherwise."""
     try:
@@ -528,22 +441,13 @@ def read_yaml(path: Path, what: str, expected: str) -> dict:
     return tree
 
 
-def validate_job(tree: dict, source: str, origins: dict[str, str] | None = None) -> JobConfig:
-    """The job `tree` validated; a mistake is one `ConfigError` naming `source` — or, for a key
-    one of its `_base_` files set (`origins`, from `read_job_tree`), that file."""
+def validate_job(tree: dict, source: str) -> JobConfig:
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as exn:
         err = exn.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         where = f"{source}: {loc}" if loc else source
-        parts = [str(p) for p in err["loc"]]
-        owner = next(
-            (origins[k] for i in range(len(parts), 0, -1) if (k := ".".join(parts[:i])) in origins),
-            source,
-        ) if origins else source  # fmt: skip
-        if owner != source:
-            where = f"{owner}: {loc} (via {source})"
         if err["type"] == "extra_forbidden":
             parent = _section_of(err["loc"][:-1])
             allowed = ", ".join(parent.model_fields) if parent else "?"

@@ -18,14 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from cadist.config import (
-    JobConfig,
-    forget_key,
-    parse_overrides,
-    read_job_tree,
-    read_yaml,
-    validate_job,
-)
+from cadist.config import JobConfig, parse_overrides, read_yaml, validate_job
 from cadist.errors import ConfigError
 
 #: metrics a trial reports; macs/* and the mask statistics only for content-adaptive models
@@ -143,12 +136,11 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] = ()) -> tuple[Sweep
     job_path = (path.parent / sweep.job).resolve()
     if not job_path.is_file():
         raise ConfigError(f"{path}: job: {job_path} does not exist")
-    base, origins = read_job_tree(job_path)
+    base = read_yaml(job_path, "job file", "a mapping of sections (name, model, data, …)")
     fixed = json.loads(json.dumps(base))
     for key, value in sweep.set.items():
         _put(fixed, key, value)
-        forget_key(origins, key)
-    job = validate_job(json.loads(json.dumps(fixed)), f"{path}: set", origins)
+    job = validate_job(json.loads(json.dumps(fixed)), f"{path}: set")
     for key, dom in sweep.search.items():
         for value in _values(dom):
             trial = json.loads(json.dumps(fixed))
