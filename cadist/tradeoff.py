@@ -25,7 +25,7 @@ VARIABLE = (
     "eval.stride",
 )
 SUMMARY = ("miou", "pixel_accuracy", "high_res_fraction", "miou_inference",
-           "backbone_gmac", "backbone_gmac_computed", "total_gmac")  # fmt: skip
+           "backbone_gmac", "backbone_gmac_computed", "total_gmac", "ran_on")  # fmt: skip
 OBJECTIVES = {"miou": "max", "backbone_gmac": "min"}
 
 
@@ -115,10 +115,12 @@ def evaluate_varied(
     parent_name: str | None = None,
     plot: str | None = None,
     echo=print,
+    address: str | None = None,
 ) -> dict:
     """`cadist eval JOB --ckpt CKPT --vary KEY=V1,V2,…`: every setting checked first (each as
     `--set` overrides of the job, and `options`: the `--scales/--flip/--window/--stride` given),
-    then evaluated in turn. With `log_run` each setting is an eval run nested under one
+    then evaluated in turn — or, with `address`, as Ray tasks on that cluster side by side
+    (`cluster_eval`). With `log_run` each setting is an eval run nested under one
     `<job>-vary` run that holds the results and the trade-off figure. Returns {"job", "ckpt",
     "vary", "results": one row per setting (its figures, `pareto`, its run), "pareto": the front's
     settings by increasing GMac, "plot", "mlflow_run_id"}."""
@@ -161,7 +163,7 @@ def evaluate_varied(
             {"eval.ckpt": str(ckpt)} | {f"vary.{k}": json.dumps(v) for k, v in vary.items()}
         )
     try:
-        out = _evaluate_all(plan, base, ckpt, device, parent, echo)
+        out = _evaluate_all(plan, base, ckpt, device, parent, echo, address, job_file)
     except BaseException:
         if tracker is not None:  # not left RUNNING
             tracker.finish("FAILED")
@@ -184,24 +186,41 @@ def evaluate_varied(
     return out
 
 
-def _evaluate_all(plan: list, base, ckpt: str, device: str, parent: str | None, echo) -> dict:
-    """Each (setting, job, protocol) of `plan` evaluated in turn (logged under `parent` if given):
-    {"job", "ckpt", "results", "pareto", "plot": None, "mlflow_run_id": parent}."""
+def _evaluate_all(
+    plan: list, base, ckpt: str, device: str, parent: str | None, echo, address=None, source=""
+) -> dict:
+    """Each (setting, job, protocol) of `plan` evaluated in turn, or with `address` as Ray tasks
+    on that cluster (then logged here, in order, under `parent` if given): {"job", "ckpt",
+    "results", "pareto", "plot": None, "mlflow_run_id": parent}."""
     from cadist.checkpoints import resolve_weights
     from cadist.evaluate import evaluate_job, log_evaluation
 
     weights = resolve_weights(ckpt, base.mlflow.tracking_uri if base.mlflow.enabled else None)
-    results = []
-    for i, (setting, job, tta) in enumerate(plan, 1):
-        result = evaluate_job(job, weights, device, tta)
+
+    def progress(i: int, result: dict) -> None:
+        gmac = result.get("backbone_gmac")
+        echo(f"[{i + 1}/{len(plan)}] {label(plan[i][0])}: mIoU {result['miou']:.4f}"
+             + (f", backbone {gmac:.3f} GMac" if gmac is not None else "")
+             + (f", high-res {result['high_res_fraction']:.3f}" if "high_res_fraction" in result else ""))  # fmt: skip
+
+    def record(i: int, result: dict) -> tuple[dict, dict]:
+        setting, job, _ = plan[i]
         if parent:
             name = run_name(base.name, setting)
             result["mlflow_run_id"] = log_evaluation(job, ckpt, result, name, parent)
-        results.append((setting, result))
-        gmac = result.get("backbone_gmac")
-        echo(f"[{i}/{len(plan)}] {label(setting)}: mIoU {result['miou']:.4f}"
-             + (f", backbone {gmac:.3f} GMac" if gmac is not None else "")
-             + (f", high-res {result['high_res_fraction']:.3f}" if "high_res_fraction" in result else ""))  # fmt: skip
+        return setting, result
+
+    if address:  # side by side on the cluster, then logged here in order
+        from cadist.cluster_eval import evaluate_on_cluster
+
+        runs = [(job, tta) for _, job, tta in plan]
+        evaluated = evaluate_on_cluster(runs, weights, address, source, echo=progress)
+        results = [record(i, result) for i, result in enumerate(evaluated)]
+    else:  # each logged as it ends: a later failure keeps the settings before it
+        results = []
+        for i, (_, job, tta) in enumerate(plan):
+            results.append(record(i, evaluate_job(job, weights, device, tta)))
+            progress(i, results[-1][1])
     rows = summarise(results)
     for row, (_, result) in zip(rows, results, strict=True):
         if "mlflow_run_id" in result:

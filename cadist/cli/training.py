@@ -62,12 +62,11 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
 @click.option(
     "--sources",
     is_flag=True,
-    help="End each key's line with where it was set: a job file (its own or a _base_), --set, "
-    "or default.",
+    help="End each key's line with where it was set: the job file, --set, or default.",
 )
 def config_cmd(job_file, overrides, sources):
-    """Print JOB_FILE as cadist runs it: its `_base_` files merged in, the overrides applied,
-    validated, every key (defaults included) — YAML that `cadist train` takes as a job file."""
+    """Print JOB_FILE as cadist runs it: the overrides applied, validated, every key (defaults
+    included) — YAML that `cadist train` takes as a job file."""
     from cadist.config import job_sources, job_yaml, load_job
 
     job = load_job(job_file, overrides)
@@ -117,9 +116,17 @@ def config_cmd(job_file, overrides, sources):
     type=click.Path(dir_okay=False),
     help="With --vary: write the trade-off figure (mIoU against backbone GMac) here.",
 )
+@click.option(
+    "--address",
+    default=None,
+    help="Evaluate on this Ray cluster (auto, host:port, ray://host:10001; local: a Ray started "
+    "here, e.g. over this machine's GPUs) instead of in this process: each evaluation — one per "
+    "--vary setting, side by side — is a Ray task with cluster.cpus_per_worker CPUs and, with "
+    "cluster.use_gpu, a GPU. The weights are sent from here; the shards must be readable there.",
+)
 def eval_cmd(
     job_file, ckpt, overrides, device, log_run, run_name, scales, flip, window, stride, per_image,
-    vary, plot,
+    vary, plot, address,
 ):  # fmt: skip
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
     adaptive models also the high-res fraction. With --scales/--flip/--window, also each pass's
@@ -133,6 +140,11 @@ def eval_cmd(
     from cadist.config import load_job
     from cadist.evaluate import eval_protocol, evaluate_job, log_evaluation
 
+    if address and device != "auto":
+        raise click.UsageError(
+            "--device goes with an evaluation in this process; with --address each Ray task "
+            "uses a GPU when the job's cluster.use_gpu is true (--set cluster.use_gpu=…)"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"scales": scales, "flip": flip, "window": window, "stride": stride}
@@ -155,6 +167,7 @@ def eval_cmd(
                 run_name,
                 plot,
                 echo=lambda m: click.echo(m, err=True),
+                address=address,
             )
         )
         return
@@ -166,7 +179,15 @@ def eval_cmd(
         from cadist.tracking import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(job.mlflow.tracking_uri))
-    result = evaluate_job(job, ckpt, device, tta, per_image)
+    if address:
+        from cadist.checkpoints import resolve_weights
+        from cadist.cluster_eval import evaluate_on_cluster
+
+        weights = resolve_weights(ckpt, job.mlflow.tracking_uri if job.mlflow.enabled else None)
+        runs = [(job, tta)]
+        result = evaluate_on_cluster(runs, weights, address, job_file, per_image)[0]
+    else:
+        result = evaluate_job(job, ckpt, device, tta, per_image)
     if log_run:
         result["mlflow_run_id"] = log_evaluation(job, ckpt, result, run_name)
     _print_json(result)

@@ -643,3 +643,52 @@ def test_training_goes_on_while_the_tracking_server_is_down(workdir, ray_local):
         assert registered_checkpoint(run_dir)
     finally:
         server.stop()
+
+
+def test_eval_on_the_ray_cluster_equals_eval_here(workdir, ray_local, tmp_path):
+    """`cadist eval --address`: the evaluation (one per --vary setting, side by side) as Ray tasks
+    given the weights through the object store — the same figures as in this process; a task's
+    error comes back as its one-line error; a task no node can hold is refused up front."""
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+    from cadist.models.build import build_model
+
+    model = "deeplabv3_batch_ap_resnet_tiny"
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pt"
+    torch.save(build_model(model, num_classes=19).state_dict(), weights)
+    val = workdir / "shards" / "val-manifest.json"
+    args = ["eval", str(JOB), "--ckpt", str(weights), "--set", f"model.name={model}",
+            "--set", f"data.val_shards={val}", "--set", "data.num_workers=0",
+            "--set", "model.trimap_width=1"]  # fmt: skip
+    vary = ["--vary", "model.edge_threshold=0.2,100"]
+    here = CliRunner().invoke(main, [*args, *vary])
+    there = CliRunner().invoke(main, [*args, *vary, "--address", "local"])
+    assert here.exit_code == 0 and there.exit_code == 0, here.output + there.output
+    rows_here, rows_there = (json.loads(r.stdout)["results"] for r in (here, there))
+    assert [r["setting"] for r in rows_there] == [r["setting"] for r in rows_here]
+    for a, b in zip(rows_here, rows_there, strict=True):
+        assert b["ran_on"]["device"] == "cpu" and "ran_on" not in a
+        assert b["miou"] == pytest.approx(a["miou"], abs=1e-6)
+        assert b["high_res_fraction"] == pytest.approx(a["high_res_fraction"], abs=1e-9)
+        assert b["backbone_gmac"] == pytest.approx(a["backbone_gmac"], rel=1e-9)
+    assert rows_here[0]["high_res_fraction"] > rows_here[1]["high_res_fraction"]  # τ matters
+    one = CliRunner().invoke(main, [*args, "--per-image", "--address", "local"])
+    assert one.exit_code == 0, one.output
+    result = json.loads(one.stdout)
+    assert result["miou"] == pytest.approx(rows_here[0]["miou"], abs=1e-6)
+    assert result["images"] == 6 and len(result["per_image"]) == 6
+    # errors: raised in the task, shown here as one line; refused before any task
+    bad = CliRunner().invoke(
+        main, [*args, "--set", f"data.val_shards={tmp_path / 'none-{000..001}.tar'}",
+               "--address", "local"],
+    )  # fmt: skip
+    assert bad.exit_code != 0 and "none-000.tar" in bad.output, bad.output
+    big = CliRunner().invoke(
+        main, [*args, "--set", "cluster.cpus_per_worker=64", "--address", "local"]
+    )
+    assert big.exit_code != 0, big.output
+    assert "an evaluation task needs 64 CPU (cluster.cpus_per_worker)" in big.output, big.output
+    cpu = CliRunner().invoke(main, [*args, "--device", "cpu", "--address", "local"])
+    assert cpu.exit_code == 2 and "--device goes with" in cpu.output
