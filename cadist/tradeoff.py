@@ -100,7 +100,11 @@ def write_plot(rows: list[dict], path: str | Path, title: str) -> list[str]:
     whole, then renamed). Returns the labels on the front."""
     from cadist.plots import tradeoff_png
 
-    points = [{"label": label(r["setting"])} | r for r in rows]
+    keys = {tuple(r["setting"]) for r in rows}
+    if len(keys) == 1 and len(next(iter(keys))) == 1:  # one key (named in the title): its values
+        points = [{"label": str(next(iter(r["setting"].values())))} | r for r in rows]
+    else:
+        points = [{"label": label(r["setting"])} | r for r in rows]
     return tradeoff_png(points, path, "backbone_gmac", "miou", "min", "max", title=title)
 
 

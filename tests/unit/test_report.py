@@ -135,6 +135,39 @@ def test_tradeoff_plot_marks_exactly_the_front(tmp_path):
     assert tradeoff_png(pts[2:3], tmp_path / "one.png", "g", "m") == ["c"]
 
 
+def test_trade_off_labels_do_not_overlap_each_other_or_the_points():
+    """Six close points with long labels (a sweep's): each label where it covers no other label
+    and no other point; placed right-above unless that is taken."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cadist.plots import place_labels
+
+    pts = [(1.141, 0.6629, "edge_threshold=0.1, trimap_width=11"),
+           (1.158, 0.6630, "edge_threshold=0.05, trimap_width=11"),
+           (1.150, 0.6627, "edge_threshold=0.07, trimap_width=21"),
+           (1.090, 0.6602, "edge_threshold=0.15, trimap_width=11"),
+           (1.020, 0.6578, "edge_threshold=0.25, trimap_width=11"),
+           (0.999, 0.6572, "edge_threshold=0.4, trimap_width=11"),
+           (0.900, 0.6500, "alone")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    try:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+        ax.margins(0.15)
+        boxes = place_labels(ax, pts)
+        dots = [ax.transData.transform((x, y)) for x, y, _ in pts]
+    finally:
+        plt.close(fig)
+    assert len(boxes) == len(pts)
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[i + 1 :]), i
+        assert not any(a.contains(*d) for j, d in enumerate(dots) if j != i), i
+    # a label with room sits at its default place: right of and above its point
+    assert boxes[-1].x0 > dots[-1][0] and boxes[-1].y0 > dots[-1][1]
+
+
 def test_eval_log_records_a_run_that_report_lists(tmp_path):
     """`cadist eval --log` of a dense and an adaptive checkpoint on generated shards: MLflow runs
     with the evaluation's numbers and GMac, listed by `cadist report` beside training runs."""
