@@ -1,4 +1,5 @@
-"""Single-image prediction: colour-coded classes, overlays and raw logits."""
+"""Prediction of image files: colour-coded classes and overlays, or Cityscapes labelIds for the
+benchmark; raw logits and pooling masks."""
 
 from __future__ import annotations
 
@@ -9,11 +10,43 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cadist.data.cityscapes import PALETTE
+from cadist.data.cityscapes import PALETTE, train_id_lut
 from cadist.data.transforms import normalized_input
 from cadist.errors import DataError
 from cadist.eval.passes import Augmentation
 from cadist.eval.tta import plan_passes, predict_augmented, size_multiple
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FORMATS = ("colour", "labelids")
+
+
+def image_list(specs: list[str | Path] | tuple[str | Path, ...]) -> list[tuple[Path, Path]]:
+    """(image, its output folder relative to --out) for each `--image`: a file → (file, "."); a
+    folder → every .png/.jpg/.jpeg under it, sorted, with its subfolder (Cityscapes'
+    `leftImg8bit/test` → `<city>/…`). A `DataError` for a path that is neither, or a folder with
+    no image, or two images that would write the same outputs."""
+    out: list[tuple[Path, Path]] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"--image {p}: a folder with no .png/.jpg/.jpeg image under it")
+            out += [(f, f.parent.relative_to(p)) for f in found]
+        elif p.is_file():
+            out.append((p, Path(".")))
+        else:
+            raise DataError(f"--image {p}: no such file or folder")
+    seen: dict[Path, Path] = {}
+    for image, sub in out:
+        key = sub / image.stem
+        if key in seen and seen[key] != image:
+            raise DataError(
+                f"--image: {seen[key]} and {image} would write the same outputs ({key}_…); "
+                f"predict them into different --out folders"
+            )
+        seen[key] = image
+    return out
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -59,9 +92,12 @@ def write_prediction(
     save_logits: bool = False,
     save_mask: bool = False,
     tta: Augmentation | None = None,
+    fmt: str = "colour",
 ) -> dict[str, Path]:
-    """Write `<stem>_pred.png`, `<stem>_overlay.png` (and `<stem>_logits.npy`, and for adaptive
-    models `<stem>_mask.npy`: uint8 pooling mask at the finest grid, 0 = finest resolution).
+    """Write `<stem>_pred.png`, `<stem>_overlay.png` — or with `fmt` "labelids" only
+    `<stem>_labelIds.png`, uint8 Cityscapes labelIds as the benchmark's evaluation and server take
+    them — (and `<stem>_logits.npy`, and for adaptive models `<stem>_mask.npy`: uint8 pooling
+    mask at the finest grid, 0 = finest resolution).
 
     With test-time augmentation `tta` the prediction is the argmax of the passes' mean
     probabilities, `--save-logits` writes those as `<stem>_probs.npy` (float32 (C, H, W)) and
@@ -85,10 +121,18 @@ def write_prediction(
             masks = {f"mask_{p.height}x{p.width}": m[0]
                      for p, m in zip(plan, pass_masks, strict=True) if not p.flip}  # fmt: skip
     pred = scores.argmax(0).numpy().astype(np.uint8)
-    colour = colorize(pred)
-    paths = {"pred": out / f"{image.stem}_pred.png", "overlay": out / f"{image.stem}_overlay.png"}
-    _save(paths["pred"], lambda f: Image.fromarray(colour).save(f, format="PNG"))
-    _save(paths["overlay"], lambda f: Image.fromarray(overlay(img, colour)).save(f, format="PNG"))
+    if fmt == "labelids":
+        paths = {"label_ids": out / f"{image.stem}_labelIds.png"}
+        ids = train_id_lut()[pred]
+        _save(paths["label_ids"], lambda f: Image.fromarray(ids).save(f, format="PNG"))
+    else:
+        colour = colorize(pred)
+        paths = {"pred": out / f"{image.stem}_pred.png",
+                 "overlay": out / f"{image.stem}_overlay.png"}  # fmt: skip
+        _save(paths["pred"], lambda f: Image.fromarray(colour).save(f, format="PNG"))
+        _save(
+            paths["overlay"], lambda f: Image.fromarray(overlay(img, colour)).save(f, format="PNG")
+        )
     if save_logits:
         key = "logits" if tta is None or tta.plain else "probs"
         paths[key] = out / f"{image.stem}_{key}.npy"

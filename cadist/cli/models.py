@@ -240,8 +240,24 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     "images",
     required=True,
     multiple=True,
-    type=click.Path(dir_okay=False),
-    help="Image file; repeat for several.",
+    type=click.Path(),
+    help="Image file, or a folder: every .png/.jpg/.jpeg under it (outputs keep its subfolders, "
+    "e.g. leftImg8bit/test → <city>/…); repeat for several.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["colour", "labelids"]),
+    default="colour",
+    show_default=True,
+    help="colour: <stem>_pred.png (Cityscapes colours) and <stem>_overlay.png; labelids: "
+    "<stem>_labelIds.png only, uint8 Cityscapes labelIds — the files the Cityscapes benchmark "
+    "(cityscapesscripts' evaluation, the test server) takes.",
+)
+@click.option(
+    "--skip-existing",
+    is_flag=True,
+    help="Leave out images whose outputs are all there already (a rerun after an interruption).",
 )
 @click.option(
     "--out",
@@ -270,6 +286,8 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
 def predict_cmd(
     ckpt,
     images,
+    fmt,
+    skip_existing,
     out,
     save_logits,
     save_mask,
@@ -281,17 +299,19 @@ def predict_cmd(
     stride,
     **opts,
 ):
-    """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png.
-    With --scales/--flip/--window, --save-logits writes the mean probabilities (<stem>_probs.npy)
-    and --save-mask each unmirrored pass's mask (<stem>_mask_<h>x<w>.npy)."""
+    """Predict classes for images: <stem>_pred.png (Cityscapes colours), <stem>_overlay.png — or
+    with --format labelids <stem>_labelIds.png for the Cityscapes benchmark. With
+    --scales/--flip/--window, --save-logits writes the mean probabilities (<stem>_probs.npy) and
+    --save-mask each unmirrored pass's mask (<stem>_mask_<h>x<w>.npy)."""
     import torch
 
     from cadist.eval.passes import Augmentation
     from cadist.models.build import is_adaptive
     from cadist.models.fold import fold_batchnorm
     from cadist.models.weights import load_weights
-    from cadist.predict import write_prediction
+    from cadist.predict import image_list, write_prediction
 
+    todo = image_list(images)  # a missing file or an empty folder: before the model is built
     tta = Augmentation.parse(scales or "1", bool(flip), window, stride)
     ckpt, opts = _from_checkpoint(ckpt, opts)
     model = opts["model"]
@@ -304,6 +324,27 @@ def predict_cmd(
     # inference form: BN folded into the convolutions (same function, fewer passes)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     net = fold_batchnorm(net).to(device, dtype)
-    for image in images:
-        paths = write_prediction(net, image, out, device, save_logits, save_mask, tta)
+    done = 0
+    for image, sub in todo:
+        dest = Path(out) / sub
+        if skip_existing and _outputs_exist(dest, image, fmt, save_logits, save_mask, tta):
+            done += 1
+            continue
+        paths = write_prediction(net, image, dest, device, save_logits, save_mask, tta, fmt)
         click.echo(" ".join(str(p) for p in paths.values()))
+    if done:
+        click.echo(
+            f"{done} of {len(todo)} images had their outputs already (--skip-existing)", err=True
+        )
+
+
+def _outputs_exist(dest, image, fmt, save_logits, save_mask, tta) -> bool:
+    """Whether every file `write_prediction` would write for `image` is in `dest` (bar an
+    augmented prediction's masks, one per pass)."""
+    names = ["labelIds.png"] if fmt == "labelids" else ["pred.png", "overlay.png"]
+    plain = tta is None or tta.plain
+    if save_logits:
+        names.append("logits.npy" if plain else "probs.npy")
+    if save_mask and plain:
+        names.append("mask.npy")
+    return all((dest / f"{image.stem}_{n}").is_file() for n in names)

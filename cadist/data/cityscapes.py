@@ -50,6 +50,15 @@ def label_lut() -> np.ndarray:
     return lut
 
 
+def train_id_lut() -> np.ndarray:
+    """A (256,) uint8 lookup table trainId → labelId, the ids the Cityscapes benchmark scores
+    (`*_labelIds.png` predictions); 255 (ignore) and unused values map to 0 ("unlabeled")."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for t in range(NUM_CLASSES):
+        lut[t] = _cs.trainId2label[t].id
+    return lut
+
+
 _KNOWN = np.zeros(256, dtype=bool)
 _KNOWN[list(VALID_LABEL_IDS)] = True
 

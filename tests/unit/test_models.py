@@ -1,5 +1,6 @@
 """Dense DeepLabv3: architecture, names, weights, MAC counting and prediction."""
 
+import os
 import re
 
 import numpy as np
@@ -16,6 +17,8 @@ from cadist.macs import MacCounter, count_dense
 from cadist.models.build import build_model
 from cadist.models.resnet import SPECS, ResNet
 from cadist.models.weights import load_backbone, load_weights, save_weights
+
+JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
 
 
 def _dilations(model, layer):
@@ -326,3 +329,65 @@ def test_predict_writes_colours_overlay_and_logits(tmp_path):
     assert r.exit_code == 2 and re.match(
         r"error: .*holds weights of deeplabv3_resnet_tiny", r.output
     )
+
+
+def test_predict_a_folder_in_the_cityscapes_benchmark_format(tmp_path):
+    """`--image leftImg8bit/val --format labelids`: `<city>/<stem>_labelIds.png` for every image,
+    the colour prediction's classes as Cityscapes labelIds; scored against gtFine as the benchmark
+    scores (labelIds → trainIds) they give `cadist eval`'s mIoU of the same weights; a rerun with
+    --skip-existing writes nothing; a missing path or an empty folder is one error."""
+    import json
+
+    from cadist.data.cityscapes import PALETTE, label_lut
+    from cadist.eval.miou import ConfusionMatrix
+
+    from ..conftest import tiny_shards
+
+    _, val = tiny_shards(tmp_path, num_train=2, num_val=4, seed=8)
+    torch.manual_seed(3)
+    m = build_model("deeplabv3_resnet_tiny", 16).eval()
+    save_weights(m, tmp_path / "w.pt", model="deeplabv3_resnet_tiny", output_stride=16)
+    images = tmp_path / "cs" / "leftImg8bit" / "val"
+    args = ["predict", "--ckpt", str(tmp_path / "w.pt"), "--image", str(images), "--device", "cpu"]
+    r = CliRunner().invoke(main, [*args, "--format", "labelids", "--out", str(tmp_path / "sub")])
+    assert r.exit_code == 0, r.output
+    colour = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "col")])
+    assert colour.exit_code == 0, colour.output
+    written = sorted((tmp_path / "sub").rglob("*.png"))
+    sources = sorted(images.rglob("*_leftImg8bit.png"))
+    assert len(written) == len(sources) == 4
+    lut, cm = label_lut(), ConfusionMatrix(19)
+    for src in sources:
+        rel = src.relative_to(images).parent / f"{src.stem}_labelIds.png"
+        ids = np.asarray(Image.open(tmp_path / "sub" / rel))
+        assert ids.dtype == np.uint8 and ids.shape == (64, 128)
+        pred = lut[ids]
+        assert (pred < 19).all()  # every pixel one of the 19 classes' labelIds
+        col = np.asarray(Image.open(tmp_path / "col" / rel.parent / f"{src.stem}_pred.png"))
+        assert np.array_equal(PALETTE[pred], col)  # the same classes as the colour output
+        gt_name = src.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+        gt = lut[
+            np.asarray(Image.open(tmp_path / "cs" / "gtFine" / "val" / src.parent.name / gt_name))
+        ]
+        cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt.astype(np.int64)))
+    ev = CliRunner().invoke(
+        main,
+        ["eval", os.path.join(JOBS, "demo.yaml"), "--ckpt", str(tmp_path / "w.pt"),
+         "--device", "cpu", "--set", f"data.val_shards={val}", "--set", "data.num_workers=0",
+         "--set", "model.name=deeplabv3_resnet_tiny", "--set", "model.output_stride=16"],
+    )  # fmt: skip
+    assert ev.exit_code == 0, ev.output
+    assert cm.miou() == pytest.approx(json.loads(ev.stdout)["miou"], abs=1e-3)
+    before = {p: p.stat().st_mtime_ns for p in written}
+    again = CliRunner().invoke(
+        main, [*args, "--format", "labelids", "--out", str(tmp_path / "sub"), "--skip-existing"]
+    )
+    assert again.exit_code == 0 and "4 of 4 images had their outputs already" in again.output
+    assert {p: p.stat().st_mtime_ns for p in written} == before
+    (tmp_path / "empty").mkdir()
+    for bad, msg in ((tmp_path / "empty", "a folder with no .png/.jpg/.jpeg image"),
+                     (tmp_path / "nope.png", "no such file or folder")):  # fmt: skip
+        r = CliRunner().invoke(
+            main, ["predict", "--ckpt", str(tmp_path / "w.pt"), "--image", str(bad)]
+        )
+        assert r.exit_code != 0 and msg in r.output, r.output
