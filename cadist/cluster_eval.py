@@ -28,13 +28,16 @@ def evaluate_on_cluster(
     source: str,
     per_image: bool = False,
     echo=None,
+    shares: int = 1,
 ) -> list[dict]:
     """`evaluate_job` of `weights` (a local file) for each (job, protocol) of `runs`, as Ray tasks
-    on the cluster at `address` (`local`: a Ray started here, e.g. over a workstation's GPUs).
-    Results in the order of `runs`; `echo(i, result)` as each ends. A failure in a task is raised
-    here as its own error (a `CadistError` keeps its one-line message)."""
+    on the cluster at `address` (`local`: a Ray started here, e.g. over a workstation's GPUs):
+    `shares` tasks per run, each evaluating its share of the validation images, added up here.
+    Results in the order of `runs`; `echo(i, result)` as each run's last share ends. A failure in
+    a task is raised here as its own error (a `CadistError` keeps its one-line message)."""
     import ray
 
+    from cadist.evaluate import combine_parts
     from cadist.train.driver import _absolute
     from cadist.train.raycluster import cluster_nodes, connect_ray, describe_nodes, placeable
 
@@ -57,15 +60,25 @@ def evaluate_on_cluster(
         num_cpus=request["CPU"], num_gpus=request.get("GPU", 0.0), max_retries=0
     )
     pending = {
-        task.remote(_absolute(job), blob, weights.name, tta, per_image): i
+        task.remote(_absolute(job), blob, weights.name, tta, per_image, share, shares): i
         for i, (job, tta) in enumerate(runs)
+        for share in range(shares)
     }
+    parts: list[list] = [[] for _ in runs]
     results: list[dict | None] = [None] * len(runs)
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
-            results[i] = _result(done[0], source)
+            parts[i].append(_result(done[0], source))
+            if len(parts[i]) < shares:
+                continue
+            job, tta = runs[i]
+            ordered = sorted(parts[i], key=lambda p: p["share"])  # the same result every time
+            results[i] = combine_parts(job, [p["part"] for p in ordered], tta)
+            where = sorted({(p["node"], p["device"]) for p in ordered})
+            results[i]["ran_on"] = [{"node": n, "device": d} for n, d in where]
+            results[i]["tasks"] = shares
             if echo:
                 echo(i, results[i])
     finally:
@@ -91,15 +104,22 @@ def _result(ref, source: str) -> dict:
 
 
 def _evaluate_task(
-    job: JobConfig, weights: bytes, name: str, tta: Augmentation | None, per_image: bool
+    job: JobConfig,
+    weights: bytes,
+    name: str,
+    tta: Augmentation | None,
+    per_image: bool,
+    share: int,
+    shares: int,
 ) -> dict:
-    """In the Ray task: the weights as a temporary file, evaluated as `cadist eval` would."""
+    """In the Ray task: the weights as a temporary file, share `share` of `shares` of the
+    validation images evaluated as `cadist eval` would (`evaluate_part`)."""
     import tempfile
 
     import ray
     import torch
 
-    from cadist.evaluate import evaluate_job
+    from cadist.evaluate import evaluate_part
 
     use_gpu = job.cluster.use_gpu and torch.cuda.is_available()
     if not use_gpu:
@@ -107,6 +127,6 @@ def _evaluate_task(
     with tempfile.TemporaryDirectory(prefix="cadist-eval-") as tmp:
         path = Path(tmp) / name
         path.write_bytes(weights)
-        out = evaluate_job(job, path, "cuda" if use_gpu else "cpu", tta, per_image)
-    out["ran_on"] = {"node": ray.util.get_node_ip_address(), "device": "cuda" if use_gpu else "cpu"}
-    return out
+        device = "cuda" if use_gpu else "cpu"
+        part = evaluate_part(job, path, device, tta, per_image, share, shares)
+    return {"part": part, "share": share, "node": ray.util.get_node_ip_address(), "device": device}

@@ -12,6 +12,7 @@ from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.errors import ConfigError
+from cadist.eval.miou import ConfusionMatrix
 from cadist.eval.passes import Augmentation
 from cadist.models.build import build_model, is_learned
 from cadist.models.weights import load_weights
@@ -51,56 +52,93 @@ def evaluate_job(
     `per_image` adds each image's mIoU, pixel accuracy and high-res fraction, worst first (for
     learned-mask models, like the totals: `miou` of the training network, `miou_inference` and
     `high_res_fraction` of the inference network, `high_res_fraction_train`)."""
+    return combine_parts(job, [evaluate_part(job, ckpt, device, tta, per_image)], tta)
+
+
+def evaluate_part(
+    job: JobConfig,
+    ckpt: str | Path,
+    device: str = "cpu",
+    tta: Augmentation | None = None,
+    per_image: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """Share `rank` of `world_size` of the validation images evaluated (each image is in exactly
+    one share), as counts that `combine_parts` adds up: per network ({"main"}, and "inference"
+    for learned-mask models) the confusion matrix (19, 19) int64, images, Σ high-res fraction,
+    the passes' {Pass: (images, Σ high-res)}, and the per-image records if asked for."""
     tta = None if tta is None or tta.plain else tta
     uri = job.mlflow.tracking_uri if job.mlflow.enabled else None
     ckpt = resolve_weights(ckpt, uri)
-    model = build_model(**job.model.build_kwargs())
-    load_weights(model, ckpt, expect_name=job.model.name)
-    model.to(device)
     val = ShardStream(
         job.data.val_shards,
         train=False,
         batch_size=job.eval.batch_size,
+        rank=rank,
+        world_size=world_size,
         num_workers=min(job.data.num_workers, 1),
         skip_bad=job.data.skip_bad,
         allow_pipe=job.data.allow_pipe,
     )
-    images = [] if per_image else None
-    cm, _, extra = evaluate(
-        model, make_loader(val), torch.device(device), tta=tta, per_image=images
-    )
-    out = cm.summary(CLASS_NAMES)
-    out["pixels"] = int(cm.mat.sum())
-    out["images"] = extra["images"]
-    if getattr(model, "last_mask", None) is not None:
-        out["high_res_fraction"] = extra["high_res_sum"] / max(1, extra["images"])
+    networks = {"main": job.model.build_kwargs()}
     if is_learned(job.model.name) and job.eval.learned_inference:
         # the irregular inference network of the same weights (§7.5), as training logs it
-        net = build_model(**job.model.build_kwargs() | {"network": "inference"})
-        load_weights(net, ckpt, expect_name=job.model.name)
-        images_i = [] if per_image else None
-        cm_i, _, extra_i = evaluate(
-            net.to(device), make_loader(val), torch.device(device), tta=tta, per_image=images_i
+        networks["inference"] = job.model.build_kwargs() | {"network": "inference"}
+    out = {}
+    for name, kwargs in networks.items():
+        model = build_model(**kwargs)
+        load_weights(model, ckpt, expect_name=job.model.name)
+        images = [] if per_image else None
+        cm, _, extra = evaluate(
+            model.to(device), make_loader(val), torch.device(device), tta=tta, per_image=images
         )
+        out[name] = {"confusion": cm.mat.cpu(), "images": extra["images"],
+                     "high_res_sum": extra["high_res_sum"], "passes": extra["passes"],
+                     "adaptive": getattr(model, "last_mask", None) is not None,
+                     "per_image": images}  # fmt: skip
+    return out
+
+
+def combine_parts(job: JobConfig, parts: list[dict], tta: Augmentation | None = None) -> dict:
+    """`evaluate_job`'s result from the `evaluate_part`s of all shares of the validation images."""
+    tta = None if tta is None or tta.plain else tta
+    nets = {name: _merged([p[name] for p in parts]) for name in parts[0]}
+    main = nets["main"]
+    cm = ConfusionMatrix(len(CLASS_NAMES))
+    cm.mat += main["confusion"]
+    out = cm.summary(CLASS_NAMES)
+    out["pixels"] = int(cm.mat.sum())
+    out["images"] = main["images"]
+    if main["adaptive"]:
+        out["high_res_fraction"] = main["high_res_sum"] / max(1, main["images"])
+    images = main["per_image"]
+    gmac_of = main  # the MACs are the inference network's where there is one (§10.2)
+    if "inference" in nets:
+        inf = nets["inference"]
+        cm_i = ConfusionMatrix(len(CLASS_NAMES))
+        cm_i.mat += inf["confusion"]
         out["high_res_fraction_train"] = out["high_res_fraction"]
         out["miou_inference"] = cm_i.miou()
-        out["high_res_fraction"] = extra_i["high_res_sum"] / max(1, extra_i["images"])
-        extra = extra_i  # the MACs are the inference network's (§10.2)
-        for rec, inf in zip(images or [], images_i or [], strict=True):  # same order
-            assert rec["key"] == inf["key"], "both networks read the same validation stream"
+        out["high_res_fraction"] = inf["high_res_sum"] / max(1, inf["images"])
+        gmac_of = inf
+        by_key = {r["key"]: r for r in inf["per_image"] or []}
+        for rec in images or []:
+            other = by_key[rec["key"]]  # both networks read the same images
             rec["high_res_fraction_train"] = rec["high_res_fraction"]
-            rec["miou_inference"], rec["high_res_fraction"] = inf["miou"], inf["high_res_fraction"]
-    if per_image:
+            rec["miou_inference"] = other["miou"]
+            rec["high_res_fraction"] = other["high_res_fraction"]
+    if images is not None:
         # worst first; an image with no labelled pixel (mIoU NaN) last
         out["per_image"] = sorted(
             images, key=lambda r: (math.isnan(r["miou"]), r["miou"], r["key"])
         )
     # GMac per image under the method's rules (§10): each pass's at its size and high-res fraction
     # (the inference network's for learned-mask models), all of an image's passes together
-    passes = _pass_table(job, extra["passes"])
+    passes = _pass_table(job, gmac_of["passes"])
     for key in GMAC_KEYS:
         if all(key in p for p in passes):
-            out[key] = sum(p[key] * p["images"] for p in passes) / max(1, extra["images"])
+            out[key] = sum(p[key] * p["images"] for p in passes) / max(1, gmac_of["images"])
     if tta is not None:
         out["tta"] = {"scales": list(tta.scales), "flip": tta.flip,
                       "window": tta.window.label() if tta.window else None,
@@ -108,6 +146,20 @@ def evaluate_job(
         for key in ("backbone_gmac", "total_gmac"):  # per image, all passes
             out["tta"][key] = out[key]
     return out
+
+
+def _merged(parts: list[dict]) -> dict:
+    """One network's counts of several shares added up (per-image records: concatenated)."""
+    passes: dict = {}
+    for part in parts:
+        for p, (n, s) in part["passes"].items():
+            n0, s0 = passes.get(p, (0, None))
+            passes[p] = (n0 + n, s0 if s is None else (s0 or 0.0) + s)
+    records = None if parts[0]["per_image"] is None else [r for q in parts for r in q["per_image"]]
+    return {"confusion": sum(p["confusion"] for p in parts), "passes": passes,
+            "images": sum(p["images"] for p in parts),
+            "high_res_sum": sum(p["high_res_sum"] for p in parts),
+            "adaptive": any(p["adaptive"] for p in parts), "per_image": records}  # fmt: skip
 
 
 GMAC_KEYS = ("backbone_gmac", "backbone_gmac_computed", "total_gmac")

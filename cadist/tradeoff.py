@@ -120,11 +120,12 @@ def evaluate_varied(
     plot: str | None = None,
     echo=print,
     address: str | None = None,
+    tasks: int = 1,
 ) -> dict:
     """`cadist eval JOB --ckpt CKPT --vary KEY=V1,V2,…`: every setting checked first (each as
     `--set` overrides of the job, and `options`: the `--scales/--flip/--window/--stride` given),
     then evaluated in turn — or, with `address`, as Ray tasks on that cluster side by side
-    (`cluster_eval`). With `log_run` each setting is an eval run nested under one
+    (`cluster_eval`, `tasks` per setting). With `log_run` each setting is an eval run nested under one
     `<job>-vary` run that holds the results and the trade-off figure. Returns {"job", "ckpt",
     "vary", "results": one row per setting (its figures, `pareto`, its run), "pareto": the front's
     settings by increasing GMac, "plot", "mlflow_run_id"}."""
@@ -167,7 +168,7 @@ def evaluate_varied(
             {"eval.ckpt": str(ckpt)} | {f"vary.{k}": json.dumps(v) for k, v in vary.items()}
         )
     try:
-        out = _evaluate_all(plan, base, ckpt, device, parent, echo, address, job_file)
+        out = _evaluate_all(plan, base, ckpt, device, parent, echo, address, job_file, tasks)
     except BaseException:
         if tracker is not None:  # not left RUNNING
             tracker.finish("FAILED")
@@ -191,8 +192,9 @@ def evaluate_varied(
 
 
 def _evaluate_all(
-    plan: list, base, ckpt: str, device: str, parent: str | None, echo, address=None, source=""
-) -> dict:
+    plan: list, base, ckpt: str, device: str, parent: str | None, echo, address=None, source="",
+    tasks: int = 1,
+) -> dict:  # fmt: skip
     """Each (setting, job, protocol) of `plan` evaluated in turn, or with `address` as Ray tasks
     on that cluster (then logged here, in order, under `parent` if given): {"job", "ckpt",
     "results", "pareto", "plot": None, "mlflow_run_id": parent}."""
@@ -218,7 +220,7 @@ def _evaluate_all(
         from cadist.cluster_eval import evaluate_on_cluster
 
         runs = [(job, tta) for _, job, tta in plan]
-        evaluated = evaluate_on_cluster(runs, weights, address, source, echo=progress)
+        evaluated = evaluate_on_cluster(runs, weights, address, source, echo=progress, shares=tasks)
         results = [record(i, result) for i, result in enumerate(evaluated)]
     else:  # each logged as it ends: a later failure keeps the settings before it
         results = []

@@ -124,9 +124,17 @@ def config_cmd(job_file, overrides, sources):
     "--vary setting, side by side — is a Ray task with cluster.cpus_per_worker CPUs and, with "
     "cluster.use_gpu, a GPU. The weights are sent from here; the shards must be readable there.",
 )
+@click.option(
+    "--tasks",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="With --address: split each evaluation's validation images over this many Ray tasks "
+    "(e.g. one per GPU), their counts added up — the same figures, sooner.",
+)
 def eval_cmd(
     job_file, ckpt, overrides, device, log_run, run_name, scales, flip, window, stride, per_image,
-    vary, plot, address,
+    vary, plot, address, tasks,
 ):  # fmt: skip
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
     adaptive models also the high-res fraction. With --scales/--flip/--window, also each pass's
@@ -140,6 +148,8 @@ def eval_cmd(
     from cadist.config import load_job
     from cadist.evaluate import eval_protocol, evaluate_job, log_evaluation
 
+    if tasks > 1 and not address:
+        raise click.UsageError("--tasks goes with --address (Ray tasks on a cluster)")
     if address and device != "auto":
         raise click.UsageError(
             "--device goes with an evaluation in this process; with --address each Ray task "
@@ -168,6 +178,7 @@ def eval_cmd(
                 plot,
                 echo=lambda m: click.echo(m, err=True),
                 address=address,
+                tasks=tasks,
             )
         )
         return
@@ -185,7 +196,7 @@ def eval_cmd(
 
         weights = resolve_weights(ckpt, job.mlflow.tracking_uri if job.mlflow.enabled else None)
         runs = [(job, tta)]
-        result = evaluate_on_cluster(runs, weights, address, job_file, per_image)[0]
+        result = evaluate_on_cluster(runs, weights, address, job_file, per_image, shares=tasks)[0]
     else:
         result = evaluate_job(job, ckpt, device, tta, per_image)
     if log_run:

@@ -669,16 +669,31 @@ def test_eval_on_the_ray_cluster_equals_eval_here(workdir, ray_local, tmp_path):
     rows_here, rows_there = (json.loads(r.stdout)["results"] for r in (here, there))
     assert [r["setting"] for r in rows_there] == [r["setting"] for r in rows_here]
     for a, b in zip(rows_here, rows_there, strict=True):
-        assert b["ran_on"]["device"] == "cpu" and "ran_on" not in a
+        assert [w["device"] for w in b["ran_on"]] == ["cpu"] and "ran_on" not in a
         assert b["miou"] == pytest.approx(a["miou"], abs=1e-6)
         assert b["high_res_fraction"] == pytest.approx(a["high_res_fraction"], abs=1e-9)
         assert b["backbone_gmac"] == pytest.approx(a["backbone_gmac"], rel=1e-9)
     assert rows_here[0]["high_res_fraction"] > rows_here[1]["high_res_fraction"]  # τ matters
-    one = CliRunner().invoke(main, [*args, "--per-image", "--address", "local"])
-    assert one.exit_code == 0, one.output
-    result = json.loads(one.stdout)
-    assert result["miou"] == pytest.approx(rows_here[0]["miou"], abs=1e-6)
-    assert result["images"] == 6 and len(result["per_image"]) == 6
+    # one evaluation split over 4 tasks (6 images in 3 shards: every task reads every shard and
+    # keeps its images), with TTA: the same totals, passes and per-image records as here
+    tta = ["--per-image", "--scales", "0.5,1", "--flip", "--set", "model.edge_threshold=0.2"]
+    one_here = CliRunner().invoke(main, [*args, *tta])
+    split = CliRunner().invoke(main, [*args, *tta, "--address", "local", "--tasks", "4"])
+    assert one_here.exit_code == 0 and split.exit_code == 0, one_here.output + split.output
+    a, b = json.loads(one_here.stdout), json.loads(split.stdout)
+    assert b["tasks"] == 4 and b["images"] == a["images"] == 6 and b["pixels"] == a["pixels"]
+    for key in ("miou", "pixel_accuracy", "high_res_fraction", "backbone_gmac", "total_gmac"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    assert b["iou"] == pytest.approx(a["iou"], abs=1e-6, nan_ok=True)
+    assert len(b["tta"]["passes"]) == len(a["tta"]["passes"]) == 4
+    for pa, pb in zip(a["tta"]["passes"], b["tta"]["passes"], strict=True):
+        assert pb == pytest.approx(pa, abs=1e-9)
+    assert [r["key"] for r in b["per_image"]] == [r["key"] for r in a["per_image"]]
+    assert [r["miou"] for r in b["per_image"]] == pytest.approx(
+        [r["miou"] for r in a["per_image"]], abs=1e-6, nan_ok=True
+    )
+    lone = CliRunner().invoke(main, [*args, "--tasks", "2"])
+    assert lone.exit_code == 2 and "--tasks goes with --address" in lone.output
     # errors: raised in the task, shown here as one line; refused before any task
     bad = CliRunner().invoke(
         main, [*args, "--set", f"data.val_shards={tmp_path / 'none-{000..001}.tar'}",
