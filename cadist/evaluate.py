@@ -1,4 +1,5 @@
-"""`cadist eval`: evaluate weights on a job's validation shards (one process, CPU or GPU)."""
+"""`cadist eval`: evaluate weights on a job's validation shards — in one process (CPU or GPU), or
+in shares (`evaluate_part`, e.g. Ray tasks: `cluster_eval`) whose counts `combine_parts` adds up."""
 
 from __future__ import annotations
 
