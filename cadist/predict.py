@@ -20,16 +20,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FORMATS = ("colour", "labelids")
 
 
-def image_list(specs: list[str | Path] | tuple[str | Path, ...]) -> list[tuple[Path, Path]]:
+def image_list(
+    specs: list[str | Path] | tuple[str | Path, ...], outputs: str | Path | None = None
+) -> list[tuple[Path, Path]]:
     """(image, its output folder relative to --out) for each `--image`: a file → (file, "."); a
-    folder → every .png/.jpg/.jpeg under it, sorted, with its subfolder (Cityscapes'
-    `leftImg8bit/test` → `<city>/…`). A `DataError` for a path that is neither, or a folder with
-    no image, or two images that would write the same outputs."""
+    folder → every .png/.jpg/.jpeg under it but not under `outputs` (earlier predictions), sorted,
+    with its subfolder (Cityscapes' `leftImg8bit/test` → `<city>/…`). A `DataError` for a path
+    that is neither, or a folder with no image, or two images that would write the same outputs."""
+    skip = Path(outputs).resolve() if outputs is not None else None
     out: list[tuple[Path, Path]] = []
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.suffix.lower() in IMAGE_SUFFIXES
+                and not (skip and f.resolve().is_relative_to(skip))
+            )
             if not found:
                 raise DataError(f"--image {p}: a folder with no .png/.jpg/.jpeg image under it")
             out += [(f, f.parent.relative_to(p)) for f in found]

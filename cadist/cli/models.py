@@ -311,7 +311,7 @@ def predict_cmd(
     from cadist.models.weights import load_weights
     from cadist.predict import image_list, write_prediction
 
-    todo = image_list(images)  # a missing file or an empty folder: before the model is built
+    todo = image_list(images, out)  # a missing file or an empty folder: before the model is built
     tta = Augmentation.parse(scales or "1", bool(flip), window, stride)
     ckpt, opts = _from_checkpoint(ckpt, opts)
     model = opts["model"]

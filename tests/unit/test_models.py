@@ -384,6 +384,11 @@ def test_predict_a_folder_in_the_cityscapes_benchmark_format(tmp_path):
     )
     assert again.exit_code == 0 and "4 of 4 images had their outputs already" in again.output
     assert {p: p.stat().st_mtime_ns for p in written} == before
+    # predictions written inside the input folder are not read back as inputs
+    inside = CliRunner().invoke(main, [*args, "--format", "labelids", "--out", str(images / "p")])
+    assert inside.exit_code == 0, inside.output
+    again = CliRunner().invoke(main, [*args, "--format", "labelids", "--out", str(images / "p")])
+    assert len(again.stdout.splitlines()) == 4 and "_labelIds_labelIds" not in again.stdout
     (tmp_path / "empty").mkdir()
     for bad, msg in ((tmp_path / "empty", "a folder with no .png/.jpg/.jpeg image"),
                      (tmp_path / "nope.png", "no such file or folder")):  # fmt: skip
