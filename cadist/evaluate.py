@@ -11,7 +11,7 @@ import torch
 from cadist.checkpoints import resolve_weights
 from cadist.config import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
-from cadist.data.stream import ShardStream, make_loader
+from cadist.data.stream import ShardStream, make_loader, shard_set
 from cadist.errors import ConfigError
 from cadist.eval.miou import ConfusionMatrix
 from cadist.eval.passes import Augmentation
@@ -239,6 +239,7 @@ def log_evaluation(
               "eval.flip": bool(tta and tta["flip"]), "eval.window": window or None,
               "eval.stride": stride or None}  # fmt: skip
     tracker.log_params(job.flat() | params)
+    tracker.log_datasets([(shard_set(job.data.val_shards), "evaluation")])
     metrics = val_metrics(result)
     metrics |= {f"macs/{k}": result[k] for k in GMAC_KEYS if k in result}
     if "high_res_fraction" in result:

@@ -64,6 +64,10 @@ def summarise(runs: list[dict]) -> list[dict]:
             "best_step": best_step,
             "paper_miou": paper,
         }
+        data = r.get("datasets") or {}
+        scored_on = data.get("validation") or data.get("evaluation")
+        if scored_on:
+            row["val_data"] = scored_on
         if best_step is not None:
             per_class = {k.removeprefix("val/iou/"): dict(v).get(best_step)
                          for k, v in h.items() if k.startswith("val/iou/")}  # fmt: skip
@@ -78,6 +82,19 @@ def summarise(runs: list[dict]) -> list[dict]:
                     row[col] = _at(h[key], best_step)
         rows.append(row)
     return sorted(rows, key=lambda r: (r.get("backbone_gmac") or float("inf"), r["run"]))
+
+
+def mixed_validation(rows: list[dict]) -> str | None:
+    """A note when the rows were scored on different validation shard sets (their mIoU then do
+    not compare), naming each set and its runs; None when all that record one agree."""
+    sets: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("val_data"):
+            sets.setdefault(r["val_data"], []).append(r["run"])
+    if len(sets) < 2:
+        return None
+    parts = "; ".join(f"{data}: {', '.join(runs)}" for data, runs in sorted(sets.items()))
+    return f"note: these runs were scored on different validation shards ({parts}); their mIoU do not compare"
 
 
 def markdown(rows: list[dict]) -> str:

@@ -271,6 +271,21 @@ class Tracker:
             }
         )
 
+    def log_datasets(self, sets: list[tuple[dict, str]]) -> None:
+        """Shard sets (`cadist.data.stream.shard_set`) as the run's dataset inputs, each with its
+        context ("training", "validation", "evaluation"): the MLflow UI's Datasets column, name
+        and digest — which runs saw the same shards."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for s, context in sets:
+            scheme = s["source"].split("://", 1)[0] if "://" in s["source"] else "local"
+            profile = {"num_shards": s["shards"], "num_samples": s["samples"]}
+            ds = Dataset(name=s["name"], digest=s["digest"], source_type=scheme,
+                         source=json.dumps({"uri": s["source"]}), profile=json.dumps(profile))  # fmt: skip
+            inputs.append(DatasetInput(ds, [InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -289,7 +304,8 @@ class Tracker:
 
 def training_runs(uri: str, experiment: str, per_class: bool = False) -> list[dict]:
     """The training runs of an experiment (those with a `cadist.job` tag), each as {run_id, name,
-    status, params, tags, history: {metric: [(step, value), …]}} for the metrics a report needs;
+    status, params, tags, history: {metric: [(step, value), …]}, datasets: {context:
+    "name@digest"}} for the metrics a report needs;
     `per_class`: the per-class IoU histories (`val/iou/<class>`) too."""
     from mlflow.tracking import MlflowClient
 
@@ -314,8 +330,18 @@ def training_runs(uri: str, experiment: str, per_class: bool = False) -> list[di
                 "params": run.data.params,
                 "tags": run.data.tags,
                 "history": history,
+                "datasets": _datasets_of(run),
             }
         )
+    return out
+
+
+def _datasets_of(run) -> dict[str, str]:
+    """{context: "<name>@<digest>"} of a run's dataset inputs (`Tracker.log_datasets`)."""
+    out = {}
+    for given in getattr(run.inputs, "dataset_inputs", None) or []:
+        context = next((t.value for t in given.tags if t.key == "mlflow.data.context"), "")
+        out[context] = f"{given.dataset.name}@{given.dataset.digest}"
     return out
 
 

@@ -308,7 +308,7 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     """The results table of one or more experiments: best val mIoU per run (and at which step),
     high-res fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
     from cadist.errors import ConfigError
-    from cadist.report import markdown, per_class_markdown, summarise
+    from cadist.report import markdown, mixed_validation, per_class_markdown, summarise
     from cadist.tracking import experiments_there, resolve_uri, training_runs
 
     uri = resolve_uri(tracking_uri)
@@ -331,6 +331,9 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
             )
     experiment = ", ".join(experiments)
     rows = summarise(runs)
+    note = mixed_validation(rows)
+    if note:
+        click.echo(note, err=True)
     if baseline and not per_class:
         raise click.UsageError("--baseline goes with --per-class")
     table = per_class_markdown(rows, baseline) if per_class else None  # a wrong baseline: at once

@@ -13,8 +13,10 @@ brace patterns (`train-{000000..000099}.tar`) or a `*-manifest.json`. `pipe:` co
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
+import json
 import logging
 import random
 import urllib.request
@@ -57,6 +59,31 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     if not urls:
         raise ShardError(f"shard list {spec!r} is empty; give paths, a brace pattern or a manifest")
     return urls
+
+
+def shard_set(spec: str | Path | Sequence[str | Path]) -> dict:
+    """What a run records of a shard set (MLflow's dataset input): {"name", "digest", "source",
+    "shards", "samples"}. From manifests: name `<folder>/<split>`, the digest of the shards' names
+    and sha256 (the same files, the same digest — wherever they are), samples counted; from
+    paths or URLs: the digest of the URL list, samples unknown (None). Reads no shard."""
+    items = [str(i) for i in ([spec] if isinstance(spec, (str, Path)) else spec)]
+    urls = expand_shards(spec)
+    manifests = [i for i in items if i.endswith("manifest.json")]
+    if manifests and len(manifests) == len(items):
+        found = [(Path(i).resolve(), read_manifest(i)) for i in manifests]
+        content = [[e["name"], e["sha256"]] for _, m in found for e in m["shards"]]
+        name = "+".join(f"{p.parent.name}/{m['split']}" for p, m in found)
+        source, samples = str(found[0][0]), sum(m["num_samples"] for _, m in found)
+    else:
+        content = urls
+        folders = {u.rsplit("/", 2)[-2] if u.count("/") >= 1 else "." for u in urls}
+        name = folders.pop() if len(folders) == 1 else f"{len(urls)} shards"
+        first = urls[0]
+        source = first if "://" in first else str(Path(first).resolve().parent)
+        samples = None
+    digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
+    return {"name": name, "digest": digest, "source": source, "shards": len(urls),
+            "samples": samples}  # fmt: skip
 
 
 def check_url(url: str, allow_pipe: bool = False) -> None:

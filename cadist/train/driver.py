@@ -16,7 +16,7 @@ from pathlib import Path
 from cadist import __version__
 from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig, read_yaml
-from cadist.data.stream import expand_shards
+from cadist.data.stream import expand_shards, shard_set
 from cadist.errors import ClusterError, ConfigError, ShardError, TrackingError
 from cadist.train.raycluster import (
     check_resources,
@@ -402,6 +402,8 @@ def _open_run(job: JobConfig, uri: str, storage: Path, rerun, extra_tags: dict):
     if rerun.step is not None and rerun.changes:  # params stay those of the first start
         tracker.note_resume_changes(rerun.step, rerun.describe(), job.cluster.num_workers)
     tracker.log_params(job.flat())
+    tracker.log_datasets([(shard_set(job.data.train_shards), "training"),
+                          (shard_set(job.data.val_shards), "validation")])  # fmt: skip
     tracker.log_text(job.to_yaml(), "config/job.yaml")
     log_macs(tracker, job)
     return run_id, tracker

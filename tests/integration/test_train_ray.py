@@ -212,6 +212,18 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     assert sorted(steps) == [5, 10, 15, 20, 25, 30, 35, 40]
     run2 = client.get_run(r.run_id)
     assert run2.data.metrics["train/resumed_from_step"] == 30
+    # the shards as MLflow dataset inputs, once each however often the run resumes
+    from cadist.data.stream import shard_set
+
+    inputs = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in run2.inputs.dataset_inputs
+    }
+    assert len(run2.inputs.dataset_inputs) == 2 and set(inputs) == {"training", "validation"}
+    for context, key in (("training", "train_shards"), ("validation", "val_shards")):
+        want = shard_set(getattr(job.data, key))
+        assert (inputs[context].name, inputs[context].digest) == (want["name"], want["digest"])
+    assert json.loads(inputs["training"].profile) == {"num_shards": 8, "num_samples": 16}
     assert run2.data.tags["cadist.resume_changes"] == (
         "step 30: cluster.num_workers 2 → 1, train.iterations 30 → 40"
     )

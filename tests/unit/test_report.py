@@ -221,6 +221,33 @@ def test_eval_log_records_a_run_that_report_lists(tmp_path):
     rows = {row["run"]: row for row in json.loads(r.stdout)["runs"]}
     assert rows["deeplabv3_batch_ap_resnet_tiny-eval"]["best_miou"] == pytest.approx(ada["miou"])
     assert rows["deeplabv3_resnet_tiny-eval"]["best_step"] == 0
+    # the validation shards as the run's MLflow dataset input: name, digest, context, profile
+    from cadist.data.stream import shard_set
+
+    want = shard_set(val)
+    (given,) = run.inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == ("shards/val", want["digest"])
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "evaluation")]
+    assert json.loads(given.dataset.profile) == {"num_shards": 1, "num_samples": 2}
+    assert json.loads(given.dataset.source) == {"uri": str(val.resolve())}
+    assert {row["val_data"] for row in rows.values()} == {f"shards/val@{want['digest']}"}
+    assert "different validation shards" not in r.stderr
+    # a run scored on other shards: the report says their mIoU do not compare
+    _, other = tiny_shards(tmp_path / "other", num_train=2, num_val=2, seed=9)
+    assert shard_set(other)["digest"] != want["digest"]
+    name = "deeplabv3_resnet_tiny"
+    r = CliRunner().invoke(
+        main,
+        ["eval", job, "--ckpt", str(tmp_path / f"{name}.pt"), "--set", f"model.name={name}",
+         "--set", "name=elsewhere", *common, "--set", f"data.val_shards={other}"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["report", "--experiment", "evals", "--tracking-uri", uri])
+    assert r.exit_code == 0, r.output
+    note = r.stderr
+    assert "scored on different validation shards" in note and "do not compare" in note, note
+    assert f"shards/val@{shard_set(other)['digest']}: elsewhere-eval" in note, note
+    assert f"shards/val@{want['digest']}: deeplabv3_" in note, note
 
 
 def test_report_reads_the_paper_experiments_together_by_default(tmp_path):
