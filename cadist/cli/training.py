@@ -142,7 +142,9 @@ def eval_cmd(
     the job's evaluation protocol, as during training: its eval.scales, eval.flip and eval.window
     (with eval.stride, or --stride); the options override it (`--scales 1 --no-flip --window
     whole`: the paper's single-scale whole-image protocol). With --vary, the same weights at each
-    combination of the given values, and which settings are on the mIoU-GMac Pareto front."""
+    combination of the given values, and which settings are on the mIoU-GMac Pareto front. With
+    --address, on a Ray cluster as Ray tasks (--tasks N: N per evaluation, each a share of the
+    images)."""
     import torch
 
     from cadist.config import load_job
