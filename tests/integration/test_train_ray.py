@@ -704,6 +704,23 @@ def test_eval_on_the_ray_cluster_equals_eval_here(workdir, ray_local, tmp_path):
     assert [r["miou"] for r in b["per_image"]] == pytest.approx(
         [r["miou"] for r in a["per_image"]], abs=1e-6, nan_ok=True
     )
+    # a learned-mask model: both networks' shares add up too (arg-max masks: no Gumbel noise)
+    learned = "deeplabv3_ad_resnet_tiny"
+    torch.manual_seed(1)
+    torch.save(build_model(learned, num_classes=19).state_dict(), tmp_path / "learned.pt")
+    largs = [*args[:3], str(tmp_path / "learned.pt"), *args[4:], "--set", f"model.name={learned}",
+             "--set", "model.mask_sampling=argmax", "--per-image"]  # fmt: skip
+    l_here = CliRunner().invoke(main, largs)
+    l_split = CliRunner().invoke(main, [*largs, "--address", "local", "--tasks", "2"])
+    assert l_here.exit_code == 0 and l_split.exit_code == 0, l_here.output + l_split.output
+    a, b = json.loads(l_here.stdout), json.loads(l_split.stdout)
+    for key in ("miou", "miou_inference", "high_res_fraction", "high_res_fraction_train",
+                "backbone_gmac"):  # fmt: skip
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    key_of = {r["key"]: r for r in a["per_image"]}
+    for r in b["per_image"]:
+        for k in ("miou_inference", "high_res_fraction", "high_res_fraction_train"):
+            assert r[k] == pytest.approx(key_of[r["key"]][k], abs=1e-6, nan_ok=True), k
     lone = CliRunner().invoke(main, [*args, "--tasks", "2"])
     assert lone.exit_code == 2 and "--tasks goes with --address" in lone.output
     # errors: raised in the task, shown here as one line; refused before any task
