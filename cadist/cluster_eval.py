@@ -13,14 +13,6 @@ from cadist.errors import CadistError, ClusterError, ConfigError
 from cadist.eval.passes import Augmentation
 
 
-def task_request(job: JobConfig) -> dict[str, float]:
-    """Ray resources of one evaluation task: a training worker's (`cluster.cpus_per_worker`, one
-    GPU with `cluster.use_gpu`)."""
-    return {"CPU": float(job.cluster.cpus_per_worker)} | (
-        {"GPU": 1.0} if job.cluster.use_gpu else {}
-    )
-
-
 def evaluate_on_cluster(
     runs: list[tuple[JobConfig, Augmentation | None]],
     weights: Path,
@@ -39,11 +31,17 @@ def evaluate_on_cluster(
 
     from cadist.evaluate import combine_parts
     from cadist.train.driver import _absolute
-    from cadist.train.raycluster import cluster_nodes, connect_ray, describe_nodes, placeable
+    from cadist.train.raycluster import (
+        cluster_nodes,
+        connect_ray,
+        describe_nodes,
+        placeable,
+        worker_request,
+    )
 
     first = runs[0][0]
     connect_ray(address, first.cluster.use_gpu, source)
-    request = task_request(first)
+    request = worker_request(first)  # an evaluation task takes what a training worker takes
     nodes = cluster_nodes()
     if placeable(nodes, request) == 0:
         per = ", ".join(f"{v:g} {k}" for k, v in request.items())
