@@ -1,5 +1,5 @@
 """Where weights come from: a weights file, a cadist checkpoint folder (`cadist_runs/<job>/step_…`,
-holding `model.pt`), or an MLflow artifact — `runs:/<run_id>/checkpoints/best.pt` (`runs:/<run_id>`
+holding `model.pt`; either may be on object storage, `s3://…`/`gs://…`), or an MLflow artifact — `runs:/<run_id>/checkpoints/best.pt` (`runs:/<run_id>`
 alone means its best weights) or `models:/<name>/<version>` — fetched from the tracking store."""
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ def resolve_weights(spec: str | Path, tracking_uri: str | None = None) -> Path:
         if text.startswith("runs:/") and "/" not in text.removeprefix("runs:/").strip("/"):
             text = text.rstrip("/") + "/checkpoints/best.pt"
         return resolve_weights(download_artifact(text, tracking_uri))
+    from cadist.storage import is_remote, local_copy
+
+    if is_remote(text):  # a weights file or a checkpoint folder on s3:// or gs://
+        return local_copy(text, _scratch())
     p = Path(spec)
     if p.is_dir():
         for inside in ("model.pt", "data/model.pt"):  # a checkpoint folder; a registered model
@@ -35,6 +39,17 @@ def resolve_weights(spec: str | Path, tracking_uri: str | None = None) -> Path:
             f"(cadist_runs/<job>/step_…) or an MLflow URI (runs:/<run_id>/checkpoints/best.pt)"
         )
     return p
+
+
+def _scratch() -> str:
+    """A folder for weights fetched from object storage, removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="cadist-weights-")
+    atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 def recorded_model(path: Path) -> tuple[str | None, dict]:
@@ -54,11 +69,13 @@ def _model_of_run(path: Path) -> tuple[str | None, dict]:
     (`<storage>/<job>/step_…/model.pt`): the model section of the job its run resolved
     (`<storage>/.cadist/<job>.yaml`, which a resumed run cannot change)."""
     from cadist.config import read_yaml
-    from cadist.train.resume import job_file
+    from cadist.storage import Storage, job_key
 
     step_dir = path.parent
-    job = job_file(step_dir.parent.parent, step_dir.parent.name, "job")
-    if path.name != "model.pt" or not step_dir.name.startswith("step_") or not job.is_file():
+    if path.name != "model.pt" or not step_dir.name.startswith("step_"):
         return None, {}
-    model = read_yaml(job, "resolved job", "a job mapping").get("model") or {}
+    store, job = Storage(step_dir.parent.parent), job_key(step_dir.parent.name, "job")
+    if not store.is_file(job):
+        return None, {}
+    model = read_yaml(job, "resolved job", "a job mapping", store).get("model") or {}
     return model.get("name"), dict(model)

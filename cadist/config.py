@@ -188,19 +188,21 @@ class ClusterConfig(_Section):
     address: str | None = None
     """Ray cluster address (`auto`, `ray://host:10001`); None: start a local Ray."""
     storage_path: str = "cadist_runs"
-    """Where Ray keeps checkpoints and run state (absolute, or relative to the working directory);
-    on several nodes, a filesystem every node mounts at the same path (NFS and the like)."""
+    """Where Ray and cadist keep checkpoints and run state: `s3://bucket/prefix` or
+    `gs://bucket/prefix` (object storage, what a cloud cluster's nodes share; credentials and
+    endpoint from the environment: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_ENDPOINT_URL,
+    GOOGLE_APPLICATION_CREDENTIALS), or a folder — absolute, relative to the working directory, or
+    `file://…`; on several nodes, one every node mounts at the same path (NFS and the like)."""
 
     @field_validator("storage_path")
     @classmethod
-    def _a_filesystem_path(cls, v: str) -> str:
-        if "://" in v:
-            raise ValueError(
-                f"{v}: cloud storage URIs are not supported (cadist keeps each run's resolved job "
-                f"and MLflow link beside Ray's run folder, on a filesystem); use a directory every "
-                f"node mounts at the same path, e.g. an NFS or a cloud bucket mounted with "
-                f"s3fs/gcsfuse"
-            )
+    def _a_storage_root(cls, v: str) -> str:
+        from cadist.storage import StorageError, check_uri
+
+        try:
+            check_uri(v)
+        except StorageError as exn:
+            raise ValueError(str(exn)) from None
         return v
 
     autoscale: bool = False
@@ -428,10 +430,13 @@ def job_yaml(job: JobConfig, sources: dict[str, str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_yaml(path: Path, what: str, expected: str) -> dict:
-    """A YAML mapping from `path`; `ConfigError` naming the file otherwise."""
+def read_yaml(path: Path | str, what: str, expected: str, store=None) -> dict:
+    """A YAML mapping from `path` (a key of the storage path `store`, a `cadist.storage.Storage`,
+    where given); `ConfigError` naming the file otherwise."""
+    if store is not None:
+        key, path = path, store.uri(str(path))
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(store.read_text(key) if store is not None else path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
     except yaml.YAMLError as exn:

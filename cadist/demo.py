@@ -10,7 +10,7 @@ from cadist.config import load_job
 from cadist.data.shards import build_shards, manifest_path
 from cadist.data.synthetic import write_tree
 from cadist.errors import ConfigError
-from cadist.train.resume import job_file
+from cadist.storage import Storage, job_key
 
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
@@ -64,7 +64,7 @@ def run_demo(workdir: str | Path, overrides: tuple[str, ...] = (), restart: bool
         "tracking_uri": uri,
         "chance_miou": chance_miou(client, result.run_id),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        "job": str(job_file(job.cluster.storage_path, job.name, "job")),
+        "job": Storage(job.cluster.storage_path).uri(job_key(job.name, "job")),
         "val_image": str(next(iter(sorted((data / "leftImg8bit" / "val").glob("*/*.png"))), "")),
     }
 

@@ -1,11 +1,11 @@
 """`cadist status`: the jobs a storage path holds — how far each got, whether it can resume, its
 MLflow run, and records still waiting for a tracking server, then the sweeps; `cadist stop`: ask a
-running job or sweep to checkpoint and end. Files only (no Ray, no MLflow)."""
+running job or sweep to checkpoint and end. Files on the storage path only (a folder or s3://… /
+gs://…, through `cadist.storage`; no Ray, no MLflow)."""
 
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
 import time
@@ -13,27 +13,28 @@ from pathlib import Path
 
 from cadist.config import read_yaml
 from cadist.errors import ConfigError
-from cadist.train.resume import META, job_file, latest_checkpoint, sweep_file
+from cadist.storage import META, Storage, job_key, sweep_key
 
 
-def jobs_in(storage: str | Path) -> list[dict]:
+def _store(storage: str | Path | Storage) -> Storage:
+    return storage if isinstance(storage, Storage) else Storage(storage)
+
+
+def jobs_in(storage: str | Path | Storage) -> list[dict]:
     """One row per job whose driver resolved it into `<storage>/.cadist/<name>.yaml`, by name."""
-    storage = Path(storage)
-    meta = storage / META
+    store = _store(storage)
     rows = []
-    for resolved in sorted(meta.glob("*.yaml")):
-        name = resolved.stem
-        job, iterations, latest = _progress(storage, name)
+    for name in store.jobs():
+        job, iterations, latest = _progress(store, name)
         step = latest[0] if latest else 0
-        marker = job_file(storage, name, "mlflow")
-        mlflow = json.loads(marker.read_text()) if marker.is_file() else {}
-        spool = job_file(storage, name, "spool")
-        pending = sum(_lines(q) for q in spool.glob("*/pending.jsonl"))
+        mlflow = store.read_json(job_key(name, "mlflow")) or {}
+        spool = job_key(name, "spool")
+        pending = sum(len(store.list(f"{spool}/{run}/q", "*.json")) for run in store.list(spool))
         if latest is None:
-            state = "not started" if not (storage / name).is_dir() else "no checkpoint yet"
+            state = "not started" if not store.is_dir(name) else "no checkpoint yet"
         else:
             state = "finished" if iterations and step >= iterations else "resumable"
-        if state != "finished" and job_file(storage, name, "stop").is_file():
+        if state != "finished" and store.is_file(job_key(name, "stop")):
             state = "stop requested"
         rows.append(
             {
@@ -42,23 +43,23 @@ def jobs_in(storage: str | Path) -> list[dict]:
                 "step": step,
                 "iterations": iterations,
                 "state": state,
-                "checkpoint": str(latest[1]) if latest else None,
+                "checkpoint": latest[1] if latest else None,
                 "mlflow_run_id": mlflow.get("run_id"),
                 "tracking_uri": mlflow.get("tracking_uri"),
                 "pending_mlflow_records": pending,
-                "set_aside": sorted(p.name for p in storage.glob(f"{name}.before-*")),
+                "set_aside": store.list("", f"{name}.before-*"),
             }
         )
     return rows
 
 
-def _progress(storage: Path, name: str) -> tuple[dict, int | None, tuple[int, Path] | None]:
+def _progress(store: Storage, name: str) -> tuple[dict, int | None, tuple[int, str] | None]:
     """Job `name`'s resolved job tree, its train.iterations and its latest checkpoint (or None)."""
-    job = read_yaml(job_file(storage, name, "job"), "resolved job", "a job mapping")
-    return job, (job.get("train") or {}).get("iterations"), latest_checkpoint(storage / name)
+    job = read_yaml(job_key(name, "job"), "resolved job", "a job mapping", store)
+    return job, (job.get("train") or {}).get("iterations"), store.latest_checkpoint(name)
 
 
-def request_stop(storage: str | Path, name: str, kind: str | None = None) -> dict:
+def request_stop(storage: str | Path | Storage, name: str, kind: str | None = None) -> dict:
     """Ask job or sweep `name` (run under `storage`, its cluster.storage_path) to stop; `kind`
     "job" or "sweep" where the caller knows (None: whichever has that name).
 
@@ -68,37 +69,38 @@ def request_stop(storage: str | Path, name: str, kind: str | None = None) -> dic
     further trial starts, and once none runs the sweep saves its state, writes its results
     (`"stopped": true`) and clears the request; rerunning `cadist tune` resumes every trial that
     had not finished. A request for a job or sweep that is not running is cleared by its next
-    start. The file is written under a temporary name and renamed."""
-    storage = Path(storage)
-    if not (storage / META).is_dir():
+    start. The file is written whole (a temporary name and a rename; one PUT on object storage)."""
+    store = _store(storage)
+    storage = store.uri()
+    if not store.is_dir(META):
         raise ConfigError(
             f"{storage}: no cadist jobs here (no {META}/ folder); pass the cluster.storage_path "
             f"{name} uses (--storage)"
         )
-    is_job = job_file(storage, name, "job").is_file()
-    is_sweep = sweep_file(storage, name, "state").is_file()
+    is_job = store.is_file(job_key(name, "job"))
+    is_sweep = store.is_file(sweep_key(name, "state"))
     if kind is None and is_job and is_sweep:
         raise ConfigError(
             f"{storage}: both a job and a sweep are named {name!r}; pass the job's or the sweep's "
             f"YAML file instead of the name"
         )
     if kind == "sweep" or (kind is None and is_sweep):
-        return _request_sweep_stop(storage, name)
+        return _request_sweep_stop(store, name)
     if not is_job:
         raise ConfigError(
             f"{storage}: no job or sweep named {name!r} here (jobs: "
-            f"{', '.join(_names(storage, 'jobs')) or 'none'}; sweeps: "
-            f"{', '.join(_names(storage, 'sweeps')) or 'none'}); pass a name that `cadist status "
+            f"{', '.join(store.jobs()) or 'none'}; sweeps: "
+            f"{', '.join(store.sweeps()) or 'none'}); pass a name that `cadist status "
             f"{storage}` lists"
         )
-    for sweep in _names(storage, "sweeps"):
+    for sweep in store.sweeps():
         if name.startswith(f"{sweep}-"):
             raise ConfigError(
                 f"job {name} is a trial of sweep {sweep}, whose trials stop with their sweep (Tune "
                 f"would count one trial stopped alone as finished): `cadist stop {sweep}` "
                 f"checkpoints and ends its running trials, and rerunning `cadist tune` resumes them"
             )
-    _, iterations, latest = _progress(storage, name)
+    _, iterations, latest = _progress(store, name)
     if latest and iterations and latest[0] >= iterations:
         raise ConfigError(
             f"job {name} already finished (step {latest[0]}/{iterations}, {latest[1]}); nothing "
@@ -109,97 +111,93 @@ def request_stop(storage: str | Path, name: str, kind: str | None = None) -> dic
         "requested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "by": _who(),
     }
-    path = _write_request(job_file(storage, name, "stop"), request)
+    path = store.write_json(job_key(name, "stop"), request, indent=None)
     return {
         **request,
-        "stop_file": str(path.resolve()),
+        "stop_file": path,
         "last_checkpoint_step": latest[0] if latest else None,
     }
 
 
-def _request_sweep_stop(storage: Path, name: str) -> dict:
-    results = sweep_file(storage, name, "results")
-    if not sweep_file(storage, name, "state").is_file():
+def _request_sweep_stop(store: Storage, name: str) -> dict:
+    storage, results = store.uri(), store.read_json(sweep_key(name, "results"))
+    if not store.is_file(sweep_key(name, "state")):
         raise ConfigError(
             f"{storage}: no sweep named {name!r} here (sweeps: "
-            f"{', '.join(_names(storage, 'sweeps')) or 'none'}); pass a sweep name that "
+            f"{', '.join(store.sweeps()) or 'none'}); pass a sweep name that "
             f"`cadist status {storage}` lists"
         )
-    if results.is_file() and not json.loads(results.read_text()).get("stopped"):
-        raise ConfigError(f"sweep {name} already ended (results: {results}); nothing to stop")
+    if results is not None and not results.get("stopped"):
+        where = store.uri(sweep_key(name, "results"))
+        raise ConfigError(f"sweep {name} already ended (results: {where}); nothing to stop")
     request = {"sweep": name, "requested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": _who()}
-    path = _write_request(sweep_file(storage, name, "stop"), request)
-    return {**request, "stop_file": str(path.resolve())}
+    path = store.write_json(sweep_key(name, "stop"), request, indent=None)
+    return {**request, "stop_file": path}
 
 
-def _write_request(path: Path, request: dict) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(request))
-    os.replace(tmp, path)
-    return path
-
-
-def _names(storage: Path, what: str) -> list[str]:
-    """The jobs (resolved job files) or sweeps (state files) under `storage`, by name."""
-    if what == "jobs":
-        return sorted(p.stem for p in (storage / META).glob("*.yaml"))
-    return sorted(
-        p.name[len("sweep-") : -len(".state.json")]
-        for p in (storage / META).glob("sweep-*.state.json")
-    )
-
-
-def wait_for_stop(storage: str | Path, name: str, timeout_s: float, poll_s: float = 0.5) -> int:
+def wait_for_stop(
+    storage: str | Path | Storage, name: str, timeout_s: float, poll_s: float = 0.5
+) -> int:
     """Wait until job `name` has ended after `request_stop` (its driver clears the request once the
     run's last checkpoint is registered); returns that checkpoint's step. A job that is not
     running never clears it: a ConfigError after `timeout_s`."""
+    store = _store(storage)
     _wait_until_cleared(
-        job_file(storage, name, "stop"),
+        store,
+        job_key(name, "stop"),
         f"job {name}",
-        f"`cadist status {storage}` shows how far it got",
+        f"`cadist status {store.uri()}` shows how far it got",
         timeout_s,
         poll_s,
     )
-    latest = latest_checkpoint(Path(storage) / name)
+    latest = store.latest_checkpoint(name)
     return latest[0] if latest else 0
 
 
-def wait_for_sweep_stop(storage: str | Path, name: str, timeout_s: float, poll_s: float = 0.5):
+def wait_for_sweep_stop(
+    storage: str | Path | Storage, name: str, timeout_s: float, poll_s: float = 0.5
+):
     """Wait until sweep `name` has ended after `request_stop` (its driver clears the request once
     no trial runs and its results are written); returns {"stopped": whether it stopped before its
     trials ended (else they all ended before the request was read), "trials": how many trials are
     in each state}."""
+    store = _store(storage)
     _wait_until_cleared(
-        sweep_file(storage, name, "stop"),
+        store,
+        sweep_key(name, "stop"),
         f"sweep {name}",
         "its running trials end at their next progress report",
         timeout_s,
         poll_s,
     )
-    results = sweep_file(storage, name, "results")
-    stopped = results.is_file() and json.loads(results.read_text()).get("stopped", False)
+    results = store.read_json(sweep_key(name, "results"))
+    stopped = bool(results and results.get("stopped", False))
     return {"stopped": stopped, "trials": _trial_states(results)}
 
 
-def _wait_until_cleared(path: Path, what: str, hint: str, timeout_s: float, poll_s: float) -> None:
-    """Wait until the stop request `path` is gone (its driver clears it once `what` has ended); a
+def _wait_until_cleared(
+    store: Storage, key: str, what: str, hint: str, timeout_s: float, poll_s: float
+) -> None:
+    """Wait until the stop request `key` is gone (its driver clears it once `what` has ended); a
     ConfigError after `timeout_s` (one that is not running never clears it)."""
     deadline = time.monotonic() + timeout_s
-    while path.exists():
+    while store.exists(key):
         if time.monotonic() > deadline:
             raise ConfigError(
-                f"{what} did not stop within {timeout_s:g} s (the request {path} is still there): "
+                f"{what} did not stop within {timeout_s:g} s (the request {store.uri(key)} is "
+                f"still there): "
                 f"is it running? {hint}; a request for a {what.split()[0]} that is not running is "
                 f"cleared by its next start"
             )
         time.sleep(poll_s)
 
 
-def _trial_states(results: Path) -> dict[str, int]:
+def _trial_states(results: dict | None) -> dict[str, int]:
     """How many of a sweep's trials ended in each state (finished, stopped early, stopped,
-    interrupted, not started, failed), from its results file (older files carry no state: it is derived)."""
+    interrupted, not started, failed), from its results (older files carry no state: it is
+    derived)."""
     counts: dict[str, int] = {}
-    for t in json.loads(results.read_text())["trials"] if results.is_file() else []:
+    for t in (results or {}).get("trials", []):
         state = t.get("state") or (
             "failed"
             if t.get("error")
@@ -223,13 +221,12 @@ def sweeps_in(storage: str | Path) -> list[dict]:
     """One row per sweep started under `storage` (`.cadist/sweep-<name>.state.json`): trials asked
     for, its state (running or interrupted, stop requested, stopped, interrupted, ended) and —
     once it ended or stopped — how many trials are in each state, and its Pareto front."""
-    storage = Path(storage)
+    store = _store(storage)
     rows = []
-    for name in _names(storage, "sweeps"):
-        sweep = json.loads(sweep_file(storage, name, "state").read_text()).get("sweep") or {}
-        results = sweep_file(storage, name, "results")
-        blob = json.loads(results.read_text()) if results.is_file() else None
-        if sweep_file(storage, name, "stop").is_file():
+    for name in store.sweeps():
+        sweep = (store.read_json(sweep_key(name, "state")) or {}).get("sweep") or {}
+        blob = store.read_json(sweep_key(name, "results"))
+        if store.is_file(sweep_key(name, "stop")):
             state = "stop requested"
         elif blob is None:
             state = "running or interrupted"
@@ -237,7 +234,7 @@ def sweeps_in(storage: str | Path) -> list[dict]:
             state = "ended"
             if blob.get("stopped"):  # (older files, from before stop requests: interrupted)
                 state = "stopped" if blob.get("stop_requested", False) else "interrupted"
-        counts = _trial_states(results)
+        counts = _trial_states(blob)
         rows.append(
             {
                 "sweep": name,
@@ -252,7 +249,7 @@ def sweeps_in(storage: str | Path) -> list[dict]:
                 "interrupted": counts.get("interrupted", 0),
                 "failed": counts.get("failed", 0),
                 "pareto": [t["job"] for t in (blob or {}).get("trials", []) if t.get("pareto")],
-                "results": str(results) if blob is not None else None,
+                "results": store.uri(sweep_key(name, "results")) if blob is not None else None,
             }
         )
     return rows
@@ -280,10 +277,6 @@ def sweep_table(rows: list[dict]) -> str:
         for r in rows
     ]
     return "\n".join([head, *lines])
-
-
-def _lines(path: Path) -> int:
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
 def table(rows: list[dict]) -> str:

@@ -187,14 +187,15 @@ def _default_artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def start_or_resume_run(
-    uri: str, experiment: str, run_name: str, marker: Path, tags: dict[str, str]
+    uri: str, experiment: str, run_name: str, store, marker: str, tags: dict[str, str]
 ) -> str:
-    """The MLflow run of a job: created on the first start, found again (via `marker`) on reruns."""
+    """The MLflow run of a job: created on the first start, found again on reruns via the file
+    `marker` (a key of the storage path `store`, a `cadist.storage.Storage`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    if marker.exists():
-        run_id = json.loads(marker.read_text()).get("run_id")
+    run_id = (store.read_json(marker) or {}).get("run_id")
+    if run_id:
         try:
             run = client.get_run(run_id)
             if run.info.lifecycle_stage == "active":
@@ -203,10 +204,7 @@ def start_or_resume_run(
         except Exception:  # deleted or from another store: start a new run
             pass
     run_id = new_run(uri, experiment, run_name, tags)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
-    os.replace(tmp, marker)
+    store.write_json(marker, {"run_id": run_id, "tracking_uri": uri}, indent=None)
     return run_id
 
 
@@ -390,15 +388,20 @@ WORKER_HTTP_ENV = {
 
 class SpooledTracker(Tracker):
     """A Tracker that training does not wait on. When the tracking server does not answer, each
-    record goes to a spool folder instead (`pending.jsonl`: metrics with their steps and times,
-    texts; images and files copied beside it) and training goes on; the spool is sent in order
-    once the server answers again — by this process, by a restarted worker, or by the driver at
+    record goes to a spool on the storage path instead (`spool` a folder or s3://… / gs://… URI:
+    `q/<time>.json` one record each — metrics with their steps and times, texts, files — and the
+    files themselves under `files/`) and training goes on; the spool is sent in order once the
+    server answers again — by this process, by a restarted worker on any node, or by the driver at
     the end. While the server is down it is tried at most once every `retry_s` seconds."""
 
     def __init__(self, uri: str, run_id: str, spool: str | Path, echo=print, retry_s=60.0):
+        from cadist.storage import Storage
+
         super().__init__(uri, run_id)
-        self.spool, self.echo, self.retry_s = Path(spool), echo, retry_s
+        self.store = Storage(spool)
+        self.spool, self.echo, self.retry_s = self.store.uri(), echo, retry_s
         self._next_try, self._down_at_step, self._step = 0.0, None, 0
+        self._maybe_pending = True  # until a look finds the spool empty (a crash may have left one)
 
     # -- what training calls ------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int, ts: int | None = None) -> None:
@@ -435,23 +438,25 @@ class SpooledTracker(Tracker):
 
     def flush(self, force: bool = False) -> bool:
         """Send what the spool holds; True when it is empty afterwards."""
-        pending = self._pending()
+        pending = self._pending() if self._maybe_pending else []
         if not pending:
+            self._maybe_pending = False
             return True
         if not force and time.monotonic() < self._next_try:
             return False
         sent = 0
         try:
-            for rec in pending:
+            for key, rec in pending:
                 self._send(rec)
+                self._drop(key, rec)
                 sent += 1
         except Exception as exn:
             if not unreachable(exn):
                 raise
-            self._keep(pending[sent:])
             self._went_down(exn)
             return False
-        self._keep([])
+        self.store.delete("")
+        self._maybe_pending = False
         if self._down_at_step is not None:
             self.echo(
                 f"[cadist] MLflow at {self.uri} answers again: sent the {sent} records kept since "
@@ -461,45 +466,26 @@ class SpooledTracker(Tracker):
         return True
 
     def pending_count(self) -> int:
-        return len(self._pending())
+        return len(self.store.list("q", "*.json"))
 
     # -- the spool ------------------------------------------------------------------------------
-    @property
-    def _queue(self) -> Path:
-        return self.spool / "pending.jsonl"
-
-    def _pending(self) -> list[dict]:
-        if not self._queue.is_file():
-            return []
+    def _pending(self) -> list[tuple[str, dict]]:
         out = []
-        for line in self._queue.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash: the rest is intact
-                continue
+        for name in self.store.list("q", "*.json"):
+            rec = self.store.read_json(f"q/{name}")
+            if rec is not None:  # (a record cut short by a crash is never written: one PUT)
+                out.append((f"q/{name}", rec))
         return out
 
     def _append(self, rec: dict) -> None:
-        self.spool.mkdir(parents=True, exist_ok=True)
-        with open(self._queue, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._maybe_pending = True
+        self.store.write_json(f"q/{time.time_ns():020d}-{os.getpid()}.json", rec, indent=None)
 
-    def _keep(self, recs: list[dict]) -> None:
-        """Rewrite the queue with `recs` (atomically); files no record names any more go."""
-        import shutil
-
-        if not recs:
-            shutil.rmtree(self.spool, ignore_errors=True)
-            return
-        tmp = self._queue.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
-        os.replace(tmp, self._queue)
-        named = {Path(r["path"]).parent.name for r in recs if r["op"] == "artifact"}
-        for d in (self.spool / "files").glob("*"):
-            if d.name not in named:
-                shutil.rmtree(d, ignore_errors=True)
+    def _drop(self, key: str, rec: dict) -> None:
+        """A record sent: its entry (and spooled file) go."""
+        self.store.delete(key)
+        if rec["op"] == "artifact":
+            self.store.delete(rec["key"].rsplit("/", 1)[0])
 
     def _send(self, rec: dict) -> None:
         if rec["op"] == "metrics":
@@ -507,7 +493,11 @@ class SpooledTracker(Tracker):
         elif rec["op"] == "text":
             super().log_text(rec["text"], rec["artifact_file"])
         elif rec["op"] == "artifact":
-            super().log_artifact(rec["path"], rec["artifact_path"])
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:  # the file keeps its name as an artifact
+                local = self.store.download(rec["key"], Path(tmp) / rec["key"].rsplit("/", 1)[1])
+                super().log_artifact(local, rec["artifact_path"])
 
     def _record(self, rec: dict) -> None:
         if self.flush():
@@ -523,6 +513,8 @@ class SpooledTracker(Tracker):
     def _record_file(self, send, name: str, artifact_path: str | None, copy) -> None:
         """Files are sent as they are; only when the server does not answer is a copy spooled
         (`files/<n>/<name>`, as the artifact keeps its file name)."""
+        import tempfile
+
         if self.flush():
             try:
                 send()
@@ -531,10 +523,11 @@ class SpooledTracker(Tracker):
                 if not unreachable(exn):
                     raise
                 self._went_down(exn)
-        dest = self.spool / "files" / f"{time.time_ns()}" / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        copy(dest)
-        self._append({"op": "artifact", "path": str(dest), "artifact_path": artifact_path})
+        key = f"files/{time.time_ns()}/{name}"
+        with tempfile.TemporaryDirectory() as tmp:
+            copy(Path(tmp) / name)
+            self.store.upload(Path(tmp) / name, key)
+        self._append({"op": "artifact", "key": key, "artifact_path": artifact_path})
 
     def _went_down(self, exn: BaseException) -> None:
         self._next_try = time.monotonic() + self.retry_s

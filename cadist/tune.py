@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import signal
+import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -29,8 +31,9 @@ from ray.tune import Callback
 
 from cadist.config import validate_job
 from cadist.errors import ConfigError
+from cadist.storage import Storage, job_key, sweep_key
 from cadist.sweeps import METRICS, SweepConfig, load_sweep, pareto, trial_job
-from cadist.train.resume import changed_keys, job_file, latest_checkpoint, set_aside, sweep_file
+from cadist.train.resume import changed_keys
 
 
 class SweepStopped(RuntimeError):
@@ -63,7 +66,7 @@ def _run_trial(config: dict, ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     job = trial_job(ctx["fixed"], config, f"{ctx['name']}-{trial_id}", ctx["source"])
     stop_file = ctx.get("stop_file")
-    if stop_file and os.path.exists(stop_file):  # asked to stop while this trial waited to start
+    if stop_file and Storage(stop_file).exists():  # asked to stop while this trial waited to start
         raise SweepStopped(f"job {job.name}: not started, the sweep was asked to stop")
     tags = {"mlflow.parentRunId": ctx["parent_run_id"]} if ctx["parent_run_id"] else {}
     callbacks = None
@@ -93,24 +96,21 @@ def _fingerprint(sweep: SweepConfig, fixed: dict) -> str:
 
 
 def _resume_or_start(
-    storage: Path, sweep: SweepConfig, fixed: dict, source: str, restart: bool, echo
+    store: Storage, sweep: SweepConfig, fixed: dict, source: str, restart: bool, echo
 ) -> bool:
     """Whether the sweep's Tune experiment is resumed (True) or started (False). A rerun of the
     same sweep resumes it; a sweep file changed since the first run is refused unless `restart`,
     which sets the earlier run's folder, MLflow marker and state aside and starts afresh."""
-    exp_dir, state, marker = _sweep_files(storage, sweep)
+    exp_dir, state, marker = _sweep_files(sweep)
     if restart:
-        ended = [sweep_file(storage, sweep.name, kind) for kind in ("results", "pareto")]
-        moved = set_aside([exp_dir, state, marker, *ended])
+        ended = [sweep_key(sweep.name, kind) for kind in ("results", "pareto")]
+        moved = store.set_aside([exp_dir, state, marker, *ended])
         if moved:
             echo(f"restarting sweep {sweep.name}: the earlier run is kept as {moved[0]}")
-    elif would_resume(storage, sweep, fixed, source):
+    elif would_resume(store, sweep, fixed, source):
         return True
     current = {"fingerprint": _fingerprint(sweep, fixed), "sweep": sweep.model_dump(), "job": fixed}
-    state.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state.with_name(state.name + ".tmp")
-    tmp.write_text(json.dumps(current, indent=1))
-    os.replace(tmp, state)
+    store.write_json(state, current)
     return False
 
 
@@ -121,10 +121,13 @@ class _StopWhenIdle(Callback):
 
     def __init__(self, stop_file: str):
         self.stop_file = stop_file
-        self.sent = False
+        self.sent, self.looked = False, 0.0
 
     def on_step_begin(self, iteration, trials, **info):
-        if self.sent or not os.path.exists(self.stop_file):
+        if self.sent or time.monotonic() - self.looked < 1.0:  # Tune steps many times a second
+            return
+        self.looked = time.monotonic()
+        if not Storage(self.stop_file).exists():
             return
         if any(t.status == "RUNNING" for t in trials):
             return
@@ -140,49 +143,48 @@ ENDED = "cadist_trials_ended.json"  # in the Tune experiment folder (set aside w
 
 class _RecordEnded(Callback):
     """Tune callback: the ids of trials Tune ended — finished, or stopped by the scheduler (ASHA) —
-    in `<experiment>/cadist_trials_ended.json`, so that the sweep's results tell a trial ASHA
-    stopped from one an interruption cut short (neither made its final report)."""
+    in `<experiment>/cadist_trials_ended.json` (`uri`, on the storage path), so that the sweep's
+    results tell a trial ASHA stopped from one an interruption cut short (neither made its final
+    report)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, uri: str):
+        self.uri = uri
 
     def setup(self, **info):
-        if not os.path.exists(self.path):
+        if not Storage(self.uri).exists():
             self._write([])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._write(sorted(set(_ended(Path(self.path)) or ()) | {trial.trial_id}))
+        self._write(sorted(set(_ended(self.uri) or ()) | {trial.trial_id}))
 
     def _write(self, ids: list[str]) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        Path(tmp).write_text(json.dumps(ids))
-        os.replace(tmp, self.path)
+        Storage(self.uri).write_json("", ids, indent=None)
 
 
-def _ended(path: Path) -> set[str] | None:
+def _ended(uri: str) -> set[str] | None:
     """The trial ids `_RecordEnded` wrote; None where it did not run (sweeps from older cadist)."""
-    try:
-        return set(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None
+    ids = Storage(uri).read_json("")
+    return set(ids) if isinstance(ids, list) else None
 
 
-def _sweep_files(storage: Path, sweep: SweepConfig) -> tuple[Path, Path, Path]:
-    """The sweep's Tune experiment folder, its state (settings it started with), its MLflow marker."""
-    return (storage / f"sweep-{sweep.name}", sweep_file(storage, sweep.name, "state"),
-            sweep_file(storage, sweep.name, "mlflow"))  # fmt: skip
+def _sweep_files(sweep: SweepConfig) -> tuple[str, str, str]:
+    """Keys of the sweep's Tune experiment folder, its state (settings it started with), its MLflow
+    marker."""
+    return (f"sweep-{sweep.name}", sweep_key(sweep.name, "state"),
+            sweep_key(sweep.name, "mlflow"))  # fmt: skip
 
 
-def would_resume(storage: Path, sweep: SweepConfig, fixed: dict, source: str) -> bool:
+def would_resume(store: Storage, sweep: SweepConfig, fixed: dict, source: str) -> bool:
     """Whether a rerun resumes the sweep's earlier Tune experiment (read-only). One started with
     other settings is a ConfigError naming the changed keys."""
     from ray import tune
 
-    exp_dir, state, _ = _sweep_files(storage, sweep)
-    if not tune.Tuner.can_restore(str(exp_dir)):
+    exp_dir, state, _ = _sweep_files(sweep)
+    path, fs = store.ray_storage()
+    if not tune.Tuner.can_restore(f"{path}/{exp_dir}", storage_filesystem=fs):
         return False
-    before = json.loads(state.read_text()) if state.is_file() else {}
+    exp_dir = store.uri(exp_dir)
+    before = store.read_json(state) or {}
     if before.get("fingerprint") != _fingerprint(sweep, fixed):
         changed = changed_keys(
             {"sweep": before.get("sweep", {}), "job": before.get("job", {})},
@@ -228,11 +230,12 @@ def run_loaded_sweep(
     check_weights(base, source)
     check_eval(base, source)
     fixed = json.loads(json.dumps(base.model_dump()))  # absolute paths for the trials
-    storage = Path(base.cluster.storage_path)
-    resumed = _resume_or_start(storage, sweep, fixed, source, restart, echo)
+    store = Storage(base.cluster.storage_path)
+    store.check()
+    resumed = _resume_or_start(store, sweep, fixed, source, restart, echo)
     # a stop request is for the run going on when it was made: one left over would end this one
-    stop_file = sweep_file(storage, sweep.name, "stop")
-    stop_file.unlink(missing_ok=True)
+    stop_file = sweep_key(sweep.name, "stop")
+    store.delete(stop_file)
     connect_ray(address or base.cluster.address, base.cluster.use_gpu, source)
     nodes = cluster_nodes()
     warning = check_resources(base, source, nodes)  # one trial must fit
@@ -244,18 +247,20 @@ def run_loaded_sweep(
             f"max_concurrent {sweep.max_concurrent}: the Ray cluster holds {slots} trial(s) of "
             f"{base.cluster.num_workers} worker(s) at once; running {slots} at a time"
         )
-    parent, tracker = _open_parent(sweep, base, storage) if base.mlflow.enabled else (None, None)
+    parent, tracker = _open_parent(sweep, base, store) if base.mlflow.enabled else (None, None)
     ctx = {"fixed": fixed, "name": sweep.name, "source": source, "parent_run_id": parent,
-           "asha": sweep.scheduler == "asha", "stop_file": str(stop_file)}  # fmt: skip
+           "asha": sweep.scheduler == "asha", "stop_file": store.uri(stop_file)}  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
     )
+    storage_path, storage_filesystem = store.ray_storage()
     if resumed:
         tuner = tune.Tuner.restore(
-            str(storage / f"sweep-{sweep.name}"),
+            f"{storage_path}/sweep-{sweep.name}",
             trainable=trainable,
             resume_unfinished=True,
             resume_errored=True,
+            storage_filesystem=storage_filesystem,
         )
         echo(f"resuming sweep {sweep.name}: finished trials are kept, the others continue")
     else:
@@ -265,23 +270,25 @@ def run_loaded_sweep(
             tune_config=_tune_config(sweep, base, slots),
             run_config=tune.RunConfig(
                 name=f"sweep-{sweep.name}",
-                storage_path=str(storage),
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 callbacks=[
-                    _StopWhenIdle(str(stop_file)),
-                    _RecordEnded(str(storage / f"sweep-{sweep.name}" / ENDED)),
+                    _StopWhenIdle(store.uri(stop_file)),
+                    _RecordEnded(store.uri(f"sweep-{sweep.name}/{ENDED}")),
                 ],
             ),
         )
-    rows = _rows(tuner.fit(), sweep, base, storage)
+    rows = _rows(tuner.fit(), sweep, base, store)
     # ended before its trials did: stopped on request, or interrupted (Ctrl-C, SIGTERM)
     stopped = any(r["state"] in ("stopped", "not started", "interrupted") for r in rows)
-    requested = stop_file.exists()
-    result, out, plot = _write_results(rows, sweep, storage, stopped, requested)
-    stop_file.unlink(missing_ok=True)  # answered (or the sweep ended before it was read)
-    if parent:
-        tracker.log_artifact(out, "sweep")
-        if plot:
-            tracker.log_artifact(plot, "sweep")
+    requested = store.exists(stop_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        result, out, plot = _write_results(rows, sweep, store, Path(tmp), stopped, requested)
+        store.delete(stop_file)  # answered (or the sweep ended before it was read)
+        if parent:
+            tracker.log_artifact(Path(tmp) / Path(out).name, "sweep")
+            if plot:
+                tracker.log_artifact(Path(tmp) / Path(plot).name, "sweep")
         best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
         if best:
             tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
@@ -308,16 +315,16 @@ def run_loaded_sweep(
     }
 
 
-def _open_parent(sweep: SweepConfig, base, storage: Path):
+def _open_parent(sweep: SweepConfig, base, store: Storage):
     """The sweep's parent MLflow run (new, or the one its marker names): the searched space and
     the sweep file. Returns (run_id, tracker)."""
     from cadist.tracking import Tracker, check_reachable, resolve_uri, start_or_resume_run
 
     uri = resolve_uri(base.mlflow.tracking_uri)
     check_reachable(uri)
-    marker = _sweep_files(storage, sweep)[2]
+    marker = _sweep_files(sweep)[2]
     parent = start_or_resume_run(
-        uri, base.mlflow.experiment, sweep.name, marker, {"cadist.sweep": sweep.name}
+        uri, base.mlflow.experiment, sweep.name, store, marker, {"cadist.sweep": sweep.name}
     )
     tracker = Tracker(uri, parent)
     tracker.log_params({f"search.{k}": json.dumps(v) for k, v in sweep.search.items()})
@@ -371,7 +378,7 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
+def _rows(grid, sweep: SweepConfig, base, store: Storage) -> list[dict]:
     """One row per trial (params, metrics, job, MLflow run, state, error, Pareto flag). States:
     finished, stopped early (by ASHA; its MLflow run is marked KILLED here), stopped (on request,
     at a checkpoint; the driver marked its run KILLED), interrupted (the sweep was, e.g. Ctrl-C; its
@@ -379,14 +386,14 @@ def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
     interrupted first), failed (its run is marked FAILED here)."""
     from cadist.tracking import resolve_uri, set_status
 
-    ended = _ended(storage / f"sweep-{sweep.name}" / ENDED)
+    ended = _ended(store.uri(f"sweep-{sweep.name}/{ENDED}"))
     rows = []
     for res in grid:
         last = res.metrics or {}
         # (a trial that never reported has no trial_id there; its folder is named by it)
         trial_id = last.get("trial_id") or (Path(res.path).name if res.path else "?")
         job_name = last.get("job") or f"{sweep.name}-{trial_id}"
-        ran = (storage / job_name).is_dir()
+        ran = store.is_dir(job_name)
         on_request = isinstance(res.error, SweepStopped)
         if (on_request and "not started" in str(res.error)) or (not last and not ran):
             state = "not started"
@@ -401,13 +408,13 @@ def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
         else:
             state = "finished"
         # a trial without a final report: its run is found by its marker, its step by checkpoint
-        run_id = last.get("mlflow_run_id") or _run_of(storage, job_name)
+        run_id = last.get("mlflow_run_id") or _run_of(store, job_name)
         if state in ("stopped early", "interrupted", "failed") and run_id and base.mlflow.enabled:
             status = "FAILED" if state == "failed" else "KILLED"  # a rerun resumes interrupted ones
             set_status(resolve_uri(base.mlflow.tracking_uri), run_id, status)
         step = last.get("step")
         if state in ("stopped", "interrupted", "not started"):  # where a rerun resumes it
-            latest = latest_checkpoint(storage / job_name) if ran else None
+            latest = store.latest_checkpoint(job_name) if ran else None
             step = latest[0] if latest else None
         rows.append(
             {
@@ -432,17 +439,16 @@ def _rows(grid, sweep: SweepConfig, base, storage: Path) -> list[dict]:
 def _write_results(
     rows: list[dict],
     sweep: SweepConfig,
-    storage: Path,
+    store: Storage,
+    tmp: Path,
     stopped: bool = False,
     requested: bool = False,
 ):
-    """`.cadist/sweep-<name>.results.json` (written whole, then renamed; `stopped`: the sweep ended
-    before its trials did, a rerun resumes it; `requested`: by `cadist stop`, else interrupted) and,
-    for two objectives, the trade-off figure beside it. Returns (result, its file, the figure or
-    None)."""
-    out = sweep_file(storage, sweep.name, "results")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    """`.cadist/sweep-<name>.results.json` (written whole; `stopped`: the sweep ended before its
+    trials did, a rerun resumes it; `requested`: by `cadist stop`, else interrupted) and, for two
+    objectives, the trade-off figure beside it, both also in the local folder `tmp`. Returns
+    (result, its URI, the figure's URI or None)."""
+    out = sweep_key(sweep.name, "results")
     result = {
         "sweep": sweep.name,
         "objectives": sweep.objectives,
@@ -450,26 +456,23 @@ def _write_results(
         "stop_requested": stopped and requested,
         "trials": rows,
     }
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    (tmp / Path(out).name).write_text(json.dumps(result, indent=1))
+    out = store.upload(tmp / Path(out).name, out)
     plot = None
     if len(sweep.objectives) == 2:  # the trade-off figure: first objective against the second
         from cadist.plots import tradeoff_png
 
         (ym, yd), (xm, xd) = sweep.objectives.items()
         points = [{"label": _label(r["params"])} | r["metrics"] for r in rows]
-        plot = sweep_file(storage, sweep.name, "pareto")
-        tradeoff_png(points, plot, xm, ym, xd, yd, title=f"sweep {sweep.name}")
+        plot = sweep_key(sweep.name, "pareto")
+        tradeoff_png(points, tmp / Path(plot).name, xm, ym, xd, yd, title=f"sweep {sweep.name}")
+        plot = store.upload(tmp / Path(plot).name, plot)
     return result, out, plot
 
 
-def _run_of(storage: Path, job_name: str) -> str | None:
+def _run_of(store: Storage, job_name: str) -> str | None:
     """The MLflow run id a trial's job recorded in its marker file, if any."""
-    marker = job_file(storage, job_name, "mlflow")
-    try:
-        return json.loads(marker.read_text()).get("run_id")
-    except (OSError, ValueError):
-        return None
+    return (store.read_json(job_key(job_name, "mlflow")) or {}).get("run_id")
 
 
 def _label(params: dict) -> str:

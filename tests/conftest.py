@@ -71,3 +71,51 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)  # as a crash: no goodbye to clients
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+class S3Server:
+    """A real S3 API server (moto's, on 127.0.0.1 and a free port) for the whole session; the
+    standard environment (AWS_ENDPOINT_URL, dummy keys) points cadist, pyarrow and Ray at it."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "cadist-test",
+                    "AWS_SECRET_ACCESS_KEY": "cadist-test-secret", "AWS_REGION": "us-east-1"}  # fmt: skip
+        os.environ.update(self.env)
+        self._n = 0
+
+    def bucket(self, prefix: str = "cadist") -> str:
+        """A new, empty bucket; returns its name."""
+        import boto3
+
+        self._n += 1
+        name = f"{prefix}-{os.getpid()}-{self._n}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(
+            Bucket=name
+        )
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        import boto3
+
+        c = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        pages = c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        # (pyarrow leaves empty "folder/" marker objects behind: not files)
+        return sorted(o["Key"] for p in pages for o in p.get("Contents", [])
+                      if not o["Key"].endswith("/"))  # fmt: skip
+
+
+_S3 = None
+
+
+def s3_server() -> S3Server:
+    """The session's S3 server (started on first use)."""
+    global _S3
+    if _S3 is None:
+        _S3 = S3Server()
+    return _S3

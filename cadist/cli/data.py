@@ -46,7 +46,12 @@ def shards() -> None:
     help="Folder holding leftImg8bit/ and gtFine/.",
 )
 @click.option("--split", required=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    required=True,
+    help="Folder, or s3://bucket/prefix / gs://bucket/prefix (each shard uploaded as it is "
+    "written; credentials from the environment).",
+)
 @click.option("--samples-per-shard", default=32, show_default=True, type=click.IntRange(1))
 @click.option(
     "--image-format",
@@ -97,9 +102,9 @@ def shards_build(
 
 
 @shards.command("verify")
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("manifest")
 def shards_verify(manifest):
-    """Check every shard of MANIFEST against its sha256."""
+    """Check every shard of MANIFEST (a path, or s3://… / gs://…) against its sha256."""
     from cadist.data.shards import verify_shards
 
     problems = verify_shards(manifest)

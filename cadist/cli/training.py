@@ -361,8 +361,8 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
 @click.option(
     "--storage",
     default=None,
-    type=click.Path(file_okay=False),
-    help="With a name: the cluster.storage_path it runs under (default ./cadist_runs).",
+    help="With a name: the cluster.storage_path it runs under (a folder or s3://… / gs://…; "
+    "default ./cadist_runs).",
 )
 @click.option(
     "--address",
@@ -410,7 +410,7 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
 
         if wait_s is not None:
             raise click.UsageError("--wait reads the storage here: it goes without --address")
-        if not Path(storage).is_absolute():
+        if not Path(storage).is_absolute() and "://" not in storage:
             raise ConfigError(
                 f"storage {storage}: with --address it is read on the cluster, where a relative "
                 f"path means another folder; give the job's cluster.storage_path as an absolute "
@@ -479,25 +479,27 @@ def _stop_sweep(request: dict, storage: str, wait_s: float | None, as_json: bool
 
 # -- status -------------------------------------------------------------------------------------
 @main.command("status")
-@click.argument("storage", default="cadist_runs", type=click.Path(file_okay=False))
+@click.argument("storage", default="cadist_runs")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status_cmd(storage, as_json):
-    """The jobs under STORAGE (a jobs' cluster.storage_path; default ./cadist_runs): step reached,
+    """The jobs under STORAGE (a jobs' cluster.storage_path: a folder or s3://… / gs://…; default
+    ./cadist_runs): step reached,
     finished, resumable or stop requested, MLflow run, and records waiting for a tracking server
     that did not answer (a rerun sends them); then the sweeps: trials finished, stopped, failed,
     Pareto front."""
     from cadist.errors import ConfigError
     from cadist.status import jobs_in, sweep_table, sweeps_in, table
-    from cadist.train.resume import META
+    from cadist.storage import META, Storage
 
-    if not (Path(storage) / META).is_dir():
+    store = Storage(storage)
+    if not store.is_dir(META):
         raise ConfigError(
-            f"{storage}: no cadist jobs here (no .cadist/ folder); pass the cluster.storage_path "
-            f"your jobs use"
+            f"{store.uri()}: no cadist jobs here (no .cadist/ folder); pass the "
+            f"cluster.storage_path your jobs use"
         )
-    rows, sweeps = jobs_in(storage), sweeps_in(storage)
+    rows, sweeps = jobs_in(store), sweeps_in(store)
     if as_json:
-        _print_json({"storage": str(Path(storage).resolve()), "jobs": rows, "sweeps": sweeps})
+        _print_json({"storage": store.uri(), "jobs": rows, "sweeps": sweeps})
     else:
         click.echo(table(rows))
         if sweeps:

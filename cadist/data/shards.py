@@ -166,6 +166,8 @@ def _write_shard(task: _ShardTask) -> dict:
     os.replace(tmp, final)
     return {
         "part": final.name,
+        "sha256": _sha256(final),
+        "bytes": final.stat().st_size,
         "samples": count,
         "keys": [s.stem for s in task.samples],
         "skipped": skipped,
@@ -194,26 +196,16 @@ def build_shards(
     """Write `split` of the Cityscapes tree at `root` as shards into `out`; return the manifest.
 
     `workers=0` uses every CPU. Raises `DataError` for bad input (naming the file) unless
-    `skip_bad`, in which case bad samples are skipped and listed in the manifest.
+    `skip_bad`, in which case bad samples are skipped and listed in the manifest. `out` may be on
+    object storage (`s3://…`, `gs://…`): each shard is uploaded as soon as it is written.
     """
+    from cadist.storage import is_remote
+
+    if is_remote(out):
+        return _build_remote(root, split, str(out), samples_per_shard, image_format,
+                             jpeg_quality, workers, overwrite, skip_bad, progress)  # fmt: skip
     root, out = Path(root), Path(out)
-    image_format = image_format or DEFAULT_FORMAT[split]
-    if image_format not in IMAGE_FORMATS:
-        raise ShardError(
-            f"--image-format {image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}"
-        )
-    if samples_per_shard < 1:
-        raise ShardError(f"--samples-per-shard {samples_per_shard}: expected a positive number")
-    samples, unlabeled = cs.list_samples(root, split)
-    skipped = []
-    for img in unlabeled:
-        msg = (
-            f"{img}: image has no label (expected {cs.label_path(root, split, img.parent.name, img.name[: -len(cs.IMAGE_SUFFIX)])}); "
-            f"add the gtFine file or remove the image (or pass --skip-bad)"
-        )
-        if not skip_bad:
-            raise DataError(msg)
-        skipped.append(msg)
+    image_format, samples, skipped = _inputs(root, split, samples_per_shard, image_format, skip_bad)
     out.mkdir(parents=True, exist_ok=True)
     old = existing_outputs(out, split)
     if old and not overwrite:
@@ -223,19 +215,8 @@ def build_shards(
         )
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{split}-", dir=out))
     try:
-        tasks = [
-            _ShardTask(
-                i,
-                str(root),
-                split,
-                tuple(samples[o : o + samples_per_shard]),
-                image_format,
-                jpeg_quality,
-                skip_bad,
-                str(staging),
-            )
-            for i, o in enumerate(range(0, len(samples), samples_per_shard))
-        ]
+        tasks = _tasks(root, split, samples, samples_per_shard, image_format, jpeg_quality,
+                       skip_bad, staging)  # fmt: skip
         parts = _run_tasks(tasks, workers or os.cpu_count() or 1, progress, len(samples), split)
         parts.sort(key=lambda p: p["part"])
         for p in parts:
@@ -247,38 +228,120 @@ def build_shards(
         for i, p in enumerate(kept):
             dst = out / shard_name(split, i)
             os.replace(staging / p["part"], dst)
-            entries.append(
-                {
-                    "name": dst.name,
-                    "samples": p["samples"],
-                    "sha256": _sha256(dst),
-                    "bytes": dst.stat().st_size,
-                }
-            )
-        manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "cadist_version": __version__,
-            "split": split,
-            "source_root": str(root.resolve()),
-            "image_format": image_format,
-            "jpeg_quality": jpeg_quality if image_format == "jpeg" else None,
-            "label_format": "png-trainid",
-            "num_classes": cs.NUM_CLASSES,
-            "ignore_index": cs.IGNORE_INDEX,
-            "class_names": list(cs.CLASS_NAMES),
-            "label_mapping": {str(k): v for k, v in sorted(cs.label_id_to_train_id().items())},
-            "num_samples": sum(e["samples"] for e in entries),
-            "num_skipped": len(skipped),
-            "skipped": skipped,
-            "shards": entries,
-        }
+            entries.append(_entry(dst.name, p))
+        manifest = _manifest(root, split, image_format, jpeg_quality, entries, skipped)
         write_json_atomic(manifest_path(out, split), manifest)
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _run_tasks(tasks, workers, progress, total, split) -> list[dict]:
+def _inputs(root: Path, split: str, samples_per_shard: int, image_format, skip_bad: bool):
+    """(image format, the split's samples, messages of those skipped) — checked options."""
+    image_format = image_format or DEFAULT_FORMAT[split]
+    if image_format not in IMAGE_FORMATS:
+        raise ShardError(
+            f"--image-format {image_format!r}: expected one of {', '.join(IMAGE_FORMATS)}"
+        )
+    if samples_per_shard < 1:
+        raise ShardError(f"--samples-per-shard {samples_per_shard}: expected a positive number")
+    samples, unlabeled = cs.list_samples(root, split)
+    skipped = []
+    for img in unlabeled:
+        stem = img.name[: -len(cs.IMAGE_SUFFIX)]
+        msg = (
+            f"{img}: image has no label (expected "
+            f"{cs.label_path(root, split, img.parent.name, stem)}); "
+            f"add the gtFine file or remove the image (or pass --skip-bad)"
+        )
+        if not skip_bad:
+            raise DataError(msg)
+        skipped.append(msg)
+    return image_format, samples, skipped
+
+
+def _tasks(root, split, samples, per_shard, image_format, quality, skip_bad, staging):
+    return [
+        _ShardTask(i, str(root), split, tuple(samples[o : o + per_shard]), image_format, quality,
+                   skip_bad, str(staging))  # fmt: skip
+        for i, o in enumerate(range(0, len(samples), per_shard))
+    ]
+
+
+def _entry(name: str, part: dict) -> dict:
+    return {"name": name, "samples": part["samples"], "sha256": part["sha256"],
+            "bytes": part["bytes"]}  # fmt: skip
+
+
+def _manifest(root: Path, split, image_format, jpeg_quality, entries, skipped) -> dict:
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "cadist_version": __version__,
+        "split": split,
+        "source_root": str(Path(root).resolve()),
+        "image_format": image_format,
+        "jpeg_quality": jpeg_quality if image_format == "jpeg" else None,
+        "label_format": "png-trainid",
+        "num_classes": cs.NUM_CLASSES,
+        "ignore_index": cs.IGNORE_INDEX,
+        "class_names": list(cs.CLASS_NAMES),
+        "label_mapping": {str(k): v for k, v in sorted(cs.label_id_to_train_id().items())},
+        "num_samples": sum(e["samples"] for e in entries),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "shards": entries,
+    }
+
+
+def _build_remote(root, split, out, per_shard, image_format, quality, workers, overwrite,
+                  skip_bad, progress) -> dict:  # fmt: skip
+    """`build_shards` into object storage: every shard is uploaded to a staging prefix as soon as
+    it is written (the local copy then goes), renamed into place once the split is complete, and
+    the manifest — what readers look for — is written last."""
+    import uuid
+
+    from cadist.storage import Storage
+
+    root, store = Path(root), Storage(out)
+    store.check()
+    image_format, samples, skipped = _inputs(root, split, per_shard, image_format, skip_bad)
+    old = store.list("", f"{split}-[0-9]*.tar") + store.list("", f"{split}-manifest.json")
+    if old and not overwrite:
+        raise ShardError(
+            f"{out}: already holds {split} shards ({old[0]}, … {len(old)} files); "
+            f"pass --overwrite to replace them or choose another --out"
+        )
+    staged = f".staging-{split}-{uuid.uuid4().hex[:8]}"
+    local = Path(tempfile.mkdtemp(prefix=f"cadist-staging-{split}-"))
+
+    def upload(part: dict) -> None:
+        store.upload(local / part["part"], f"{staged}/{part['part']}")
+        (local / part["part"]).unlink()
+
+    try:
+        tasks = _tasks(root, split, samples, per_shard, image_format, quality, skip_bad, local)
+        parts = _run_tasks(tasks, workers or os.cpu_count() or 1, progress, len(samples), split,
+                           on_done=upload)  # fmt: skip
+        parts.sort(key=lambda p: p["part"])
+        for p in parts:
+            skipped.extend(p["skipped"])
+        kept = [p for p in parts if p["samples"] > 0]
+        store.delete(manifest_path("", split).name)  # readers see no half-replaced split
+        for name in old:
+            store.delete(name)
+        entries = []
+        for i, p in enumerate(kept):
+            store.move(f"{staged}/{p['part']}", shard_name(split, i))
+            entries.append(_entry(shard_name(split, i), p))
+        manifest = _manifest(root, split, image_format, quality, entries, skipped)
+        store.write_json(manifest_path("", split).name, manifest)
+        return manifest
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+        store.delete(staged)
+
+
+def _run_tasks(tasks, workers, progress, total, split, on_done=None) -> list[dict]:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -290,10 +353,12 @@ def _run_tasks(tasks, workers, progress, total, split) -> list[dict]:
             with ProcessPoolExecutor(min(workers, len(tasks))) as pool:
                 for r in pool.map(_write_shard, tasks):
                     results.append(r)
+                    on_done and on_done(r)
                     bar and bar.update(len(r["keys"]))
         else:
             for t in tasks:
                 results.append(_write_shard(t))
+                on_done and on_done(results[-1])
                 bar and bar.update(len(t.samples))
     finally:
         if bar:
@@ -308,9 +373,17 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
+    """A shard manifest (a local path or an s3:// / gs:// URI); ShardError naming it otherwise."""
+    from cadist.storage import Storage, StorageError, is_remote
+
     try:
-        m = json.loads(path.read_text())
+        if is_remote(path):
+            m = json.loads(Storage(str(path)).read_bytes(""))
+        else:
+            path = Path(path)
+            m = json.loads(path.read_text())
+    except StorageError as exn:
+        raise ShardError(str(exn)) from None
     except FileNotFoundError:
         raise ShardError(
             f"{path}: no such manifest; build shards with `cadist shards build`"
@@ -328,14 +401,25 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def verify_shards(manifest_file: str | Path) -> list[str]:
-    """Check every shard listed in a manifest against its sha256. Returns the problems found."""
-    manifest_file = Path(manifest_file)
+    """Check every shard listed in a manifest (local or on object storage, streamed) against its
+    sha256. Returns the problems found."""
+    from cadist.storage import Storage
+
     m = read_manifest(manifest_file)
+    folder = Storage(str(manifest_file).rpartition("/")[0] or ".")
     problems = []
     for e in m["shards"]:
-        p = manifest_file.parent / e["name"]
-        if not p.exists():
+        p = folder.uri(e["name"])
+        if not folder.is_file(e["name"]):
             problems.append(f"{p}: missing")
-        elif _sha256(p) != e["sha256"]:
+        elif _sha256_stream(folder.open_input(e["name"])) != e["sha256"]:
             problems.append(f"{p}: sha256 differs from the manifest (corrupt or replaced)")
     return problems
+
+
+def _sha256_stream(f) -> str:
+    h = hashlib.sha256()
+    with f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -6,8 +6,10 @@ a fixed number of batches per epoch, so all ranks run the same number of steps. 
 sample is read exactly once across all ranks and workers, at full resolution, no padding.
 
 Ranks, world size and worker counts arrive as plain arguments; nothing here asks Ray who it is.
-Sources: local paths, `file://`, `http(s)://`, `s3://` (aws CLI), `gs://` (gsutil), given as lists,
-brace patterns (`train-{000000..000099}.tar`) or a `*-manifest.json`. `pipe:` commands run only with
+Sources: local paths, `file://`, `http(s)://`, `s3://` and `gs://` (streamed through
+`cadist.storage`'s filesystem layer, pyarrow.fs: credentials and endpoint from the environment, no
+CLI needed), given as lists, brace patterns (`train-{000000..000099}.tar`) or a `*-manifest.json`
+(local or on object storage). `pipe:` commands (e.g. `pipe:aws s3 cp … -`) run only with
 `allow_pipe=True`. No shell command is built from a URL.
 """
 
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cadist.data.shards import read_manifest
 from cadist.data.transforms import TrainTransform, normalize_batch, stack_images
 from cadist.errors import ShardError
+from cadist.storage import Storage, StorageError, is_remote
 
 log = logging.getLogger(__name__)
 wds_gopen = importlib.import_module(
@@ -53,12 +56,19 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
         item = str(item)
         if item.endswith("manifest.json"):
             m = read_manifest(item)
-            urls += [str(Path(item).parent / e["name"]) for e in m["shards"]]
+            urls += [_beside(item, e["name"]) for e in m["shards"]]
         else:
             urls += list(braceexpand.braceexpand(item))
     if not urls:
         raise ShardError(f"shard list {spec!r} is empty; give paths, a brace pattern or a manifest")
     return urls
+
+
+def _beside(manifest: str, name: str) -> str:
+    """The URL of shard `name` listed in `manifest` (in the same folder or prefix)."""
+    if is_remote(manifest):
+        return f"{manifest.rpartition('/')[0]}/{name}"
+    return str(Path(manifest).parent / name)
 
 
 def shard_set(spec: str | Path | Sequence[str | Path]) -> dict:
@@ -70,10 +80,11 @@ def shard_set(spec: str | Path | Sequence[str | Path]) -> dict:
     urls = expand_shards(spec)
     manifests = [i for i in items if i.endswith("manifest.json")]
     if manifests and len(manifests) == len(items):
-        found = [(Path(i).resolve(), read_manifest(i)) for i in manifests]
+        found = [(i if is_remote(i) else str(Path(i).resolve()), read_manifest(i))
+                 for i in manifests]  # fmt: skip
         content = [[e["name"], e["sha256"]] for _, m in found for e in m["shards"]]
-        name = "+".join(f"{p.parent.name}/{m['split']}" for p, m in found)
-        source, samples = str(found[0][0]), sum(m["num_samples"] for _, m in found)
+        name = "+".join(f"{p.rsplit('/', 2)[-2]}/{m['split']}" for p, m in found)
+        source, samples = found[0][0], sum(m["num_samples"] for _, m in found)
     else:
         content = urls
         folders = {u.rsplit("/", 2)[-2] if u.count("/") >= 1 else "." for u in urls}
@@ -110,11 +121,16 @@ def open_url(url: str, allow_pipe: bool = False):
             return open(pr.path if pr.scheme == "file" else url, "rb")
         if pr.scheme in ("http", "https"):
             return urllib.request.urlopen(url, timeout=60)
-        if pr.scheme == "s3":
-            return wds_gopen.Pipe(["aws", "s3", "cp", url, "-"], mode="rb")
-        if pr.scheme == "gs":
-            return wds_gopen.Pipe(["gsutil", "cat", url], mode="rb")
+        if pr.scheme in ("s3", "gs"):  # streamed: read as the tar iterator asks for it
+            return Storage(url).open_input("")
         return wds_gopen.gopen(url, "rb")  # pipe:, explicitly allowed by the user
+    except FileNotFoundError:
+        raise ShardError(
+            f"{url}: no such shard; build shards with `cadist shards build --out "
+            f"{url.rpartition('/')[0]}` or fix the shard list"
+        ) from None
+    except StorageError as exn:
+        raise ShardError(f"cannot open shard: {exn}") from None
     except OSError as exn:
         raise ShardError(f"{url}: cannot open shard ({exn})") from None
 

@@ -18,6 +18,7 @@ from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig, read_yaml
 from cadist.data.stream import expand_shards, shard_set
 from cadist.errors import ClusterError, ConfigError, ShardError, TrackingError
+from cadist.storage import Storage, is_remote, job_key
 from cadist.train.raycluster import (
     check_resources,
     cluster_nodes,
@@ -25,7 +26,7 @@ from cadist.train.raycluster import (
     describe_nodes,
     is_start_failure,
 )
-from cadist.train.resume import META, check_rerun, job_file, set_aside
+from cadist.train.resume import check_rerun
 
 
 @dataclass
@@ -59,8 +60,7 @@ def check_data(job: JobConfig, source: str) -> None:
             urls = expand_shards(spec)
         except ShardError as exn:
             raise ConfigError(f"{source}: data.{key}: {exn}") from None
-        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-        missing = [u for u in local if not Path(u).is_file()]
+        missing = missing_shards(urls)
         if missing:
             raise ConfigError(
                 f"{source}: data.{key}: shard {missing[0]} does not exist "
@@ -76,14 +76,30 @@ def check_data(job: JobConfig, source: str) -> None:
             )
 
 
+def missing_shards(urls: list[str]) -> list[str]:
+    """The local and object-storage shards of `urls` that do not exist (one listing per folder
+    on object storage; http(s) and pipe: sources are not checked here)."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    remote = [u for u in urls if is_remote(u)]
+    folders: dict[str, set[str]] = {}
+    for u in remote:
+        parent, _, name = u.rpartition("/")
+        if parent not in folders:
+            folders[parent] = set(Storage(parent).list())
+        if name not in folders[parent]:
+            missing.append(u)
+    return missing
+
+
 def check_weights(job: JobConfig, source: str) -> None:
     """Weight files the job starts from exist — before any worker starts (MLflow URIs are checked
     when they are fetched)."""
     for key in ("backbone_weights", "weights"):
         spec = getattr(job.model, key)
-        if not spec or spec.startswith(MLFLOW_SCHEMES) or "://" in spec:
+        if not spec or spec.startswith(MLFLOW_SCHEMES) or ("://" in spec and not is_remote(spec)):
             continue
-        if not Path(spec).is_file():
+        if not (Storage(spec).is_file("") if is_remote(spec) else Path(spec).is_file()):
             raise ConfigError(
                 f"{source}: model.{key}: {spec} does not exist; "
                 + (
@@ -183,25 +199,27 @@ def _absolute(job: JobConfig) -> JobConfig:
     )
 
 
-def _previous_job(resolved: Path) -> dict | None:
-    """The resolved job an earlier start of this job name wrote (with today's defaults filled in,
-    so a key added since is no change); None on a first start."""
-    if not resolved.is_file():
+def _previous_job(store: Storage, resolved: str) -> dict | None:
+    """The resolved job an earlier start of this job name wrote (key `resolved` of the storage
+    path; with today's defaults filled in, so a key added since is no change); None on a first
+    start."""
+    if not store.is_file(resolved):
         return None
-    tree = read_yaml(resolved, "resolved job", "a job mapping")
+    tree = read_yaml(resolved, "resolved job", "a job mapping", store)
     try:
         return JobConfig.model_validate(tree).model_dump()
     except ValueError:  # written by another cadist version: compare what is there
         return tree
 
 
-def spool_dir(storage: Path, job_name: str, run_id: str) -> Path:
-    """Where records for an MLflow run wait while its tracking server does not answer."""
-    return job_file(storage, job_name, "spool") / run_id
+def spool_dir(store: Storage, job_name: str, run_id: str) -> str:
+    """Where records for an MLflow run wait while its tracking server does not answer (a URI on
+    the storage path, which every node reads)."""
+    return store.uri(f"{job_key(job_name, 'spool')}/{run_id}")
 
 
 def _finish_tracking(
-    job: JobConfig, uri: str, run_id: str, tracker, spool: Path, ckpt, stopped_at=None
+    job: JobConfig, uri: str, run_id: str, tracker, spool: str, ckpt, stopped_at=None
 ) -> None:
     """Send what the workers spooled, register the best weights, mark the run FINISHED (KILLED,
     tagged `cadist.stopped_at_step`, when `cadist stop` ended it at step `stopped_at`) — or, when
@@ -248,19 +266,15 @@ def _mark_failed(tracker) -> None:
             raise
 
 
-def _fetch_initial_weights(job: JobConfig, dest: Path) -> JobConfig:
+def _fetch_initial_weights(job: JobConfig, store: Storage) -> JobConfig:
     """model.weights given as an MLflow URI (e.g. the best weights of an earlier run): fetched once
     on the driver into the run's storage (which every node reads), the job pointed at the copy."""
-    import shutil
-
     from cadist.checkpoints import resolve_weights
 
-    if not dest.is_file():  # a resumed run keeps the copy it started from
-        local = resolve_weights(job.model.weights, job.mlflow.tracking_uri)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
-    model = job.model.model_copy(update={"weights": str(dest)})
+    dest = job_key(job.name, "init-weights")
+    if not store.is_file(dest):  # a resumed run keeps the copy it started from
+        store.upload(resolve_weights(job.model.weights, job.mlflow.tracking_uri), dest)
+    model = job.model.model_copy(update={"weights": store.uri(dest)})
     return job.model_copy(update={"model": model})
 
 
@@ -289,8 +303,9 @@ def run_training(
     check_eval(job, source)
     job = _absolute(job)
     weights_source = job.model.weights  # as given: an MLflow URI is fetched to a file below
-    job, rerun = _prepare_storage(job, source, restart)
-    storage = Path(job.cluster.storage_path)
+    store = Storage(job.cluster.storage_path)
+    store.check()  # bucket, credentials, endpoint: before Ray starts
+    job, rerun = _prepare_storage(job, store, source, restart)
     uri = resolve_uri(job.mlflow.tracking_uri) if job.mlflow.enabled else None
     if uri:
         check_reachable(uri)  # before Ray starts
@@ -302,9 +317,9 @@ def run_training(
     if uri:
         tags = {**({"cadist.weights_source": weights_source} if weights_source else {}),
                 **(extra_tags or {})}  # fmt: skip
-        run_id, tracker = _open_run(job, uri, storage, rerun, tags)
-    stop_file = stop_file or str(job_file(storage, job.name, "stop"))
-    trainer = _trainer(job, storage, uri, run_id, report_evals, callbacks, stop_file)
+        run_id, tracker = _open_run(job, uri, store, rerun, tags)
+    stop_file = stop_file or store.uri(job_key(job.name, "stop"))
+    trainer = _trainer(job, store, uri, run_id, report_evals, callbacks, stop_file)
     # read by Ray Train's controller, which the driver's environment is passed to at fit()
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.start_timeout_s)
     try:
@@ -321,12 +336,12 @@ def run_training(
                 f"nodes again — training resumes from its last checkpoint"
             ) from None
         raise
-    ckpt = result.checkpoint.path if result.checkpoint else None
+    ckpt = store.uri_of(result.checkpoint.path) if result.checkpoint else None
     metrics = dict(result.metrics or {})
     stopped = bool(metrics.pop("stopped", False))
     if stopped:
         if not in_sweep:  # a sweep's request is the sweep's to clear, once no trial runs
-            Path(stop_file).unlink(missing_ok=True)
+            Storage(stop_file).delete("")
         print(
             f"cadist: job {job.name} stopped at step {metrics.get('step')} on request (checkpoint "
             f"{ckpt}); "
@@ -336,7 +351,7 @@ def run_training(
             file=sys.stderr,
         )
     if run_id:
-        spool = spool_dir(storage, job.name, run_id)
+        spool = spool_dir(store, job.name, run_id)
         _finish_tracking(
             job,
             uri,
@@ -354,36 +369,31 @@ def _workers(job: JobConfig) -> str:
     return f"{c.min_workers} to {c.num_workers}" if c.min_workers else str(c.num_workers)
 
 
-def _prepare_storage(job: JobConfig, source: str, restart: bool):
+def _prepare_storage(job: JobConfig, store: Storage, source: str, restart: bool):
     """The job's files beside Ray's run folder: set an earlier run aside (`restart`), fetch start
     weights given by MLflow URI, check what a rerun may change, and save the resolved job.
-    Returns the job (weights now a local file) and the rerun check."""
-    storage = Path(job.cluster.storage_path)
-    (storage / META).mkdir(parents=True, exist_ok=True)
-    resolved = job_file(storage, job.name, "job")
-    marker = job_file(storage, job.name, "mlflow")
-    init_weights = job_file(storage, job.name, "init-weights")
+    Returns the job (weights now a file on the storage path) and the rerun check."""
+    resolved, marker = job_key(job.name, "job"), job_key(job.name, "mlflow")
     if restart:
-        moved = set_aside([storage / job.name, resolved, marker, init_weights])
+        moved = store.set_aside([job.name, resolved, marker, job_key(job.name, "init-weights")])
         if moved:
             print(f"cadist: restarting job {job.name}; the earlier run is kept as {moved[0]}")
     weights_source = job.model.weights
     if weights_source and weights_source.startswith(MLFLOW_SCHEMES):
-        job = _fetch_initial_weights(job, init_weights)
-    before = _previous_job(resolved)
-    rerun = check_rerun(job.model_dump(), before, storage / job.name, source)
+        job = _fetch_initial_weights(job, store)
+    before = _previous_job(store, resolved)
+    rerun = check_rerun(job.model_dump(), before, store.uri(job.name), source)
     if rerun.changes and rerun.step is None:  # nothing to resume: a new MLflow run, right params
-        set_aside([marker])
+        store.set_aside([marker])
     elif rerun.changes:
         print(f"cadist: resuming job {job.name} at step {rerun.step} with {rerun.describe()}")
     # a stop request is for the run going on when it was made: one left over would end this one
-    job_file(storage, job.name, "stop").unlink(missing_ok=True)
-    resolved.with_suffix(".yaml.tmp").write_text(job.to_yaml())
-    os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
+    store.delete(job_key(job.name, "stop"))
+    store.write(resolved, job.to_yaml())
     return job, rerun
 
 
-def _open_run(job: JobConfig, uri: str, storage: Path, rerun, extra_tags: dict):
+def _open_run(job: JobConfig, uri: str, store: Storage, rerun, extra_tags: dict):
     """Start the job's MLflow run, or continue the one its marker names; params, the resolved job
     and the MAC counts on a new run. Returns (run_id, tracker)."""
     from cadist.tracking import Tracker, start_or_resume_run
@@ -396,8 +406,8 @@ def _open_run(job: JobConfig, uri: str, storage: Path, rerun, extra_tags: dict):
         "cadist.job": job.name,
         **extra_tags,
     }
-    marker = job_file(storage, job.name, "mlflow")
-    run_id = start_or_resume_run(uri, job.mlflow.experiment, job.name, marker, tags)
+    marker = job_key(job.name, "mlflow")
+    run_id = start_or_resume_run(uri, job.mlflow.experiment, job.name, store, marker, tags)
     tracker = Tracker(uri, run_id)
     if rerun.step is not None and rerun.changes:  # params stay those of the first start
         tracker.note_resume_changes(rerun.step, rerun.describe(), job.cluster.num_workers)
@@ -410,7 +420,7 @@ def _open_run(job: JobConfig, uri: str, storage: Path, rerun, extra_tags: dict):
 
 
 def _trainer(
-    job: JobConfig, storage: Path, uri, run_id, report_evals: bool, callbacks, stop_file: str
+    job: JobConfig, store: Storage, uri, run_id, report_evals: bool, callbacks, stop_file: str
 ):
     """Ray Train's TorchTrainer for the job: one DeepSpeed rank per worker (`train_worker`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -420,6 +430,7 @@ def _trainer(
 
     c = job.cluster
     workers = (c.min_workers, c.num_workers) if c.min_workers else c.num_workers
+    storage_path, storage_filesystem = store.ray_storage()
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -428,7 +439,7 @@ def _trainer(
             "run_id": run_id,
             "report_evals": report_evals,
             # where rank 0 keeps what a tracking server that stops answering cannot take yet
-            "spool": str(spool_dir(storage, job.name, run_id)) if run_id else None,
+            "spool": spool_dir(store, job.name, run_id) if run_id else None,
             # `cadist stop` writes it: checkpoint at the next progress report and end
             "stop_file": stop_file,
         },
@@ -441,7 +452,8 @@ def _trainer(
         ),
         run_config=RunConfig(
             name=job.name,
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(
                 max_failures=job.cluster.max_failures,
                 # worker groups that cannot start (nodes gone): retry once unless nodes may come;

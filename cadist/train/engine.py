@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -15,6 +16,7 @@ from cadist.config import JobConfig
 from cadist.data.transforms import normalize_uint8
 from cadist.models.build import build_model
 from cadist.models.weights import load_backbone, load_weights
+from cadist.storage import local_copy
 from cadist.train.loop import make_optimizer, seed_everything, training_loss
 from cadist.train.syncbn import convert_to_distributed_bn
 
@@ -86,10 +88,11 @@ def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, c
 def build_engine(job: JobConfig, on_gpu: bool, world: int, device: torch.device):
     seed_everything(job.train.seed)  # identical initialisation on every rank
     model = build_model(**job.model.build_kwargs())
-    if job.model.backbone_weights:
-        load_backbone(model, job.model.backbone_weights)
-    if job.model.weights:
-        load_weights(model, job.model.weights, expect_name=job.model.name)
+    with tempfile.TemporaryDirectory() as tmp:  # start weights on object storage: fetched here
+        if job.model.backbone_weights:
+            load_backbone(model, local_copy(job.model.backbone_weights, f"{tmp}/backbone"))
+        if job.model.weights:
+            load_weights(model, local_copy(job.model.weights, tmp), expect_name=job.model.name)
     if world > 1:  # batch statistics over the global batch, on GPUs and on the CPU alike
         model = (
             nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 from cadist.config import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ShardError
+from cadist.storage import Storage, job_key
 from cadist.train.driver import (
     _absolute,
     _previous_job,
@@ -20,7 +21,7 @@ from cadist.train.driver import (
     val_image_size,
 )
 from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, describe_nodes
-from cadist.train.resume import Rerun, check_rerun, job_file
+from cadist.train.resume import Rerun, check_rerun
 
 
 def plan_training(
@@ -38,12 +39,13 @@ def plan_training(
     check_weights(job, source)
     check_eval(job, source)
     job = _absolute(job)
-    storage = Path(job.cluster.storage_path)
+    store = Storage(job.cluster.storage_path)
+    store.check()
     if restart:
         rerun = Rerun()
     else:
-        before = _previous_job(job_file(storage, job.name, "job"))
-        rerun = check_rerun(job.model_dump(), before, storage / job.name, source)
+        before = _previous_job(store, job_key(job.name, "job"))
+        rerun = check_rerun(job.model_dump(), before, store.uri(job.name), source)
     # as `run_training`: the marker's run continues unless changed settings start the job anew
     mlflow = _mlflow(job, not restart and not (rerun.changes and rerun.step is None))
     nodes, where = _nodes(job, address, source)
@@ -77,7 +79,7 @@ def plan_training(
             "warning": warning,
             "worker": {"CPU": job.cluster.cpus_per_worker, "GPU": int(job.cluster.use_gpu)},
         },
-        "storage": str(storage / job.name),
+        "storage": store.uri(job.name),
         "mlflow": mlflow,
         "macs": _macs(job),
         "eval": _evaluation(job),
@@ -136,13 +138,8 @@ def _mlflow(job: JobConfig, continues: bool) -> dict | None:
 
     uri = resolve_uri(job.mlflow.tracking_uri)
     check_reachable(uri)
-    marker = job_file(Path(job.cluster.storage_path), job.name, "mlflow")
-    run_id = None
-    if continues and marker.is_file():
-        try:
-            run_id = json.loads(marker.read_text()).get("run_id")
-        except ValueError:
-            run_id = None
+    marker = Storage(job.cluster.storage_path).read_json(job_key(job.name, "mlflow")) or {}
+    run_id = marker.get("run_id") if continues else None
     return {"tracking_uri": uri, "experiment": job.mlflow.experiment, "continues_run": run_id}
 
 
@@ -297,9 +294,10 @@ def plan_sweep(
     check_data(base, source)
     check_weights(base, source)
     check_eval(base, source)
-    storage = Path(base.cluster.storage_path)
+    store = Storage(base.cluster.storage_path)
+    store.check()
     fixed = json.loads(json.dumps(base.model_dump()))
-    resumes = not restart and would_resume(storage, sweep, fixed, source)
+    resumes = not restart and would_resume(store, sweep, fixed, source)
     mlflow = None
     if base.mlflow.enabled:
         from cadist.tracking import check_reachable, resolve_uri
@@ -332,7 +330,7 @@ def plan_sweep(
             "workers": base.cluster.num_workers,
             "epochs": _epochs(base, images),
         },
-        "storage": str(storage),
+        "storage": store.uri(),
         "mlflow": mlflow,
         "macs": _macs(base),
         "eval": _evaluation(base),

@@ -9,14 +9,12 @@ count) may change, and the changes are printed and recorded on the MLflow run.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cadist.errors import ConfigError
+from cadist.storage import Storage
 
 #: job keys (or key prefixes, ending in ".") a resumed run may change
 RESUMABLE = (
@@ -38,39 +36,6 @@ RESUMABLE = (
 _ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-#: cadist's files for a job, beside Ray's run folder `<storage>/<job>/`: in `<storage>/.cadist/`
-META = ".cadist"
-_SUFFIX = {
-    "job": ".yaml",  # the job as its last start resolved it
-    "mlflow": ".mlflow.json",  # its MLflow run (run id, tracking URI)
-    "spool": ".mlflow-spool",  # records waiting for a tracking server, one folder per run
-    "init-weights": ".init-weights.pt",  # model.weights fetched from MLflow
-    "stop": ".stop.json",  # `cadist stop`: checkpoint at the next progress report and end
-}
-
-
-def job_file(storage: str | Path, name: str, kind: str) -> Path:
-    """Where cadist keeps file `kind` ("job", "mlflow", "spool", "init-weights", "stop") of job
-    `name`."""
-    return Path(storage) / META / f"{name}{_SUFFIX[kind]}"
-
-
-#: a sweep's files in `<storage>/.cadist/`, beside Tune's experiment folder `<storage>/sweep-<name>/`
-_SWEEP_SUFFIX = {
-    "state": ".state.json",  # the settings it started with (a rerun with others is refused)
-    "mlflow": ".mlflow.json",  # its parent MLflow run
-    "results": ".results.json",  # written when it ends (or stops on request)
-    "pareto": ".pareto.png",  # the trade-off figure, for two objectives
-    "stop": ".stop.json",  # `cadist stop SWEEP`: trials checkpoint and end, none starts
-}
-
-
-def sweep_file(storage: str | Path, name: str, kind: str) -> Path:
-    """Where cadist keeps file `kind` ("state", "mlflow", "results", "pareto", "stop") of sweep
-    `name`."""
-    return Path(storage) / META / f"sweep-{name}{_SWEEP_SUFFIX[kind]}"
-
-
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts (either side may lack them)."""
     keys = []
@@ -83,43 +48,17 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def set_aside(paths: list[Path]) -> list[Path]:
-    """Rename an earlier run's files out of the way (`<name>.before-<time>`; nothing is deleted)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for p in paths:
-        if p.exists():
-            dest = p.with_name(f"{p.name}.before-{stamp}")
-            os.replace(p, dest)
-            moved.append(dest)
-    return moved
+def run_uri(storage: str | Path, job: str) -> str:
+    """Ray Train's run folder of `job` under a storage root (a path or s3://… / gs://… URI)."""
+    return Storage(storage).uri(job)
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """The newest complete cadist checkpoint (`step_<n>/` with weights and DeepSpeed state) that
-    Ray Train registered — the one a rerun resumes from. A worker writes the folder before Ray
-    Train registers it, so a crash can leave a newer, complete but unregistered one behind (and a
-    rerun overwrites it); without Ray Train's record (`checkpoint_manager_snapshot.json`) every
-    complete folder counts."""
-    found = [
-        (int(p.name[5:]), p)
-        for p in run_dir.glob("step_*")
-        if p.name[5:].isdigit() and (p / "model.pt").is_file() and (p / "state").is_dir()
-    ]
-    registered = _registered(run_dir)
-    if registered is not None:
-        found = [(step, p) for step, p in found if p.name in registered]
-    return max(found) if found else None
-
-
-def _registered(run_dir: Path) -> set[str] | None:
-    """The checkpoint folders Ray Train's checkpoint manager holds for the run (its snapshot,
-    rewritten whenever one is registered), or None where there is none or it cannot be read."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def latest_checkpoint(run_dir: str | Path) -> tuple[int, str] | None:
+    """(step, URI) of the newest complete checkpoint (`step_<n>/` with weights and DeepSpeed state)
+    that Ray Train registered in the run folder `run_dir` — the one a rerun resumes from (see
+    `Storage.checkpoints`)."""
+    parent, _, name = str(run_dir).rstrip("/").rpartition("/")
+    return Storage(parent or ".").latest_checkpoint(name)
 
 
 def zero_world(ckpt: Path) -> int | None:
@@ -147,7 +86,7 @@ class Rerun:
         return ", ".join(f"{k} {a} → {b}" for k, a, b in self.changes)
 
 
-def check_rerun(job: dict, before: dict | None, run_dir: Path, source: str) -> Rerun:
+def check_rerun(job: dict, before: dict | None, run_dir: str | Path, source: str) -> Rerun:
     """Compare a job (resolved, as a dict) with the one its earlier start wrote (`before`; None on
     a first start). Raises ConfigError for a resume that changes what is trained. Another number
     of workers is a change like any other: ZeRO 1/2 optimizer state is re-split on loading

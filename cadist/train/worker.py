@@ -27,6 +27,7 @@ from cadist.eval.miou import iou_csv, val_metrics
 from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
+from cadist.storage import Storage
 from cadist.tracking import (
     WORKER_HTTP_ENV,
     NullTracker,
@@ -219,10 +220,12 @@ def _learned_train_metrics(engine) -> dict:
     return {"train/lr_mask_estimator": engine.get_lr()[2], "train/ratio_loss": float(aux.detach())}
 
 
-def _stop_requested(stop_file: str | None, device) -> bool:
-    """Whether `cadist stop` asked this job to end (a collective: every rank calls it, so all of
-    them stop at the same step even if only some see the file yet)."""
-    flag = torch.tensor([float(bool(stop_file) and os.path.exists(stop_file))], device=device)
+def _stop_requested(stop_file: str | None, rank: int, device) -> bool:
+    """Whether `cadist stop` asked this job to end: rank 0 looks for the request on the storage
+    path, the others learn it from a collective (every rank calls it, so all of them stop at the
+    same step)."""
+    seen = rank == 0 and bool(stop_file) and Storage(stop_file).exists()
+    flag = torch.tensor([float(seen)], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
@@ -292,7 +295,7 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
             metrics = {}
             if step % t.log_every == 0 or last:
                 metrics = _log_progress(tracker, job, engine, meter, step, epoch, rank, device)
-                stop = not last and _stop_requested(cfg.get("stop_file"), device)
+                stop = not last and _stop_requested(cfg.get("stop_file"), rank, device)
             if step % job.eval.interval == 0 or last:
                 metrics |= _evaluate(tracker, job, engine, val, state, rank, device, dtype)
             if step % t.checkpoint_every == 0 or last or stop:

@@ -1,12 +1,14 @@
 """Rerunning a job: which changed settings a resume may bring (cadist.train.resume; no Ray)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
 from cadist.config import load_job
 from cadist.errors import ConfigError
-from cadist.train.resume import check_rerun, latest_checkpoint, set_aside, zero_world
+from cadist.storage import Storage
+from cadist.train.resume import check_rerun, latest_checkpoint, zero_world
 
 JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
 
@@ -32,7 +34,7 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     _checkpoint(tmp_path, 10)
     newest = _checkpoint(tmp_path, 20)
     (tmp_path / "step_00000030").mkdir()  # still being written: no weights, no state
-    assert latest_checkpoint(tmp_path) == (20, newest)
+    assert latest_checkpoint(tmp_path) == (20, str(newest))
     assert zero_world(newest) is None
     assert zero_world(_checkpoint(tmp_path, 40, zero_ranks=2)) == 2
     # with Ray Train's record: the newest it registered (a crash can leave a newer, complete
@@ -42,7 +44,7 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     snapshot = tmp_path / "checkpoint_manager_snapshot.json"
     snapshot.write_text(json.dumps({"checkpoint_results": [
         {"checkpoint_dir_name": "step_00000010"}, {"checkpoint_dir_name": "step_00000020"}]}))  # fmt: skip
-    assert latest_checkpoint(tmp_path) == (20, newest)
+    assert latest_checkpoint(tmp_path) == (20, str(newest))
     snapshot.write_text(json.dumps({"checkpoint_results": []}))  # none registered yet
     assert latest_checkpoint(tmp_path) is None
     snapshot.write_text("{")  # unreadable: every complete folder counts
@@ -110,9 +112,9 @@ def test_zero_state_resumes_on_another_number_of_workers(tmp_path):
 def test_set_aside_renames_and_deletes_nothing(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("1")
-    moved = set_aside([tmp_path / "run", tmp_path / "missing"])
-    assert len(moved) == 1 and moved[0].name.startswith("run.before-")
-    assert (moved[0] / "x").read_text() == "1" and not (tmp_path / "run").exists()
+    moved = Storage(tmp_path).set_aside(["run", "missing"])
+    assert len(moved) == 1 and moved[0].startswith(str(tmp_path / "run.before-"))
+    assert (Path(moved[0]) / "x").read_text() == "1" and not (tmp_path / "run").exists()
 
 
 def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
@@ -134,9 +136,10 @@ def test_status_lists_each_job_s_progress_run_and_waiting_records(tmp_path):
         )
     (tmp_path / "halfway" / "step_00000200").mkdir()  # being written: not a checkpoint yet
     spool = meta / "halfway.mlflow-spool" / "run-halfway"
-    spool.mkdir(parents=True)
-    (spool / "pending.jsonl").write_text('{"op": "metrics"}\n{"op": "text"}\n')
-    set_aside([tmp_path / "done"])
+    (spool / "q").mkdir(parents=True)
+    for n, op in enumerate(("metrics", "text")):
+        (spool / "q" / f"{n:020d}-1.json").write_text(json.dumps({"op": op}))
+    Storage(tmp_path).set_aside(["done"])
     _checkpoint(tmp_path / "done", 600)
 
     sweep = {"sweep": {"name": "sw", "num_samples": 3, "objectives": {"val/miou": "max"}}}
@@ -399,7 +402,7 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
                 "objectives": {"val/miou": "max"},
             }  # fmt: skip
         )
-        rows = _rows(grid, sweep, base, tmp_path)
+        rows = _rows(grid, sweep, base, Storage(tmp_path))
         got = [(r["job"], r["state"], r["step"], r["pareto"], bool(r["error"])) for r in rows]
         assert got == [
             ("sw-a", "finished", 20, scheduler == "fifo", False),

@@ -101,9 +101,9 @@ def test_overrides_and_one_line_errors(tmp_path):
             r"split the global batch: narrow the range, or use a batch of 12$",
         ),
         (
-            ["cluster.storage_path=s3://bucket/runs"],
-            r"cluster\.storage_path: s3://bucket/runs: cloud storage URIs are not supported .*"
-            r"mounts at the same path",
+            ["cluster.storage_path=hdfs://nn/runs"],
+            r"cluster\.storage_path: hdfs://nn/runs: unknown storage scheme 'hdfs'; use a local "
+            r"folder, file://, s3://bucket/prefix or gs://bucket/prefix",
         ),
     ]
     for overrides, pattern in cases:
