@@ -21,6 +21,7 @@ import yaml
 
 from cadist.config import JobConfig
 from cadist.errors import CadistError, ConfigError
+from cadist.storage import location_env
 from cadist.sweeps import SweepConfig
 
 ENTRYPOINT = "python -m cadist.remote"
@@ -208,7 +209,8 @@ def _submit(
             "cluster (in the job's working directory if relative); set it to an MLflow server "
             "the cluster reaches to browse the run from here"
         )
-    runtime_env: dict = {"env_vars": what.env}
+    # where object storage is (endpoint, region; never credentials, which are the nodes' own)
+    runtime_env: dict = {"env_vars": location_env() | what.env}
     if working_dir is not None:
         root = Path(working_dir).resolve()
         if not (root / "cadist" / "__init__.py").is_file():

@@ -92,8 +92,11 @@ def check_uri(uri: str) -> None:
         raise StorageError(
             f"{pr.scheme}://…@{pr.hostname}: credentials do not go in the URI (cadist stores and "
             f"logs it); set them in the environment ("
-            + ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" if pr.scheme == "s3"
-               else "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
+            + (
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                if pr.scheme == "s3"
+                else "GOOGLE_APPLICATION_CREDENTIALS"
+            )  # fmt: skip
             + ")"
         )
 
@@ -101,6 +104,23 @@ def check_uri(uri: str) -> None:
 def s3_endpoint() -> str | None:
     """The S3 endpoint of the environment: `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+#: where the object storage is (no secrets): passed from the driver to its workers and trials,
+#: whose nodes may have been started without them; credentials stay each node's own
+LOCATION_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def location_env() -> dict[str, str]:
+    """The storage location settings of this process's environment (`LOCATION_ENV`)."""
+    return {k: os.environ[k] for k in LOCATION_ENV if os.environ.get(k)}
+
+
+def adopt_location_env(env: dict[str, str] | None) -> None:
+    """Take the driver's storage location settings where this process has none."""
+    for k, v in (env or {}).items():
+        if k in LOCATION_ENV:
+            os.environ.setdefault(k, v)
 
 
 @lru_cache(maxsize=8)
@@ -148,13 +168,18 @@ def explain(exn: BaseException, uri: str, doing: str) -> StorageError:
     else:
         creds = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role)"
     if "NO_SUCH_BUCKET" in up or "BUCKET DOES NOT EXIST" in up or "NOSUCHBUCKET" in up:
-        fix = f"the bucket does not exist: create it (e.g. `aws s3 mb {_bucket(uri)}`) or fix the URI"
+        fix = (
+            f"the bucket does not exist: create it (e.g. `aws s3 mb {_bucket(uri)}`) or fix the URI"
+        )
     elif "ACCESS_DENIED" in up or "ACCESSDENIED" in up or "FORBIDDEN" in up or "403" in text:
         fix = "access denied: grant these credentials read and write on the bucket"
     elif "SIGNATURE" in up or "INVALIDACCESSKEYID" in up or "CREDENTIAL" in up:
         fix = f"the credentials were refused or are missing: {creds}"
-    elif "NETWORK_CONNECTION" in up or "COULDN'T CONNECT" in up or "RESOLVE HOST" in up or (
-        "CURL" in up
+    elif (
+        "NETWORK_CONNECTION" in up
+        or "COULDN'T CONNECT" in up
+        or "RESOLVE HOST" in up
+        or ("CURL" in up)
     ):
         where = s3_endpoint() if scheme == "s3" else None
         fix = (
@@ -200,7 +225,7 @@ class Storage:
 
     def uri_of(self, fs_path: str) -> str:
         """The URI of a path inside `fs` under the root (what Ray reports, without a scheme)."""
-        rel = fs_path[len(self.base):].lstrip("/") if fs_path.startswith(self.base) else None
+        rel = fs_path[len(self.base) :].lstrip("/") if fs_path.startswith(self.base) else None
         return self.uri(rel) if rel is not None else fs_path
 
     def ray_storage(self) -> tuple[str, object | None]:

@@ -31,7 +31,7 @@ from ray.tune import Callback
 
 from cadist.config import validate_job
 from cadist.errors import ConfigError
-from cadist.storage import Storage, job_key, sweep_key
+from cadist.storage import Storage, adopt_location_env, job_key, location_env, sweep_key
 from cadist.sweeps import METRICS, SweepConfig, load_sweep, pareto, trial_job
 from cadist.train.resume import changed_keys
 
@@ -63,6 +63,7 @@ def _run_trial(config: dict, ctx: dict) -> None:
 
     from cadist.train.driver import run_training
 
+    adopt_location_env(ctx.get("storage_env"))
     trial_id = tune.get_context().get_trial_id()
     job = trial_job(ctx["fixed"], config, f"{ctx['name']}-{trial_id}", ctx["source"])
     stop_file = ctx.get("stop_file")
@@ -249,7 +250,8 @@ def run_loaded_sweep(
         )
     parent, tracker = _open_parent(sweep, base, store) if base.mlflow.enabled else (None, None)
     ctx = {"fixed": fixed, "name": sweep.name, "source": source, "parent_run_id": parent,
-           "asha": sweep.scheduler == "asha", "stop_file": store.uri(stop_file)}  # fmt: skip
+           "asha": sweep.scheduler == "asha", "stop_file": store.uri(stop_file),
+           "storage_env": location_env()}  # fmt: skip
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, ctx=ctx), {"CPU": 0, "memory": 64 * 1024**2}
     )

@@ -3,36 +3,41 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def tiny_shards(root, num_train: int = 8, num_val: int = 2, seed: int = 3):
-    """Generated 64×128 Cityscapes-format scenes as WebDataset shards of 2 samples under `root`;
-    returns the (train, val) manifest paths."""
+def tiny_shards(root, num_train: int = 8, num_val: int = 2, seed: int = 3, out=None):
+    """Generated 64×128 Cityscapes-format scenes as WebDataset shards of 2 samples under `root`
+    (or `out`, e.g. s3://bucket/shards); returns the (train, val) manifest paths or URIs."""
     from cadist.data.shards import build_shards
     from cadist.data.synthetic import write_tree
 
     write_tree(root / "cs", num_train=num_train, num_val=num_val, height=64, width=128, seed=seed)
+    out = out or root / "shards"
     for split in ("train", "val"):
-        build_shards(root / "cs", split, root / "shards", samples_per_shard=2, progress=False)
-    return root / "shards" / "train-manifest.json", root / "shards" / "val-manifest.json"
+        build_shards(root / "cs", split, out, samples_per_shard=2, workers=1, progress=False)
+    if isinstance(out, str):
+        return f"{out}/train-manifest.json", f"{out}/val-manifest.json"
+    return out / "train-manifest.json", out / "val-manifest.json"
 
 
 def registered_checkpoint(run_dir) -> bool:
-    """Whether Ray Train has registered a checkpoint of the run in `run_dir` (a folder on disk may
-    not be registered yet; a crash then restarts from the one before)."""
-    snap = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return snap.is_file() and "checkpoint_dir_name" in snap.read_text()
-    except OSError:
-        return False
+    """Whether Ray Train has registered a checkpoint of the run in `run_dir` (a folder, or an
+    s3:// URI; a folder written may not be registered yet: a crash then restarts from the one
+    before)."""
+    from cadist.storage import Storage
+
+    snap = Storage(str(run_dir)).read_json("checkpoint_manager_snapshot.json") or {}
+    return any("checkpoint_dir_name" in r for r in snap.get("checkpoint_results", []))
 
 
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts under `root`) that a
     test can stop and start again on the same port and stores, as an outage would."""
 
-    def __init__(self, root):
+    def __init__(self, root, artifacts: str | None = None):
         import socket
 
         self.root = root
+        # where the server keeps artifacts (proxied: clients upload through it); e.g. s3://…
+        self.artifacts = artifacts or str(root / "server-artifacts")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -50,7 +55,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "server-artifacts"), "--workers", "1"],
+             "--artifacts-destination", self.artifacts, "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig, read_yaml
 from cadist.data.stream import expand_shards, shard_set
 from cadist.errors import ClusterError, ConfigError, ShardError, TrackingError
-from cadist.storage import Storage, is_remote, job_key
+from cadist.storage import Storage, is_remote, job_key, location_env
 from cadist.train.raycluster import (
     check_resources,
     cluster_nodes,
@@ -442,6 +442,8 @@ def _trainer(
             "spool": spool_dir(store, job.name, run_id) if run_id else None,
             # `cadist stop` writes it: checkpoint at the next progress report and end
             "stop_file": stop_file,
+            # where the object storage is (endpoint, region; never credentials)
+            "storage_env": location_env(),
         },
         scaling_config=ScalingConfig(
             # elastic: Ray Train asks for num_workers and starts with at least min_workers

@@ -27,7 +27,7 @@ from cadist.eval.miou import iou_csv, val_metrics
 from cadist.models.build import build_model, is_adaptive, is_learned
 from cadist.models.weights import save_weights
 from cadist.predict import colorize
-from cadist.storage import Storage
+from cadist.storage import Storage, adopt_location_env
 from cadist.tracking import (
     WORKER_HTTP_ENV,
     NullTracker,
@@ -243,6 +243,7 @@ def train_worker(cfg: dict) -> None:
     "report_evals": also report every evaluation (without a checkpoint) to Ray Train, "spool":
     where rank 0 keeps records while the tracking server does not answer}."""
     job = JobConfig.model_validate(cfg["job"])
+    adopt_location_env(cfg.get("storage_env"))
     _quiet_console(job.cluster.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

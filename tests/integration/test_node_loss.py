@@ -1,9 +1,12 @@
 """A node lost for good on a (simulated) two-node Ray cluster: the run ends with one clear error
 within about two start timeouts instead of waiting forever, and rerunning the same job on a
 cluster that has the nodes again would resume from the last checkpoint; an elastic job goes on
-with the workers left, grows back when a node returns, and stops cleanly on `cadist stop`."""
+with the workers left, grows back when a node returns, and stops cleanly on `cadist stop` — with
+its storage and shards on object storage (a real S3 API server) and every node in a working
+directory of its own, as on a cloud cluster whose nodes share no disk."""
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,19 +19,22 @@ from ray.cluster_utils import Cluster
 from cadist.config import load_job
 from cadist.errors import ClusterError
 from cadist.status import request_stop, wait_for_stop
+from cadist.storage import Storage
 from cadist.train.driver import run_training
 from cadist.train.plan import plan_training
 from cadist.train.resume import latest_checkpoint
 
-from ..conftest import registered_checkpoint, tiny_shards
+from ..conftest import registered_checkpoint, s3_server, tiny_shards
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 
 
-def _overrides(tmp_path, name: str, seed: int, **extra) -> dict:
-    """A two-worker tiny job on generated shards, checkpoints every 10 steps."""
-    train, val = tiny_shards(tmp_path, num_train=8, seed=seed)
+def _overrides(tmp_path, name: str, seed: int, storage=None, **extra) -> dict:
+    """A two-worker tiny job on generated shards, checkpoints every 10 steps; shards and runs
+    under `storage` (e.g. s3://bucket), else in `tmp_path`."""
+    out = f"{storage}/shards" if storage else None
+    train, val = tiny_shards(tmp_path, num_train=8, seed=seed, out=out)
     return {
         "name": name,
         "data.train_shards": str(train),
@@ -39,7 +45,7 @@ def _overrides(tmp_path, name: str, seed: int, **extra) -> dict:
         "train.checkpoint_every": 10,
         "eval.log_images": 0,
         "cluster.num_workers": 2,
-        "cluster.storage_path": str(tmp_path / "runs"),
+        "cluster.storage_path": f"{storage}/runs" if storage else str(tmp_path / "runs"),
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     } | extra
 
@@ -58,7 +64,7 @@ def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None):
 
     t = threading.Thread(target=fit)
     t.start()
-    run_dir = tmp_path / "runs" / job.name
+    run_dir = Storage(job.cluster.storage_path).uri(job.name)
     deadline = time.time() + 240
     while not registered_checkpoint(run_dir) and time.time() < deadline and t.is_alive():
         time.sleep(0.2)
@@ -73,10 +79,25 @@ def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None):
     return box
 
 
-def _two_nodes():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    node = cluster.add_node(num_cpus=1)
+def _two_nodes(workdirs=None):
+    """A head and a worker node; with `workdirs`, each node's processes (raylet, workers) start
+    in a folder of its own (`head`, `node1`, … under it), as nodes that share no disk."""
+
+    def start(name, fn):
+        if workdirs is None:
+            return fn()
+        here = os.getcwd()
+        (workdirs / name).mkdir(parents=True, exist_ok=True)
+        os.chdir(workdirs / name)
+        try:
+            return fn()
+        finally:
+            os.chdir(here)
+
+    cluster = start("head", lambda: Cluster(initialize_head=True, head_node_args={"num_cpus": 1}))
+    node = start("node1", lambda: cluster.add_node(num_cpus=1))
     ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    cluster.start_in = start
     return cluster, node
 
 
@@ -128,8 +149,12 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
     checkpoint at the same step and end, the MLflow run is KILLED, and a rerun would resume there.
     (The job asks for many steps, so the growth happens however slow the machine; the stop ends it.)"""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    bucket = f"s3://{s3_server().bucket()}"
+    driver_dir = tmp_path / "driver"
+    driver_dir.mkdir()
+    monkeypatch.chdir(driver_dir)
     overrides = _overrides(
-        tmp_path, "itest-elastic", seed=9,
+        tmp_path, "itest-elastic", seed=9, storage=bucket,
         **{"train.iterations": 5000, "train.log_every": 5, "eval.interval": 5000,
            "cluster.min_workers": 1, "cluster.max_failures": 2, "cluster.elastic_resize_s": 2,
            # Ray Train's first restart may still count the lost node and wait this long for it
@@ -138,11 +163,12 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
     )  # fmt: skip
     job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
     client = MlflowClient(overrides["mlflow.tracking_uri"])
-    storage = tmp_path / "runs"
-    marker = storage / ".cadist" / "itest-elastic.mlflow.json"
+    storage = overrides["cluster.storage_path"]
+    store = Storage(storage)
 
     def workers_seen():
-        hist = client.get_metric_history(json.loads(marker.read_text())["run_id"], "train/workers")
+        run_id = store.read_json(".cadist/itest-elastic.mlflow.json")["run_id"]
+        hist = client.get_metric_history(run_id, "train/workers")
         return [int(m.value) for m in sorted(hist, key=lambda m: m.timestamp)]
 
     def wait_for(counts, seconds):
@@ -152,12 +178,12 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
 
     def node_returns_then_stop():
         wait_for([2, 1], 180)
-        cluster.add_node(num_cpus=1)
+        cluster.start_in("node2", lambda: cluster.add_node(num_cpus=1))
         wait_for([2, 1, 2], 240)
         request_stop(storage, job.name)  # also if it never grew: the assertions below tell
         box["stopped_at"] = wait_for_stop(storage, job.name, 300)  # `cadist stop --wait`
 
-    cluster, node = _two_nodes()
+    cluster, node = _two_nodes(workdirs=tmp_path / "nodes")
     box = {}
     try:
         box |= _lose_a_node_while_training(tmp_path, cluster, node, job, node_returns_then_stop)
@@ -186,8 +212,13 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
         assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] > resumed[0], resumed
         loss = [m.value for m in client.get_metric_history(r.run_id, "train/loss")]
         assert all(v == v and v < 10 for v in loss)  # finite: the re-split state trained on
-        assert latest_checkpoint(storage / job.name)[0] == step
-        assert not (storage / ".cadist" / "itest-elastic.stop.json").exists()
+        assert latest_checkpoint(f"{storage}/{job.name}")[0] == step
+        assert not store.exists(".cadist/itest-elastic.stop.json")
+        # nothing on any node's disk, nor the driver's: all of it is on S3
+        assert store.latest_checkpoint(job.name) == (step, f"{storage}/{job.name}/step_{step:08d}")
+        assert store.is_file(".cadist/itest-elastic.yaml")
+        left = [p for p in (tmp_path / "nodes").rglob("*")] + list(driver_dir.iterdir())
+        assert not [p for p in left if p.is_file()], left
         assert "last.pt" not in {
             a.path.split("/")[-1] for a in client.list_artifacts(r.run_id, "checkpoints")
         }

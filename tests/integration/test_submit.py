@@ -17,8 +17,9 @@ from cadist.cli import main
 from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job, submit_sweep
 from cadist.config import load_job
 from cadist.errors import CadistError, ConfigError
+from cadist.storage import Storage
 
-from ..conftest import tiny_shards
+from ..conftest import s3_server, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +37,7 @@ def head():
     saved = os.environ["PATH"]
     # the job's entry point runs `python`: make it this environment's, as the cluster file does
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved}"
+    s3_server()  # the nodes' S3 credentials: in the environment Ray starts with
     ray.init(
         address="local",
         num_cpus=2,
@@ -50,7 +52,10 @@ def head():
 
 @pytest.mark.slow
 def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
-    train, val = tiny_shards(tmp_path, seed=3)
+    """…with its storage path and shards on object storage (a real S3 API server), as on a cloud
+    cluster; `cadist stop --address` writes its request there."""
+    bucket = f"s3://{s3_server().bucket()}"
+    train, val = tiny_shards(tmp_path, seed=3, out=f"{bucket}/shards")
     overrides = {
         "name": "submitted",
         "data.train_shards": train,
@@ -63,7 +68,7 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
         "train.checkpoint_every": 2,
         "eval.interval": 4,
         "cluster.num_workers": 1,
-        "cluster.storage_path": tmp_path / "runs",
+        "cluster.storage_path": f"{bucket}/runs",
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "mlflow.experiment": "submitted",
     }
@@ -85,19 +90,20 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
 
     # `cadist stop --address`: the request is written on the cluster, by a small Ray job (its
     # errors are request_stop's, test_resume.py, reported as a failing job's, below)
-    runs = tmp_path / "runs"
-    (runs / ".cadist" / "other.yaml").write_text((runs / ".cadist" / "submitted.yaml").read_text())
-    r = CliRunner().invoke(main, ["stop", "other", "--storage", str(runs), "--address", head,
+    runs = Storage(f"{bucket}/runs")
+    assert runs.latest_checkpoint("submitted") == (4, f"{bucket}/runs/submitted/step_00000004")
+    runs.write(".cadist/other.yaml", runs.read_bytes(".cadist/submitted.yaml"))
+    r = CliRunner().invoke(main, ["stop", "other", "--storage", runs.uri(), "--address", head,
                                   "--no-upload"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "stop requested for job other" in r.output  # cadist.remote's line, followed here
-    assert json.loads((runs / ".cadist" / "other.stop.json").read_text())["job"] == "other"
+    assert runs.read_json(".cadist/other.stop.json")["job"] == "other"
     # (a sweep's name: the same request, for the sweep)
-    (runs / ".cadist" / "sweep-sw.state.json").write_text("{}")
-    r = CliRunner().invoke(main, ["stop", "sw", "--storage", str(runs), "--address", head,
+    runs.write(".cadist/sweep-sw.state.json", "{}")
+    r = CliRunner().invoke(main, ["stop", "sw", "--storage", runs.uri(), "--address", head,
                                   "--no-upload"])  # fmt: skip
     assert r.exit_code == 0 and "stop requested for sweep sw" in r.output, r.output
-    assert json.loads((runs / ".cadist" / "sweep-sw.stop.json").read_text())["sweep"] == "sw"
+    assert runs.read_json(".cadist/sweep-sw.stop.json")["sweep"] == "sw"
     r = CliRunner().invoke(main, ["stop", "other", "--storage", "runs", "--address", head])
     assert r.exit_code == 2 and "with --address it is read on the cluster" in r.output
 
@@ -221,3 +227,20 @@ def test_cluster_file_validates_and_names_the_bad_key(tmp_path):
     assert "127.0.0.1" in check_cluster_file(tmp_path / "open.yaml")["warnings"][0]
     r = CliRunner().invoke(main, ["cluster", "check", str(tmp_path / "bad.yaml")])
     assert r.exit_code == 2 and r.output.startswith("error: ")
+
+
+@pytest.mark.parametrize(("name", "provider"), [("aws", "aws"), ("gcp", "gcp")])
+def test_cloud_cluster_files_validate_offline(name, provider, tmp_path):
+    """The cloud templates: GPU worker types, a CPU-only head, the dashboard on the head's
+    loopback (no warning), the bucket checked in the setup; a broken node type is named."""
+    path = ROOT / f"ray_cluster.{name}.yaml"
+    r = check_cluster_file(path)
+    assert (r["provider"], r["head_node_type"], r["warnings"]) == (provider, "head", [])
+    assert r["node_types"]["gpu_8x_a100"]["resources"] == {"CPU": 96, "GPU": 8}
+    assert r["node_types"]["head"]["resources"] == {"CPU": 0}
+    raw = yaml.safe_load(path.read_text())
+    assert any(f"Storage('{'s3' if name == 'aws' else 'gs'}://" in c for c in raw["setup_commands"])
+    raw["available_node_types"]["gpu_8x_a100"]["max_workers"] = "many"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"available_node_types.gpu_8x_a100.max_workers"):
+        check_cluster_file(tmp_path / "bad.yaml")

@@ -22,6 +22,8 @@ from cadist.errors import ConfigError
 from cadist.train.driver import run_training
 from cadist.train.resume import zero_world
 
+from ..conftest import s3_server
+
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 
@@ -38,6 +40,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_local():
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    s3_server()  # before Ray starts: its nodes take the S3 credentials from the environment
     ray.init(
         address="local",
         num_cpus=2,
@@ -256,27 +259,39 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     assert r3.metrics["val/miou"] == pytest.approx(best_now, abs=5e-3)
 
 
-def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
-    """…with two micro-batches per step (gradient accumulation): steps, schedule and resume count
-    optimiser steps."""
-    job = make_job(
-        workdir,
-        "itest-kill",
-        **{
-            "train.iterations": 60,
-            "eval.interval": 60,
-            "deepspeed.gradient_accumulation_steps": 2,
-        },
-    )
+def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local, tmp_path, monkeypatch):
+    """…with storage and shards on object storage (a real S3 API server; the working directory
+    gets nothing), and two micro-batches per step (gradient accumulation): steps, schedule and
+    resume count optimiser steps. Then a rerun with more iterations resumes from S3 and
+    `cadist status s3://…` shows where it got."""
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+    from cadist.storage import Storage
+
+    bucket = f"s3://{s3_server().bucket()}"
+    for split in ("train", "val"):
+        build_shards(workdir / "cs", split, f"{bucket}/shards", samples_per_shard=2,
+                     workers=1, progress=False)  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # nothing may land here
+    on_s3 = {
+        "data.train_shards": f"{bucket}/shards/train-manifest.json",
+        "data.val_shards": f"{bucket}/shards/val-manifest.json",
+        "cluster.storage_path": f"{bucket}/runs",
+        "train.iterations": 60,
+        "eval.interval": 60,
+        "deepspeed.gradient_accumulation_steps": 2,
+    }
+    job = make_job(workdir, "itest-kill", **on_s3)
+    store = Storage(f"{bucket}/runs")
     box = {}
     t0 = time.time()
     t = threading.Thread(target=lambda: box.setdefault("r", run_training(job, "itest")))
     t.start()
-    ckpt = workdir / "runs" / "itest-kill" / "step_00000020"
     deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline:
+    while not store.is_dir("itest-kill/step_00000020") and time.time() < deadline:
         time.sleep(0.5)
-    assert ckpt.exists(), "no checkpoint appeared"
+    assert store.is_dir("itest-kill/step_00000020"), "no checkpoint appeared"
     # one of this run's two Train workers: not a leftover of an earlier test, and not one of their
     # DataLoader processes (forked children carry the same process title)
     workers = [p for p in _train_workers() if p.info["create_time"] >= t0 - 1]
@@ -299,6 +314,20 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local):
     assert lr[55] == pytest.approx(job.train.lr_backbone * (5 / 60) ** 0.9, rel=1e-6)
     params = client.get_run(r.run_id).data.params
     assert params["deepspeed.gradient_accumulation_steps"] == "2"
+    assert r.checkpoint == f"{bucket}/runs/itest-kill/step_00000060"
+
+    # the rerun with more iterations resumes from the newest checkpoint on S3, in the same run
+    r2 = run_training(make_job(workdir, "itest-kill", **on_s3 | {"train.iterations": 70}), "it")
+    assert (r2.metrics["step"], r2.run_id) == (70, r.run_id)
+    resumed = client.get_metric_history(r.run_id, "train/resumed_from_step")
+    assert resumed[-1].value == 60
+    out = CliRunner().invoke(main, ["status", f"{bucket}/runs", "--json"])
+    assert out.exit_code == 0, out.output
+    (row,) = json.loads(out.stdout)["jobs"]
+    assert (row["job"], row["step"], row["state"], row["mlflow_run_id"]) == (
+        "itest-kill", 70, "finished", r.run_id)  # fmt: skip
+    assert row["checkpoint"] == f"{bucket}/runs/itest-kill/step_00000070"
+    assert list(tmp_path.iterdir()) == []  # no cadist_runs, nothing else, in the working directory
 
 
 def test_unreachable_tracking_server_fails_before_training(workdir):

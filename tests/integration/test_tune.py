@@ -18,7 +18,7 @@ SEED = 6  # the random searcher's seed in the ASHA test: lr_head 0.2, then 1e-9
 pytestmark = pytest.mark.slow
 
 
-def _fixed(train, val, iterations: int, log_every: int) -> dict:
+def _fixed(train, val, iterations: int, log_every: int, storage: str = "runs") -> dict:
     """The sweeps' fixed overrides: the tiny edge model on generated shards, one CPU worker,
     checkpoints every 4 steps, one evaluation at the end."""
     return {
@@ -34,7 +34,7 @@ def _fixed(train, val, iterations: int, log_every: int) -> dict:
         "eval.interval": iterations,
         "eval.log_images": 0,
         "cluster.num_workers": 1,
-        "cluster.storage_path": "runs",
+        "cluster.storage_path": storage,
         "deepspeed.zero_stage": 0,
         "mlflow.experiment": "sweeps",
     }
@@ -67,8 +67,12 @@ def _check_pareto_front(trials: list[dict], table: list[str]) -> None:
     assert sum(line.endswith("*") for line in table[1:]) == len(on)
 
 
-def _sweep_dirs(runs: Path, name: str) -> list[Path]:
-    return sorted(p for p in runs.glob(f"{name}-*") if p.is_dir())
+def _sweep_dirs(runs, name: str) -> list[str]:
+    """The trial run folders of sweep `name` under `runs` (a folder or a Storage), by name."""
+    from cadist.storage import Storage
+
+    store = runs if isinstance(runs, Storage) else Storage(runs)
+    return [n for n in store.list("", f"{name}-*") if ".before-" not in n and store.is_dir(n)]
 
 
 def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, monkeypatch):
@@ -78,8 +82,8 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     the next rerun finishes it from there. A changed sweep file is refused unless --restart. The
     finished sweep: its trials as MLflow runs under the sweep's run (the default store, ./mlflow.db
     where `cadist tune` runs), each with its own values as params, and the Pareto front of the two
-    objectives."""
-    import json
+    objectives. Its storage path is on object storage (a real S3 API server): Tune's experiment,
+    the trials' checkpoints and cadist's sweep state all resume from there."""
     import os
     import signal
     import subprocess
@@ -90,17 +94,20 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
 
     from cadist.cli import main
     from cadist.status import sweeps_in
-    from cadist.train.resume import latest_checkpoint
+    from cadist.storage import Storage
     from cadist.tune import _run_of
+
+    from ..conftest import s3_server
 
     ITERATIONS = 48  # noqa: N806
     train, val = tiny_shards(tmp_path, seed=6)
+    runs = Storage(f"s3://{s3_server().bucket()}/runs")
     sweep = {
         "name": "itest_resume",
         "job": str(ROOT / "jobs" / "demo.yaml"),
         # long enough that the killed trial has progress reports left once resumed (the kill
         # lands once Ray Train registered a checkpoint: step 4 to 20 seen)
-        "set": _fixed(train, val, iterations=ITERATIONS, log_every=4),
+        "set": _fixed(train, val, iterations=ITERATIONS, log_every=4, storage=runs.uri()),
         "search": {
             "model.edge_threshold": {"loguniform": [0.02, 2.0]},
             "model.trimap_width": {"choice": [1, 21]},
@@ -117,13 +124,12 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    runs = tmp_path / "runs"
     deadline = time.time() + 300
     try:
         order = []  # trial run folders in the order they appear (trial ids are random)
         while time.time() < deadline:  # until Ray Train registered a checkpoint of the 2nd trial
             order += [d for d in _sweep_dirs(runs, "itest_resume") if d not in order]
-            if len(order) == 2 and registered_checkpoint(order[1]):
+            if len(order) == 2 and registered_checkpoint(runs.uri(order[1])):
                 break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
@@ -135,8 +141,8 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    jobs_before = {p.name for p in _sweep_dirs(runs, "itest_resume")}
-    assert not (runs / ".cadist" / "sweep-itest_resume.results.json").exists()
+    jobs_before = set(_sweep_dirs(runs, "itest_resume"))
+    assert not runs.exists(".cadist/sweep-itest_resume.results.json")
 
     # a changed sweep is refused with the keys that changed
     changed = dict(sweep, num_samples=3)
@@ -148,15 +154,15 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
 
     # the rerun resumes the killed trial; `cadist stop SWEEP_FILE --wait` ends it at its next
     # progress report (with a checkpoint there), and the sweep with it
-    resolved = runs / ".cadist" / f"{order[1].name}.yaml"  # rewritten when its driver starts it
-    before = resolved.stat().st_mtime_ns
+    resolved = f".cadist/{order[1]}.yaml"  # rewritten when its driver starts it
+    before = runs.info(resolved)[0].mtime_ns
     log = open(tmp_path / "second.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         deadline = time.time() + 300
-        while resolved.stat().st_mtime_ns == before:
+        while runs.info(resolved)[0].mtime_ns == before:
             assert proc.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
             assert time.time() < deadline, "the killed trial never restarted"
             time.sleep(0.2)
@@ -173,20 +179,20 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     assert stop.returncode == 0, stop.stdout + stop.stderr + second_log[-3000:]
     assert "sweep itest_resume stopped (1 finished, 1 stopped)" in stop.stdout, stop.stdout
     assert "sweep itest_resume stopped on request: 1 trial(s) checkpointed and ended" in second_log
-    result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
+    result = runs.read_json(".cadist/sweep-itest_resume.results.json")
     assert result["stopped"] is True
     states = {t["job"]: (t["state"], t["step"]) for t in result["trials"]}
-    stopped_at = states[order[1].name][1]
+    stopped_at = states[order[1]][1]
     assert states == {
-        order[0].name: ("finished", ITERATIONS),
-        order[1].name: ("stopped", stopped_at),
+        order[0]: ("finished", ITERATIONS),
+        order[1]: ("stopped", stopped_at),
     }
     assert stopped_at < ITERATIONS and stopped_at % 4 == 0  # at a progress report
-    assert latest_checkpoint(order[1])[0] == stopped_at
-    assert not (runs / ".cadist" / "sweep-itest_resume.stop.json").exists()
+    assert runs.latest_checkpoint(order[1])[0] == stopped_at
+    assert not runs.exists(".cadist/sweep-itest_resume.stop.json")
     assert [s["state"] for s in sweeps_in(runs)] == ["stopped"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    trial_run = client.get_run(_run_of(runs, order[1].name))
+    trial_run = client.get_run(_run_of(runs, order[1]))
     assert trial_run.info.status == "KILLED"
     assert trial_run.data.tags["cadist.stopped_at_step"] == str(stopped_at)
     exp = client.get_experiment_by_name("sweeps").experiment_id
@@ -196,18 +202,18 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming sweep itest_resume" in again.stdout
-    result = json.loads((runs / ".cadist" / "sweep-itest_resume.results.json").read_text())
+    result = runs.read_json(".cadist/sweep-itest_resume.results.json")
     assert result["stopped"] is False
     trials = result["trials"]
     assert len(trials) == 2 and all(t["error"] is None for t in trials), trials
     assert {t["job"] for t in trials} == jobs_before  # the same trials, none started anew
-    assert {p.name for p in _sweep_dirs(runs, "itest_resume")} == jobs_before
+    assert set(_sweep_dirs(runs, "itest_resume")) == jobs_before
     parents = client.search_runs([exp], "attributes.run_name = 'itest_resume'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert sorted(c.info.run_id for c in children) == sorted(t["mlflow_run_id"] for t in trials)
     by_job = {c.data.tags["cadist.job"]: c for c in children}
-    second = by_job[order[1].name]  # the trial that was killed
+    second = by_job[order[1]]  # the trial that was killed
     resumed = client.get_metric_history(second.info.run_id, "train/resumed_from_step")
     # continued from its checkpoints, not from step 0: after the kill, then after the stop
     assert len(resumed) >= 2 and 4 <= resumed[-2].value < stopped_at, resumed
@@ -230,7 +236,8 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     arts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep")]
     assert "sweep/sweep-itest_resume.results.json" in arts
     assert "sweep/sweep-itest_resume.pareto.png" in arts
-    assert (runs / ".cadist" / "sweep-itest_resume.pareto.png").is_file()
+    assert runs.is_file(".cadist/sweep-itest_resume.pareto.png")
+    assert list(tmp_path.glob("runs")) == []  # nothing of the sweep on this machine's disk
 
     # --restart sets the earlier run aside (the step `cadist tune --restart` takes before Tune
     # starts; a whole fresh sweep would only repeat the runs above)
@@ -241,19 +248,15 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     loaded, fixed, _ = load_sweep(tmp_path / "sweep.yaml", ())
     said = []
     assert _resume_or_start(runs, loaded, fixed, "sweep.yaml", True, said.append) is False
-    aside = list(runs.glob("sweep-itest_resume.before-*"))
-    assert len(list((runs / ".cadist").glob("sweep-itest_resume.results.json.before-*"))) == 1
+    aside = runs.list("", "sweep-itest_resume.before-*")
+    assert len(runs.list(".cadist", "sweep-itest_resume.results.json.before-*")) == 1
     assert len(aside) == 1 and said == [
-        f"restarting sweep itest_resume: the earlier run is kept as {aside[0]}"
+        f"restarting sweep itest_resume: the earlier run is kept as {runs.uri(aside[0])}"
     ]
-    assert tune.Tuner.can_restore(str(aside[0]))  # the earlier experiment, whole
+    path, fs = runs.ray_storage()
+    assert tune.Tuner.can_restore(f"{path}/{aside[0]}", storage_filesystem=fs)  # whole
     assert not would_resume(runs, loaded, fixed, "sweep.yaml")
-    assert (
-        json.loads((runs / ".cadist" / "sweep-itest_resume.state.json").read_text())["sweep"][
-            "num_samples"
-        ]
-        == 2
-    )
+    assert runs.read_json(".cadist/sweep-itest_resume.state.json")["sweep"]["num_samples"] == 2
 
 
 def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):

@@ -147,3 +147,53 @@ def test_system_metrics_sampling_comes_back_after_an_outage(tmp_path, server):
             )
         ]
     )
+
+
+def test_s3_artifact_root_and_a_spool_on_s3(tmp_path, monkeypatch):
+    """MLflow with its artifacts on object storage (`mlflow server --artifacts-destination
+    s3://…`, a real S3 API server) and a run's spool on the storage path in the same bucket: the
+    best weights land in the bucket through the server and come back by `runs:/` URI; while the
+    server is down the records wait as objects under the spool, and are sent (and removed) once
+    it answers."""
+    from cadist.checkpoints import resolve_weights
+    from cadist.storage import Storage
+    from tests.conftest import s3_server
+
+    s3 = s3_server()
+    bucket = s3.bucket()
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3.endpoint)  # read by the server's S3 client
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = MlflowServer(tmp_path, artifacts=f"s3://{bucket}/mlartifacts").start()
+    try:
+        run = new_run(server.uri, "s3", "on-s3", {})
+        spool = f"s3://{bucket}/runs/.cadist/on-s3.mlflow-spool/{run}"
+        t = SpooledTracker(server.uri, run, spool, echo=lambda m: None, retry_s=0.0)
+        (tmp_path / "best.pt").write_bytes(b"weights-1")
+        t.log_metrics({"val/miou": 0.25}, 10)
+        t.log_artifact(tmp_path / "best.pt", "checkpoints")
+        stored = s3.keys(bucket, "mlartifacts/")
+        assert [k for k in stored if k.endswith(f"{run}/artifacts/checkpoints/best.pt")], stored
+        assert resolve_weights(f"runs:/{run}", server.uri).read_bytes() == b"weights-1"
+        assert s3.keys(bucket, "runs/") == []  # nothing spooled while the server answers
+
+        server.stop()
+        (tmp_path / "best.pt").write_bytes(b"weights-2")
+        t.log_metrics({"val/miou": 0.5}, 20)
+        t.log_artifact(tmp_path / "best.pt", "checkpoints")
+        assert t.pending_count() == 2
+        waiting = s3.keys(bucket, "runs/")
+        assert len([k for k in waiting if "/q/" in k]) == 2
+        assert [k for k in waiting if k.endswith("/best.pt")]
+        # another process (a restarted worker, the driver) finds the same spool on S3
+        assert SpooledTracker(server.uri, run, spool).pending_count() == 2
+
+        server.start()
+        assert t.flush(force=True) is True
+        assert s3.keys(bucket, "runs/") == [] and not Storage(spool).is_dir()
+        c = MlflowClient(server.uri)
+        assert [(m.step, m.value) for m in c.get_metric_history(run, "val/miou")] == [
+            (10, 0.25), (20, 0.5)]  # fmt: skip
+        assert resolve_weights(f"runs:/{run}", server.uri).read_bytes() == b"weights-2"
+    finally:
+        server.stop()
