@@ -168,18 +168,24 @@ def explain(exn: BaseException, uri: str, doing: str) -> StorageError:
     else:
         creds = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role)"
     if "NO_SUCH_BUCKET" in up or "BUCKET DOES NOT EXIST" in up or "NOSUCHBUCKET" in up:
-        fix = (
-            f"the bucket does not exist: create it (e.g. `aws s3 mb {_bucket(uri)}`) or fix the URI"
-        )
+        fix = f"the bucket does not exist: create it (e.g. `aws s3 mb {_bucket(uri)}`) or fix the URI"
+    elif any(c in up for c in ("INVALID_ACCESS_KEY", "INVALIDACCESSKEY", "SIGNATURE", "EXPIRED",
+                               "INVALIDTOKEN", "INVALID_TOKEN", "CREDENTIAL")):  # fmt: skip
+        fix = f"the credentials were refused: {creds}"
     elif "ACCESS_DENIED" in up or "ACCESSDENIED" in up or "FORBIDDEN" in up or "403" in text:
-        fix = "access denied: grant these credentials read and write on the bucket"
-    elif "SIGNATURE" in up or "INVALIDACCESSKEYID" in up or "CREDENTIAL" in up:
-        fix = f"the credentials were refused or are missing: {creds}"
-    elif (
-        "NETWORK_CONNECTION" in up
-        or "COULDN'T CONNECT" in up
-        or "RESOLVE HOST" in up
-        or ("CURL" in up)
+        missing = scheme == "s3" and not any(
+            os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+                                        "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        )  # fmt: skip
+        fix = (
+            f"access denied, and no credentials in the environment: {creds}"
+            if missing
+            else "access denied: these credentials are refused or may not use this bucket; check "
+            "the key pair (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and grant it read and write "
+            "on the bucket"
+        )
+    elif "NETWORK_CONNECTION" in up or "COULDN'T CONNECT" in up or "RESOLVE HOST" in up or (
+        "CURL" in up
     ):
         where = s3_endpoint() if scheme == "s3" else None
         fix = (

@@ -327,6 +327,9 @@ def run_training(
     except Exception as exn:
         if not in_sweep:  # a sweep's trials are marked by the sweep (FAILED, or KILLED if stopped)
             _mark_failed(tracker)
+        lost = _storage_failure(exn, store)
+        if lost is not None:
+            raise lost from None
         if is_start_failure(exn):
             raise ClusterError(
                 f"{source}: job {job.name}: Ray Train could not start its "
@@ -362,6 +365,25 @@ def run_training(
             stopped_at=metrics.get("step") if stopped else None,
         )
     return TrainResult(run_id, uri, ckpt, metrics, stopped)
+
+
+def _storage_failure(exn: BaseException, store: Storage):
+    """A StorageError for a run that lost its storage (a worker's cadist.storage error, or Ray
+    Train's own checkpoint upload failing after its retries), or None for other failures."""
+    from cadist.storage import StorageError, explain
+
+    text = str(exn)
+    for line in text.splitlines():
+        if "cadist.storage.StorageError: " in line:
+            found = line.split("cadist.storage.StorageError: ", 1)[1]
+            return StorageError(f"training stopped: {found}")
+    if "AWS Error" in text or "google::cloud::Status" in text:
+        return StorageError(
+            f"training stopped: {explain(exn, store.root, 'write checkpoints to')}; nothing is "
+            f"lost: rerun the same command once the storage answers, training resumes from the "
+            f"last checkpoint"
+        )
+    return None
 
 
 def _workers(job: JobConfig) -> str:
