@@ -168,7 +168,9 @@ def explain(exn: BaseException, uri: str, doing: str) -> StorageError:
     else:
         creds = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role)"
     if "NO_SUCH_BUCKET" in up or "BUCKET DOES NOT EXIST" in up or "NOSUCHBUCKET" in up:
-        fix = f"the bucket does not exist: create it (e.g. `aws s3 mb {_bucket(uri)}`) or fix the URI"
+        fix = (
+            f"the bucket does not exist: create it (e.g. `aws s3 mb {_bucket(uri)}`) or fix the URI"
+        )
     elif any(c in up for c in ("INVALID_ACCESS_KEY", "INVALIDACCESSKEY", "SIGNATURE", "EXPIRED",
                                "INVALIDTOKEN", "INVALID_TOKEN", "CREDENTIAL")):  # fmt: skip
         fix = f"the credentials were refused: {creds}"
@@ -184,8 +186,11 @@ def explain(exn: BaseException, uri: str, doing: str) -> StorageError:
             "the key pair (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and grant it read and write "
             "on the bucket"
         )
-    elif "NETWORK_CONNECTION" in up or "COULDN'T CONNECT" in up or "RESOLVE HOST" in up or (
-        "CURL" in up
+    elif (
+        "NETWORK_CONNECTION" in up
+        or "COULDN'T CONNECT" in up
+        or "RESOLVE HOST" in up
+        or ("CURL" in up)
     ):
         where = s3_endpoint() if scheme == "s3" else None
         fix = (

@@ -262,8 +262,16 @@ def _inputs(root: Path, split: str, samples_per_shard: int, image_format, skip_b
 
 def _tasks(root, split, samples, per_shard, image_format, quality, skip_bad, staging):
     return [
-        _ShardTask(i, str(root), split, tuple(samples[o : o + per_shard]), image_format, quality,
-                   skip_bad, str(staging))  # fmt: skip
+        _ShardTask(
+            i,
+            str(root),
+            split,
+            tuple(samples[o : o + per_shard]),
+            image_format,
+            quality,
+            skip_bad,
+            str(staging),
+        )  # fmt: skip
         for i, o in enumerate(range(0, len(samples), per_shard))
     ]
 

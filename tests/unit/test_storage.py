@@ -20,7 +20,9 @@ def store(request, tmp_path):
 def test_the_verbs_behave_the_same_on_a_folder_and_on_s3(store, tmp_path):
     assert not store.exists(job_key("j", "job")) and store.jobs() == []
     uri = store.write(job_key("j", "job"), "name: j\n")
-    assert uri == store.uri(".cadist/j.yaml") and store.read_text(job_key("j", "job")) == "name: j\n"
+    assert (
+        uri == store.uri(".cadist/j.yaml") and store.read_text(job_key("j", "job")) == "name: j\n"
+    )
     assert store.is_file(job_key("j", "job")) and store.is_dir(".cadist") and store.jobs() == ["j"]
     store.write_json(job_key("j", "mlflow"), {"run_id": "r1"})
     assert store.read_json(job_key("j", "mlflow")) == {"run_id": "r1"}
@@ -63,7 +65,9 @@ def test_bad_storage_inputs_each_get_one_clear_error(monkeypatch):
     with pytest.raises(CadistError, match="credentials do not go in the URI"):
         load_job("jobs/demo.yaml", ["cluster.storage_path=s3://key:secret@bucket/runs"])
     s3_server()
-    with pytest.raises(StorageError, match=r"s3://no-such-bucket/runs: bucket no-such-bucket does not exist"):
+    with pytest.raises(
+        StorageError, match=r"s3://no-such-bucket/runs: bucket no-such-bucket does not exist"
+    ):
         Storage("s3://no-such-bucket/runs").check()
     monkeypatch.setenv("CADIST_STORAGE_RETRIES", "2")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
@@ -88,8 +92,11 @@ def test_shards_build_to_s3_and_stream_from_it(tmp_path):
                                   "--split", "val", "--out", out, "--samples-per-shard", "1",
                                   "--workers", "1"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert s3.keys(bucket) == ["shards/val-000000.tar", "shards/val-000001.tar",
-                               "shards/val-manifest.json"]  # fmt: skip (no staging left)
+    assert s3.keys(bucket) == [
+        "shards/val-000000.tar",
+        "shards/val-000001.tar",
+        "shards/val-manifest.json",
+    ]  # fmt: skip (no staging left)
     urls = expand_shards(f"{out}/val-manifest.json")
     assert urls == [f"{out}/val-000000.tar", f"{out}/val-000001.tar"]
     batches = list(ShardStream(f"{out}/val-manifest.json", train=False, batch_size=2))

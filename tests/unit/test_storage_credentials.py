@@ -25,15 +25,29 @@ def seaweed(tmp_path_factory):
     ("key", "secret", "says"),
     [
         (KEY, SECRET, None),
-        (KEY, "not-the-secret", "access denied: these credentials are refused or may not use "
-                                "this bucket; check the key pair"),
-        ("nobody", "x", "access denied: these credentials are refused or may not use "
-                        "this bucket; check the key pair"),
-        (None, None, "access denied, and no credentials in the environment: set "
-                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        (
+            KEY,
+            "not-the-secret",
+            "access denied: these credentials are refused or may not use "
+            "this bucket; check the key pair",
+        ),
+        (
+            "nobody",
+            "x",
+            "access denied: these credentials are refused or may not use "
+            "this bucket; check the key pair",
+        ),
+        (
+            None,
+            None,
+            "access denied, and no credentials in the environment: set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        ),
     ],  # fmt: skip
 )
-def test_credentials_are_checked_and_each_refusal_says_the_fix(seaweed, monkeypatch, key, secret, says):
+def test_credentials_are_checked_and_each_refusal_says_the_fix(
+    seaweed, monkeypatch, key, secret, says
+):
     monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed)
     monkeypatch.setenv("CADIST_STORAGE_RETRIES", "1")
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
