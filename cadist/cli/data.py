@@ -96,7 +96,12 @@ def shards_build(
     )
     click.echo(
         f"wrote {m['num_samples']} samples in {len(m['shards'])} shards "
-        f"({m['image_format']}) to {out}; manifest {manifest_path(out, split)}"
+        f"({m['image_format']}) to {out}; manifest "
+        + (
+            f"{out.rstrip('/')}/{split}-manifest.json"
+            if "://" in out
+            else str(manifest_path(out, split))
+        )
         + (f"; skipped {m['num_skipped']} bad samples" if m["num_skipped"] else "")
     )
 

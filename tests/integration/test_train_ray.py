@@ -328,6 +328,21 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local, tmp_path,
         "itest-kill", 70, "finished", r.run_id)  # fmt: skip
     assert row["checkpoint"] == f"{bucket}/runs/itest-kill/step_00000070"
     assert list(tmp_path.iterdir()) == []  # no cadist_runs, nothing else, in the working directory
+    # the checkpoint on S3 evaluates (`cadist eval --ckpt s3://…`, the val shards on S3: the
+    # logged mIoU of the last step) and predicts (`cadist predict --ckpt s3://…`)
+    (tmp_path / "job.yaml").write_text(make_job(workdir, "itest-kill", **on_s3).to_yaml())
+    ckpt = f"{bucket}/runs/itest-kill/step_00000070"
+    out = CliRunner().invoke(main, ["eval", str(tmp_path / "job.yaml"), "--ckpt", ckpt])
+    assert out.exit_code == 0, out.output
+    logged = client.get_metric_history(r.run_id, "val/miou")
+    assert json.loads(out.stdout)["miou"] == pytest.approx(
+        max(logged, key=lambda m: m.step).value, abs=1e-6
+    )
+    image = next((workdir / "cs" / "leftImg8bit" / "val").glob("*/*.png"))
+    out = CliRunner().invoke(main, ["predict", "--ckpt", ckpt, "--image", str(image),
+                                    "--out", str(tmp_path / "pred")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert len(list((tmp_path / "pred").glob("*_pred.png"))) == 1
 
 
 def test_unreachable_tracking_server_fails_before_training(workdir):

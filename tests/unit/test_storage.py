@@ -115,3 +115,41 @@ def test_shards_build_to_s3_and_stream_from_it(tmp_path):
     with pytest.raises(CadistError, match=r"val-000001.tar: no such shard"):
         list(ShardStream(f"{out}/val-manifest.json", train=False, batch_size=2))
     assert json.loads(Storage(out).read_bytes("val-manifest.json"))["num_samples"] == 2
+
+
+def test_stop_and_status_by_name_on_s3():
+    """`cadist stop NAME --storage s3://…` writes the request where the job's workers look for it,
+    and `cadist status s3://…` reads it back; a name the storage does not hold is one error."""
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+    from cadist.config import load_job
+
+    root = f"s3://{s3_server().bucket()}/runs"
+    store = Storage(root)
+    job = load_job("jobs/demo.yaml", ["name=far", f"cluster.storage_path={root}"])
+    store.write(job_key("far", "job"), job.to_yaml())
+    for step in (50, 100):
+        store.write(f"far/step_{step:08d}/model.pt", b"w")
+        store.write(f"far/step_{step:08d}/state/mp_rank_00_model_states.pt", b"s")
+    store.write_json("far/checkpoint_manager_snapshot.json", {"checkpoint_results": [
+        {"checkpoint_dir_name": "step_00000050"}, {"checkpoint_dir_name": "step_00000100"}]})  # fmt: skip
+    r = CliRunner().invoke(main, ["stop", "far", "--storage", root, "--json"])
+    assert r.exit_code == 0, r.output
+    asked = json.loads(r.stdout)
+    assert asked["stop_file"] == f"{root}/.cadist/far.stop.json"
+    assert (
+        asked["last_checkpoint_step"] == 100
+        and store.read_json(job_key("far", "stop"))["job"] == "far"
+    )
+    r = CliRunner().invoke(main, ["status", root, "--json"])
+    (row,) = json.loads(r.stdout)["jobs"]
+    assert (row["step"], row["state"], row["checkpoint"]) == (
+        100,
+        "stop requested",
+        f"{root}/far/step_00000100",
+    )
+    r = CliRunner().invoke(main, ["stop", "near", "--storage", root])
+    assert r.exit_code == 2 and f"{root}: no job or sweep named 'near' here (jobs: far" in r.output
+    r = CliRunner().invoke(main, ["status", f"s3://{s3_server().bucket()}/empty"])
+    assert r.exit_code == 2 and "no cadist jobs here" in r.output
