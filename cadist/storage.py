@@ -289,9 +289,12 @@ class Storage:
         except (FileNotFoundError, ValueError):
             return default
 
-    def open_input(self, key: str):
-        """A readable binary stream (streamed, not downloaded whole)."""
-        return self._call(key, "open", self.fs.open_input_stream, self.path(key))
+    def open_input(self, key: str, buffer_mib: int = 8):
+        """A readable binary stream (streamed, not downloaded whole). On object storage reads
+        go through a `buffer_mib` read-ahead buffer: unbuffered, every small read of a tar
+        header would be a request of its own."""
+        buffer = buffer_mib << 20 if self.remote else 0
+        return self._call(key, "open", self.fs.open_input_stream, self.path(key), None, buffer)
 
     def info(self, key: str = ""):
         import pyarrow.fs as pafs
