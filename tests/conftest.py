@@ -28,6 +28,26 @@ def registered_checkpoint(run_dir) -> bool:
     return any("checkpoint_dir_name" in r for r in snap.get("checkpoint_results", []))
 
 
+def train_in_thread(job):
+    """Start `run_training(job)` in a thread (the main thread stays free for what Ray requires
+    there, e.g. removing nodes); returns (thread, box): box gets "result" or "error"."""
+    import threading
+
+    from cadist.train.driver import run_training
+
+    box = {}
+
+    def fit():
+        try:
+            box["result"] = run_training(job, "itest")
+        except Exception as exn:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exn
+
+    t = threading.Thread(target=fit)
+    t.start()
+    return t, box
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts under `root`) that a
     test can stop and start again on the same port and stores, as an outage would."""

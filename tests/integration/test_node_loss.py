@@ -7,7 +7,6 @@ directory of its own, as on a cloud cluster whose nodes share no disk."""
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -20,11 +19,10 @@ from cadist.config import load_job
 from cadist.errors import ClusterError
 from cadist.status import request_stop, wait_for_stop
 from cadist.storage import Storage
-from cadist.train.driver import run_training
 from cadist.train.plan import plan_training
 from cadist.train.resume import latest_checkpoint
 
-from ..conftest import registered_checkpoint, s3_server, tiny_shards
+from ..conftest import registered_checkpoint, s3_server, tiny_shards, train_in_thread
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -54,16 +52,7 @@ def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None):
     """Train `job` in a thread, remove `node` once a checkpoint is registered (from the main
     thread, as Ray requires), call `after_loss()` (main thread) and wait for the run to end;
     returns {"result"} or {"error"}, and "ended_after_s" (seconds from the loss to the end)."""
-    box = {}
-
-    def fit():
-        try:
-            box["result"] = run_training(job, "itest")
-        except Exception as exn:  # noqa: BLE001 - handed to the main thread
-            box["error"] = exn
-
-    t = threading.Thread(target=fit)
-    t.start()
+    t, box = train_in_thread(job)
     run_dir = Storage(job.cluster.storage_path).uri(job.name)
     deadline = time.time() + 240
     while not registered_checkpoint(run_dir) and time.time() < deadline and t.is_alive():

@@ -4,7 +4,6 @@ resumes from its last registered checkpoint in the same MLflow run: nothing is l
 keeps its data on disk, so the outage ends with the bucket as it was."""
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from cadist.config import load_job
 from cadist.storage import Storage, StorageError, _filesystem
 from cadist.train.driver import run_training
 
-from ..conftest import SeaweedServer, tiny_shards
+from ..conftest import SeaweedServer, tiny_shards, train_in_thread
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -44,16 +43,7 @@ def test_a_run_that_loses_its_storage_stops_then_resumes_without_loss(tmp_path, 
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
     try:
-        box = {}
-
-        def fit():
-            try:
-                box["result"] = run_training(job, "itest")
-            except Exception as exn:  # noqa: BLE001 - handed to the main thread
-                box["error"] = exn
-
-        t = threading.Thread(target=fit)
-        t.start()
+        t, box = train_in_thread(job)
         deadline = time.time() + 240
         while store.latest_checkpoint("outage") is None and time.time() < deadline:
             assert t.is_alive(), box
