@@ -511,7 +511,9 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
             for k, v in build_model(job.model.name, 16).state_dict().items()
             if v.is_floating_point()
         )
-        assert worst < 1e-4, (stage, acc, worst)
+        # float32 sums in another order (an all-reduce of two halves vs one batch): up to 1.1e-4
+        # (the first conv's weights) on some CPUs, against weights that moved by up to 1.6
+        assert worst < 2e-4 and worst < 1e-3 * changed, (stage, acc, worst, changed)
         assert changed > 1e-3  # the weights did move
 
 
