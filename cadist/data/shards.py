@@ -381,14 +381,18 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def read_manifest(path: str | Path) -> dict:
-    """A shard manifest (a local path or an s3:// / gs:// URI); ShardError naming it otherwise."""
+    """A shard manifest (a local path, an s3:// / gs:// URI or an http(s):// URL); ShardError
+    naming it otherwise."""
     from cadist.storage import Storage, StorageError, is_remote
 
     try:
         if is_remote(path):
             m = json.loads(Storage(str(path)).read_bytes(""))
+        elif str(path).startswith(("http://", "https://")):
+            m = json.loads(_http_get(str(path)))
         else:
-            path = Path(path)
+            text = str(path)
+            path = Path(text[len("file://") :] if text.startswith("file://") else text)
             m = json.loads(path.read_text())
     except StorageError as exn:
         raise ShardError(str(exn)) from None
@@ -408,14 +412,45 @@ def read_manifest(path: str | Path) -> dict:
     return m
 
 
+def _http_get(url: str) -> bytes:
+    """The body at `url`; FileNotFoundError for a 404, ShardError when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.read()
+    except urllib.error.HTTPError as exn:
+        if exn.code == 404:
+            raise FileNotFoundError(url) from None
+        raise ShardError(f"{url}: the server answered HTTP {exn.code} ({exn.reason})") from None
+    except (urllib.error.URLError, OSError) as exn:
+        reason = getattr(exn, "reason", exn)
+        raise ShardError(f"{url}: cannot reach the server ({reason}); is it up?") from None
+
+
 def verify_shards(manifest_file: str | Path) -> list[str]:
     """Check every shard listed in a manifest (local or on object storage, streamed) against its
     sha256. Returns the problems found."""
     from cadist.storage import Storage
 
     m = read_manifest(manifest_file)
-    folder = Storage(str(manifest_file).rpartition("/")[0] or ".")
+    parent = str(manifest_file).rpartition("/")[0] or "."
     problems = []
+    if parent.startswith(("http://", "https://")):
+        import io
+
+        for e in m["shards"]:
+            p = f"{parent}/{e['name']}"
+            try:
+                body = _http_get(p)
+            except FileNotFoundError:
+                problems.append(f"{p}: missing")
+                continue
+            if _sha256_stream(io.BytesIO(body)) != e["sha256"]:
+                problems.append(f"{p}: sha256 differs from the manifest (corrupt or replaced)")
+        return problems
+    folder = Storage(parent)
     for e in m["shards"]:
         p = folder.uri(e["name"])
         if not folder.is_file(e["name"]):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cadist.data.shards import read_manifest
 from cadist.data.transforms import TrainTransform, normalize_batch, stack_images
 from cadist.errors import ShardError
-from cadist.storage import Storage, StorageError, is_remote
+from cadist.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 wds_gopen = importlib.import_module(
@@ -66,7 +66,7 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
 
 def _beside(manifest: str, name: str) -> str:
     """The URL of shard `name` listed in `manifest` (in the same folder or prefix)."""
-    if is_remote(manifest):
+    if "://" in manifest:  # s3://, gs://, http(s)://, file://: a URL, not a local path
         return f"{manifest.rpartition('/')[0]}/{name}"
     return str(Path(manifest).parent / name)
 
@@ -80,7 +80,7 @@ def shard_set(spec: str | Path | Sequence[str | Path]) -> dict:
     urls = expand_shards(spec)
     manifests = [i for i in items if i.endswith("manifest.json")]
     if manifests and len(manifests) == len(items):
-        found = [(i if is_remote(i) else str(Path(i).resolve()), read_manifest(i))
+        found = [(i if "://" in i else str(Path(i).resolve()), read_manifest(i))
                  for i in manifests]  # fmt: skip
         content = [[e["name"], e["sha256"]] for _, m in found for e in m["shards"]]
         name = "+".join(f"{p.rsplit('/', 2)[-2]}/{m['split']}" for p, m in found)

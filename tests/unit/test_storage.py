@@ -153,3 +153,46 @@ def test_stop_and_status_by_name_on_s3():
     assert r.exit_code == 2 and f"{root}: no job or sweep named 'near' here (jobs: far" in r.output
     r = CliRunner().invoke(main, ["status", f"s3://{s3_server().bucket()}/empty"])
     assert r.exit_code == 2 and "no cadist jobs here" in r.output
+
+
+def test_manifests_over_http_and_file_urls_are_read_as_urls(tmp_path):
+    """`data.*_shards: http://host/…/val-manifest.json` (and file://) is a URL: the manifest is
+    fetched, its shards streamed from beside it, `shards verify` checks them there; a missing one
+    and a server that does not answer are one error each."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from cadist.data.shards import build_shards, verify_shards
+    from cadist.data.stream import ShardStream, expand_shards
+    from cadist.data.synthetic import write_tree
+    from cadist.errors import ShardError
+
+    write_tree(tmp_path / "cs", num_train=0, num_val=3, height=32, width=64, seed=2)
+    build_shards(tmp_path / "cs", "val", tmp_path / "www" / "shards", samples_per_shard=2,
+                 workers=1, progress=False)  # fmt: skip
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/shards"
+    try:
+        manifest = f"{base}/val-manifest.json"
+        assert expand_shards(manifest) == [f"{base}/val-000000.tar", f"{base}/val-000001.tar"]
+        keys = [k for b in ShardStream(manifest, train=False, batch_size=2) for k in b["key"]]
+        assert len(keys) == 3 and all(s.startswith(base) for b in ShardStream(
+            manifest, train=False, batch_size=2) for s in b["shard"])  # fmt: skip
+        assert verify_shards(manifest) == []
+        (tmp_path / "www" / "shards" / "val-000001.tar").unlink()
+        assert verify_shards(manifest) == [f"{base}/val-000001.tar: missing"]
+        with pytest.raises(ShardError, match=rf"{base}/nope-manifest.json: no such manifest"):
+            expand_shards(f"{base}/nope-manifest.json")
+        url = (tmp_path / "www" / "shards" / "val-manifest.json").as_uri()
+        assert expand_shards(url)[0] == url.replace("val-manifest.json", "val-000000.tar")
+        tar = url.replace("manifest.json", "000000.tar")
+        assert sum(len(b["key"]) for b in ShardStream(tar, train=False)) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ShardError, match="cannot reach the server"):
+        expand_shards(f"{base}/val-manifest.json")
