@@ -205,6 +205,11 @@ class ClusterConfig(_Section):
             raise ValueError(str(exn)) from None
         return v
 
+    network_interface: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:@-]{1,15}$")
+    """The network interface the workers' process group (gloo on CPUs, NCCL on GPUs) talks over,
+    e.g. `eth0`. None: on each worker, the interface that carries its Ray node IP — not the
+    address the hostname resolves to, which is loopback on many images. `GLOO_SOCKET_IFNAME` /
+    `NCCL_SOCKET_IFNAME` in the workers' environment win over both."""
     autoscale: bool = False
     """The Ray cluster adds nodes on demand (an autoscaling cluster from `ray up`): when the nodes
     that are up cannot hold the workers, wait for more instead of stopping with an error."""

@@ -448,6 +448,7 @@ def _trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cadist.train.backend import CadistTorchConfig
     from cadist.train.worker import train_worker
 
     c = job.cluster
@@ -467,6 +468,7 @@ def _trainer(
             # where the object storage is (endpoint, region; never credentials)
             "storage_env": location_env(),
         },
+        torch_config=CadistTorchConfig(network_interface=job.cluster.network_interface),
         scaling_config=ScalingConfig(
             # elastic: Ray Train asks for num_workers and starts with at least min_workers
             num_workers=workers,
