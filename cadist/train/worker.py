@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +91,11 @@ def save_checkpoint(engine, job: JobConfig, state: dict, rank: int, metrics: dic
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"cadist": dict(state)})
         (Path(d) / f"rng_rank{rank}.json").write_text(json.dumps(_rng_to_json(rng_state())))
+        # where this rank ran: which node, and the interface its process group used
+        where = {"rank": rank, "node_ip": ray.util.get_node_ip_address(),
+                 "hostname": socket.gethostname(),
+                 "interface": os.environ.get("GLOO_SOCKET_IFNAME")}  # fmt: skip
+        (Path(d) / f"node_rank{rank}.json").write_text(json.dumps(where))
         if rank == 0:
             save_weights(engine.module, Path(d) / "model.pt", **_recorded(job), step=state["step"])
         ray.train.report(
