@@ -123,8 +123,18 @@ def adopt_location_env(env: dict[str, str] | None) -> None:
             os.environ.setdefault(k, v)
 
 
-@lru_cache(maxsize=8)
 def _filesystem(scheme: str, endpoint: str | None, region: str | None):
+    retries = int(os.environ.get("CADIST_STORAGE_RETRIES", "6"))
+    timeout = float(os.environ.get("CADIST_STORAGE_TIMEOUT_S", "10"))
+    return _made(scheme, endpoint, region, retries, timeout)
+
+
+_filesystem.cache_clear = lambda: _made.cache_clear()  # (tests: credentials changed)
+
+
+@lru_cache(maxsize=8)
+def _made(scheme: str, endpoint: str | None, region: str | None, retries: int, timeout: float):
+    """One filesystem per setting (the AWS SDK reads the credentials when it is made)."""
     import pyarrow.fs as pafs
 
     if scheme == "s3":
@@ -133,11 +143,10 @@ def _filesystem(scheme: str, endpoint: str | None, region: str | None):
             kw |= {"endpoint_override": endpoint, "scheme": urlparse(endpoint).scheme or "https"}
             # path-style addressing: what S3-compatible servers (MinIO, SeaweedFS, moto) serve
             kw["force_virtual_addressing"] = False
-        retries = int(os.environ.get("CADIST_STORAGE_RETRIES", "6"))
         return pafs.S3FileSystem(
             **kw,
-            connect_timeout=float(os.environ.get("CADIST_STORAGE_TIMEOUT_S", "10")),
-            request_timeout=float(os.environ.get("CADIST_STORAGE_TIMEOUT_S", "10")) * 6,
+            connect_timeout=timeout,
+            request_timeout=timeout * 6,
             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=retries),
         )
     if scheme == "gs":

@@ -108,7 +108,9 @@ class Host:
 
     def run(self, args: list[str], env: dict | None = None, timeout: float = 300,
             cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
-        cmd = self._enter(["sh", "-c", 'cd "$0" && exec "$@"', str(cwd or self.workdir), *args], env)
+        cmd = self._enter(
+            ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd or self.workdir), *args], env
+        )
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(
@@ -119,9 +121,13 @@ class Host:
 
     def start(self, args: list[str], log: Path, env: dict | None = None,
               cwd: Path | None = None) -> subprocess.Popen:  # fmt: skip
-        cmd = self._enter(["sh", "-c", 'cd "$0" && exec "$@"', str(cwd or self.workdir), *args], env)
+        cmd = self._enter(
+            ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd or self.workdir), *args], env
+        )
         with open(log, "ab") as out:
-            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def kill_all(self) -> None:
         """Every process of this host but its init: as the machine dying (the namespace stays)."""
@@ -200,7 +206,10 @@ class Hosts:
         steps = [["hostname", name], ["mount", "-t", "tmpfs", "tmpfs", "/dev/shm"]]
         stash = Path("/run") / f"{ns}-keep"
         for k, path in enumerate(keep):  # what must stay reachable under /tmp
-            steps += [["mkdir", "-p", f"{stash}/{k}"], ["mount", "--bind", str(path), f"{stash}/{k}"]]
+            steps += [
+                ["mkdir", "-p", f"{stash}/{k}"],
+                ["mount", "--bind", str(path), f"{stash}/{k}"],
+            ]
         steps += [["mount", "-t", "tmpfs", "tmpfs", "/tmp"]]
         for k, path in enumerate(keep):
             steps += [["mkdir", "-p", str(path)], ["mount", "--bind", f"{stash}/{k}", str(path)]]
@@ -223,7 +232,9 @@ class Hosts:
         while time.monotonic() < deadline:
             pids = _ip("netns", "pids", ns, check=False).stdout.split()
             if proc.poll() is not None:
-                raise RuntimeError(f"host {name}: setup failed: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(
+                    f"host {name}: setup failed: {proc.stderr.read().decode()[-2000:]}"
+                )
             for pid in pids:
                 try:
                     if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
