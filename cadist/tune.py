@@ -397,7 +397,9 @@ def _rows(grid, sweep: SweepConfig, base, store: Storage) -> list[dict]:
         job_name = last.get("job") or f"{sweep.name}-{trial_id}"
         ran = store.is_dir(job_name)
         on_request = isinstance(res.error, SweepStopped)
-        if (on_request and "not started" in str(res.error)) or (not last and not ran):
+        # (a trial still pending when the sweep ended may carry its id and config, not a step)
+        never_ran = res.error is None and not ran and "step" not in last
+        if (on_request and "not started" in str(res.error)) or never_ran:
             state = "not started"
         elif on_request:
             state = "stopped"

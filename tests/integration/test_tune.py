@@ -113,7 +113,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
             "model.trimap_width": {"choice": [1, 21]},
         },
         "objectives": {"val/miou": "max", "macs/backbone_gmac": "min"},
-        "num_samples": 2,
+        "num_samples": 3,
         "seed": 1,
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
@@ -145,7 +145,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     assert not runs.exists(".cadist/sweep-itest_resume.results.json")
 
     # a changed sweep is refused with the keys that changed
-    changed = dict(sweep, num_samples=3)
+    changed = dict(sweep, num_samples=4)
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
     monkeypatch.chdir(tmp_path)  # (in this process: the refusal comes before Ray starts)
     bad = CliRunner().invoke(main, ["tune", "changed.yaml"])
@@ -177,11 +177,14 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
             proc.wait()
     second_log = (tmp_path / "second.log").read_text()
     assert stop.returncode == 0, stop.stdout + stop.stderr + second_log[-3000:]
-    assert "sweep itest_resume stopped (1 finished, 1 stopped)" in stop.stdout, stop.stdout
+    assert "sweep itest_resume stopped (" in stop.stdout, stop.stdout
+    for count in ("1 finished", "1 stopped", "1 not started"):  # the third waited its turn
+        assert count in stop.stdout, stop.stdout
     assert "sweep itest_resume stopped on request: 1 trial(s) checkpointed and ended" in second_log
     result = runs.read_json(".cadist/sweep-itest_resume.results.json")
     assert result["stopped"] is True
-    states = {t["job"]: (t["state"], t["step"]) for t in result["trials"]}
+    states = {t["job"]: (t["state"], t["step"]) for t in result["trials"] if t["job"]}
+    assert [t["state"] for t in result["trials"] if not t["job"]] == ["not started"]
     stopped_at = states[order[1]][1]
     assert states == {
         order[0]: ("finished", ITERATIONS),
@@ -205,9 +208,10 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     result = runs.read_json(".cadist/sweep-itest_resume.results.json")
     assert result["stopped"] is False
     trials = result["trials"]
-    assert len(trials) == 2 and all(t["error"] is None for t in trials), trials
-    assert {t["job"] for t in trials} == jobs_before  # the same trials, none started anew
-    assert set(_sweep_dirs(runs, "itest_resume")) == jobs_before
+    assert len(trials) == 3 and all(t["error"] is None for t in trials), trials
+    # the same two trials (none started anew), and the third that had not started
+    assert jobs_before < {t["job"] for t in trials} and len(jobs_before) == 2
+    assert set(_sweep_dirs(runs, "itest_resume")) == {t["job"] for t in trials}
     parents = client.search_runs([exp], "attributes.run_name = 'itest_resume'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
@@ -231,7 +235,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
         assert c.data.metrics["val/miou"] == pytest.approx(t["metrics"]["val/miou"])
     out = again.stdout.splitlines()
     head = next(i for i, ln in enumerate(out) if ln.startswith("model.edge_threshold  model.trim"))
-    table = out[head : head + 3]
+    table = out[head : head + 4]
     _check_pareto_front(trials, table)
     arts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep")]
     assert "sweep/sweep-itest_resume.results.json" in arts
@@ -256,7 +260,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     path, fs = runs.ray_storage()
     assert tune.Tuner.can_restore(f"{path}/{aside[0]}", storage_filesystem=fs)  # whole
     assert not would_resume(runs, loaded, fixed, "sweep.yaml")
-    assert runs.read_json(".cadist/sweep-itest_resume.state.json")["sweep"]["num_samples"] == 2
+    assert runs.read_json(".cadist/sweep-itest_resume.state.json")["sweep"]["num_samples"] == 3
 
 
 def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):

@@ -390,6 +390,7 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
         res("e", reported=False),  # cut short (Ctrl-C) before it reported: found by its folder
         res("f", error=RuntimeError("boom")),
         res("g", **{"val/miou": 0.4, "step": 5}),  # no final report either
+        res("h"),  # still pending when the sweep ended: Tune gives its id and config, no step
     ]
     ended = tmp_path / "sweep-sw" / ENDED  # the trials Tune ended (finished, or stopped by ASHA)
     ended.parent.mkdir()
@@ -422,6 +423,7 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
             ("sw-e", "interrupted", 4, False, False),
             ("sw-f", "failed", None, False, True),
             ("sw-g", g_state, 5 if g_state == "stopped early" else None, False, False),
+            (None, "not started", None, False, False),
         ], got
         assert rows[0]["params"] == {"model.edge_threshold": 0.1} and rows[4]["params"] == {
             "model.edge_threshold": None
