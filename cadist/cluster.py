@@ -244,6 +244,33 @@ def _submit(
     return sid, str(status)
 
 
+def job_logs(sid: str, address: str, follow: bool, echo: Callable[[str], None]) -> str:
+    """Print the log of submission `sid` (`cadist logs`; with `follow`, until it ends) and return
+    its status. An id the cluster does not know is one error naming the ids it has."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as exn:
+        raise CadistError(
+            f"Ray job API at {address}: {type(exn).__name__}: {str(exn).splitlines()[0]}; is the "
+            "cluster up and the dashboard forwarded (`ray dashboard ray_cluster.yaml`)?"
+        ) from None
+    known = [j.submission_id for j in client.list_jobs() if j.submission_id]
+    if sid not in known:
+        listed = ", ".join(sorted(k for k in known if k.startswith("cadist-"))[-5:]) or "none"
+        raise ConfigError(
+            f"{address}: no submission {sid!r} (cadist's latest: {listed}); pass an id that "
+            f"`cadist submit` printed"
+        )
+    if follow:
+        asyncio.run(_follow(client, sid, echo, None))
+    else:
+        for line in client.get_job_logs(sid).splitlines():
+            echo(line)
+    return str(client.get_job_status(sid))
+
+
 async def _follow(client, sid: str, echo, timeout_s: float | None) -> None:
     async def tail():
         async for chunk in client.tail_job_logs(sid):

@@ -55,6 +55,25 @@ def submit_cmd(job_file, overrides, address, no_upload, no_wait, restart):
     submit_job(job, str(job_file), address, restart=restart, **where)
 
 
+@main.command("logs")
+@click.argument("submission_id")
+@click.option(
+    "--address",
+    default="http://127.0.0.1:8265",
+    show_default=True,
+    envvar="RAY_API_SERVER_ADDRESS",
+    help="The cluster's Ray dashboard, as for `cadist submit`.",
+)
+@click.option("--follow", "-f", is_flag=True, help="Follow the log until the job ends.")
+def logs_cmd(submission_id, address, follow):
+    """Print the log of a job `cadist submit` started (SUBMISSION_ID as it printed), then its
+    status."""
+    from cadist.cluster import job_logs
+
+    status = job_logs(submission_id, address, follow, click.echo)
+    click.echo(f"{submission_id}: {status}", err=True)
+
+
 @main.group("cluster")
 def cluster_group():
     """The Ray cluster file (`ray_cluster.yaml`)."""
