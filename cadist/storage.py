@@ -106,9 +106,11 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-#: where the object storage is (no secrets): passed from the driver to its workers and trials,
-#: whose nodes may have been started without them; credentials stay each node's own
-LOCATION_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+#: where the object storage is and how long to retry it (no secrets): passed from the driver to
+#: its workers and trials, whose nodes may have been started without them; credentials stay each
+#: node's own
+LOCATION_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                "CADIST_STORAGE_RETRIES", "CADIST_STORAGE_TIMEOUT_S")  # fmt: skip
 
 
 def location_env() -> dict[str, str]:

@@ -129,6 +129,11 @@ class Host:
                 cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
 
+    def set_link(self, up: bool) -> None:
+        """Plug or unplug this host's cable at the switch (its processes and address stay)."""
+        switch, peer = self.link
+        _ip("link", "set", peer, "up" if up else "down", ns=switch)
+
     def kill_all(self) -> None:
         """Every process of this host but its init: as the machine dying (the namespace stays)."""
         for pid in _ip("netns", "pids", self.ns, check=False).stdout.split():
@@ -195,6 +200,7 @@ class Hosts:
             _ip("link", "set", "eth0", "up", ns=ns)
             _ip("link", "set", "lo", "up", ns=ns)
             host = Host(name, ns, addrs[name], workdir)
+            host.link = (self.switch, peer)  # its cable, at the switch
             host.pid = self._init(ns, name, workdir, etc_hosts)
             self.hosts[name] = host
 

@@ -226,3 +226,57 @@ def test_submit_logs_status_and_stop_from_a_laptop_host(cluster):
     assert (row["step"], row["state"]) == (step, "resumable"), row
     bad = laptop.run(["cadist", "logs", "cadist-nope-1", "--address", api], env=env, check=False)
     assert bad.returncode == 2 and "no submission 'cadist-nope-1'" in bad.stderr, bad.stderr
+
+
+def test_the_storage_host_drops_off_the_network_then_for_good(cluster):
+    """The storage host's cable is out for 10 s mid-run: every read and checkpoint write retries
+    and training goes on to its last step. Then out for good: the run ends with one error naming
+    the storage URI; once the cable is back, a rerun resumes from the newest registered
+    checkpoint."""
+    hosts, env, logs = cluster
+    head, store = hosts["head"], hosts["store"]
+    latest = (
+        "from cadist.storage import Storage; "
+        "print(Storage('s3://runs/runs').latest_checkpoint('flaky'))"
+    )
+
+    def wait_for_checkpoint(proc, log):
+        deadline = time.time() + 240
+        while "None" in _read(hosts, env, latest) and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            time.sleep(1)
+
+    log = logs / "flaky.log"
+    proc = head.start(["cadist", "train", JOB, "--address", f"{head.ip}:6379", "--json",
+                       *_sets("flaky", 40)], log, env=env)  # fmt: skip
+    wait_for_checkpoint(proc, log)
+    store.set_link(False)
+    time.sleep(10)
+    store.set_link(True)
+    assert proc.wait(400) == 0, log.read_text()[-4000:]
+    assert '"step": 40' in log.read_text()
+
+    # out for good, with short retries: one error naming the URI
+    short = env | {"CADIST_STORAGE_TIMEOUT_S": "2", "CADIST_STORAGE_RETRIES": "2"}
+    log = logs / "flaky2.log"
+    proc = head.start(["cadist", "train", JOB, "--address", f"{head.ip}:6379",
+                       *_sets("flaky", 2000, **{"cluster.max_failures": 0})], log, env=short)  # fmt: skip
+    deadline = time.time() + 240
+    while "resumed from the checkpoint of step 40" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+        time.sleep(0.5)
+    time.sleep(3)
+    store.set_link(False)
+    try:
+        assert proc.wait(300) != 0
+    finally:
+        store.set_link(True)
+    out = log.read_text()
+    assert "error: training stopped: s3://runs/runs" in out and "does not answer" in out, out[
+        -4000:
+    ]
+    step = int(_read(hosts, env, latest).split(",")[0].strip("("))
+    assert step >= 40
+    r = _train(hosts, env, "flaky", step + 5)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert f"resuming job flaky at step {step}" in r.stdout + r.stderr
