@@ -287,16 +287,8 @@ def run_loaded_sweep(
     with tempfile.TemporaryDirectory() as tmp:
         result, out, plot = _write_results(rows, sweep, store, Path(tmp), stopped, requested)
         store.delete(stop_file)  # answered (or the sweep ended before it was read)
-        if parent:
-            tracker.log_artifact(Path(tmp) / Path(out).name, "sweep")
-            if plot:
-                tracker.log_artifact(Path(tmp) / Path(plot).name, "sweep")
-        best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
-        if best:
-            tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
-        from cadist.tracking import set_status
-
-        set_status(tracker.uri, parent, "KILLED" if stopped else "FINISHED")
+        if parent:  # (MLflow on)
+            _finish_parent(tracker, parent, rows, Path(tmp), out, plot, stopped)
     echo(_table(rows, sweep))
     if stopped:
         n = {
@@ -315,6 +307,20 @@ def run_loaded_sweep(
         "resumed": resumed,
         "plot": str(plot) if plot else None,
     }
+
+
+def _finish_parent(tracker, parent: str, rows, tmp: Path, out: str, plot, stopped: bool) -> None:
+    """The sweep's parent run: its results and figure (local copies in `tmp`), the best mIoU, and
+    its end state."""
+    from cadist.tracking import set_status
+
+    tracker.log_artifact(tmp / Path(out).name, "sweep")
+    if plot:
+        tracker.log_artifact(tmp / Path(plot).name, "sweep")
+    best = [r["metrics"].get("val/miou") for r in rows if r["metrics"].get("val/miou")]
+    if best:
+        tracker.log_metrics({"sweep/best_miou": max(best), "sweep/trials": len(rows)}, 0)
+    set_status(tracker.uri, parent, "KILLED" if stopped else "FINISHED")
 
 
 def _open_parent(sweep: SweepConfig, base, store: Storage):

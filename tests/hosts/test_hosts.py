@@ -280,3 +280,63 @@ def test_the_storage_host_drops_off_the_network_then_for_good(cluster):
     r = _train(hosts, env, "flaky", step + 5)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert f"resuming job flaky at step {step}" in r.stdout + r.stderr
+
+
+def test_a_sweep_across_the_hosts_resumes_from_s3_after_its_driver_is_killed(cluster):
+    """`cadist tune` with 2 trials at once, one worker each (one per host): the driver is killed
+    once both trials have a checkpoint; the rerun resumes the sweep from S3 (Tune's experiment and
+    the trials' checkpoints) and finishes both — no trial lost or started twice."""
+    import os
+    import signal
+
+    hosts, env, logs = cluster
+    head = hosts["head"]
+    fixed = {
+        "data.train_shards": "s3://runs/shards/train-manifest.json",
+        "data.val_shards": "s3://runs/shards/val-manifest.json",
+        "data.crop_size": 64, "data.num_workers": 0, "train.iterations": 60,
+        "train.batch_size": 2, "train.log_every": 5, "train.checkpoint_every": 5,
+        "eval.interval": 60, "eval.log_images": 0, "cluster.num_workers": 1,
+        "cluster.storage_path": "s3://runs/runs", "deepspeed.zero_stage": 0,
+        "mlflow.enabled": False, "cluster.address": f"{head.ip}:6379",
+    }  # fmt: skip
+    sweep = {"name": "hsweep", "job": JOB, "set": fixed, "num_samples": 2, "max_concurrent": 2,
+             "search": {"train.lr_head": {"choice": [0.05, 0.1]}},
+             "objectives": {"val/miou": "max"}, "seed": 3}  # fmt: skip
+    path = head.workdir / "sweep.yaml"
+    head.run(
+        [
+            "python",
+            "-c",
+            "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+            str(path),
+            json.dumps(sweep),
+        ],
+        env=env,
+    )  # fmt: skip (JSON is YAML)
+    trials = (
+        "import json; from cadist.storage import Storage; s = Storage('s3://runs/runs'); "
+        "print(json.dumps({n: s.latest_checkpoint(n) for n in s.list('', 'hsweep-*')}))"
+    )
+    log = logs / "sweep.log"
+    proc = head.start(["cadist", "tune", str(path)], log, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        seen = json.loads(_read(hosts, env, trials))
+        if len(seen) == 2 and all(seen.values()):
+            break
+        assert proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(1)
+    else:
+        pytest.fail("the two trials never checkpointed:\n" + log.read_text()[-4000:])
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies (its trials with it)
+    proc.wait(60)
+    r = head.run(["cadist", "tune", str(path)], env=env, timeout=500, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    assert "resuming sweep hsweep" in r.stdout, r.stdout[-3000:]
+    result = json.loads(_read(hosts, env, (
+        "from cadist.storage import Storage; "
+        "print(Storage('s3://runs/runs').read_text('.cadist/sweep-hsweep.results.json'))")))  # fmt: skip
+    assert sorted(t["job"] for t in result["trials"]) == sorted(seen)  # the same two trials
+    assert [t["state"] for t in result["trials"]] == ["finished", "finished"], result
+    assert sorted(json.loads(_read(hosts, env, trials))) == sorted(seen)  # none started anew
