@@ -200,7 +200,7 @@ def _submit(
     echo: Callable[[str], None],
     timeout_s: float | None,
 ) -> tuple[str, str]:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     uri = what.tracking_uri
     if uri is not None and not uri.startswith(("http://", "https://", "databricks")):
@@ -219,13 +219,7 @@ def _submit(
                 "project root or pass --no-upload to use the cadist installed on the cluster"
             )
         runtime_env |= {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES}
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as exn:
-        raise CadistError(
-            f"Ray job API at {address}: {type(exn).__name__}: {str(exn).splitlines()[0]}; is the "
-            "cluster up and the dashboard forwarded (`ray dashboard ray_cluster.yaml`)?"
-        ) from None
+    client = _client(address)
     sid = client.submit_job(
         entrypoint=ENTRYPOINT,
         runtime_env=runtime_env,
@@ -244,18 +238,23 @@ def _submit(
     return sid, str(status)
 
 
-def job_logs(sid: str, address: str, follow: bool, echo: Callable[[str], None]) -> str:
-    """Print the log of submission `sid` (`cadist logs`; with `follow`, until it ends) and return
-    its status. An id the cluster does not know is one error naming the ids it has."""
+def _client(address: str):
+    """Ray's job client for the dashboard at `address`; one error that says what to check."""
     from ray.job_submission import JobSubmissionClient
 
     try:
-        client = JobSubmissionClient(address)
+        return JobSubmissionClient(address)
     except Exception as exn:
         raise CadistError(
             f"Ray job API at {address}: {type(exn).__name__}: {str(exn).splitlines()[0]}; is the "
             "cluster up and the dashboard forwarded (`ray dashboard ray_cluster.yaml`)?"
         ) from None
+
+
+def job_logs(sid: str, address: str, follow: bool, echo: Callable[[str], None]) -> str:
+    """Print the log of submission `sid` (`cadist logs`; with `follow`, until it ends) and return
+    its status. An id the cluster does not know is one error naming the ids it has."""
+    client = _client(address)
     known = [j.submission_id for j in client.list_jobs() if j.submission_id]
     if sid not in known:
         listed = ", ".join(sorted(k for k in known if k.startswith("cadist-"))[-5:]) or "none"

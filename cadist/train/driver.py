@@ -374,9 +374,12 @@ def _storage_failure(exn: BaseException, store: Storage):
 
     text = str(exn)
     for line in text.splitlines():
-        if "cadist.storage.StorageError: " in line:
-            found = line.split("cadist.storage.StorageError: ", 1)[1]
-            return StorageError(f"training stopped: {found}")
+        for mark in (
+            "cadist.storage.StorageError: ",
+            "cadist.errors.ShardError: cannot open shard: ",
+        ):
+            if mark in line:  # (a shard read is often what meets the outage first)
+                return StorageError(f"training stopped: {line.split(mark, 1)[1]}")
     if "AWS Error" in text or "google::cloud::Status" in text:
         return StorageError(
             f"training stopped: {explain(exn, store.root, 'write checkpoints to')}; nothing is "

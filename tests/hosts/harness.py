@@ -152,11 +152,13 @@ class Host:
 class Hosts:
     """N hosts on one bridge (a switch namespace); a context manager that tears all down."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], loopback_names: tuple[str, ...] = ()):
+        """`loopback_names`: hosts whose /etc/hosts maps their own name to 127.0.1.1, as Debian
+        and many cloud images and containers do (the others resolve it to its address)."""
         reason = available()
         if reason:
             raise RuntimeError(reason)
-        self.names = names
+        self.names, self.loopback_names = names, loopback_names
         self.tag = uuid.uuid4().hex[:4]
         self.switch = f"{PREFIX}{self.tag}-sw"
         self.hosts: dict[str, Host] = {}
@@ -190,7 +192,15 @@ class Hosts:
             workdir = ROOT / self.tag / name
             workdir.mkdir(parents=True)
             etc_hosts = ROOT / self.tag / f"{name}.hosts"
-            etc_hosts.write_text(hosts_file)
+            own = f"127.0.1.1 {name}\n" if name in self.loopback_names else ""
+            etc_hosts.write_text(
+                "".join(
+                    ln + "\n"
+                    for ln in hosts_file.splitlines()
+                    if not (own and ln.endswith(f" {name}"))
+                )
+                + own
+            )
             _ip("netns", "add", ns)
             peer = f"{PREFIX}{self.tag}{i}"[:15]
             _ip("link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", ns)

@@ -1,8 +1,8 @@
 """The product on hosts that share nothing but a network (tests/hosts/harness.py): a Ray head and a
 worker node, each its own network, hostname, /tmp, /dev/shm and working directory, and a storage
-host whose S3 API server (moto) holds shards, checkpoints and run state. Every hostname resolves to
-its own address here; this machine's own resolves to loopback, which is what cadist's choice of
-the process-group interface (the one carrying the Ray node IP) is tested against too."""
+host whose S3 API server (moto) and MLflow server hold shards, checkpoints, run state and the
+runs, and a laptop host. The worker node's hostname resolves to loopback (Debian's 127.0.1.1), the
+case cadist's choice of the process-group interface (the one carrying the Ray node IP) is for."""
 
 import json
 import secrets
@@ -24,7 +24,8 @@ def cluster(tmp_path_factory):
     an MLflow server (artifacts in the same bucket); a Ray head on `head` (token auth, its
     dashboard and job API on its own address), `node` joined to it. Yields (hosts, env, logs)."""
     logs = tmp_path_factory.mktemp("hosts")
-    with Hosts(["head", "node", "store", "laptop"]) as hosts:
+    # the worker node's hostname resolves to loopback, as on Debian: gloo must not use it
+    with Hosts(["head", "node", "store", "laptop"], loopback_names=("node",)) as hosts:
         head, node, store = hosts["head"], hosts["node"], hosts["store"]
         env = {
             "AWS_ENDPOINT_URL": "http://store:9000",  # each host's /etc/hosts resolves the names
@@ -113,8 +114,8 @@ def _read(hosts, env, code: str, on: str = "head") -> str:
 
 
 def test_training_across_two_hosts_with_storage_on_a_third(cluster):
-    """2 workers, one per host, over gloo on each host's eth0 (the hostnames resolve to their own
-    addresses here, and this machine's to loopback: the interface comes from the Ray node IP);
+    """2 workers, one per host, over gloo on each host's eth0 — though the node's hostname resolves
+    to 127.0.1.1 (Debian's default): the interface comes from each worker's Ray node IP;
     checkpoints and run state on the storage host's S3 only; a rerun resumes from S3."""
     hosts, env, _ = cluster
     on_mlflow = {"mlflow.enabled": "true", "mlflow.tracking_uri": MLFLOW,
@@ -272,7 +273,7 @@ def test_the_storage_host_drops_off_the_network_then_for_good(cluster):
     finally:
         store.set_link(True)
     out = log.read_text()
-    assert "error: training stopped: s3://runs/runs" in out and "does not answer" in out, out[
+    assert "error: training stopped: s3://runs/" in out and "does not answer" in out, out[
         -4000:
     ]
     step = int(_read(hosts, env, latest).split(",")[0].strip("("))

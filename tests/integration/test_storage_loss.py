@@ -55,7 +55,7 @@ def test_a_run_that_loses_its_storage_stops_then_resumes_without_loss(tmp_path, 
         assert not t.is_alive(), "training hung after the storage went away"
         err = box.get("error")
         assert isinstance(err, StorageError), box
-        assert str(err).startswith("training stopped: s3://runs/runs") and (
+        assert str(err).startswith("training stopped: s3://runs/") and (
             f"the storage endpoint {weed.endpoint} does not answer (retried with backoff)"
             in str(err)
             and "training resumes from its last checkpoint" in str(err)
