@@ -14,9 +14,17 @@ from cadist.train.network import IFNAME_VARS, choose_interface, interface_of
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for var in IFNAME_VARS:
-        monkeypatch.delenv(var, raising=False)
+def _clean_env():
+    """choose_interface sets the variables in this process: none may outlive a test (a later
+    gloo group in this process would bind to a made-up interface)."""
+    import os
+
+    saved = {v: os.environ.pop(v, None) for v in IFNAME_VARS}
+    yield
+    for var, value in saved.items():
+        os.environ.pop(var, None)
+        if value is not None:
+            os.environ[var] = value
 
 
 def _an_interface() -> tuple[str, str]:
