@@ -21,6 +21,7 @@ from cadist.errors import ClusterError, ConfigError, ShardError, TrackingError
 from cadist.storage import Storage, is_remote, job_key, location_env
 from cadist.train.raycluster import (
     check_resources,
+    check_shared_paths,
     cluster_nodes,
     connect_ray,
     describe_nodes,
@@ -313,6 +314,7 @@ def run_training(
     warning = check_resources(job, source, cluster_nodes())  # before the MLflow run opens
     if warning:
         print(f"cadist: {warning}", file=sys.stderr)
+    check_shared_paths(_local_paths(store, uri), source)
     run_id, tracker = (None, NullTracker())
     if uri:
         tags = {**({"cadist.weights_source": weights_source} if weights_source else {}),
@@ -387,6 +389,14 @@ def _storage_failure(exn: BaseException, store: Storage):
             f"last checkpoint"
         )
     return None
+
+
+def _local_paths(store: Storage, uri: str | None) -> dict[str, str]:
+    """What of the job lives on this machine's disk and must be shared with every node."""
+    paths = {} if store.remote else {"cluster.storage_path": store.base}
+    if uri and uri.startswith("sqlite:///"):
+        paths["mlflow.tracking_uri"] = uri[len("sqlite:///") :]  # (made absolute before)
+    return paths
 
 
 def _workers(job: JobConfig) -> str:

@@ -156,3 +156,50 @@ def cluster_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _sees(path: str) -> tuple[str, bool]:
+    import ray
+
+    return ray.util.get_node_ip_address(), os.path.exists(path)
+
+
+def check_shared_paths(paths: dict[str, str], source: str) -> None:
+    """Local folders and files the job's nodes must share (`{"cluster.storage_path": folder,
+    "mlflow.tracking_uri": sqlite file}`): on a cluster of several nodes, a probe file written
+    here must be seen from every node that can run a worker, else one ConfigError naming the
+    nodes that do not see it and the fix — before anything starts (Ray Train would otherwise
+    write each rank's checkpoint to its own node's disk, and a worker log to a store of its own)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < 2:
+        return
+    for key, path in paths.items():
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        probe = os.path.join(folder, f".cadist-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            open(probe, "w").close()
+        except OSError:
+            continue  # not writable here: the job's own checks say so
+        try:
+            seen = ray.get([
+                ray.remote(num_cpus=0)(_sees).options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    n["NodeID"], soft=False)).remote(probe)
+                for n in nodes
+            ], timeout=60)  # fmt: skip
+        finally:
+            os.unlink(probe)
+        blind = sorted(ip for ip, ok in seen if not ok)
+        if blind:
+            fix = ("use object storage (s3://bucket/runs, gs://…) or a folder every node mounts "
+                   "at the same path" if key == "cluster.storage_path" else
+                   "use an MLflow server every node reaches (mlflow.tracking_uri: "
+                   "http://host:5000)")  # fmt: skip
+            raise ConfigError(
+                f"{source}: {key} {path} is on this machine's disk, but the Ray cluster's "
+                f"node(s) {', '.join(blind)} do not see it (no shared filesystem); {fix}"
+            )

@@ -118,6 +118,13 @@ def test_training_across_two_hosts_with_storage_on_a_third(cluster):
     to 127.0.1.1 (Debian's default): the interface comes from each worker's Ray node IP;
     checkpoints and run state on the storage host's S3 only; a rerun resumes from S3."""
     hosts, env, _ = cluster
+    # a storage path on the head's disk, which the node does not share: one error, at once
+    r = _train(hosts, env, "local", 5, **{"cluster.storage_path": hosts["head"].workdir / "runs"})
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (
+        f"cluster.storage_path {hosts['head'].workdir / 'runs'} is on this machine's disk, but the "
+        f"Ray cluster's node(s) {hosts['node'].ip} do not see it" in r.stderr
+    ), r.stderr[-3000:]
     on_mlflow = {"mlflow.enabled": "true", "mlflow.tracking_uri": MLFLOW,
                  "mlflow.experiment": "hosts", "mlflow.system_metrics_s": 1}  # fmt: skip
     r = _train(hosts, env, "across", 10, **on_mlflow)
@@ -273,9 +280,7 @@ def test_the_storage_host_drops_off_the_network_then_for_good(cluster):
     finally:
         store.set_link(True)
     out = log.read_text()
-    assert "error: training stopped: s3://runs/" in out and "does not answer" in out, out[
-        -4000:
-    ]
+    assert "error: training stopped: s3://runs/" in out and "does not answer" in out, out[-4000:]
     step = int(_read(hosts, env, latest).split(",")[0].strip("("))
     assert step >= 40
     r = _train(hosts, env, "flaky", step + 5)
