@@ -131,7 +131,9 @@ def _filesystem(scheme: str, endpoint: str | None, region: str | None):
     return _made(scheme, endpoint, region, retries, timeout)
 
 
-_filesystem.cache_clear = lambda: _made.cache_clear()  # (tests: credentials changed)
+def forget_filesystems() -> None:
+    """Drop the filesystems made so far: the next use reads the credentials again."""
+    _made.cache_clear()
 
 
 @lru_cache(maxsize=8)

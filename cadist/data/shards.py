@@ -383,17 +383,13 @@ def write_json_atomic(path: Path, obj) -> None:
 def read_manifest(path: str | Path) -> dict:
     """A shard manifest (a local path, an s3:// / gs:// URI or an http(s):// URL); ShardError
     naming it otherwise."""
-    from cadist.storage import Storage, StorageError, is_remote
+    from cadist.storage import Storage, StorageError
 
     try:
-        if is_remote(path):
-            m = json.loads(Storage(str(path)).read_bytes(""))
-        elif str(path).startswith(("http://", "https://")):
+        if str(path).startswith(("http://", "https://")):
             m = json.loads(_http_get(str(path)))
-        else:
-            text = str(path)
-            path = Path(text[len("file://") :] if text.startswith("file://") else text)
-            m = json.loads(path.read_text())
+        else:  # a path, file://, s3://, gs://: the storage layer reads them all
+            m = json.loads(Storage(str(path)).read_bytes(""))
     except StorageError as exn:
         raise ShardError(str(exn)) from None
     except FileNotFoundError:

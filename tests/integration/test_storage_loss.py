@@ -12,7 +12,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from cadist.config import load_job
-from cadist.storage import Storage, StorageError, _filesystem
+from cadist.storage import Storage, StorageError, forget_filesystems
 from cadist.train.driver import run_training
 
 from ..conftest import SeaweedServer, tiny_shards, train_in_thread
@@ -28,7 +28,7 @@ def test_a_run_that_loses_its_storage_stops_then_resumes_without_loss(tmp_path, 
     monkeypatch.setenv("CADIST_STORAGE_RETRIES", "2")
     monkeypatch.setenv("CADIST_STORAGE_TIMEOUT_S", "3")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    _filesystem.cache_clear()
+    forget_filesystems()
     train, val = tiny_shards(tmp_path, seed=5, out="s3://runs/shards")
     overrides = {
         "name": "outage", "data.train_shards": train, "data.val_shards": val,
@@ -62,7 +62,7 @@ def test_a_run_that_loses_its_storage_stops_then_resumes_without_loss(tmp_path, 
         ), str(err)
 
         weed.start()  # the storage answers again, with everything it held
-        _filesystem.cache_clear()
+        forget_filesystems()
         last = store.latest_checkpoint("outage")
         assert last[0] >= before[0]
         again = load_job(
@@ -78,5 +78,5 @@ def test_a_run_that_loses_its_storage_stops_then_resumes_without_loss(tmp_path, 
     finally:
         ray.shutdown()
         weed.stop()
-        _filesystem.cache_clear()
+        forget_filesystems()
         os.environ.pop("CADIST_STORAGE_RETRIES", None)

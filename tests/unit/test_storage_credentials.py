@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from cadist.cli import main
-from cadist.storage import Storage, _filesystem
+from cadist.storage import Storage, forget_filesystems
 from tests.conftest import SeaweedServer
 
 KEY, SECRET = SeaweedServer.KEY, SeaweedServer.SECRET
@@ -55,7 +55,7 @@ def test_credentials_are_checked_and_each_refusal_says_the_fix(
     if key:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    _filesystem.cache_clear()  # the SDK reads credentials when a filesystem is made
+    forget_filesystems()  # the SDK reads credentials when a filesystem is made
     try:
         store = Storage("s3://runs-bucket/runs")
         if says is None:
@@ -72,4 +72,4 @@ def test_credentials_are_checked_and_each_refusal_says_the_fix(
             with pytest.raises(Exception, match="the credentials were refused"):
                 store.write(".cadist/y.json", "{}")
     finally:
-        _filesystem.cache_clear()
+        forget_filesystems()
