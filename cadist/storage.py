@@ -463,8 +463,8 @@ class Storage:
                 for n in self.list(META, "sweep-*.state.json")]  # fmt: skip
 
     def checkpoints(self, job: str) -> list[tuple[int, str]]:
-        """(step, key) of the job's complete checkpoint folders (`step_<n>/` with model.pt and
-        DeepSpeed state) that Ray Train registered — the ones a rerun may resume from. Without
+        """(step, key) of the job's complete checkpoint folders (`step_<n>/` with model.pt,
+        DeepSpeed state and the manifest that commits them) that Ray Train registered — the ones a rerun may resume from. Without
         Ray Train's record there are none (Ray Train then starts the run over); with a record
         that cannot be read, every complete folder counts."""
         found = []
@@ -472,7 +472,7 @@ class Storage:
             if not name[5:].isdigit():
                 continue
             inside = set(self.list(f"{job}/{name}"))
-            if "model.pt" in inside and "state" in inside:
+            if {"model.pt", "state", "manifest.json"} <= inside:
                 found.append((int(name[5:]), f"{job}/{name}"))
         if found and not self.exists(f"{job}/checkpoint_manager_snapshot.json"):
             return []  # Ray Train resumes from its record only: without one it starts over

@@ -19,13 +19,18 @@ def tiny_shards(root, num_train: int = 8, num_val: int = 2, seed: int = 3, out=N
 
 
 def registered_checkpoint(run_dir) -> bool:
-    """Whether Ray Train has registered a checkpoint of the run in `run_dir` (a folder, or an
+    """Whether Ray Train has registered a committed checkpoint of the run in `run_dir` (a folder, or an
     s3:// URI; a folder written may not be registered yet: a crash then restarts from the one
     before)."""
     from cadist.storage import Storage
 
-    snap = Storage(str(run_dir)).read_json("checkpoint_manager_snapshot.json") or {}
-    return any("checkpoint_dir_name" in r for r in snap.get("checkpoint_results", []))
+    store = Storage(str(run_dir))
+    snap = store.read_json("checkpoint_manager_snapshot.json") or {}
+    return any(
+        store.exists(f"{r['checkpoint_dir_name']}/manifest.json")  # committed by rank 0
+        for r in snap.get("checkpoint_results", [])
+        if "checkpoint_dir_name" in r
+    )
 
 
 def train_in_thread(job):

@@ -17,7 +17,7 @@ from cadist import __version__
 from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig, read_yaml
 from cadist.data.stream import expand_shards, shard_set
-from cadist.errors import ClusterError, ConfigError, ShardError, TrackingError
+from cadist.errors import CheckpointError, ClusterError, ConfigError, ShardError, TrackingError
 from cadist.storage import Storage, is_remote, job_key, location_env
 from cadist.train.raycluster import (
     check_resources,
@@ -371,11 +371,14 @@ def run_training(
 
 def _storage_failure(exn: BaseException, store: Storage):
     """A StorageError for a run that lost its storage (a worker's cadist.storage error, or Ray
-    Train's own checkpoint upload failing after its retries), or None for other failures."""
+    Train's own checkpoint upload failing after its retries), a CheckpointError for a checkpoint a
+    worker refused on resume, or None for other failures."""
     from cadist.storage import StorageError, explain
 
     text = str(exn)
     for line in text.splitlines():
+        if "cadist.errors.CheckpointError: " in line:  # a checkpoint refused on resume
+            return CheckpointError(line.split("cadist.errors.CheckpointError: ", 1)[1])
         for mark in (
             "cadist.storage.StorageError: ",
             "cadist.errors.ShardError: cannot open shard: ",

@@ -14,6 +14,7 @@ from torch import nn
 
 from cadist.config import JobConfig
 from cadist.data.transforms import normalize_uint8
+from cadist.errors import CheckpointError
 from cadist.models.build import build_model
 from cadist.models.weights import load_backbone, load_weights
 from cadist.storage import local_copy
@@ -67,8 +68,37 @@ def _not_untested_optimizer(record: logging.LogRecord) -> bool:
     return "untested optimizer" not in record.getMessage()
 
 
+def _state_types() -> list:
+    """The only classes (besides tensors and plain containers) DeepSpeed's checkpoint files of the
+    configurations cadist generates hold: ZeRO 1/2 optimizer state records its stage, loss scaler
+    and parameter fragment addresses."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_state_file(path: str, map_location=None):
+    """One DeepSpeed checkpoint file, unpickled with `weights_only=True` and the allow-list above
+    (DeepSpeed itself loads them with `weights_only=False`: a file planted on the storage path would
+    run its code in every worker). Anything else is refused, naming the file."""
+    try:
+        with torch.serialization.safe_globals(_state_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exn:  # pickle.UnpicklingError, RuntimeError (not a zip), EOFError …
+        first = (str(exn).strip().splitlines() or [type(exn).__name__])[0]
+        raise CheckpointError(
+            f"{path}: refused to load: not a DeepSpeed checkpoint file as cadist writes them "
+            f"(tensors, plain containers and {', '.join(t.__name__ for t in _state_types())} "
+            f"only): {first[:300]}; someone or something else wrote it — remove that checkpoint "
+            f"folder (or rerun with --restart to start over)"
+        ) from None
+
+
 def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: dict):
-    """Wrap model, optimizer and scheduler into a DeepSpeed engine on the existing process group."""
+    """Wrap model, optimizer and scheduler into a DeepSpeed engine on the existing process group;
+    its checkpoint files are read by `load_state_file`."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -82,6 +112,11 @@ def make_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, c
         config=config,
         dist_init_required=False,
     )
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if not isinstance(engine.checkpoint_engine, TorchCheckpointEngine):  # (config never asks)
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {engine.checkpoint_engine}")
+    engine.checkpoint_engine.load = load_state_file
     return engine
 
 
@@ -128,9 +163,6 @@ def load_resharded(engine, ckpt_dir: str, tag: str, saved_world: int) -> dict:
     slice of the new partitioning.
     Returns the client state."""
     import torch.distributed as dist
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
     _, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=False)
     zero = engine.optimizer
@@ -143,10 +175,14 @@ def load_resharded(engine, ckpt_dir: str, tag: str, saved_world: int) -> dict:
     saved = []
     for r in range(saved_world):
         path = os.path.join(ckpt_dir, tag, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            saved.append(
-                torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+        if not os.path.exists(path):
+            raise CheckpointError(
+                f"{ckpt_dir}: the ZeRO optimizer state of rank {r} ({os.path.basename(path)}) is "
+                f"missing: the checkpoint was written by {saved_world} ranks and is incomplete; "
+                f"remove that checkpoint folder to resume from the one before, or rerun with "
+                f"--restart to start over"
             )
+        saved.append(load_state_file(path, map_location="cpu")["optimizer_state_dict"])
     for i, flat in enumerate(zero.single_partition_of_fp32_groups):
         group = engine.optimizer.bit16_groups[i]
         total = sum(p.numel() for p in group)

@@ -7,10 +7,8 @@ DeepSpeed checkpoint, `ray.train.report`) the same number of times.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +34,10 @@ from cadist.tracking import (
     Tracker,
     system_metrics,
 )
-from cadist.train.engine import build_engine, load_resharded, train_step
-from cadist.train.loop import evaluate, rng_state, set_rng_state
-from cadist.train.resume import zero_world
+from cadist.train.checkpoint import recorded, restore_checkpoint, save_checkpoint
+from cadist.train.engine import build_engine, train_step
+from cadist.train.loop import evaluate
 
-CKPT_TAG = "state"
 #: progress lines (rank 0): through logging, which Ray Train sends to the console once and to its
 #: application log; `print` in a Train worker reaches the console twice on Ray 2.60
 log = logging.getLogger("cadist.train")
@@ -64,61 +61,6 @@ def _quiet_console(level: str) -> None:
     for h in logging.getLogger().handlers:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             h.addFilter(_RayTrainConsole(level))
-
-
-def _rng_to_json(state: dict) -> dict:
-    np_state = state["numpy"]
-    return {
-        "python": [state["python"][0], list(state["python"][1]), state["python"][2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": state["torch"].tolist(),
-    }
-
-
-def _rng_from_json(d: dict) -> dict:
-    py = d["python"]
-    return {
-        "python": (py[0], tuple(py[1]), py[2]),
-        "numpy": (d["numpy"][0], np.array(d["numpy"][1], dtype=np.uint32), *d["numpy"][2:]),
-        "torch": torch.tensor(d["torch"], dtype=torch.uint8),
-    }
-
-
-def save_checkpoint(engine, job: JobConfig, state: dict, rank: int, metrics: dict) -> None:
-    """Every rank writes its part (DeepSpeed state, its RNG); Ray merges them into one checkpoint.
-    Its `model.pt` records the model like an export, so `cadist predict --ckpt <step folder>` needs
-    no --model."""
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"cadist": dict(state)})
-        (Path(d) / f"rng_rank{rank}.json").write_text(json.dumps(_rng_to_json(rng_state())))
-        # where this rank ran: which node, and the interface its process group used
-        where = {"rank": rank, "node_ip": ray.util.get_node_ip_address(),
-                 "hostname": socket.gethostname(),
-                 "interface": os.environ.get("GLOO_SOCKET_IFNAME")}  # fmt: skip
-        (Path(d) / f"node_rank{rank}.json").write_text(json.dumps(where))
-        if rank == 0:
-            save_weights(engine.module, Path(d) / "model.pt", **_recorded(job), step=state["step"])
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"step_{state['step']:08d}",
-        )
-
-
-def restore_checkpoint(engine, rank: int) -> dict | None:
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        saved_world = zero_world(Path(d))  # ZeRO 1/2 optimizer state split over that many ranks
-        if saved_world and saved_world != dist.get_world_size():
-            client = load_resharded(engine, d, CKPT_TAG, saved_world)
-        else:
-            _, client = engine.load_checkpoint(d, tag=CKPT_TAG)
-        rng = Path(d) / f"rng_rank{rank}.json"
-        if rng.exists():
-            set_rng_state(_rng_from_json(json.loads(rng.read_text())))
-    return client["cadist"]
 
 
 def _mean_over_ranks(value: float, device) -> float:
@@ -257,7 +199,7 @@ def train_worker(cfg: dict) -> None:
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     engine = build_engine(job, on_gpu, world, device)
     dtype = next(engine.module.parameters()).dtype
-    state = restore_checkpoint(engine, rank) or {"step": 0, "best_miou": -1.0}
+    state = restore_checkpoint(engine, job, rank) or {"step": 0, "best_miou": -1.0}
     tracker = _tracker(cfg) if rank == 0 and cfg.get("run_id") else NullTracker()
     sampler = None
     if cfg.get("run_id") and job.mlflow.system_metrics_s and ctx.get_local_rank() == 0:
@@ -454,17 +396,8 @@ def _log_weights(tracker, engine, job: JobConfig, filename: str, **meta) -> None
     """A weights-only export (with the model section, so it can be rebuilt) → MLflow checkpoints/."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / filename
-        save_weights(engine.module, path, **_recorded(job), **meta)
+        save_weights(engine.module, path, **recorded(job), **meta)
         tracker.log_artifact(path, "checkpoints")
-
-
-def _recorded(job: JobConfig) -> dict:
-    """What an export records of its model, for predict, eval and serving to rebuild it."""
-    return {
-        "model": job.model.name,
-        "model_config": job.model.model_dump(),
-        "output_stride": job.model.output_stride,
-    }
 
 
 def _on_device(batches, device, dtype):

@@ -3,6 +3,7 @@ real WebDataset shards and a real MLflow SQLite store."""
 
 import json
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -49,6 +50,16 @@ def ray_local():
     )
     yield
     ray.shutdown()
+
+
+class _Planted:
+    """Unpickled the way DeepSpeed loads its own files, it would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def make_job(workdir, name, **extra):
@@ -316,11 +327,22 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local, tmp_path,
     assert params["deepspeed.gradient_accumulation_steps"] == "2"
     assert r.checkpoint == f"{bucket}/runs/itest-kill/step_00000060"
 
-    # the rerun with more iterations resumes from the newest checkpoint on S3, in the same run
+    # every checkpoint is committed by its manifest: each file's sha256 and size
+    manifest = store.read_json("itest-kill/step_00000060/manifest.json")
+    assert (manifest["step"], manifest["world"]) == (60, 2)
+    assert {"model.pt", "rng_rank1.json", "state/mp_rank_00_model_states.pt"} <= set(
+        manifest["files"]
+    )
+    # someone who can write the bucket plants a pickle in the newest checkpoint's DeepSpeed
+    # state: the rerun (more iterations, same MLflow run) never unpickles it, falls back to the
+    # newest checkpoint that matches its manifest, and says so
+    marker = tmp_path.parent / "planted-ran"
+    planted = pickle.dumps({"module": _Planted(str(marker))})
+    store.write("itest-kill/step_00000060/state/mp_rank_00_model_states.pt", planted)
     r2 = run_training(make_job(workdir, "itest-kill", **on_s3 | {"train.iterations": 70}), "it")
     assert (r2.metrics["step"], r2.run_id) == (70, r.run_id)
     resumed = client.get_metric_history(r.run_id, "train/resumed_from_step")
-    assert resumed[-1].value == 60
+    assert resumed[-1].value == 50 and not marker.exists()
     out = CliRunner().invoke(main, ["status", f"{bucket}/runs", "--json"])
     assert out.exit_code == 0, out.output
     (row,) = json.loads(out.stdout)["jobs"]

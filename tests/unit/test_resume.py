@@ -27,6 +27,7 @@ def _checkpoint(run_dir, step, zero_ranks=0):
     (d / "state").mkdir(parents=True)
     (d / "model.pt").write_bytes(b"w")
     (d / "state" / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    (d / "manifest.json").write_text("{}")
     for r in range(zero_ranks):
         (d / "state" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o")
     snap = run_dir / "checkpoint_manager_snapshot.json"

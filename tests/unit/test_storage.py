@@ -35,6 +35,7 @@ def test_the_verbs_behave_the_same_on_a_folder_and_on_s3(store, tmp_path):
     for step in (10, 20):
         store.write(f"j/step_{step:08d}/model.pt", b"w")
         store.write(f"j/step_{step:08d}/state/mp_rank_00_model_states.pt", b"s")
+        store.write(f"j/step_{step:08d}/manifest.json", b"{}")
     store.write("j/step_00000030/model.pt", b"w")  # half-uploaded: no DeepSpeed state yet
     assert store.latest_checkpoint("j") is None  # none registered: Ray Train would start over
     registered = [{"checkpoint_dir_name": f"step_000000{n}0"} for n in (1, 2, 3)]
@@ -132,6 +133,7 @@ def test_stop_and_status_by_name_on_s3():
     for step in (50, 100):
         store.write(f"far/step_{step:08d}/model.pt", b"w")
         store.write(f"far/step_{step:08d}/state/mp_rank_00_model_states.pt", b"s")
+        store.write(f"far/step_{step:08d}/manifest.json", b"{}")
     store.write_json("far/checkpoint_manager_snapshot.json", {"checkpoint_results": [
         {"checkpoint_dir_name": "step_00000050"}, {"checkpoint_dir_name": "step_00000100"}]})  # fmt: skip
     r = CliRunner().invoke(main, ["stop", "far", "--storage", root, "--json"])
