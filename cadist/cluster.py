@@ -21,6 +21,7 @@ import yaml
 
 from cadist.config import JobConfig
 from cadist.errors import CadistError, ConfigError
+from cadist.redact import has_secret
 from cadist.storage import location_env
 from cadist.sweeps import SweepConfig
 
@@ -106,13 +107,29 @@ def check_cluster_file(path: str | Path) -> dict:
 
 
 # -- job submission -----------------------------------------------------------------------------
+def _no_credentials(tree: dict, source: str) -> None:
+    """A submitted job is stored by Ray (its runtime_env, the dashboard): no credentials in it."""
+    keys = has_secret(tree)
+    if keys:
+        raise ConfigError(
+            f"{source}: {', '.join(keys)} carries a credential (a URL's user:password, a presigned "
+            f"URL's signature, or a secret value), and a submitted job is stored by Ray where "
+            f"everyone with the dashboard reads it; give the cluster the access instead: put the "
+            f"file on the storage path (read with the nodes' instance role / service account) or "
+            f"in the nodes' own environment (netrc, AWS profile), and name it without the "
+            f"credential (see docs/security.md)"
+        )
+
+
 def submission_env(job: JobConfig, source: str, restart: bool = False) -> dict[str, str]:
+    _no_credentials(job.model_dump(), source)
     return {JOB_ENV: job.to_yaml(), SOURCE_ENV: source, RESTART_ENV: "1" if restart else ""}
 
 
 def sweep_submission_env(
     sweep: SweepConfig, fixed: dict, source: str, restart: bool = False
 ) -> dict[str, str]:
+    _no_credentials({"sweep": sweep.model_dump(), "job": fixed}, source)
     blob = json.dumps({"sweep": sweep.model_dump(), "job": fixed})
     return {SWEEP_ENV: blob, SOURCE_ENV: source, RESTART_ENV: "1" if restart else ""}
 

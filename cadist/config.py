@@ -23,6 +23,7 @@ from pydantic import (
 from cadist.errors import ConfigError
 from cadist.eval.passes import JOB_NAMES, Augmentation, parse_scales
 from cadist.models.names import AdaptiveMode, ModelName
+from cadist.redact import redact
 
 
 class _Section(BaseModel):
@@ -344,7 +345,7 @@ class JobConfig(_Section):
         return self.micro_batch_for(self.cluster.num_workers)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys → values, for MLflow params."""
+        """Dotted keys → values, for MLflow params (credentials shown as ***, `cadist.redact`)."""
         out = {}
 
         def walk(prefix, obj):
@@ -357,10 +358,12 @@ class JobConfig(_Section):
                     out[f"{prefix}{k}"] = v
 
         walk("", self.model_dump())
-        return out
+        return {k: redact(v, k) for k, v in out.items()}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+        """The job as YAML to write or show: credentials in its values as *** (`cadist.redact`);
+        the run itself uses `model_dump()`."""
+        return yaml.safe_dump(redact(self.model_dump()), sort_keys=False)
 
 
 def _set(tree: dict, dotted: str, value: Any, source: str) -> None:
@@ -431,7 +434,7 @@ def job_yaml(job: JobConfig, sources: dict[str, str] | None = None) -> str:
             text = text.rstrip("\n").removesuffix("\n...")  # a scalar document's end marker
             lines.append(f"{pad}{k}: {text}  # {sources.get(dotted, 'default')}")
 
-    walk(job.model_dump(), "", "")
+    walk(redact(job.model_dump()), "", "")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cadist.errors import ConfigError
+from cadist.redact import redact, redact_text
 
 
 def resolve_uri(configured: str | None, cwd: Path | None = None) -> str:
@@ -221,7 +222,9 @@ def new_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> s
             experiment, artifact_location=_default_artifact_location(uri, experiment)
         )
     )
-    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    return client.create_run(
+        exp_id, run_name=run_name, tags={k: str(redact(v, k)) for k, v in (tags or {}).items()}
+    ).info.run_id
 
 
 class Tracker:
@@ -247,7 +250,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(redact(v, k))[:6000]) for k, v in params.items()]
         existing = self.client.get_run(self.run_id).data.params
         items = [p for p in items if p.key not in existing]  # params are immutable on resume
         for i in range(0, len(items), 100):
@@ -255,7 +258,7 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, str(redact(v, k)))
 
     def note_resume_changes(self, step: int, changes: str, world_size: int) -> None:
         """A resume with changed settings: appended to the run's `cadist.resume_changes` tag (its
@@ -280,15 +283,16 @@ class Tracker:
             scheme = s["source"].split("://", 1)[0] if "://" in s["source"] else "local"
             profile = {"num_shards": s["shards"], "num_samples": s["samples"]}
             ds = Dataset(name=s["name"], digest=s["digest"], source_type=scheme,
-                         source=json.dumps({"uri": s["source"]}), profile=json.dumps(profile))  # fmt: skip
+                         source=json.dumps({"uri": redact_text(s["source"])}),
+                         profile=json.dumps(profile))  # fmt: skip
             inputs.append(DatasetInput(ds, [InputTag("mlflow.data.context", context)]))
         self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact_text(text), artifact_file)
 
     def log_dict(self, obj: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
+        self.client.log_dict(self.run_id, redact(obj), artifact_file)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
@@ -411,7 +415,7 @@ class SpooledTracker(Tracker):
         self._record({"op": "metrics", "metrics": clean, "step": step, "ts": ts})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._record({"op": "text", "text": text, "artifact_file": artifact_file})
+        self._record({"op": "text", "text": redact_text(text), "artifact_file": artifact_file})
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         def spooled(dest: Path) -> None:

@@ -31,6 +31,7 @@ from ray.tune import Callback
 
 from cadist.config import validate_job
 from cadist.errors import ConfigError
+from cadist.redact import redact
 from cadist.storage import Storage, adopt_location_env, job_key, location_env, sweep_key
 from cadist.sweeps import METRICS, SweepConfig, load_sweep, pareto, trial_job
 from cadist.train.resume import changed_keys
@@ -92,7 +93,7 @@ def _run_trial(config: dict, ctx: dict) -> None:
 
 
 def _fingerprint(sweep: SweepConfig, fixed: dict) -> str:
-    blob = json.dumps({"sweep": sweep.model_dump(), "job": fixed}, sort_keys=True)
+    blob = json.dumps({"sweep": sweep.model_dump(), "job": redact(fixed)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -110,7 +111,11 @@ def _resume_or_start(
             echo(f"restarting sweep {sweep.name}: the earlier run is kept as {moved[0]}")
     elif would_resume(store, sweep, fixed, source):
         return True
-    current = {"fingerprint": _fingerprint(sweep, fixed), "sweep": sweep.model_dump(), "job": fixed}
+    current = {
+        "fingerprint": _fingerprint(sweep, fixed),
+        "sweep": sweep.model_dump(),
+        "job": redact(fixed),  # credentials as ***: what the sweep trains is in memory only
+    }
     store.write_json(state, current)
     return False
 
@@ -189,7 +194,7 @@ def would_resume(store: Storage, sweep: SweepConfig, fixed: dict, source: str) -
     if before.get("fingerprint") != _fingerprint(sweep, fixed):
         changed = changed_keys(
             {"sweep": before.get("sweep", {}), "job": before.get("job", {})},
-            {"sweep": sweep.model_dump(), "job": fixed},
+            {"sweep": sweep.model_dump(), "job": redact(fixed)},
         )
         raise ConfigError(
             f"{source}: sweep {sweep.name} has a run in {exp_dir} that was started with "

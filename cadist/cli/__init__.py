@@ -14,6 +14,7 @@ import click
 
 from cadist import __version__
 from cadist.errors import CadistError
+from cadist.redact import redact_text
 
 
 class _Group(click.Group):
@@ -21,7 +22,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except CadistError as exn:
-            click.echo(f"error: {exn}", err=True)
+            click.echo(f"error: {redact_text(str(exn))}", err=True)
             sys.exit(2)
 
 

@@ -18,7 +18,8 @@ from cadist.checkpoints import MLFLOW_SCHEMES
 from cadist.config import JobConfig, read_yaml
 from cadist.data.stream import expand_shards, shard_set
 from cadist.errors import CheckpointError, ClusterError, ConfigError, ShardError, TrackingError
-from cadist.storage import Storage, is_remote, job_key, location_env
+from cadist.redact import redact
+from cadist.storage import Storage, http_fetch, is_remote, job_key, location_env
 from cadist.train.raycluster import (
     check_resources,
     check_shared_paths,
@@ -98,6 +99,9 @@ def check_weights(job: JobConfig, source: str) -> None:
     when they are fetched)."""
     for key in ("backbone_weights", "weights"):
         spec = getattr(job.model, key)
+        if spec and spec.startswith(("http://", "https://")):
+            http_fetch(spec)  # answers (one byte), before any worker starts
+            continue
         if not spec or spec.startswith(MLFLOW_SCHEMES) or ("://" in spec and not is_remote(spec)):
             continue
         if not (Storage(spec).is_file("") if is_remote(spec) else Path(spec).is_file()):
@@ -420,7 +424,8 @@ def _prepare_storage(job: JobConfig, store: Storage, source: str, restart: bool)
     if weights_source and weights_source.startswith(MLFLOW_SCHEMES):
         job = _fetch_initial_weights(job, store)
     before = _previous_job(store, resolved)
-    rerun = check_rerun(job.model_dump(), before, store.uri(job.name), source)
+    # as written (credentials as ***): a rotated presigned URL is the same weights
+    rerun = check_rerun(redact(job.model_dump()), before, store.uri(job.name), source)
     if rerun.changes and rerun.step is None:  # nothing to resume: a new MLflow run, right params
         store.set_aside([marker])
     elif rerun.changes:

@@ -10,6 +10,7 @@ from pathlib import Path
 from cadist.config import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ShardError
+from cadist.redact import redact
 from cadist.storage import Storage, job_key
 from cadist.train.driver import (
     _absolute,
@@ -45,7 +46,7 @@ def plan_training(
         rerun = Rerun()
     else:
         before = _previous_job(store, job_key(job.name, "job"))
-        rerun = check_rerun(job.model_dump(), before, store.uri(job.name), source)
+        rerun = check_rerun(redact(job.model_dump()), before, store.uri(job.name), source)
     # as `run_training`: the marker's run continues unless changed settings start the job anew
     mlflow = _mlflow(job, not restart and not (rerun.changes and rerun.step is None))
     nodes, where = _nodes(job, address, source)
@@ -56,7 +57,7 @@ def plan_training(
     return {
         "job": job.name,
         "source": source,
-        "model": job.model.model_dump(),
+        "model": redact(job.model.model_dump()),
         "start": (
             {"fresh": True, "changes": _changes(rerun)}
             if rerun.step is None

@@ -804,3 +804,71 @@ def test_eval_on_the_ray_cluster_equals_eval_here(workdir, ray_local, tmp_path):
     assert "an evaluation task needs 64 CPU (cluster.cpus_per_worker)" in big.output, big.output
     cpu = CliRunner().invoke(main, [*args, "--device", "cpu", "--address", "local"])
     assert cpu.exit_code == 2 and "--device goes with" in cpu.output
+
+
+def _files_holding(root, needles) -> list[str]:
+    """Files under `root` whose bytes hold any of `needles`."""
+    hits = []
+    for p in Path(root).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            hits += [str(p) for n in needles if n.encode() in data][:1]
+    return hits
+
+
+def test_presigned_weights_url_is_used_and_never_written(workdir, ray_local, tmp_path, capfd):
+    """A presigned S3 URL (its credential and signature are secrets) as `model.weights`: the run
+    starts from those weights, and neither the credential nor the signature appears in MLflow
+    (params, tags, dataset inputs, artifacts, its database), on the storage path, in the output
+    or in Ray's logs; a submission of the job is refused before anything is sent."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import boto3
+    import botocore.config
+    import mlflow.artifacts
+
+    from cadist.cluster import submission_env
+    from cadist.models.build import build_model
+    from cadist.models.weights import save_weights
+
+    s3 = s3_server()
+    bucket = s3.bucket("presign")
+    base = make_job(workdir, "itest-secret")
+    torch.manual_seed(5)
+    init = build_model(**base.model.build_kwargs())
+    save_weights(init, tmp_path / "init.pt", model=base.model.name)
+    c = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
+                     config=botocore.config.Config(signature_version="s3v4"))  # fmt: skip
+    c.upload_file(str(tmp_path / "init.pt"), bucket, "weights/init.pt")
+    url = c.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "weights/init.pt"},
+                                   ExpiresIn=900)  # fmt: skip
+    q = parse_qs(urlsplit(url).query)
+    secrets = [q["X-Amz-Signature"][0], q["X-Amz-Credential"][0]]
+    job = make_job(workdir, "itest-secret", **{
+        "model.weights": url, "train.iterations": 2, "train.checkpoint_every": 2,
+        "eval.interval": 2, "eval.log_images": 0,
+        "cluster.storage_path": str(tmp_path / "runs"),
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    })  # fmt: skip
+    with pytest.raises(ConfigError, match="model.weights carries a credential"):
+        submission_env(job, "job.yaml")
+    capfd.readouterr()
+    r = run_training(job, "itest")
+    out = capfd.readouterr()
+    assert r.metrics["step"] == 2
+    client = MlflowClient(r.tracking_uri)
+    run = client.get_run(r.run_id)
+    shown = run.data.params["model.weights"]
+    assert shown.startswith(f"{s3.endpoint}/{bucket}/weights/init.pt?") and (
+        "X-Amz-Signature=***" in shown and "X-Amz-Credential=***" in shown
+    )
+    assert run.data.tags["cadist.weights_source"] == shown
+    arts = mlflow.artifacts.download_artifacts(
+        run_id=r.run_id, dst_path=str(tmp_path / "arts"), tracking_uri=r.tracking_uri
+    )
+    assert (Path(arts) / "config" / "job.yaml").is_file()
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert any(session.rglob("*.log")) or any(session.rglob("*.out"))
+    for where in (tmp_path, session):
+        assert _files_holding(where, secrets) == [], where
+    assert not any(s in out.out + out.err for s in secrets)
