@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
 from cadist.config import JobConfig
-from cadist.errors import CadistError, ConfigError
+from cadist.errors import CadistError, ClusterError, ConfigError
 from cadist.redact import has_secret
 from cadist.storage import location_env
 from cadist.sweeps import SweepConfig
@@ -81,6 +84,15 @@ def check_cluster_file(path: str | Path) -> dict:
         validate_config(full)
     except Exception as exn:  # Ray's own checks raise ValueError/ValidationError/…
         raise ConfigError(f"{path}: {type(exn).__name__}: {str(exn).splitlines()[0]}") from None
+    auth = _auth_problems(full)
+    if auth:
+        raise ConfigError(
+            f"{path}: Ray token auth is not on: {'; '.join(auth)}; without it anyone who reaches "
+            f"a node's ports runs code on the cluster (ShadowRay, CVE-2023-48022). Start Ray with "
+            f"RAY_AUTH_MODE=token on every node and mount the token made by `ray get-auth-token "
+            f"--generate` (file_mounts: /home/ubuntu/.ray/auth_token: ~/.ray/auth_token), as "
+            f"ray_cluster.yaml does"
+        )
     warnings = []
     head_cmds = " ".join(full.get("head_start_ray_commands", []))
     if "--head" in head_cmds and "--dashboard-host=127.0.0.1" not in head_cmds:
@@ -104,6 +116,27 @@ def check_cluster_file(path: str | Path) -> dict:
         "max_workers": full.get("max_workers"),
         "warnings": warnings,
     }
+
+
+def _auth_problems(full: dict) -> list[str]:
+    """Where a (defaults-filled) cluster file leaves Ray's token auth off."""
+    problems = []
+    commands = []
+    for key in ("head_setup_commands", "worker_setup_commands", "setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands"):  # fmt: skip
+        commands += [(f"{key}.{i}", c) for i, c in enumerate(full.get(key) or [])]
+    for where, cmd in commands:
+        if re.search(r"RAY_AUTH_MODE=[\"']?disabled", cmd):
+            problems.append(f"{where} sets RAY_AUTH_MODE=disabled")
+        elif re.search(r"\bray start\b", cmd) and not re.search(r"\bRAY_AUTH_MODE=token\b", cmd):
+            problems.append(f"{where} runs `ray start` without RAY_AUTH_MODE=token")
+    mounted = any(
+        str(t).rstrip("/").endswith(".ray/auth_token") for t in full.get("file_mounts", {})
+    )
+    if not mounted and not any("RAY_AUTH_TOKEN" in c for _, c in commands):
+        problems.append("no token reaches the nodes (no file_mounts entry for ~/.ray/auth_token, "
+                        "no RAY_AUTH_TOKEN from a secret store in the commands)")  # fmt: skip
+    return problems
 
 
 # -- job submission -----------------------------------------------------------------------------
@@ -255,14 +288,67 @@ def _submit(
     return sid, str(status)
 
 
+def ray_token() -> tuple[str, str] | None:
+    """(token, where it came from) the way Ray looks for it: $RAY_AUTH_TOKEN, the file
+    $RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token; None where there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return (token, str(path)) if token else None
+
+
 def _client(address: str):
-    """Ray's job client for the dashboard at `address`; one error that says what to check."""
+    """Ray's job client for the dashboard at `address`, sending the cluster's auth token. One
+    probe first (≤ 10 s): an address that is no URL, nothing answering, a missing or refused token
+    are each one error that says what to do."""
+    import urllib.error
+    import urllib.request
+
     from ray.job_submission import JobSubmissionClient
 
+    pr = urlparse(address)
+    if pr.scheme not in ("http", "https") or not pr.hostname:
+        raise ConfigError(
+            f"--address {address!r}: expected the Ray dashboard's URL, e.g. http://127.0.0.1:8265 "
+            f"(`ray dashboard ray_cluster.yaml` forwards it there)"
+        )
+    found = ray_token()
+    headers = {"Authorization": f"Bearer {found[0]}"} if found else {}
+    url = address.rstrip("/") + "/api/jobs/"
     try:
-        return JobSubmissionClient(address)
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10):
+            pass
+    except urllib.error.HTTPError as exn:
+        fix = (
+            "copy the head's ~/.ray/auth_token to this machine's ~/.ray/auth_token (or set "
+            "RAY_AUTH_TOKEN; `ray get-auth-token` on the head prints it)"
+        )
+        if exn.code == 401:
+            raise ClusterError(
+                f"Ray job API at {address} requires the cluster's auth token and none was found "
+                f"here ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token): {fix}"
+            ) from None
+        if exn.code == 403:
+            raise ClusterError(
+                f"Ray job API at {address} refused the auth token from {found[0] and found[1]}: "
+                f"it is not this cluster's; {fix}"
+            ) from None
+        raise ClusterError(
+            f"Ray job API at {address}: HTTP {exn.code} ({exn.reason}) — is this a Ray dashboard?"
+        ) from None
+    except (urllib.error.URLError, OSError) as exn:
+        raise ClusterError(
+            f"Ray job API at {address} does not answer ({getattr(exn, 'reason', exn)}); is the "
+            "cluster up and the dashboard forwarded (`ray dashboard ray_cluster.yaml`)?"
+        ) from None
+    try:
+        return JobSubmissionClient(address, headers=headers)
     except Exception as exn:
-        raise CadistError(
+        raise ClusterError(
             f"Ray job API at {address}: {type(exn).__name__}: {str(exn).splitlines()[0]}; is the "
             "cluster up and the dashboard forwarded (`ray dashboard ray_cluster.yaml`)?"
         ) from None

@@ -116,6 +116,12 @@ def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
             ) from None
     try:
         ray.init(address=address, runtime_env={"env_vars": worker_env(use_gpu)}, log_to_driver=True)
+    except ray.exceptions.AuthenticationError as exn:
+        raise ConfigError(
+            f"{source}: Ray cluster address {address}: the cluster refused this machine "
+            f"({str(exn).strip().splitlines()[0]}); it runs with token auth: copy the head's "
+            f"~/.ray/auth_token here (or set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token"
+        ) from None
     except (ConnectionError, RuntimeError) as exn:
         if address == "local":
             raise

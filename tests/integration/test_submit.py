@@ -222,7 +222,9 @@ def test_cluster_file_validates_and_names_the_bad_key(tmp_path):
     with pytest.raises(ConfigError, match="providr"):
         check_cluster_file(tmp_path / "typo.yaml")
     open_dash = dict(raw)
-    open_dash["head_start_ray_commands"] = ["ray start --head --dashboard-host=0.0.0.0"]
+    open_dash["head_start_ray_commands"] = [
+        "RAY_AUTH_MODE=token ray start --head --dashboard-host=0.0.0.0"
+    ]
     (tmp_path / "open.yaml").write_text(yaml.safe_dump(open_dash))
     assert "127.0.0.1" in check_cluster_file(tmp_path / "open.yaml")["warnings"][0]
     r = CliRunner().invoke(main, ["cluster", "check", str(tmp_path / "bad.yaml")])
@@ -244,3 +246,54 @@ def test_cloud_cluster_files_validate_offline(name, provider, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"available_node_types.gpu_8x_a100.max_workers"):
         check_cluster_file(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster.aws.yaml", "ray_cluster.gcp.yaml"])
+def test_cluster_check_fails_a_cluster_file_without_token_auth(name, tmp_path):
+    """Every shipped cluster file starts Ray with token auth and mounts the token on every node;
+    the same file with auth off in any of the ways it can be is refused, naming where."""
+    raw = yaml.safe_load((ROOT / name).read_text())
+    assert all("RAY_AUTH_MODE=token" in c for k in ("head_start_ray_commands",
+               "worker_start_ray_commands") for c in raw[k] if "ray start" in c)  # fmt: skip
+    assert raw["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert check_cluster_file(ROOT / name)["warnings"] == []
+    no_mode = yaml.safe_load(
+        (ROOT / name).read_text().replace("RAY_AUTH_MODE=token", "RAY_NOTHING=1")
+    )
+    disabled = yaml.safe_load(
+        (ROOT / name).read_text().replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")
+    )
+    no_token = dict(raw, file_mounts={"/home/ubuntu/cadist": "."})
+    for variant, expected in (
+        (no_mode, "head_start_ray_commands.1 runs `ray start` without RAY_AUTH_MODE=token"),
+        (disabled, "worker_start_ray_commands.1 sets RAY_AUTH_MODE=disabled"),
+        (no_token, "no token reaches the nodes"),
+    ):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(variant))
+        r = CliRunner().invoke(main, ["cluster", "check", str(tmp_path / "c.yaml")])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert r.output.startswith(f"error: {tmp_path / 'c.yaml'}: Ray token auth is not on: ")
+        assert expected in r.output and "ray get-auth-token --generate" in r.output
+
+
+def test_submit_and_logs_say_when_the_token_is_missing_or_wrong(tmp_path, head, monkeypatch):
+    """The cluster (Ray 2.60: token auth on) refuses the job API without its token: `cadist
+    submit`/`logs` say which, and how to fix it, before anything is sent; with the token from
+    ~/.ray/auth_token (or $RAY_AUTH_TOKEN) they get through."""
+    job = tmp_path / "job.yaml"
+    job.write_text((ROOT / "jobs" / "demo.yaml").read_text())
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "none"))
+    r = CliRunner().invoke(main, ["logs", "cadist-x", "--address", head])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "requires the cluster's auth token and none was found here" in r.output
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0123456789abcdef0123456789abcdef")
+    r = CliRunner().invoke(main, ["submit", str(job), "--address", head, "--no-wait"])
+    assert r.exit_code == 2 and "refused the auth token from $RAY_AUTH_TOKEN" in r.output, r.output
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")  # ~/.ray/auth_token: the cluster's token
+    r = CliRunner().invoke(main, ["logs", "cadist-x", "--address", head])
+    assert r.exit_code == 2 and "no submission 'cadist-x'" in r.output, r.output
+    for bad in ("ht!tp:/x", "127.0.0.1:8265"):
+        r = CliRunner().invoke(main, ["logs", "cadist-x", "--address", bad])
+        assert r.exit_code == 2 and "expected the Ray dashboard's URL" in r.output, r.output
