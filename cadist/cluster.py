@@ -64,6 +64,8 @@ def check_cluster_file(path: str | Path) -> dict:
         raw = yaml.safe_load(path.read_text())
     except OSError as exn:
         raise ConfigError(f"{path}: cannot read the cluster file ({exn.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a cluster file is YAML in UTF-8") from None
     except yaml.YAMLError as exn:
         raise ConfigError(f"{path}: not valid YAML ({exn})") from None
     if not isinstance(raw, dict):

@@ -27,7 +27,8 @@ from cadist.redact import redact
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan pass `gt=0`-style bounds: no job value may be either
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -447,6 +448,13 @@ def read_yaml(path: Path | str, what: str, expected: str, store=None) -> dict:
         tree = yaml.safe_load(store.read_text(key) if store is not None else path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a {what}; pass the YAML file") from None
+    except UnicodeDecodeError as exn:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exn.object[exn.start]:#04x} at offset {exn.start}); "
+            f"a {what} is YAML in UTF-8 — save it as UTF-8"
+        ) from None
     except yaml.YAMLError as exn:
         raise ConfigError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
     if not isinstance(tree, dict):

@@ -491,7 +491,7 @@ class Storage:
         return (found[-1][0], self.uri(found[-1][1])) if found else None
 
 
-def _http_request(url: str, **headers):
+def http_request(url: str, **headers):
     """A GET request for an http(s) URL; a URL's `user:password@` becomes a Basic auth header
     (urllib would take it for a host and port)."""
     import base64
@@ -519,7 +519,7 @@ def http_fetch(url: str, dest: Path | None = None, timeout_s: float = 30.0) -> P
     shown = redact_text(url)
     headers = {"Range": "bytes=0-0"} if dest is None else {}
     try:
-        with urllib.request.urlopen(_http_request(url, **headers), timeout=timeout_s) as r:
+        with urllib.request.urlopen(http_request(url, **headers), timeout=timeout_s) as r:
             if dest is None:
                 return None
             part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")

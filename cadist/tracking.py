@@ -11,6 +11,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,25 @@ import numpy as np
 from cadist.errors import ConfigError
 from cadist.redact import redact, redact_text
 
+#: tracking store URI schemes MLflow takes (SQLAlchemy's with a driver: postgresql+psycopg2://)
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+
 
 def resolve_uri(configured: str | None, cwd: Path | None = None) -> str:
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
-    if "://" not in uri:  # a bare path: a local folder of the file store is gone in MLflow 3
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    rest = uri.split("://", 1)[1] if "://" in uri else ""
+    if (
+        scheme not in STORE_SCHEMES  # (a bare path: a local file store is gone in MLflow 3)
+        or (scheme in ("http", "https") and not urllib.parse.urlparse(uri).hostname)
+        or (scheme == "sqlite" and not rest.lstrip("/"))
+    ):
         raise ConfigError(
-            f"mlflow.tracking_uri {uri!r}: expected a URI such as "
-            f"sqlite:///abs/path/mlflow.db or http://127.0.0.1:5000"
+            f"mlflow.tracking_uri {redact_text(uri)!r}: expected a URI such as "
+            f"sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000 (MLflow's store schemes: "
+            f"{', '.join(STORE_SCHEMES)})"
         )
     return uri
 
@@ -42,6 +53,7 @@ def download_artifact(artifact_uri: str, tracking_uri: str | None = None) -> Pat
     import mlflow.artifacts
 
     uri = resolve_uri(tracking_uri)
+    check_reachable(uri, read_only=True)
     dst = Path(tempfile.mkdtemp(prefix="cadist-artifact-"))
     atexit.register(shutil.rmtree, dst, True)
     try:
@@ -159,8 +171,19 @@ def set_status(uri: str, run_id: str, status: str) -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail early and clearly when a tracking server is down or a store cannot be created."""
+def check_reachable(uri: str, timeout: float = 5.0, read_only: bool = False) -> None:
+    """Fail early and clearly (within `timeout`) when a tracking server is down or a store cannot
+    be created; `read_only` (report, fetching a run's weights): a SQLite store must exist already
+    — such a command creates nothing."""
+    if read_only and uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.is_file():
+            raise ConfigError(
+                f"MLflow store {uri}: no such database ({db}); nothing has been tracked there — "
+                f"pass the tracking URI the runs were logged to (--tracking-uri / "
+                f"$MLFLOW_TRACKING_URI; training's default is sqlite:///<folder it ran in>/mlflow.db)"
+            )
+        return
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
@@ -168,7 +191,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                     raise OSError(f"HTTP {r.status}")
         except (OSError, urllib.error.URLError) as exn:
             raise ConfigError(
-                f"MLflow tracking server {uri} cannot be reached ({exn}); start it (e.g. `mlflow "
+                f"MLflow tracking server {redact_text(uri)} cannot be reached ({exn}); start it (e.g. `mlflow "
                 f"server --host 127.0.0.1 --port 5000`), fix mlflow.tracking_uri, or unset it to use "
                 f"the local store"
             ) from None

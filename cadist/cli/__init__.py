@@ -22,8 +22,18 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except CadistError as exn:
-            click.echo(f"error: {redact_text(str(exn))}", err=True)
+            click.echo(f"error: {redact_text(_message(exn))}", err=True)
             sys.exit(2)
+
+
+def _message(exn: CadistError) -> str:
+    """The error's own message; one raised in a DataLoader worker comes back wrapped in that
+    worker's traceback, with the message on its last line."""
+    text = str(exn)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

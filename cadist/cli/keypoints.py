@@ -76,6 +76,7 @@ def hpatches_eval_cmd(
     except ValueError:
         raise CadistError(f"--windows {windows!r}: expected integers like 21,21") from None
     method = Method(network, int(output_stride), int(start_stride), ws)
+    _check_tracking(mlflow_uri)
     if not weights:
         click.echo(
             "warning: no --weights: random D2-Net weights (a pipeline check, not a score)", err=True
@@ -96,6 +97,14 @@ def hpatches_eval_cmd(
         f"  features/image {r['features_per_image']:.1f}, matches/pair {r['matches_per_pair']:.1f}"
     )
     click.echo(f"  {r['gmac_per_image']:.2f} GMac per image (method's counting rules)")
+
+
+def _check_tracking(uri: str | None) -> None:
+    """Before any image is scored: the MLflow store the scores go to answers (≤ 5 s)."""
+    if uri:
+        from cadist.tracking import check_reachable, resolve_uri
+
+        check_reachable(resolve_uri(uri))
 
 
 def _score(method, root, weights, device, save_features=None, save_results=None) -> dict:
@@ -172,6 +181,7 @@ def hpatches_table_cmd(root, weights, out, methods, device, mlflow_uri, experime
     """The paper's keypoint table: every method scored on the same SIFT keypoints (computed once
     per image), one §12 results file each in OUT, then the MMA table beside the paper's MMA@3.
     Rerunning continues where it stopped."""
+    _check_tracking(mlflow_uri)
     from pathlib import Path
 
     from cadist.eval.hpatches import sequences

@@ -311,9 +311,10 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     high-res fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
     from cadist.errors import ConfigError
     from cadist.report import markdown, mixed_validation, per_class_markdown, summarise
-    from cadist.tracking import experiments_there, resolve_uri, training_runs
+    from cadist.tracking import check_reachable, experiments_there, resolve_uri, training_runs
 
     uri = resolve_uri(tracking_uri)
+    check_reachable(uri, read_only=True)  # ≤ 5 s; creates nothing
     runs = []
     if experiments:
         for e in experiments:

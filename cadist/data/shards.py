@@ -396,10 +396,13 @@ def read_manifest(path: str | Path) -> dict:
         raise ShardError(
             f"{path}: no such manifest; build shards with `cadist shards build`"
         ) from None
-    except json.JSONDecodeError as exn:
+    except ValueError as exn:  # JSONDecodeError, UnicodeDecodeError
         raise ShardError(
-            f"{path}: not valid JSON ({exn}); rebuild with `cadist shards build --overwrite`"
+            f"{path}: not valid JSON ({str(exn)[:200]}); rebuild with `cadist shards build "
+            f"--overwrite`"
         ) from None
+    if not isinstance(m, dict):
+        raise ShardError(f"{path}: not a cadist shard manifest (a JSON {type(m).__name__})")
     if m.get("manifest_version") != MANIFEST_VERSION or "shards" not in m:
         raise ShardError(
             f"{path}: not a cadist shard manifest (version {m.get('manifest_version')!r}, "
@@ -413,8 +416,10 @@ def _http_get(url: str) -> bytes:
     import urllib.error
     import urllib.request
 
+    from cadist.storage import http_request
+
     try:
-        with urllib.request.urlopen(url, timeout=60) as r:
+        with urllib.request.urlopen(http_request(url), timeout=60) as r:
             return r.read()
     except urllib.error.HTTPError as exn:
         if exn.code == 404:

@@ -48,6 +48,8 @@ def sequences(root: str | Path) -> list[Path]:
             raise DataError(
                 f"{s}: missing {', '.join(missing)} (a sequence has 1.ppm…6.ppm, H_1_2…H_1_6)"
             )
+        for k in range(2, 7):  # all of them before any image is scored
+            read_homography(s / f"H_1_{k}")
     return seqs
 
 
@@ -66,6 +68,14 @@ def read_homography(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a 3×3 homography of numbers ({exn})") from None
     if h.shape != (3, 3):
         raise DataError(f"{path}: expected a 3×3 homography, got shape {h.shape}")
+    if not np.isfinite(h).all():
+        raise DataError(f"{path}: the homography holds inf or nan; restore the file from HPatches")
+    scale = np.abs(h).max()
+    if scale == 0 or abs(np.linalg.det(h / scale)) < 1e-12:
+        raise DataError(
+            f"{path}: the homography is singular (determinant ~0: all zeros, or a row repeated), "
+            f"so it maps image 1 onto no image; restore the file from HPatches"
+        )
     return h
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,17 +26,35 @@ def read_file(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK\x03\x04); older PyTorch a pickle (protocol byte \x80)
+    if not head:
+        raise CheckpointError(
+            f"{path}: is empty (0 bytes), not a PyTorch checkpoint; the download or copy did not "
+            f"finish — fetch it again"
+        )
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (it starts with {head!r}; torch.save writes a zip "
+            f"archive); pass a .pth/.pt file written by torch.save — e.g. a cadist export, a "
+            f"checkpoint folder's model.pt or torchvision's weights"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # (a pickle's protocol notice: the error below says it)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exn:
-        if "weights_only" in str(exn) or "Weights only" in str(exn):
+        if "Unsupported global" in str(exn):  # (not an unknown opcode: a damaged pickle)
             raise CheckpointError(
                 f"{path}: holds Python objects other than tensors and plain containers; cadist only "
                 f"loads weights (weights_only=True). Re-save it with "
                 f"torch.save(model.state_dict(), ...)"
             ) from None
+        why = [ln for ln in str(exn).splitlines() if ln.strip()][-2:][0][:200]
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint ({exn}); truncated download?"
+            f"{path}: not a PyTorch checkpoint cadist can read tensor-only ({why}); pass a file "
+            f"written by torch.save (a plain pickle is refused: it can run code)"
         ) from None
     except Exception as exn:  # a damaged file surfaces as zip, pickle, key or runtime errors
         raise CheckpointError(

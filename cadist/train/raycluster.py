@@ -104,6 +104,11 @@ def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
         return
     address = address or "local"
     target = None if address == "local" else _endpoint(address)
+    if target is None and address not in ("local", "auto"):
+        raise ConfigError(
+            f"{source}: Ray cluster address {address!r}: expected auto, HOST:PORT (the head's "
+            f"GCS, e.g. 10.0.0.10:6379) or ray://HOST:10001; leave it unset for a local Ray"
+        )
     if target:
         try:
             socket.create_connection(target, timeout=5).close()
