@@ -93,7 +93,7 @@ def _run_trial(config: dict, ctx: dict) -> None:
 
 
 def _fingerprint(sweep: SweepConfig, fixed: dict) -> str:
-    blob = json.dumps({"sweep": sweep.model_dump(), "job": redact(fixed)}, sort_keys=True)
+    blob = json.dumps({"sweep": redact(sweep.model_dump()), "job": redact(fixed)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -113,7 +113,7 @@ def _resume_or_start(
         return True
     current = {
         "fingerprint": _fingerprint(sweep, fixed),
-        "sweep": sweep.model_dump(),
+        "sweep": redact(sweep.model_dump()),
         "job": redact(fixed),  # credentials as ***: what the sweep trains is in memory only
     }
     store.write_json(state, current)
@@ -194,7 +194,7 @@ def would_resume(store: Storage, sweep: SweepConfig, fixed: dict, source: str) -
     if before.get("fingerprint") != _fingerprint(sweep, fixed):
         changed = changed_keys(
             {"sweep": before.get("sweep", {}), "job": before.get("job", {})},
-            {"sweep": sweep.model_dump(), "job": redact(fixed)},
+            {"sweep": redact(sweep.model_dump()), "job": redact(fixed)},
         )
         raise ConfigError(
             f"{source}: sweep {sweep.name} has a run in {exp_dir} that was started with "
@@ -341,7 +341,9 @@ def _open_parent(sweep: SweepConfig, base, store: Storage):
     )
     tracker = Tracker(uri, parent)
     tracker.log_params({f"search.{k}": json.dumps(v) for k, v in sweep.search.items()})
-    tracker.log_text(yaml.safe_dump(sweep.model_dump(), sort_keys=False), "sweep/sweep.yaml")
+    tracker.log_text(
+        yaml.safe_dump(redact(sweep.model_dump()), sort_keys=False), "sweep/sweep.yaml"
+    )
     return parent, tracker
 
 

@@ -67,6 +67,41 @@ def _check_pareto_front(trials: list[dict], table: list[str]) -> None:
     assert sum(line.endswith("*") for line in table[1:]) == len(on)
 
 
+def _presigned_weights(tmp_path, bucket: str, model: str) -> tuple[str, list[str]]:
+    """Start weights of `model` in `bucket` behind a presigned (SigV4) URL; returns the URL and
+    its secrets (signature, credential)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import boto3
+    import botocore.config
+    import torch
+
+    from cadist.config import load_job
+    from cadist.models.build import build_model
+    from cadist.models.weights import save_weights
+
+    from ..conftest import s3_server
+
+    job = load_job(ROOT / "jobs" / "demo.yaml", [f"model.name={model}"])
+    torch.manual_seed(3)
+    save_weights(build_model(**job.model.build_kwargs()), tmp_path / "init.pt", model=model)
+    c = boto3.client("s3", endpoint_url=s3_server().endpoint, region_name="us-east-1",
+                     config=botocore.config.Config(signature_version="s3v4"))  # fmt: skip
+    c.upload_file(str(tmp_path / "init.pt"), bucket, "weights/init.pt")
+    url = c.generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": "weights/init.pt"}, ExpiresIn=3600
+    )
+    q = parse_qs(urlsplit(url).query)
+    return url, [q["X-Amz-Signature"][0], q["X-Amz-Credential"][0]]
+
+
+def _s3_bytes(server, bucket: str, key: str) -> bytes:
+    import boto3
+
+    c = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1")
+    return c.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
 def _sweep_dirs(runs, name: str) -> list[str]:
     """The trial run folders of sweep `name` under `runs` (a folder or a Storage), by name."""
     from cadist.storage import Storage
@@ -101,13 +136,18 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
 
     ITERATIONS = 48  # noqa: N806
     train, val = tiny_shards(tmp_path, seed=6)
-    runs = Storage(f"s3://{s3_server().bucket()}/runs")
+    bucket = s3_server().bucket()
+    runs = Storage(f"s3://{bucket}/runs")
+    # the trials start from weights behind a presigned URL: its signature and credential are
+    # secrets that must appear nowhere the sweep writes (checked at the end)
+    weights_url, secrets = _presigned_weights(tmp_path, bucket, "deeplabv3_batch_ap_resnet_tiny")
     sweep = {
         "name": "itest_resume",
         "job": str(ROOT / "jobs" / "demo.yaml"),
         # long enough that the killed trial has progress reports left once resumed (the kill
         # lands once Ray Train registered a checkpoint: step 4 to 20 seen)
-        "set": _fixed(train, val, iterations=ITERATIONS, log_every=4, storage=runs.uri()),
+        "set": _fixed(train, val, iterations=ITERATIONS, log_every=4, storage=runs.uri())
+        | {"model.weights": weights_url},
         "search": {
             "model.edge_threshold": {"loguniform": [0.02, 2.0]},
             "model.trimap_width": {"choice": [1, 21]},
@@ -261,6 +301,21 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     assert tune.Tuner.can_restore(f"{path}/{aside[0]}", storage_filesystem=fs)  # whole
     assert not would_resume(runs, loaded, fixed, "sweep.yaml")
     assert runs.read_json(".cadist/sweep-itest_resume.state.json")["sweep"]["num_samples"] == 3
+    # the presigned URL's secrets: not in the bucket (Tune's experiment state, trial checkpoints
+    # and exports, cadist's sweep and run state), MLflow, the logs or Ray's session logs
+    state = runs.read_json(".cadist/sweep-itest_resume.state.json")
+    assert "X-Amz-Signature=***" in state["job"]["model"]["weights"]
+    assert "X-Amz-Signature=***" in children[0].data.params["model.weights"]
+    c = s3_server()
+    leaked = [
+        k for k in c.keys(bucket) if any(x.encode() in _s3_bytes(c, bucket, k) for x in secrets)
+    ]
+    assert leaked == []
+    for where in (tmp_path, Path("/tmp/ray/session_latest")):
+        hits = [str(p) for p in where.rglob("*") if p.is_file() and not p.is_symlink()
+                and p.name not in ("sweep.yaml", "changed.yaml")  # the user's own files
+                and any(x.encode() in p.read_bytes() for x in secrets)]  # fmt: skip
+        assert hits == [], hits
 
 
 def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):
