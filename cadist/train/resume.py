@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cadist.errors import ConfigError
+from cadist.errors import CheckpointError, ConfigError
 from cadist.storage import Storage
 
 #: job keys (or key prefixes, ending in ".") a resumed run may change
@@ -63,9 +63,21 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[int, str] | None:
 
 def zero_world(ckpt: Path) -> int | None:
     """Data-parallel ranks a checkpoint's ZeRO (stage 1/2) optimizer state is split over; None for
-    stage 0 (the whole state in one file, loadable by any number of workers)."""
+    stage 0 (the whole state in one file, loadable by any number of workers). Every rank writes
+    its `rng_rank<r>.json`: a rank whose ZeRO file is missing is a CheckpointError naming it."""
     ranks = {int(m[1]) for p in (ckpt / "state").glob("*") if (m := _ZERO_FILE.match(p.name))}
-    return len(ranks) or None
+    if not ranks:
+        return None
+    world = max(len(list(ckpt.glob("rng_rank*.json"))), max(ranks) + 1)
+    missing = sorted(set(range(world)) - ranks)
+    if missing:
+        names = ", ".join(f"state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in missing)
+        raise CheckpointError(
+            f"{ckpt}: written by {world} ranks, but the ZeRO optimizer state of rank(s) "
+            f"{', '.join(map(str, missing))} is missing ({names}); remove this checkpoint folder to "
+            f"resume from the one before, or rerun with --restart to start over"
+        )
+    return world
 
 
 def _value(tree: dict, key: str):

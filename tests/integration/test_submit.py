@@ -248,7 +248,9 @@ def test_cloud_cluster_files_validate_offline(name, provider, tmp_path):
         check_cluster_file(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("name", ["ray_cluster.yaml", "ray_cluster.aws.yaml", "ray_cluster.gcp.yaml"])
+@pytest.mark.parametrize(
+    "name", ["ray_cluster.yaml", "ray_cluster.aws.yaml", "ray_cluster.gcp.yaml"]
+)
 def test_cluster_check_fails_a_cluster_file_without_token_auth(name, tmp_path):
     """Every shipped cluster file starts Ray with token auth and mounts the token on every node;
     the same file with auth off in any of the ways it can be is refused, naming where."""

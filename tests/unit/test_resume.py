@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cadist.config import load_job
-from cadist.errors import ConfigError
+from cadist.errors import CheckpointError, ConfigError
 from cadist.storage import Storage
 from cadist.train.resume import check_rerun, latest_checkpoint, zero_world
 
@@ -44,6 +44,16 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     assert latest_checkpoint(tmp_path) == (20, str(newest))
     assert zero_world(newest) is None
     assert zero_world(_checkpoint(tmp_path, 40, zero_ranks=2)) == 2
+    # a rank's ZeRO file gone (every rank writes its rng file): named as missing
+    gone = _checkpoint(tmp_path, 50, zero_ranks=2)
+    for r in (0, 1):
+        (gone / f"rng_rank{r}.json").write_text("{}")
+    (gone / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"rank\(s\) 1 is missing \(state/zero_pp_rank_1_"):
+        zero_world(gone)
+    import shutil
+
+    shutil.rmtree(gone)
     # with Ray Train's record: the newest it registered (a crash can leave a newer, complete
     # folder it never registered; a rerun resumes from the registered one)
     import json
