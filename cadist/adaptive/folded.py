@@ -13,7 +13,7 @@ from torch import nn
 
 from cadist.adaptive import kernels
 from cadist.adaptive.layout import MixedLayout
-from cadist.adaptive.ops import GATHER_BYTES, addmm_relu, gather_mm  # noqa: F401 (GATHER_BYTES: re-export)
+from cadist.adaptive.gather import GATHER_BYTES, addmm_relu, gather_mm  # noqa: F401 (GATHER_BYTES: re-export)
 from cadist.adaptive.resnet import BlockTables
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cadist.cli import _set_option, main
+from cadist.cli.app import _set_option, main
 
 
 # -- clusters -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cadist.cli import _Group, main
+from cadist.cli.app import _Group, main
 from cadist.errors import CadistError
 
 

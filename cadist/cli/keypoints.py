@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cadist.cli import _print_json, main
+from cadist.cli.app import _print_json, main
 from cadist.errors import CadistError
 
 

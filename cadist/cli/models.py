@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cadist.cli import _print_json, _tta_options, main
+from cadist.cli.app import _print_json, _tta_options, main
 from cadist.errors import CadistError
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cadist.cli import _dry_run_options, _print_json, _set_option, _tta_options, main
+from cadist.cli.app import _dry_run_options, _print_json, _set_option, _tta_options, main
 
 
 # -- training -----------------------------------------------------------------------------------
