@@ -49,8 +49,6 @@ class ListMaxPool(nn.Module):
         return "pool", float(self._canvas), float(4 * out.numel())
 
 
-
-
 def _weight9(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, Cin, 3, 3) → (9·Cin, Cout) with tap-major rows: row 9-block t = tap 3(i+1)+(j+1)."""
     cout, cin = weight.shape[:2]

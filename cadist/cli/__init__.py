@@ -5,9 +5,8 @@ A `CadistError` (a user's mistake) is printed as one `error:` line with exit cod
 is a bug and keeps its traceback.
 """
 
-from cadist.cli.app import main
-
 # the subcommands register themselves on `main` when imported
 from cadist.cli import clusters, data, keypoints, models, training  # noqa: E402, F401
+from cadist.cli.app import main
 
 __all__ = ["main"]

@@ -1,7 +1,6 @@
 """The `cadist` command group and the options several subcommands share; a `CadistError` is one
 `error:` line (exit code 2), anything else keeps its traceback."""
 
-
 from __future__ import annotations
 
 import json

@@ -29,7 +29,7 @@ from cadist.cli.app import _dry_run_options, _print_json, _set_option, _tta_opti
 def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
     """Train JOB_FILE on Ray Train + DeepSpeed. Rerunning the same job name resumes it from its
     last checkpoint; settings that change what is trained are then refused (--restart)."""
-    from cadist.config import load_job
+    from cadist.config.schema import load_job
     from cadist.train.driver import run_training
 
     job = load_job(job_file, overrides)
@@ -67,7 +67,7 @@ def train_cmd(job_file, overrides, address, restart, dry_run, as_json):
 def config_cmd(job_file, overrides, sources):
     """Print JOB_FILE as cadist runs it: the overrides applied, validated, every key (defaults
     included) — YAML that `cadist train` takes as a job file."""
-    from cadist.config import job_sources, job_yaml, load_job
+    from cadist.config.schema import job_sources, job_yaml, load_job
 
     job = load_job(job_file, overrides)
     click.echo(job_yaml(job, job_sources(job_file, overrides) if sources else None), nl=False)
@@ -147,8 +147,8 @@ def eval_cmd(
     images)."""
     import torch
 
-    from cadist.config import load_job
-    from cadist.evaluate import eval_protocol, evaluate_job, log_evaluation
+    from cadist.config.schema import load_job
+    from cadist.eval.evaluate import eval_protocol, evaluate_job, log_evaluation
 
     if tasks > 1 and not address:
         raise click.UsageError("--tasks goes with --address (Ray tasks on a cluster)")
@@ -165,7 +165,7 @@ def eval_cmd(
             raise click.UsageError(
                 "--per-image goes with one setting: evaluate it alone, with --set KEY=VALUE"
             )
-        from cadist.tradeoff import evaluate_varied
+        from cadist.eval.vary import evaluate_varied
 
         _print_json(
             evaluate_varied(
@@ -189,12 +189,12 @@ def eval_cmd(
     job = load_job(job_file, overrides)
     tta = eval_protocol(job, **options)
     if log_run:  # an unreachable store fails before the evaluation, not after
-        from cadist.tracking import check_reachable, resolve_uri
+        from cadist.tracking.runs import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(job.mlflow.tracking_uri))
     if address:
-        from cadist.checkpoints import resolve_weights
-        from cadist.cluster_eval import evaluate_on_cluster
+        from cadist.eval.on_cluster import evaluate_on_cluster
+        from cadist.tracking.sources import resolve_weights
 
         weights = resolve_weights(ckpt, job.mlflow.tracking_uri if job.mlflow.enabled else None)
         runs = [(job, tta)]
@@ -222,7 +222,7 @@ def demo_cmd(workdir, overrides, restart):
     """Generate data → build shards → train jobs/demo.yaml on a local Ray (2 CPU workers, DeepSpeed)
     → evaluate → log to MLflow. Rerunning resumes (and finishes at once if already done); a variant
     (--set model.name=…) wants its own --set name=… or --restart."""
-    from cadist.demo import run_demo
+    from cadist.cli.demo import run_demo
 
     summary = run_demo(workdir, overrides, restart)
     click.echo(
@@ -259,7 +259,7 @@ def tune_cmd(sweep_file, overrides, restart, dry_run, as_json):
     like `cadist train` and logged as an MLflow run under the sweep's run; prints the trials and
     marks the Pareto front of the objectives (e.g. mIoU against GMac). Rerunning an interrupted
     sweep resumes it: finished trials are kept, the others continue from their checkpoints."""
-    from cadist.tune import run_sweep
+    from cadist.sweep.tune import run_sweep
 
     if dry_run:
         from cadist.train.plan import describe_sweep, plan_sweep
@@ -310,8 +310,8 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     """The results table of one or more experiments: best val mIoU per run (and at which step),
     high-res fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
     from cadist.errors import ConfigError
-    from cadist.report import markdown, mixed_validation, per_class_markdown, summarise
-    from cadist.tracking import check_reachable, experiments_there, resolve_uri, training_runs
+    from cadist.results.report import markdown, mixed_validation, per_class_markdown, summarise
+    from cadist.tracking.runs import check_reachable, experiments_there, resolve_uri, training_runs
 
     uri = resolve_uri(tracking_uri)
     check_reachable(uri, read_only=True)  # ≤ 5 s; creates nothing
@@ -341,7 +341,7 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
         raise click.UsageError("--baseline goes with --per-class")
     table = per_class_markdown(rows, baseline) if per_class else None  # a wrong baseline: at once
     if plot:
-        from cadist.plots import tradeoff_png
+        from cadist.results.plots import tradeoff_png
 
         x, y = "backbone GMac per image", "best val mIoU"
         points = [{"label": r["run"], x: r.get("backbone_gmac"), y: r["best_miou"]} for r in rows]
@@ -394,7 +394,7 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
     results so far; rerunning `cadist tune` resumes it. JOB is the job's or sweep's YAML file or its
     name; the storage path must be one this machine sees (on a cluster: a shared file system),
     else --address writes the request on the cluster."""
-    from cadist.status import request_stop
+    from cadist.submit.status import request_stop
 
     kind = None
     if Path(job).suffix in (".yaml", ".yml") and Path(job).is_file():
@@ -406,8 +406,8 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
     else:
         name, storage = job, storage or "cadist_runs"
     if address:
-        from cadist.cluster import submit_stop
         from cadist.errors import ConfigError
+        from cadist.submit.submission import submit_stop
 
         if wait_s is not None:
             raise click.UsageError("--wait reads the storage here: it goes without --address")
@@ -424,7 +424,7 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
         _stop_sweep(request, storage, wait_s, as_json)
         return
     if wait_s is not None:
-        from cadist.status import wait_for_stop
+        from cadist.submit.status import wait_for_stop
 
         request["stopped_at_step"] = wait_for_stop(storage, name, wait_s)
     if as_json:
@@ -444,10 +444,10 @@ def stop_cmd(job, overrides, storage, address, no_upload, wait_s, as_json):
 def _stop_target(path: str, overrides) -> tuple[str, str, str]:
     """(name, storage path, "job" or "sweep") of the job or sweep file `path` (one with `search:`
     is a sweep; its storage is its base job's with the sweep's fixed overrides)."""
-    from cadist.config import load_job, read_yaml, validate_job
+    from cadist.config.schema import load_job, read_yaml, validate_job
 
     if "search" in read_yaml(Path(path), "job or sweep file", "a mapping"):
-        from cadist.sweeps import load_sweep
+        from cadist.sweep.spec import load_sweep
 
         sweep, fixed, _ = load_sweep(path, overrides)
         return sweep.name, validate_job(fixed, path).cluster.storage_path, "sweep"
@@ -458,7 +458,7 @@ def _stop_target(path: str, overrides) -> tuple[str, str, str]:
 def _stop_sweep(request: dict, storage: str, wait_s: float | None, as_json: bool) -> None:
     name = request["sweep"]
     if wait_s is not None:
-        from cadist.status import wait_for_sweep_stop
+        from cadist.submit.status import wait_for_sweep_stop
 
         request |= wait_for_sweep_stop(storage, name, wait_s)
     if as_json:
@@ -489,8 +489,8 @@ def status_cmd(storage, as_json):
     that did not answer (a rerun sends them); then the sweeps: trials finished, stopped, failed,
     Pareto front."""
     from cadist.errors import ConfigError
-    from cadist.status import jobs_in, sweep_table, sweeps_in, table
-    from cadist.storage import META, Storage
+    from cadist.storage.store import META, Storage
+    from cadist.submit.status import jobs_in, sweep_table, sweeps_in, table
 
     store = Storage(storage)
     if not store.is_dir(META):

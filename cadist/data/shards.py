@@ -199,7 +199,7 @@ def build_shards(
     `skip_bad`, in which case bad samples are skipped and listed in the manifest. `out` may be on
     object storage (`s3://…`, `gs://…`): each shard is uploaded as soon as it is written.
     """
-    from cadist.storage import is_remote
+    from cadist.storage.store import is_remote
 
     if is_remote(out):
         return _build_remote(root, split, str(out), samples_per_shard, image_format,
@@ -308,7 +308,7 @@ def _build_remote(root, split, out, per_shard, image_format, quality, workers, o
     the manifest — what readers look for — is written last."""
     import uuid
 
-    from cadist.storage import Storage
+    from cadist.storage.store import Storage
 
     root, store = Path(root), Storage(out)
     store.check()
@@ -383,7 +383,7 @@ def write_json_atomic(path: Path, obj) -> None:
 def read_manifest(path: str | Path) -> dict:
     """A shard manifest (a local path, an s3:// / gs:// URI or an http(s):// URL); ShardError
     naming it otherwise."""
-    from cadist.storage import Storage, StorageError
+    from cadist.storage.store import Storage, StorageError
 
     try:
         if str(path).startswith(("http://", "https://")):
@@ -416,7 +416,7 @@ def _http_get(url: str) -> bytes:
     import urllib.error
     import urllib.request
 
-    from cadist.storage import http_request
+    from cadist.storage.store import http_request
 
     try:
         with urllib.request.urlopen(http_request(url), timeout=60) as r:
@@ -433,7 +433,7 @@ def _http_get(url: str) -> bytes:
 def verify_shards(manifest_file: str | Path) -> list[str]:
     """Check every shard listed in a manifest (local or on object storage, streamed) against its
     sha256. Returns the problems found."""
-    from cadist.storage import Storage
+    from cadist.storage.store import Storage
 
     m = read_manifest(manifest_file)
     parent = str(manifest_file).rpartition("/")[0] or "."

@@ -14,13 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cadist import __version__
-from cadist.checkpoints import MLFLOW_SCHEMES
-from cadist.config import JobConfig, read_yaml
-from cadist.data.stream import expand_shards, shard_set
-from cadist.errors import CheckpointError, ClusterError, ConfigError, ShardError, TrackingError
-from cadist.redact import redact
-from cadist.storage import Storage, http_fetch, is_remote, job_key, location_env
-from cadist.train.raycluster import (
+from cadist.cluster.ray import (
     check_resources,
     check_shared_paths,
     cluster_nodes,
@@ -28,6 +22,12 @@ from cadist.train.raycluster import (
     describe_nodes,
     is_start_failure,
 )
+from cadist.config.schema import JobConfig, read_yaml
+from cadist.data.stream import expand_shards, shard_set
+from cadist.errors import CheckpointError, ClusterError, ConfigError, ShardError, TrackingError
+from cadist.redact import redact
+from cadist.storage.store import Storage, http_fetch, is_remote, job_key, location_env
+from cadist.tracking.sources import MLFLOW_SCHEMES
 from cadist.train.resume import check_rerun
 
 
@@ -156,8 +156,8 @@ def val_image_size(job: JobConfig) -> tuple[int, int] | None:
 
 def log_macs(tracker, job: JobConfig) -> None:
     """The model's GMac per validation image (method §10 rules) as `macs/*` metrics at step 0."""
-    from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive
+    from cadist.nets.build import is_adaptive
+    from cadist.nets.macs import count_dense
 
     hw = val_image_size(job)
     if hw is None or is_adaptive(job.model.name):  # adaptive models: per evaluation (worker)
@@ -193,7 +193,7 @@ def _absolute(job: JobConfig) -> JobConfig:
     cluster = job.cluster.model_copy(update={"storage_path": fix(job.cluster.storage_path)})
     mlflow = job.mlflow
     if mlflow.enabled:  # the default store (./mlflow.db) and relative SQLite paths, pinned here
-        from cadist.tracking import resolve_uri
+        from cadist.tracking.runs import resolve_uri
 
         uri = resolve_uri(mlflow.tracking_uri)
         if uri.startswith("sqlite:///") and not uri[len("sqlite:///") :].startswith("/"):
@@ -229,7 +229,7 @@ def _finish_tracking(
     """Send what the workers spooled, register the best weights, mark the run FINISHED (KILLED,
     tagged `cadist.stopped_at_step`, when `cadist stop` ended it at step `stopped_at`) — or, when
     the tracking server does not answer, one error that says nothing is lost and what to do."""
-    from cadist.tracking import SpooledTracker, register_best, unreachable
+    from cadist.tracking.runs import SpooledTracker, register_best, unreachable
 
     try:
         spooled = SpooledTracker(uri, run_id, spool, echo=print)
@@ -262,7 +262,7 @@ def _finish_tracking(
 
 
 def _mark_failed(tracker) -> None:
-    from cadist.tracking import unreachable
+    from cadist.tracking.runs import unreachable
 
     try:
         tracker.finish("FAILED")
@@ -274,7 +274,7 @@ def _mark_failed(tracker) -> None:
 def _fetch_initial_weights(job: JobConfig, store: Storage) -> JobConfig:
     """model.weights given as an MLflow URI (e.g. the best weights of an earlier run): fetched once
     on the driver into the run's storage (which every node reads), the job pointed at the copy."""
-    from cadist.checkpoints import resolve_weights
+    from cadist.tracking.sources import resolve_weights
 
     dest = job_key(job.name, "init-weights")
     if not store.is_file(dest):  # a resumed run keeps the copy it started from
@@ -301,7 +301,7 @@ def run_training(
     `restart`: set an earlier run of this job name aside and start over (else a rerun resumes);
     `stop_file`: the request file that stops it (default: the job's own, which `cadist stop JOB`
     writes; a sweep's trials: the sweep's)."""
-    from cadist.tracking import NullTracker, check_reachable, resolve_uri
+    from cadist.tracking.runs import NullTracker, check_reachable, resolve_uri
 
     check_data(job, source)
     check_weights(job, source)
@@ -374,17 +374,17 @@ def run_training(
 
 
 def _storage_failure(exn: BaseException, store: Storage):
-    """A StorageError for a run that lost its storage (a worker's cadist.storage error, or Ray
+    """A StorageError for a run that lost its storage (a worker's cadist.storage.store error, or Ray
     Train's own checkpoint upload failing after its retries), a CheckpointError for a checkpoint a
     worker refused on resume, or None for other failures."""
-    from cadist.storage import StorageError, explain
+    from cadist.storage.store import StorageError, explain
 
     text = str(exn)
     for line in text.splitlines():
         if "cadist.errors.CheckpointError: " in line:  # a checkpoint refused on resume
             return CheckpointError(line.split("cadist.errors.CheckpointError: ", 1)[1])
         for mark in (
-            "cadist.storage.StorageError: ",
+            "cadist.storage.store.StorageError: ",
             "cadist.errors.ShardError: cannot open shard: ",
         ):
             if mark in line:  # (a shard read is often what meets the outage first)
@@ -439,7 +439,7 @@ def _prepare_storage(job: JobConfig, store: Storage, source: str, restart: bool)
 def _open_run(job: JobConfig, uri: str, store: Storage, rerun, extra_tags: dict):
     """Start the job's MLflow run, or continue the one its marker names; params, the resolved job
     and the MAC counts on a new run. Returns (run_id, tracker)."""
-    from cadist.tracking import Tracker, start_or_resume_run
+    from cadist.tracking.runs import Tracker, start_or_resume_run
 
     tags = {
         "cadist.version": __version__,

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cadist.config.passes import Augmentation, Pass
 from cadist.data.cityscapes import IGNORE_INDEX
 from cadist.eval.miou import ConfusionMatrix
-from cadist.eval.passes import Augmentation, Pass
 from cadist.eval.tta import (
     high_res_fraction,
     plan_passes,

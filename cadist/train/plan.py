@@ -7,11 +7,12 @@ import json
 import os
 from pathlib import Path
 
-from cadist.config import JobConfig
+from cadist.cluster.ray import check_resources, cluster_nodes, connect_ray, describe_nodes
+from cadist.config.schema import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ShardError
 from cadist.redact import redact
-from cadist.storage import Storage, job_key
+from cadist.storage.store import Storage, job_key
 from cadist.train.driver import (
     _absolute,
     _previous_job,
@@ -21,7 +22,6 @@ from cadist.train.driver import (
     input_multiple,
     val_image_size,
 )
-from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, describe_nodes
 from cadist.train.resume import Rerun, check_rerun
 
 
@@ -33,7 +33,7 @@ def plan_training(
     workers) and what the job would then run. A check that fails raises the error `cadist train`
     would. `address`: a Ray cluster to check (joined, nothing submitted); none: this machine.
     `restart`: as `cadist train --restart`, which sets an earlier run aside (a first start)."""
-    from cadist.checkpoints import MLFLOW_SCHEMES
+    from cadist.tracking.sources import MLFLOW_SCHEMES
     from cadist.train.engine import deepspeed_config
 
     check_data(job, source)
@@ -135,7 +135,7 @@ def _mlflow(job: JobConfig, continues: bool) -> dict | None:
     """The tracking store (checked as `cadist train` checks it) and the run a rerun continues."""
     if not job.mlflow.enabled:
         return None
-    from cadist.tracking import check_reachable, resolve_uri
+    from cadist.tracking.runs import check_reachable, resolve_uri
 
     uri = resolve_uri(job.mlflow.tracking_uri)
     check_reachable(uri)
@@ -147,8 +147,8 @@ def _mlflow(job: JobConfig, continues: bool) -> dict | None:
 def _macs(job: JobConfig) -> dict | None:
     """GMac per validation image (method §10), at the size of the first validation sample:
     dense models one figure, adaptive ones the line in the high-res fraction p."""
-    from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive
+    from cadist.nets.build import is_adaptive
+    from cadist.nets.macs import count_dense
 
     hw = val_image_size(job)
     if hw is None:
@@ -157,7 +157,7 @@ def _macs(job: JobConfig) -> dict | None:
     if not is_adaptive(job.model.name):
         m = count_dense(job.model.name, job.model.output_stride, *hw)
         return out | {k: round(m[k], 2) for k in ("backbone_gmac", "head_gmac", "total_gmac")}
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     line = mac_line(job.model.name, job.model.adaptive_mode, *hw)
     return out | {
@@ -269,7 +269,7 @@ def _n(count: int, noun: str) -> str:
 
 
 def _adaptive(model: dict) -> bool:
-    from cadist.models.build import is_adaptive
+    from cadist.nets.build import is_adaptive
 
     return is_adaptive(model["name"])
 
@@ -284,10 +284,10 @@ def plan_sweep(
     schema, shards, weights, a changed sweep's refusal, the tracking server, whether one trial
     fits) and what it would run — trials, searched domains, objectives, trials at once, each
     trial's batch and GMac — with nothing started or written."""
-    from cadist.config import validate_job
-    from cadist.sweeps import load_sweep
-    from cadist.train.raycluster import trial_slots
-    from cadist.tune import would_resume
+    from cadist.cluster.ray import trial_slots
+    from cadist.config.schema import validate_job
+    from cadist.sweep.spec import load_sweep
+    from cadist.sweep.tune import would_resume
 
     source = str(path)
     sweep, fixed, job_path = load_sweep(path, overrides)
@@ -301,7 +301,7 @@ def plan_sweep(
     resumes = not restart and would_resume(store, sweep, fixed, source)
     mlflow = None
     if base.mlflow.enabled:
-        from cadist.tracking import check_reachable, resolve_uri
+        from cadist.tracking.runs import check_reachable, resolve_uri
 
         uri = resolve_uri(base.mlflow.tracking_uri)
         check_reachable(uri)

@@ -7,7 +7,7 @@ import os
 from click.testing import CliRunner
 
 from cadist.cli import main
-from cadist.config import load_job
+from cadist.config.schema import load_job
 from tests.conftest import tiny_shards
 from tests.unit.test_resume import JOBS, _checkpoint
 
@@ -43,8 +43,8 @@ def test_dry_run_checks_and_describes_without_starting_anything(tmp_path, monkey
     assert plan["deepspeed"]["zero_optimization"]["stage"] == job.deepspeed.zero_stage
     assert plan["mlflow"]["continues_run"] is None
     # GMac per validation image (64×128): the dense demo model's, an adaptive model's line in p
-    from cadist.adaptive.stats import mac_line
-    from cadist.macs import count_dense
+    from cadist.nets.macs import count_dense
+    from cadist.nets.stats import mac_line
 
     dense = count_dense(job.model.name, job.model.output_stride, 64, 128)
     assert plan["macs"] == {"input_hw": [64, 128]} | {

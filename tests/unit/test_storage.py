@@ -1,4 +1,4 @@
-"""The storage layer (cadist.storage): the same verbs on a local folder and on a real S3 API
+"""The storage layer (cadist.storage.store): the same verbs on a local folder and on a real S3 API
 server (moto), atomic writes, the job layout, and one clear error for each bad storage input."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cadist.errors import CadistError
-from cadist.storage import Storage, StorageError, job_key, local_copy
+from cadist.storage.store import Storage, StorageError, job_key, local_copy
 from tests.conftest import s3_server
 
 
@@ -59,7 +59,7 @@ def test_the_verbs_behave_the_same_on_a_folder_and_on_s3(store, tmp_path):
 
 
 def test_bad_storage_inputs_each_get_one_clear_error(monkeypatch):
-    from cadist.config import load_job
+    from cadist.config.schema import load_job
 
     with pytest.raises(CadistError, match=r"unknown storage scheme 'hdfs'.*s3://bucket/prefix"):
         load_job("jobs/demo.yaml", ["cluster.storage_path=hdfs://nn/runs"])
@@ -124,7 +124,7 @@ def test_stop_and_status_by_name_on_s3():
     from click.testing import CliRunner
 
     from cadist.cli import main
-    from cadist.config import load_job
+    from cadist.config.schema import load_job
 
     root = f"s3://{s3_server().bucket()}/runs"
     store = Storage(root)

@@ -88,7 +88,7 @@ def run_name(job_name: str, setting: dict) -> str:
 def summarise(results: list[tuple[dict, dict]]) -> list[dict]:
     """One row per (setting, `evaluate_job` result): the setting, its summary figures and whether
     it is on the Pareto front of mIoU (max) against backbone GMac (min)."""
-    from cadist.sweeps import pareto
+    from cadist.sweep.spec import pareto
 
     rows = [{"setting": s} | {k: r[k] for k in SUMMARY if k in r} for s, r in results]
     front = pareto([{"metrics": row} for row in rows], OBJECTIVES)
@@ -98,7 +98,7 @@ def summarise(results: list[tuple[dict, dict]]) -> list[dict]:
 def write_plot(rows: list[dict], path: str | Path, title: str) -> list[str]:
     """The trade-off figure of the rows (mIoU against backbone GMac, the front as a line; written
     whole, then renamed). Returns the labels on the front."""
-    from cadist.plots import tradeoff_png
+    from cadist.results.plots import tradeoff_png
 
     keys = {tuple(r["setting"]) for r in rows}
     if len(keys) == 1 and len(next(iter(keys))) == 1:  # one key (named in the title): its values
@@ -129,9 +129,9 @@ def evaluate_varied(
     `<job>-vary` run that holds the results and the trade-off figure. Returns {"job", "ckpt",
     "vary", "results": one row per setting (its figures, `pareto`, its run), "pareto": the front's
     settings by increasing GMac, "plot", "mlflow_run_id"}."""
-    from cadist.config import load_job
+    from cadist.config.schema import load_job
+    from cadist.eval.evaluate import eval_protocol
     from cadist.eval.tta import input_multiple
-    from cadist.evaluate import eval_protocol
 
     vary = parse_vary(specs)
     for key in vary:
@@ -156,7 +156,7 @@ def evaluate_varied(
     uri = parent = tracker = None
     if log_run:
         from cadist import __version__
-        from cadist.tracking import Tracker, check_reachable, new_run, resolve_uri
+        from cadist.tracking.runs import Tracker, check_reachable, new_run, resolve_uri
 
         uri = resolve_uri(base.mlflow.tracking_uri)
         check_reachable(uri)
@@ -198,8 +198,8 @@ def _evaluate_all(
     """Each (setting, job, protocol) of `plan` evaluated in turn, or with `address` as Ray tasks
     on that cluster (then logged here, in order, under `parent` if given): {"job", "ckpt",
     "results", "pareto", "plot": None, "mlflow_run_id": parent}."""
-    from cadist.checkpoints import resolve_weights
-    from cadist.evaluate import evaluate_job, log_evaluation
+    from cadist.eval.evaluate import evaluate_job, log_evaluation
+    from cadist.tracking.sources import resolve_weights
 
     weights = resolve_weights(ckpt, base.mlflow.tracking_uri if base.mlflow.enabled else None)
 
@@ -217,7 +217,7 @@ def _evaluate_all(
         return setting, result
 
     if address:  # side by side on the cluster, then logged here in order
-        from cadist.cluster_eval import evaluate_on_cluster
+        from cadist.eval.on_cluster import evaluate_on_cluster
 
         runs = [(job, tta) for _, job, tta in plan]
         evaluated = evaluate_on_cluster(runs, weights, address, source, echo=progress, shares=tasks)

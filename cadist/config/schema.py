@@ -20,9 +20,9 @@ from pydantic import (
     model_validator,
 )
 
+from cadist.config.names import AdaptiveMode, ModelName
+from cadist.config.passes import JOB_NAMES, Augmentation, parse_scales
 from cadist.errors import ConfigError
-from cadist.eval.passes import JOB_NAMES, Augmentation, parse_scales
-from cadist.models.names import AdaptiveMode, ModelName
 from cadist.redact import redact
 
 
@@ -62,7 +62,7 @@ class ModelConfig(_Section):
     an MLflow URI such as `runs:/<run_id>` (that run's best weights), fetched once by the driver."""
 
     def build_kwargs(self) -> dict[str, Any]:
-        """Arguments of `cadist.models.build.build_model` for this section."""
+        """Arguments of `cadist.nets.build.build_model` for this section."""
         return {
             "name": self.name,
             "output_stride": self.output_stride,
@@ -199,7 +199,7 @@ class ClusterConfig(_Section):
     @field_validator("storage_path")
     @classmethod
     def _a_storage_root(cls, v: str) -> str:
-        from cadist.storage import StorageError, check_uri
+        from cadist.storage.store import StorageError, check_uri
 
         try:
             check_uri(v)
@@ -440,7 +440,7 @@ def job_yaml(job: JobConfig, sources: dict[str, str] | None = None) -> str:
 
 
 def read_yaml(path: Path | str, what: str, expected: str, store=None) -> dict:
-    """A YAML mapping from `path` (a key of the storage path `store`, a `cadist.storage.Storage`,
+    """A YAML mapping from `path` (a key of the storage path `store`, a `cadist.storage.store.Storage`,
     where given); `ConfigError` naming the file otherwise."""
     if store is not None:
         key, path = path, store.uri(str(path))

@@ -20,12 +20,12 @@ def resolve_weights(spec: str | Path, tracking_uri: str | None = None) -> Path:
     `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
     text = str(spec)
     if text.startswith(MLFLOW_SCHEMES):
-        from cadist.tracking import download_artifact
+        from cadist.tracking.runs import download_artifact
 
         if text.startswith("runs:/") and "/" not in text.removeprefix("runs:/").strip("/"):
             text = text.rstrip("/") + "/checkpoints/best.pt"
         return resolve_weights(download_artifact(text, tracking_uri))
-    from cadist.storage import is_remote, local_copy
+    from cadist.storage.store import is_remote, local_copy
 
     if is_remote(text):  # a weights file or a checkpoint folder on s3:// or gs://
         return local_copy(text, _scratch())
@@ -54,7 +54,7 @@ def _scratch() -> str:
 
 def recorded_model(path: Path) -> tuple[str | None, dict]:
     """(model name, its recorded `model` section) of a cadist export; (None, {}) for other files."""
-    from cadist.models.weights import read_file
+    from cadist.nets.weights import read_file
 
     obj = read_file(path)
     if not isinstance(obj, dict) or "cadist_format" not in obj:
@@ -68,8 +68,8 @@ def _model_of_run(path: Path) -> tuple[str | None, dict]:
     """A training checkpoint written before checkpoints recorded their model
     (`<storage>/<job>/step_…/model.pt`): the model section of the job its run resolved
     (`<storage>/.cadist/<job>.yaml`, which a resumed run cannot change)."""
-    from cadist.config import read_yaml
-    from cadist.storage import Storage, job_key
+    from cadist.config.schema import read_yaml
+    from cadist.storage.store import Storage, job_key
 
     step_dir = path.parent
     if path.name != "model.pt" or not step_dir.name.startswith("step_"):

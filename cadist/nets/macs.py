@@ -127,7 +127,7 @@ def count_dense(
     name: str, output_stride: int, height: int, width: int, num_classes: int = 19
 ) -> dict:
     """Backbone, head and total GMac of a dense model for one H×W image (shapes only)."""
-    from cadist.models.build import build_model
+    from cadist.nets.build import build_model
 
     with torch.device("meta"):
         model = build_model(name, output_stride, num_classes).eval()
@@ -162,7 +162,7 @@ def count_adaptive(
     convolutions of the edge mask, reported separately (§10.2); learned-mask models report
     `mask_estimator_gmac` instead, which is part of their backbone count."""
     from cadist.adaptive.masks import high_res_fraction
-    from cadist.models.build import build_model
+    from cadist.nets.build import build_model
 
     if mask.dim() != 3 or mask.shape[0] != 1:
         raise ValueError(f"count one image at a time: mask (1, H0, W0), got {tuple(mask.shape)}")

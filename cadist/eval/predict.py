@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cadist.config.passes import Augmentation
 from cadist.data.cityscapes import PALETTE, train_id_lut
 from cadist.data.transforms import normalized_input
 from cadist.errors import DataError
-from cadist.eval.passes import Augmentation
 from cadist.eval.tta import plan_passes, predict_augmented, size_multiple
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -29,11 +29,11 @@ from pathlib import Path
 import yaml
 from ray.tune import Callback
 
-from cadist.config import validate_job
+from cadist.config.schema import validate_job
 from cadist.errors import ConfigError
 from cadist.redact import redact
-from cadist.storage import Storage, adopt_location_env, job_key, location_env, sweep_key
-from cadist.sweeps import METRICS, SweepConfig, load_sweep, pareto, trial_job
+from cadist.storage.store import Storage, adopt_location_env, job_key, location_env, sweep_key
+from cadist.sweep.spec import METRICS, SweepConfig, load_sweep, pareto, trial_job
 from cadist.train.resume import changed_keys
 
 
@@ -228,8 +228,8 @@ def run_loaded_sweep(
     `address`: the Ray cluster (default: the base job's, else a local Ray)."""
     from ray import tune
 
+    from cadist.cluster.ray import check_resources, cluster_nodes, connect_ray, trial_slots
     from cadist.train.driver import _absolute, check_data, check_eval, check_weights
-    from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, trial_slots
 
     base = _absolute(validate_job(json.loads(json.dumps(fixed)), source))
     check_data(base, source)
@@ -317,7 +317,7 @@ def run_loaded_sweep(
 def _finish_parent(tracker, parent: str, rows, tmp: Path, out: str, plot, stopped: bool) -> None:
     """The sweep's parent run: its results and figure (local copies in `tmp`), the best mIoU, and
     its end state."""
-    from cadist.tracking import set_status
+    from cadist.tracking.runs import set_status
 
     tracker.log_artifact(tmp / Path(out).name, "sweep")
     if plot:
@@ -331,7 +331,7 @@ def _finish_parent(tracker, parent: str, rows, tmp: Path, out: str, plot, stoppe
 def _open_parent(sweep: SweepConfig, base, store: Storage):
     """The sweep's parent MLflow run (new, or the one its marker names): the searched space and
     the sweep file. Returns (run_id, tracker)."""
-    from cadist.tracking import Tracker, check_reachable, resolve_uri, start_or_resume_run
+    from cadist.tracking.runs import Tracker, check_reachable, resolve_uri, start_or_resume_run
 
     uri = resolve_uri(base.mlflow.tracking_uri)
     check_reachable(uri)
@@ -399,7 +399,7 @@ def _rows(grid, sweep: SweepConfig, base, store: Storage) -> list[dict]:
     at a checkpoint; the driver marked its run KILLED), interrupted (the sweep was, e.g. Ctrl-C; its
     run is marked KILLED here, a rerun resumes it), not started (the sweep was stopped or
     interrupted first), failed (its run is marked FAILED here)."""
-    from cadist.tracking import resolve_uri, set_status
+    from cadist.tracking.runs import resolve_uri, set_status
 
     ended = _ended(store.uri(f"sweep-{sweep.name}/{ENDED}"))
     rows = []
@@ -477,7 +477,7 @@ def _write_results(
     out = store.upload(tmp / Path(out).name, out)
     plot = None
     if len(sweep.objectives) == 2:  # the trade-off figure: first objective against the second
-        from cadist.plots import tradeoff_png
+        from cadist.results.plots import tradeoff_png
 
         (ym, yd), (xm, xd) = sweep.objectives.items()
         points = [{"label": _label(r["params"])} | r["metrics"] for r in rows]

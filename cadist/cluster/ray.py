@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 
-from cadist.config import JobConfig
+from cadist.config.schema import JobConfig
 from cadist.errors import ConfigError
 
 

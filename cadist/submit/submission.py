@@ -2,7 +2,7 @@
 and job submission through Ray's Jobs API.
 
 `cadist submit` validates the job (or sweep) here, then submits a constant entry point
-(`python -m cadist.remote`) with the job YAML (or the sweep and its base job as JSON) in the job's
+(`python -m cadist.submit.remote`) with the job YAML (or the sweep and its base job as JSON) in the job's
 environment — no shell command is ever built from the job or its values — and the project folder
 as the job's working directory.
 """
@@ -22,13 +22,13 @@ from urllib.parse import urlparse
 
 import yaml
 
-from cadist.config import JobConfig
+from cadist.config.schema import JobConfig
 from cadist.errors import CadistError, ClusterError, ConfigError
 from cadist.redact import has_secret
-from cadist.storage import location_env
-from cadist.sweeps import SweepConfig
+from cadist.storage.store import location_env
+from cadist.sweep.spec import SweepConfig
 
-ENTRYPOINT = "python -m cadist.remote"
+ENTRYPOINT = "python -m cadist.submit.remote"
 JOB_ENV = "CADIST_JOB_YAML"
 SWEEP_ENV = "CADIST_SWEEP_JSON"
 SOURCE_ENV = "CADIST_JOB_SOURCE"

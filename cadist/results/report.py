@@ -28,7 +28,7 @@ def _augmentation(params: dict) -> str:
     """The evaluation protocol of a run if not the paper's, e.g. "TTA 0.75,1.0,1.25 flip", "slide
     512x1024/341x683": a training run's from its job's `eval.*` keys, a `cadist eval --log` run's
     from what it ran (older ones logged `eval.tta_scales`/`eval.tta_flip`); "" for none."""
-    from cadist.eval.passes import Augmentation
+    from cadist.config.passes import Augmentation
 
     def param(key: str) -> str | None:
         value = params.get(key)

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from cadist.checkpoints import resolve_weights
-from cadist.config import JobConfig
+from cadist.config.passes import Augmentation
+from cadist.config.schema import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader, shard_set
 from cadist.errors import ConfigError
 from cadist.eval.miou import ConfusionMatrix
-from cadist.eval.passes import Augmentation
-from cadist.models.build import build_model, is_learned
-from cadist.models.weights import load_weights
+from cadist.nets.build import build_model, is_learned
+from cadist.nets.weights import load_weights
+from cadist.tracking.sources import resolve_weights
 from cadist.train.loop import evaluate
 
 
@@ -186,13 +186,13 @@ def _pass_table(job: JobConfig, passes: dict) -> list[dict]:
 def _gmac(job: JobConfig, height: int, width: int, high_res: float | None) -> dict[str, float]:
     """Backbone and total GMac of one H×W image (adaptive: at high-res fraction `high_res`, and
     the backbone's as cadist computes it, `backbone_gmac_computed`)."""
-    from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive
+    from cadist.nets.build import is_adaptive
+    from cadist.nets.macs import count_dense
 
     if not is_adaptive(job.model.name):
         m = count_dense(job.model.name, job.model.output_stride, height, width)
         return {"backbone_gmac": m["backbone_gmac"], "total_gmac": m["total_gmac"]}
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     line = mac_line(job.model.name, job.model.adaptive_mode, height, width)
     return {"backbone_gmac": line.backbone(high_res),
@@ -213,7 +213,7 @@ def log_evaluation(
     `parent_run_id` if given: `cadist eval --vary`). Returns the run id."""
     from cadist import __version__
     from cadist.eval.miou import iou_csv, val_metrics
-    from cadist.tracking import Tracker, check_reachable, new_run, resolve_uri
+    from cadist.tracking.runs import Tracker, check_reachable, new_run, resolve_uri
 
     uri = resolve_uri(job.mlflow.tracking_uri)
     check_reachable(uri)

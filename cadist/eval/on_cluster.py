@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cadist.config import JobConfig
+from cadist.config.passes import Augmentation
+from cadist.config.schema import JobConfig
 from cadist.errors import CadistError, ClusterError, ConfigError
-from cadist.eval.passes import Augmentation
 
 
 def evaluate_on_cluster(
@@ -29,15 +29,15 @@ def evaluate_on_cluster(
     a task is raised here as its own error (a `CadistError` keeps its one-line message)."""
     import ray
 
-    from cadist.evaluate import combine_parts
-    from cadist.train.driver import _absolute
-    from cadist.train.raycluster import (
+    from cadist.cluster.ray import (
         cluster_nodes,
         connect_ray,
         describe_nodes,
         placeable,
         worker_request,
     )
+    from cadist.eval.evaluate import combine_parts
+    from cadist.train.driver import _absolute
 
     first = runs[0][0]
     connect_ray(address, first.cluster.use_gpu, source)
@@ -117,7 +117,7 @@ def _evaluate_task(
     import ray
     import torch
 
-    from cadist.evaluate import evaluate_part
+    from cadist.eval.evaluate import evaluate_part
 
     use_gpu = job.cluster.use_gpu and torch.cuda.is_available()
     if not use_gpu:

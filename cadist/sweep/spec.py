@@ -1,6 +1,6 @@
 """Sweep files: the format (a base job, fixed overrides, searched job keys with their domains, one
 or two objectives), their validation against the job schema before anything runs, the job of one
-trial, and the Pareto front of the results. No Ray here; `cadist.tune` runs sweeps on Ray Tune."""
+trial, and the Pareto front of the results. No Ray here; `cadist.sweep.tune` runs sweeps on Ray Tune."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from cadist.config import JobConfig, parse_overrides, read_yaml, validate_job
+from cadist.config.schema import JobConfig, parse_overrides, read_yaml, validate_job
 from cadist.errors import ConfigError
 
 #: metrics a trial reports; macs/* and the mask statistics only for content-adaptive models

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from cadist.data.transforms import normalized_input
-from cadist.macs import count_adaptive
+from cadist.nets.macs import count_adaptive
 
 
 def _images(image: str | None, shards: str | None, limit: int | None):
     if image:
-        from cadist.predict import load_rgb
+        from cadist.eval.predict import load_rgb
 
         yield load_rgb(image)
         return

@@ -1,4 +1,4 @@
-"""Entry point of a submitted job on the cluster (`python -m cadist.remote`): the resolved job YAML
+"""Entry point of a submitted job on the cluster (`python -m cadist.submit.remote`): the resolved job YAML
 (or a sweep and its base job, as JSON; or a stop request) arrives in the job's environment
 (`CADIST_JOB_YAML`, `CADIST_SWEEP_JSON`, `CADIST_STOP_JSON`), never on a command line."""
 
@@ -10,9 +10,9 @@ import sys
 
 import yaml
 
-from cadist.cluster import JOB_ENV, RESTART_ENV, SOURCE_ENV, STOP_ENV, SWEEP_ENV
-from cadist.config import JobConfig
+from cadist.config.schema import JobConfig
 from cadist.errors import CadistError
+from cadist.submit.submission import JOB_ENV, RESTART_ENV, SOURCE_ENV, STOP_ENV, SWEEP_ENV
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
 
 
 def _stop(blob: dict) -> int:
-    from cadist.status import request_stop
+    from cadist.submit.status import request_stop
 
     try:
         request = request_stop(blob["storage"], blob["job"], blob.get("kind"))
@@ -58,8 +58,8 @@ def _stop(blob: dict) -> int:
 
 
 def _sweep(blob: dict, source: str, restart: bool) -> int:
-    from cadist.sweeps import SweepConfig
-    from cadist.tune import run_loaded_sweep
+    from cadist.sweep.spec import SweepConfig
+    from cadist.sweep.tune import run_loaded_sweep
 
     sweep = SweepConfig.model_validate(blob["sweep"])
     r = run_loaded_sweep(sweep, blob["job"], source, print, restart, address="auto")

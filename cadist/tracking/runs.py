@@ -214,7 +214,7 @@ def start_or_resume_run(
     uri: str, experiment: str, run_name: str, store, marker: str, tags: dict[str, str]
 ) -> str:
     """The MLflow run of a job: created on the first start, found again on reruns via the file
-    `marker` (a key of the storage path `store`, a `cadist.storage.Storage`)."""
+    `marker` (a key of the storage path `store`, a `cadist.storage.store.Storage`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -422,7 +422,7 @@ class SpooledTracker(Tracker):
     the end. While the server is down it is tried at most once every `retry_s` seconds."""
 
     def __init__(self, uri: str, run_id: str, spool: str | Path, echo=print, retry_s=60.0):
-        from cadist.storage import Storage
+        from cadist.storage.store import Storage
 
         super().__init__(uri, run_id)
         self.store = Storage(spool)

@@ -1,7 +1,7 @@
 """`cadist status`: the jobs a storage path holds — how far each got, whether it can resume, its
 MLflow run, and records still waiting for a tracking server, then the sweeps; `cadist stop`: ask a
 running job or sweep to checkpoint and end. Files on the storage path only (a folder or s3://… /
-gs://…, through `cadist.storage`; no Ray, no MLflow)."""
+gs://…, through `cadist.storage.store`; no Ray, no MLflow)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import socket
 import time
 from pathlib import Path
 
-from cadist.config import read_yaml
+from cadist.config.schema import read_yaml
 from cadist.errors import ConfigError
-from cadist.storage import META, Storage, job_key, sweep_key
+from cadist.storage.store import META, Storage, job_key, sweep_key
 
 
 def _store(storage: str | Path | Storage) -> Storage:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cadist.config.names import ADAPTIVE_MODELS, ALL_MODELS, LEARNED_MODELS, OUTPUT_STRIDES
 from cadist.errors import ConfigError
 from cadist.models.deeplab import DeepLabHead, DeepLabV3
-from cadist.models.names import ADAPTIVE_MODELS, ALL_MODELS, LEARNED_MODELS, OUTPUT_STRIDES
 from cadist.models.resnet import SPECS, ResNet
 
 
