@@ -262,7 +262,7 @@ def tune_cmd(sweep_file, overrides, restart, dry_run, as_json):
     from cadist.sweep.tune import run_sweep
 
     if dry_run:
-        from cadist.train.plan import describe_sweep, plan_sweep
+        from cadist.sweep.plan import describe_sweep, plan_sweep
 
         plan = plan_sweep(sweep_file, overrides, restart=restart)
         if as_json:

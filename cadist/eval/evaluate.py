@@ -13,11 +13,11 @@ from cadist.config.schema import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader, shard_set
 from cadist.errors import ConfigError
+from cadist.eval.loop import evaluate
 from cadist.eval.miou import ConfusionMatrix
 from cadist.nets.build import build_model, is_learned
 from cadist.nets.weights import load_weights
 from cadist.tracking.sources import resolve_weights
-from cadist.train.loop import evaluate
 
 
 def eval_protocol(

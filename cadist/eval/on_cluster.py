@@ -29,6 +29,7 @@ def evaluate_on_cluster(
     a task is raised here as its own error (a `CadistError` keeps its one-line message)."""
     import ray
 
+    from cadist.cluster.paths import absolute_paths
     from cadist.cluster.ray import (
         cluster_nodes,
         connect_ray,
@@ -37,7 +38,6 @@ def evaluate_on_cluster(
         worker_request,
     )
     from cadist.eval.evaluate import combine_parts
-    from cadist.train.driver import _absolute
 
     first = runs[0][0]
     connect_ray(address, first.cluster.use_gpu, source)
@@ -58,7 +58,7 @@ def evaluate_on_cluster(
         num_cpus=request["CPU"], num_gpus=request.get("GPU", 0.0), max_retries=0
     )
     pending = {
-        task.remote(_absolute(job), blob, weights.name, tta, per_image, share, shares): i
+        task.remote(absolute_paths(job), blob, weights.name, tta, per_image, share, shares): i
         for i, (job, tta) in enumerate(runs)
         for share in range(shares)
     }

@@ -12,6 +12,7 @@ from PIL import Image
 
 from cadist.config.passes import Augmentation
 from cadist.data.cityscapes import PALETTE, train_id_lut
+from cadist.data.images import load_rgb
 from cadist.data.transforms import normalized_input
 from cadist.errors import DataError
 from cadist.eval.tta import plan_passes, predict_augmented, size_multiple
@@ -57,13 +58,6 @@ def image_list(
     return out
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file, or a `DataError` naming the file."""
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except Exception as exn:
-        raise DataError(f"{path}: cannot read image ({type(exn).__name__}: {exn})") from None
 
 
 @torch.no_grad()

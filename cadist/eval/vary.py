@@ -88,7 +88,7 @@ def run_name(job_name: str, setting: dict) -> str:
 def summarise(results: list[tuple[dict, dict]]) -> list[dict]:
     """One row per (setting, `evaluate_job` result): the setting, its summary figures and whether
     it is on the Pareto front of mIoU (max) against backbone GMac (min)."""
-    from cadist.sweep.spec import pareto
+    from cadist.results.pareto import pareto
 
     rows = [{"setting": s} | {k: r[k] for k in SUMMARY if k in r} for s, r in results]
     front = pareto([{"metrics": row} for row in rows], OBJECTIVES)

@@ -15,7 +15,7 @@ from cadist.nets.macs import count_adaptive
 
 def _images(image: str | None, shards: str | None, limit: int | None):
     if image:
-        from cadist.eval.predict import load_rgb
+        from cadist.data.images import load_rgb
 
         yield load_rgb(image)
         return

@@ -84,7 +84,7 @@ def tradeoff_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cadist.sweep.spec import pareto
+    from cadist.results.pareto import pareto
 
     pts = [p for p in points if p.get(x) is not None and p.get(y) is not None]
     front = pareto([{"metrics": {x: p[x], y: p[y]}} for p in pts], {x: x_dir, y: y_dir})

@@ -32,8 +32,9 @@ from ray.tune import Callback
 from cadist.config.schema import validate_job
 from cadist.errors import ConfigError
 from cadist.redact import redact
+from cadist.results.pareto import pareto
 from cadist.storage.store import Storage, adopt_location_env, job_key, location_env, sweep_key
-from cadist.sweep.spec import METRICS, SweepConfig, load_sweep, pareto, trial_job
+from cadist.sweep.spec import METRICS, SweepConfig, load_sweep, trial_job
 from cadist.train.resume import changed_keys
 
 
@@ -228,10 +229,11 @@ def run_loaded_sweep(
     `address`: the Ray cluster (default: the base job's, else a local Ray)."""
     from ray import tune
 
+    from cadist.cluster.paths import absolute_paths
     from cadist.cluster.ray import check_resources, cluster_nodes, connect_ray, trial_slots
-    from cadist.train.driver import _absolute, check_data, check_eval, check_weights
+    from cadist.train.checks import check_data, check_eval, check_weights
 
-    base = _absolute(validate_job(json.loads(json.dumps(fixed)), source))
+    base = absolute_paths(validate_job(json.loads(json.dumps(fixed)), source))
     check_data(base, source)
     check_weights(base, source)
     check_eval(base, source)

@@ -22,6 +22,7 @@ from cadist.config.schema import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
+from cadist.eval.loop import evaluate
 from cadist.eval.miou import iou_csv, val_metrics
 from cadist.eval.predict import colorize
 from cadist.nets.build import build_model, is_adaptive, is_learned
@@ -36,7 +37,6 @@ from cadist.tracking.runs import (
 )
 from cadist.train.checkpoint import recorded, restore_checkpoint, save_checkpoint
 from cadist.train.engine import build_engine, train_step
-from cadist.train.loop import evaluate
 
 #: progress lines (rank 0): through logging, which Ray Train sends to the console once and to its
 #: application log; `print` in a Train worker reaches the console twice on Ray 2.60

@@ -16,8 +16,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cadist.data.images import load_rgb
 from cadist.data.synthetic import write_tree
-from cadist.eval.predict import load_rgb, predict_logits
+from cadist.eval.predict import predict_logits
 from cadist.nets.build import build_model
 from cadist.nets.fold import fold_batchnorm
 from cadist.nets.weights import save_weights

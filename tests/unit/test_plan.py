@@ -82,9 +82,9 @@ def test_dry_run_checks_and_describes_without_starting_anything(tmp_path, monkey
     meta = tmp_path / "runs" / ".cadist"
     meta.mkdir(parents=True)
     first = load_job(os.path.join(JOBS, "demo.yaml"), [a for a in args[4::2]])
-    from cadist.train.driver import _absolute
+    from cadist.cluster.paths import absolute_paths
 
-    (meta / "demo.yaml").write_text(_absolute(first).to_yaml())
+    (meta / "demo.yaml").write_text(absolute_paths(first).to_yaml())
     (meta / "demo.mlflow.json").write_text(json.dumps({"run_id": "abc123"}))
     _checkpoint(tmp_path / "runs" / "demo", 200)
     r = CliRunner().invoke(main, [*args, "--set", "train.iterations=900"])

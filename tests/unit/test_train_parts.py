@@ -330,7 +330,8 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
     import yaml
 
     from cadist.errors import ConfigError
-    from cadist.sweep.spec import load_sweep, pareto
+    from cadist.results.pareto import pareto
+    from cadist.sweep.spec import load_sweep
 
     demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 

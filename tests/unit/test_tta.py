@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
 from cadist.config.passes import Augmentation, Pass, Window
+from cadist.eval.loop import evaluate
 from cadist.eval.tta import (
     crop_boxes,
     high_res_fraction,
@@ -20,7 +21,6 @@ from cadist.eval.tta import (
     size_multiple,
 )
 from cadist.nets.build import build_model
-from cadist.train.loop import evaluate
 
 from ..conftest import tiny_shards
 
@@ -398,7 +398,7 @@ def test_a_job_s_eval_protocol_is_checked_up_front_and_is_cadist_eval_s_default(
     from cadist.config.schema import load_job
     from cadist.errors import ConfigError
     from cadist.results.report import _augmentation
-    from cadist.train.driver import check_eval
+    from cadist.train.checks import check_eval
 
     demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
     for sets, said in (
