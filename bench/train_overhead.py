@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def job_for(args):
-    from cadist.config.schema import load_job
+    from cadist.config.jobfile import load_job
 
     return load_job(
         ROOT / "jobs" / "demo.yaml",

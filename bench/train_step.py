@@ -93,7 +93,7 @@ def deepspeed_steps(args):
 
     import torch.distributed as dist
 
-    from cadist.config.schema import load_job
+    from cadist.config.jobfile import load_job
     from cadist.train.engine import build_engine, train_step
 
     dev = torch.device(args.device)

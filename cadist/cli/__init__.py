@@ -6,7 +6,7 @@ is a bug and keeps its traceback.
 """
 
 # the subcommands register themselves on `main` when imported
-from cadist.cli import clusters, data, keypoints, models, training  # noqa: E402, F401
+from cadist.cli import clusters, data, evaluation, keypoints, models, runs, training  # noqa: E402, F401
 from cadist.cli.app import main
 
 __all__ = ["main"]

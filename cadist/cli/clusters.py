@@ -40,7 +40,7 @@ def submit_cmd(job_file, overrides, address, no_upload, no_wait, restart):
     or an MLflow server the cluster can reach."""
     from pathlib import Path
 
-    from cadist.config.schema import load_job, read_yaml
+    from cadist.config.jobfile import load_job, read_yaml
     from cadist.submit.submission import submit_job, submit_sweep
 
     where = {"working_dir": None if no_upload else ".", "wait": not no_wait, "echo": click.echo}
@@ -83,7 +83,7 @@ def cluster_group():
 @click.argument("cluster_file", default="ray_cluster.yaml", type=click.Path(dir_okay=False))
 def cluster_check_cmd(cluster_file):
     """Validate a Ray cluster-launcher YAML offline (schema, Ray's defaults, cadist's checks)."""
-    from cadist.submit.submission import check_cluster_file
+    from cadist.cluster.clusterfile import check_cluster_file
 
     r = check_cluster_file(cluster_file)
     click.echo(

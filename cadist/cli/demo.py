@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from cadist.config.schema import load_job
+from cadist.config.jobfile import load_job
 from cadist.data.shards import build_shards, manifest_path
 from cadist.data.synthetic import write_tree
 from cadist.errors import ConfigError
-from cadist.storage.store import Storage, job_key
+from cadist.storage.store import Storage
+from cadist.storage.uri import job_key
 
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 

@@ -37,5 +37,3 @@ def absolute_paths(job: JobConfig) -> JobConfig:
     return job.model_copy(
         update={"data": data, "model": model, "cluster": cluster, "mlflow": mlflow}
     )
-
-

@@ -17,5 +17,3 @@ def load_rgb(path: str | Path) -> np.ndarray:
             return np.array(im.convert("RGB"))
     except Exception as exn:
         raise DataError(f"{path}: cannot read image ({type(exn).__name__}: {exn})") from None
-
-

@@ -34,10 +34,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cadist.data.shards import read_manifest
+from cadist.data.manifest import read_manifest
 from cadist.data.transforms import TrainTransform, normalize_batch, stack_images
 from cadist.errors import ShardError
-from cadist.storage.store import Storage, StorageError
+from cadist.storage.store import Storage
+from cadist.storage.uri import StorageError
 
 log = logging.getLogger(__name__)
 wds_gopen = importlib.import_module(

@@ -104,5 +104,3 @@ def _per_image(pred, target, keys, fractions, num_classes: int) -> list[dict]:
             rec["high_res_fraction"] = float(fractions[i])
         out.append(rec)
     return out
-
-

@@ -58,8 +58,6 @@ def image_list(
     return out
 
 
-
-
 @torch.no_grad()
 def predict_logits(
     model: torch.nn.Module, img: np.ndarray, device: str | torch.device = "cpu"

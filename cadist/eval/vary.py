@@ -129,7 +129,7 @@ def evaluate_varied(
     `<job>-vary` run that holds the results and the trade-off figure. Returns {"job", "ckpt",
     "vary", "results": one row per setting (its figures, `pareto`, its run), "pareto": the front's
     settings by increasing GMac, "plot", "mlflow_run_id"}."""
-    from cadist.config.schema import load_job
+    from cadist.config.jobfile import load_job
     from cadist.eval.evaluate import eval_protocol
     from cadist.eval.tta import input_multiple
 

@@ -30,5 +30,3 @@ def pareto(rows: list[dict], objectives: dict[str, str]) -> list[bool]:
         )
         front.append(not dominated)
     return front
-
-

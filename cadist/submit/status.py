@@ -11,9 +11,10 @@ import socket
 import time
 from pathlib import Path
 
-from cadist.config.schema import read_yaml
+from cadist.config.jobfile import read_yaml
 from cadist.errors import ConfigError
-from cadist.storage.store import META, Storage, job_key, sweep_key
+from cadist.storage.store import Storage
+from cadist.storage.uri import META, job_key, sweep_key
 
 
 def _store(storage: str | Path | Storage) -> Storage:

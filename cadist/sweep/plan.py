@@ -32,7 +32,7 @@ def plan_sweep(
     fits) and what it would run — trials, searched domains, objectives, trials at once, each
     trial's batch and GMac — with nothing started or written."""
     from cadist.cluster.ray import trial_slots
-    from cadist.config.schema import validate_job
+    from cadist.config.jobfile import validate_job
     from cadist.sweep.spec import load_sweep
     from cadist.sweep.tune import would_resume
 
@@ -125,5 +125,3 @@ def describe_sweep(plan: dict) -> str:
     )
     lines.append("nothing was started; `cadist tune` with the same arguments runs it")
     return "\n".join(lines)
-
-

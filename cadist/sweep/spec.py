@@ -17,7 +17,8 @@ from pydantic import (
     model_validator,
 )
 
-from cadist.config.schema import JobConfig, parse_overrides, read_yaml, validate_job
+from cadist.config.jobfile import parse_overrides, read_yaml, validate_job
+from cadist.config.schema import JobConfig
 from cadist.errors import ConfigError
 
 #: metrics a trial reports; macs/* and the mask statistics only for content-adaptive models
@@ -169,5 +170,3 @@ def trial_job(fixed: dict, params: dict, name: str, source: str) -> JobConfig:
         _put(tree, key, value)
     tree["name"] = name
     return validate_job(tree, source)
-
-

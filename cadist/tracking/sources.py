@@ -20,12 +20,13 @@ def resolve_weights(spec: str | Path, tracking_uri: str | None = None) -> Path:
     `tracking_uri` (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."""
     text = str(spec)
     if text.startswith(MLFLOW_SCHEMES):
-        from cadist.tracking.runs import download_artifact
+        from cadist.tracking.registry import download_artifact
 
         if text.startswith("runs:/") and "/" not in text.removeprefix("runs:/").strip("/"):
             text = text.rstrip("/") + "/checkpoints/best.pt"
         return resolve_weights(download_artifact(text, tracking_uri))
-    from cadist.storage.store import is_remote, local_copy
+    from cadist.storage.fetch import local_copy
+    from cadist.storage.uri import is_remote
 
     if is_remote(text):  # a weights file or a checkpoint folder on s3:// or gs://
         return local_copy(text, _scratch())
@@ -68,8 +69,9 @@ def _model_of_run(path: Path) -> tuple[str | None, dict]:
     """A training checkpoint written before checkpoints recorded their model
     (`<storage>/<job>/step_…/model.pt`): the model section of the job its run resolved
     (`<storage>/.cadist/<job>.yaml`, which a resumed run cannot change)."""
-    from cadist.config.schema import read_yaml
-    from cadist.storage.store import Storage, job_key
+    from cadist.config.jobfile import read_yaml
+    from cadist.storage.store import Storage
+    from cadist.storage.uri import job_key
 
     step_dir = path.parent
     if path.name != "model.pt" or not step_dir.name.startswith("step_"):

@@ -8,7 +8,9 @@ from pathlib import Path
 from cadist.config.schema import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ConfigError, ShardError
-from cadist.storage.store import Storage, http_fetch, is_remote
+from cadist.storage.fetch import http_fetch
+from cadist.storage.store import Storage
+from cadist.storage.uri import is_remote
 from cadist.tracking.sources import MLFLOW_SCHEMES
 
 
@@ -110,5 +112,3 @@ def val_image_size(job: JobConfig) -> tuple[int, int] | None:
         return int(meta["height"]), int(meta["width"])
     except (StopIteration, ShardError, KeyError, ValueError):
         return None
-
-

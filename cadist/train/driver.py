@@ -23,11 +23,13 @@ from cadist.cluster.ray import (
     describe_nodes,
     is_start_failure,
 )
-from cadist.config.schema import JobConfig, read_yaml
+from cadist.config.jobfile import read_yaml
+from cadist.config.schema import JobConfig
 from cadist.data.stream import shard_set
 from cadist.errors import CheckpointError, ClusterError, TrackingError
 from cadist.redact import redact
-from cadist.storage.store import Storage, job_key, location_env
+from cadist.storage.store import Storage
+from cadist.storage.uri import job_key, location_env
 from cadist.tracking.sources import MLFLOW_SCHEMES
 from cadist.train.checks import check_data, check_eval, check_weights, val_image_size
 from cadist.train.resume import check_rerun
@@ -56,18 +58,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def log_macs(tracker, job: JobConfig) -> None:
     """The model's GMac per validation image (method §10 rules) as `macs/*` metrics at step 0."""
     from cadist.nets.build import is_adaptive
@@ -86,8 +76,6 @@ def log_macs(tracker, job: JobConfig) -> None:
         step=0,
     )
     tracker.log_params({"macs.input_hw": f"{hw[0]}x{hw[1]}"})
-
-
 
 
 def _previous_job(store: Storage, resolved: str) -> dict | None:
@@ -115,7 +103,8 @@ def _finish_tracking(
     """Send what the workers spooled, register the best weights, mark the run FINISHED (KILLED,
     tagged `cadist.stopped_at_step`, when `cadist stop` ended it at step `stopped_at`) — or, when
     the tracking server does not answer, one error that says nothing is lost and what to do."""
-    from cadist.tracking.runs import SpooledTracker, register_best, unreachable
+    from cadist.tracking.registry import register_best
+    from cadist.tracking.spool import SpooledTracker, unreachable
 
     try:
         spooled = SpooledTracker(uri, run_id, spool, echo=print)
@@ -148,7 +137,7 @@ def _finish_tracking(
 
 
 def _mark_failed(tracker) -> None:
-    from cadist.tracking.runs import unreachable
+    from cadist.tracking.spool import unreachable
 
     try:
         tracker.finish("FAILED")
@@ -263,7 +252,7 @@ def _storage_failure(exn: BaseException, store: Storage):
     """A StorageError for a run that lost its storage (a worker's cadist.storage.store error, or Ray
     Train's own checkpoint upload failing after its retries), a CheckpointError for a checkpoint a
     worker refused on resume, or None for other failures."""
-    from cadist.storage.store import StorageError, explain
+    from cadist.storage.uri import StorageError, explain
 
     text = str(exn)
     for line in text.splitlines():

@@ -12,7 +12,8 @@ from cadist.config.schema import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ShardError
 from cadist.redact import redact
-from cadist.storage.store import Storage, job_key
+from cadist.storage.store import Storage
+from cadist.storage.uri import job_key
 from cadist.train.checks import (
     check_data,
     check_eval,
@@ -121,7 +122,7 @@ def _shards(spec) -> dict:
     samples = None
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     if all(str(s).endswith("manifest.json") for s in specs):
-        from cadist.data.shards import read_manifest
+        from cadist.data.manifest import read_manifest
 
         try:
             samples = sum(e["samples"] for s in specs for e in read_manifest(s)["shards"])
@@ -271,7 +272,3 @@ def _adaptive(model: dict) -> bool:
     from cadist.nets.build import is_adaptive
 
     return is_adaptive(model["name"])
-
-
-
-

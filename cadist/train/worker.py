@@ -27,14 +27,10 @@ from cadist.eval.miou import iou_csv, val_metrics
 from cadist.eval.predict import colorize
 from cadist.nets.build import build_model, is_adaptive, is_learned
 from cadist.nets.weights import save_weights
-from cadist.storage.store import Storage, adopt_location_env
-from cadist.tracking.runs import (
-    WORKER_HTTP_ENV,
-    NullTracker,
-    SpooledTracker,
-    Tracker,
-    system_metrics,
-)
+from cadist.storage.store import Storage
+from cadist.storage.uri import adopt_location_env
+from cadist.tracking.runs import NullTracker, Tracker
+from cadist.tracking.spool import WORKER_HTTP_ENV, SpooledTracker, system_metrics
 from cadist.train.checkpoint import recorded, restore_checkpoint, save_checkpoint
 from cadist.train.engine import build_engine, train_step
 

@@ -15,7 +15,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from cadist.config.schema import load_job
+from cadist.config.jobfile import load_job
 from cadist.errors import ClusterError
 from cadist.storage.store import Storage
 from cadist.submit.status import request_stop, wait_for_stop

@@ -22,7 +22,7 @@ from cadist.eval.predict import predict_logits
 from cadist.nets.build import build_model
 from cadist.nets.fold import fold_batchnorm
 from cadist.nets.weights import save_weights
-from cadist.tracking.runs import register_best
+from cadist.tracking.registry import register_best
 
 MODEL = "deeplabv3_batch_ap_resnet_tiny"  # content-adaptive (edge mask), so the mask options count
 

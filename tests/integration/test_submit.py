@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
-from cadist.config.schema import load_job
+from cadist.cluster.clusterfile import check_cluster_file
+from cadist.config.jobfile import load_job
 from cadist.errors import CadistError, ConfigError
 from cadist.storage.store import Storage
-from cadist.submit.submission import ENTRYPOINT, check_cluster_file, submit_job, submit_sweep
+from cadist.submit.submission import ENTRYPOINT, submit_job, submit_sweep
 
 from ..conftest import s3_server, tiny_shards
 

@@ -16,7 +16,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from cadist.config.schema import load_job
+from cadist.config.jobfile import load_job
 from cadist.data.shards import build_shards
 from cadist.data.synthetic import write_tree
 from cadist.errors import ConfigError

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cadist.sweep.tune import ENDED
+from cadist.sweep.files import ENDED
 
 from ..conftest import registered_checkpoint, tiny_shards
 
@@ -76,7 +76,7 @@ def _presigned_weights(tmp_path, bucket: str, model: str) -> tuple[str, list[str
     import botocore.config
     import torch
 
-    from cadist.config.schema import load_job
+    from cadist.config.jobfile import load_job
     from cadist.nets.build import build_model
     from cadist.nets.weights import save_weights
 
@@ -130,7 +130,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     from cadist.cli import main
     from cadist.storage.store import Storage
     from cadist.submit.status import sweeps_in
-    from cadist.sweep.tune import _run_of
+    from cadist.sweep.outcome import _run_of
 
     from ..conftest import s3_server
 

@@ -35,7 +35,7 @@ class Planted:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Good shards and weights to spoil one thing at a time, outside the folder commands run in."""
-    from cadist.config.schema import load_job
+    from cadist.config.jobfile import load_job
     from cadist.nets.build import build_model
     from cadist.nets.weights import save_weights
 

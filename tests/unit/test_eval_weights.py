@@ -18,7 +18,7 @@ def _port() -> int:
 
 
 def _rank(_index: int, port: int, out: str) -> None:
-    from cadist.config.schema import load_job
+    from cadist.config.jobfile import load_job
     from cadist.nets.build import build_model
     from cadist.train.engine import build_engine, train_step
 

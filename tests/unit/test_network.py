@@ -9,7 +9,7 @@ import pytest
 
 from cadist.cluster import network
 from cadist.cluster.network import IFNAME_VARS, choose_interface, interface_of
-from cadist.config.schema import load_job
+from cadist.config.jobfile import load_job
 from cadist.errors import CadistError
 
 

@@ -7,7 +7,7 @@ import os
 from click.testing import CliRunner
 
 from cadist.cli import main
-from cadist.config.schema import load_job
+from cadist.config.jobfile import load_job
 from tests.conftest import tiny_shards
 from tests.unit.test_resume import JOBS, _checkpoint
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cadist.config.schema import load_job
+from cadist.config.jobfile import load_job
 from cadist.errors import CheckpointError, ConfigError
 from cadist.storage.store import Storage
 from cadist.train.resume import check_rerun, latest_checkpoint, zero_world
@@ -373,9 +373,10 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
 
     from ray.tune import Result
 
-    from cadist.config.schema import validate_job
+    from cadist.config.jobfile import validate_job
+    from cadist.sweep.files import ENDED, SweepStopped
+    from cadist.sweep.outcome import _rows
     from cadist.sweep.spec import SweepConfig
-    from cadist.sweep.tune import ENDED, SweepStopped, _rows
 
     base = validate_job(
         _job("cluster.storage_path=" + str(tmp_path), "mlflow.enabled=false"), "demo"

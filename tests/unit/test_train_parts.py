@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cadist.config.schema import load_job
+from cadist.config.jobfile import load_job
 from cadist.errors import ConfigError
 from cadist.eval.miou import ConfusionMatrix
 from cadist.train.loop import param_groups, poly_lambdas

@@ -395,7 +395,7 @@ def test_a_job_s_eval_protocol_is_checked_up_front_and_is_cadist_eval_s_default(
 
     from mlflow.tracking import MlflowClient
 
-    from cadist.config.schema import load_job
+    from cadist.config.jobfile import load_job
     from cadist.errors import ConfigError
     from cadist.results.report import _augmentation
     from cadist.train.checks import check_eval
