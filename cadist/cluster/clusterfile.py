@@ -4,6 +4,7 @@ loopback); `cadist cluster check`."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
