@@ -17,8 +17,7 @@ DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
 
 def run_demo(workdir: str | Path, overrides: tuple[str, ...] = (), restart: bool = False) -> dict:
-    from mlflow.tracking import MlflowClient
-
+    from cadist.tracking.runs import metric_history, run_metrics
     from cadist.train.driver import run_training
 
     if not DEMO_JOB.is_file():
@@ -54,24 +53,23 @@ def run_demo(workdir: str | Path, overrides: tuple[str, ...] = (), restart: bool
     )
     result = run_training(job, str(DEMO_JOB), restart=restart)
     click.echo("[4/4] evaluated on the validation shards; logged to MLflow")
-    client = MlflowClient(uri)
-    hist = client.get_metric_history(result.run_id, "val/miou")
-    last = max(hist, key=lambda m: m.step)
+    hist = metric_history(uri, result.run_id, "val/miou")  # [(step, value)]
+    step, value = max(hist)
     return {
-        "miou": last.value,
-        "best_miou": max(m.value for m in hist),
-        "step": last.step,
+        "miou": value,
+        "best_miou": max(v for _, v in hist),
+        "step": step,
         "run_id": result.run_id,
         "tracking_uri": uri,
-        "chance_miou": chance_miou(client, result.run_id),
+        "chance_miou": chance_miou(run_metrics(uri, result.run_id)),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "job": Storage(job.cluster.storage_path).uri(job_key(job.name, "job")),
         "val_image": str(next(iter(sorted((data / "leftImg8bit" / "val").glob("*/*.png"))), "")),
     }
 
 
-def chance_miou(client, run_id: str) -> float:
+def chance_miou(metrics: dict) -> float:
     """mIoU of predicting every pixel as one class: the 1/C level a trained model must beat."""
     # With 19 classes and several present, a constant prediction scores ≤ 1/#present classes.
-    iou = [m for m in client.get_run(run_id).data.metrics if m.startswith("val/iou/")]
+    iou = [m for m in metrics if m.startswith("val/iou/")]
     return 1.0 / max(1, len(iou))

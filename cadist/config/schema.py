@@ -26,7 +26,9 @@ from cadist.redact import redact
 
 class _Section(BaseModel):
     # inf/nan pass `gt=0`-style bounds: no job value may be either
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class ModelConfig(_Section):

@@ -36,7 +36,9 @@ DOMAINS = ("uniform", "loguniform", "choice", "randint", "quniform")
 
 
 class SweepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Sweep name: the Tune experiment, the MLflow parent run, and the prefix of the trials' jobs."""

@@ -278,3 +278,17 @@ class NullTracker:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of metric `key` of a run, by step."""
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """A run's latest value of each metric."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(uri).get_run(run_id).data.metrics)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
 from cadist.tracking.runs import Tracker, new_run
@@ -252,6 +253,11 @@ def test_eval_log_records_a_run_that_report_lists(tmp_path):
 
 def test_report_reads_the_paper_experiments_together_by_default(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # no database there: a read-only command says so and creates none
+    missing = CliRunner().invoke(main, ["report", "--tracking-uri", uri])
+    assert missing.exit_code == 2 and "no such database" in missing.output, missing.output
+    assert list(tmp_path.iterdir()) == []
+    MlflowClient(uri).search_experiments()  # an empty store
     empty = CliRunner().invoke(main, ["report", "--tracking-uri", uri])
     assert empty.exit_code == 2 and "none of the paper jobs' experiments" in empty.output
     assert "(it holds no runs yet)" in empty.output
