@@ -6,7 +6,7 @@ MACs as cadist computes them / dense OS8 MACs). Goals: CPU time ratio to OS8 ≤
 GPU speedup ≥ 0.75 of the ideal. Prints one JSON object.
 
 Variants (each compared with the dense backbones in the same form): "eager" is the training form
-under autocast; "folded" is the inference form of `cadist.models.fold` (BN folded into the convs,
+under autocast; "folded" is the inference form of `cadist.nets.fold` (BN folded into the convs,
 weights in --dtype; the fused Triton gather-GEMM on CUDA); "folded_torch" is the folded form with
 torch's gather + matmul, to see what the kernel adds; "eager_torch" likewise for the training form
 (whose forward and backward use the fused kernels on CUDA).
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.
 from bench.common import timed  # noqa: E402
 from cadist.adaptive import kernels
 from cadist.adaptive.resnet import AdaptiveResNet
-from cadist.macs import MacCounter, count_adaptive
-from cadist.models.fold import fold_batchnorm
 from cadist.models.resnet import SPECS, ResNet
+from cadist.nets.fold import fold_batchnorm
+from cadist.nets.macs import MacCounter, count_adaptive
 
 VARIANTS = ("eager", "eager_torch", "folded", "folded_torch")
 

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py`
 from bench.common import timed  # noqa: E402
-from cadist.macs import count_dense
-from cadist.models.build import build_model
+from cadist.nets.build import build_model
+from cadist.nets.macs import count_dense
 
 
 def time_forward(model, x, warmup, repeats, dtype):

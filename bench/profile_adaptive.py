@@ -15,8 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.adaptive import block_mask
 from cadist.adaptive.resnet import AdaptiveResNet
-from cadist.models.fold import fold_batchnorm
 from cadist.models.resnet import SPECS
+from cadist.nets.fold import fold_batchnorm
 
 
 def main():

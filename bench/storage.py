@@ -1,6 +1,6 @@
 """Storage paths side by side: a local folder vs object storage (a local S3 API server, moto's,
 started here as its own process on 127.0.0.1 unless --endpoint names one), both through
-`cadist.storage` — the layer training, resume and the shard stream use.
+`cadist.storage.store` — the layer training, resume and the shard stream use.
 
 - checkpoint save + load: a model's weights and its SGD momentum (what a DeepSpeed ZeRO-0
   checkpoint holds per model) written into a `step_…` folder and read back, plus the lookup of
@@ -62,7 +62,7 @@ def median_s(fn, repeats: int) -> float:
 
 
 def bench_checkpoint(store, files: dict[str, Path], repeats: int, scratch: Path) -> dict:
-    from cadist.storage import Storage
+    from cadist.storage.store import Storage
 
     n = [0]
 
@@ -125,8 +125,8 @@ def main() -> None:
 
         from cadist.data.shards import build_shards
         from cadist.data.synthetic import write_tree
-        from cadist.models.build import build_model
-        from cadist.storage import Storage
+        from cadist.nets.build import build_model
+        from cadist.storage.store import Storage
 
         bucket = f"cadist-bench-{os.getpid()}"
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
@@ -145,8 +145,9 @@ def main() -> None:
             (tmp / "dl").mkdir()
             ckpt = {
                 "local": bench_checkpoint(Storage(tmp / "runs"), files, args.repeats, tmp / "dl"),
-                "s3": bench_checkpoint(Storage(f"s3://{bucket}/runs"), files, args.repeats,
-                                       tmp / "dl"),  # fmt: skip
+                "s3": bench_checkpoint(
+                    Storage(f"s3://{bucket}/runs"), files, args.repeats, tmp / "dl"
+                ),  # fmt: skip
             }
             write_tree(tmp / "cs", num_train=0, num_val=args.samples, height=args.height,
                        width=args.width, seed=0)  # fmt: skip
@@ -171,11 +172,15 @@ def main() -> None:
         "ratios_s3_over_local": {
             "checkpoint_save": round(ckpt["s3"]["save_s"] / ckpt["local"]["save_s"], 2),
             "checkpoint_load": round(ckpt["s3"]["load_s"] / ckpt["local"]["load_s"], 2),
-            "latest_lookup": round(ckpt["s3"]["latest_lookup_s"] / ckpt["local"]["latest_lookup_s"], 2),
-            "stream_raw_throughput": round(stream["s3"]["raw_samples_per_s"]
-                                           / stream["local"]["raw_samples_per_s"], 3),
-            "stream_decoded_throughput": round(stream["s3"]["decoded_samples_per_s"]
-                                               / stream["local"]["decoded_samples_per_s"], 3),
+            "latest_lookup": round(
+                ckpt["s3"]["latest_lookup_s"] / ckpt["local"]["latest_lookup_s"], 2
+            ),
+            "stream_raw_throughput": round(
+                stream["s3"]["raw_samples_per_s"] / stream["local"]["raw_samples_per_s"], 3
+            ),
+            "stream_decoded_throughput": round(
+                stream["s3"]["decoded_samples_per_s"] / stream["local"]["decoded_samples_per_s"], 3
+            ),
         },  # fmt: skip
     }
     print(json.dumps(out, indent=1))

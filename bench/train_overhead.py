@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def job_for(args):
-    from cadist.config import load_job
+    from cadist.config.jobfile import load_job
 
     return load_job(
         ROOT / "jobs" / "demo.yaml",
@@ -53,7 +53,7 @@ def make_batch(args):
 
 def plain_loop(job, batch, steps, warmup):
     from cadist.data.transforms import normalize_uint8
-    from cadist.models.build import build_model
+    from cadist.nets.build import build_model
     from cadist.train.loop import make_optimizer, seed_everything, segmentation_loss
 
     seed_everything(job.train.seed)
@@ -75,7 +75,7 @@ def plain_loop(job, batch, steps, warmup):
 def _ray_worker(cfg):
     import ray.train
 
-    from cadist.config import JobConfig
+    from cadist.config.schema import JobConfig
     from cadist.train.engine import build_engine, train_step
 
     job = JobConfig.model_validate(cfg["job"])

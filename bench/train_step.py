@@ -27,7 +27,7 @@ from bench.common import step_report  # noqa: E402
 from cadist.data.cityscapes import label_lut
 from cadist.data.synthetic import render_scene
 from cadist.data.transforms import TrainTransform, normalize_batch
-from cadist.models.build import build_model
+from cadist.nets.build import build_model
 
 
 def make_batch(n, height, width, crop, seed=0):
@@ -93,7 +93,7 @@ def deepspeed_steps(args):
 
     import torch.distributed as dist
 
-    from cadist.config import load_job
+    from cadist.config.jobfile import load_job
     from cadist.train.engine import build_engine, train_step
 
     dev = torch.device(args.device)

@@ -1,7 +1,7 @@
 """Registered cadist models as MLflow pyfunc models: `mlflow.pyfunc.load_model("models:/<name>/<v>")`
 and `mlflow models serve` predict Cityscapes class maps for RGB images.
 
-`cadist.tracking.register_best` writes each registered version as an MLflow model whose
+`cadist.tracking.runs.register_best` writes each registered version as an MLflow model whose
 `loader_module` is this module: MLflow imports it by name and calls `_load_pyfunc(data_path)`. Only
 numpy, torch and cadist here; the weights are read with `weights_only=True` like every cadist load.
 """
@@ -21,11 +21,11 @@ class SegmentationModel:
     folded; learned-mask models as their inference network)."""
 
     def __init__(self, weights: str | Path, device: str = "cpu"):
-        from cadist.checkpoints import recorded_model
-        from cadist.config import ModelConfig
-        from cadist.models.build import build_model
-        from cadist.models.fold import fold_batchnorm
-        from cadist.models.weights import load_weights
+        from cadist.config.schema import ModelConfig
+        from cadist.nets.build import build_model
+        from cadist.nets.fold import fold_batchnorm
+        from cadist.nets.weights import load_weights
+        from cadist.tracking.sources import recorded_model
 
         weights = Path(weights)
         name, section = recorded_model(weights)

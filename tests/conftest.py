@@ -22,7 +22,7 @@ def registered_checkpoint(run_dir) -> bool:
     """Whether Ray Train has registered a committed checkpoint of the run in `run_dir` (a folder, or an
     s3:// URI; a folder written may not be registered yet: a crash then restarts from the one
     before)."""
-    from cadist.storage import Storage
+    from cadist.storage.store import Storage
 
     store = Storage(str(run_dir))
     snap = store.read_json("checkpoint_manager_snapshot.json") or {}

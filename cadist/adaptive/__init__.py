@@ -1,2 +1,2 @@
-"""Content-adaptive downsampling (method.md §3–§6): mixed-resolution layouts, irregular
-convolutions, adaptive ResNet stages and masks. Imports torch only."""
+"""Content-adaptive downsampling (method.md §3–§7): mixed-resolution layouts, irregular convolutions,
+adaptive ResNet stages, edge and learned masks. Imports torch and `models` (the dense blocks) only."""

@@ -3,7 +3,7 @@ is an affine map per channel), weights stored in the layout the matrix multiplie
 ReLU applied in the same pass. About a third of the kernel launches of the training form, which is
 what bounds the adaptive stages on a GPU (the lists are short, the launches many).
 
-Built by `cadist.models.fold.fold_batchnorm`; not trainable and not a checkpoint format.
+Built by `cadist.nets.fold.fold_batchnorm`; not trainable and not a checkpoint format.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from cadist.adaptive import kernels
+from cadist.adaptive.gather import GATHER_BYTES, addmm_relu, gather_mm  # noqa: F401 (GATHER_BYTES: re-export)
 from cadist.adaptive.layout import MixedLayout
-from cadist.adaptive.ops import GATHER_BYTES, addmm_relu, gather_mm  # noqa: F401 (GATHER_BYTES: re-export)
 from cadist.adaptive.resnet import BlockTables
 
 

@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from cadist.adaptive.gather import gather_mm
+
 
 @functools.cache
 def available() -> bool:
@@ -181,8 +183,6 @@ def gather_gemm(
 
 
 def _torch_gather_gemm(x, idx, w9, bias, relu):
-    from cadist.adaptive.ops import gather_mm
-
     xp = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row N: the zero tap
     return gather_mm(xp, idx.clamp(max=x.shape[0]), w9, bias, relu)
 

@@ -131,7 +131,7 @@ class AdaptiveResNet(nn.Module):
             self.layer3 = AdaptiveStage(w * 8, w * 4, spec.blocks[2], 1)
             self.layer4 = AdaptiveStage(w * 16, w * 8, spec.blocks[3], 2)
         self.adaptive = adaptive
-        # learned mode (§7.5): set by cadist.models.build; None for masks given from outside
+        # learned mode (§7.5): set by cadist.nets.build; None for masks given from outside
         self.mask_estimator: nn.Module | None = None
         self.tau, self.sampling = 1.0, "gumbel"
 
@@ -149,7 +149,7 @@ class AdaptiveResNet(nn.Module):
 
     def learned_mask(self, feats: torch.Tensor) -> torch.Tensor:
         """Learned mode (§7.5): the pooling mask sampled from the mask estimator on layer2's output
-        (the estimator, `tau` and `sampling` are set by `cadist.models.build`)."""
+        (the estimator, `tau` and `sampling` are set by `cadist.nets.build`)."""
         from cadist.adaptive.learned import pooling_mask, sample_mask
 
         if feats.is_meta:

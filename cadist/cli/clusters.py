@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cadist.cli import _set_option, main
+from cadist.cli.app import _set_option, main
 
 
 # -- clusters -----------------------------------------------------------------------------------
@@ -40,13 +40,13 @@ def submit_cmd(job_file, overrides, address, no_upload, no_wait, restart):
     or an MLflow server the cluster can reach."""
     from pathlib import Path
 
-    from cadist.cluster import submit_job, submit_sweep
-    from cadist.config import load_job, read_yaml
+    from cadist.config.jobfile import load_job, read_yaml
+    from cadist.submit.submission import submit_job, submit_sweep
 
     where = {"working_dir": None if no_upload else ".", "wait": not no_wait, "echo": click.echo}
     tree = read_yaml(Path(job_file), "job or sweep file", "a mapping")
     if "search" in tree:  # a sweep file
-        from cadist.sweeps import load_sweep
+        from cadist.sweep.spec import load_sweep
 
         sweep, fixed, _ = load_sweep(job_file, overrides)
         submit_sweep(sweep, fixed, str(job_file), address, restart=restart, **where)
@@ -68,7 +68,7 @@ def submit_cmd(job_file, overrides, address, no_upload, no_wait, restart):
 def logs_cmd(submission_id, address, follow):
     """Print the log of a job `cadist submit` started (SUBMISSION_ID as it printed), then its
     status."""
-    from cadist.cluster import job_logs
+    from cadist.submit.submission import job_logs
 
     status = job_logs(submission_id, address, follow, click.echo)
     click.echo(f"{submission_id}: {status}", err=True)
@@ -83,7 +83,7 @@ def cluster_group():
 @click.argument("cluster_file", default="ray_cluster.yaml", type=click.Path(dir_okay=False))
 def cluster_check_cmd(cluster_file):
     """Validate a Ray cluster-launcher YAML offline (schema, Ray's defaults, cadist's checks)."""
-    from cadist.cluster import check_cluster_file
+    from cadist.cluster.clusterfile import check_cluster_file
 
     r = check_cluster_file(cluster_file)
     click.echo(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cadist.cli import _Group, main
+from cadist.cli.app import _Group, main
 from cadist.errors import CadistError
 
 
@@ -110,7 +110,7 @@ def shards_build(
 @click.argument("manifest")
 def shards_verify(manifest):
     """Check every shard of MANIFEST (a path, or s3://… / gs://…) against its sha256."""
-    from cadist.data.shards import verify_shards
+    from cadist.data.manifest import verify_shards
 
     problems = verify_shards(manifest)
     for p in problems:

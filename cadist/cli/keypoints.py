@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cadist.cli import _print_json, main
+from cadist.cli.app import _print_json, main
 from cadist.errors import CadistError
 
 
@@ -102,7 +102,7 @@ def hpatches_eval_cmd(
 def _check_tracking(uri: str | None) -> None:
     """Before any image is scored: the MLflow store the scores go to answers (≤ 5 s)."""
     if uri:
-        from cadist.tracking import check_reachable, resolve_uri
+        from cadist.tracking.runs import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(uri))
 
@@ -133,7 +133,7 @@ def _score(method, root, weights, device, save_features=None, save_results=None)
 
 def _log_score(r, method, root, weights, mlflow_uri, experiment, save_results=None) -> str:
     """A score as an MLflow run: MMA@3 and the MMA curve, features, matches, GMac per image."""
-    from cadist.tracking import Tracker, new_run
+    from cadist.tracking.runs import Tracker, new_run
 
     tracker = Tracker(
         mlflow_uri, new_run(mlflow_uri, experiment, method.name, {"cadist.task": "hpatches"})

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from cadist.cli import _print_json, _tta_options, main
+from cadist.cli.app import _print_json, _tta_options, main
 from cadist.errors import CadistError
 
 
 def _model_options(f):
-    from cadist.models.names import ALL_MODELS
+    from cadist.config.names import ALL_MODELS
 
     opts = [
         click.option(
@@ -88,7 +88,7 @@ def _from_checkpoint(ckpt: str | None, opts: dict) -> tuple[Path | None, dict]:
     option left at its default from what a cadist export records (its job's model section)."""
     from click.core import ParameterSource
 
-    from cadist.checkpoints import RECORDED, recorded_model, resolve_weights
+    from cadist.tracking.sources import RECORDED, recorded_model, resolve_weights
 
     path = resolve_weights(ckpt) if ckpt else None
     name, config = recorded_model(path) if path else (None, {})
@@ -117,7 +117,7 @@ def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, ma
     """The model for prediction and counting; learned-mask models as their inference network."""
     import torch
 
-    from cadist.models.build import build_model
+    from cadist.nets.build import build_model
 
     torch.manual_seed(kw.get("seed", 0))  # the Gumbel noise of learned masks
     return build_model(
@@ -161,8 +161,8 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
         opts["output_stride"],
         opts["adaptive_mode"],
     )
-    from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive, is_learned
+    from cadist.nets.build import is_adaptive, is_learned
+    from cadist.nets.macs import count_dense
 
     if not is_adaptive(model):
         r = count_dense(model, int(output_stride), height, width)
@@ -178,7 +178,7 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
         )
         click.echo(f"  total    {r['total_gmac']:10.2f}")
         return
-    from cadist.adaptive.stats import count_images
+    from cadist.nets.stats import count_images
 
     if not image and not shards:
         raise CadistError(
@@ -191,7 +191,7 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
         )
     net = _build(**opts)
     if ckpt:
-        from cadist.models.weights import load_weights
+        from cadist.nets.weights import load_weights
 
         load_weights(net, ckpt, expect_name=model)
     r = count_images(net.eval(), model, adaptive_mode, image=image, shards=shards, limit=limit)
@@ -305,11 +305,11 @@ def predict_cmd(
     --save-mask each unmirrored pass's mask (<stem>_mask_<h>x<w>.npy)."""
     import torch
 
-    from cadist.eval.passes import Augmentation
-    from cadist.models.build import is_adaptive
-    from cadist.models.fold import fold_batchnorm
-    from cadist.models.weights import load_weights
-    from cadist.predict import image_list, write_prediction
+    from cadist.config.passes import Augmentation
+    from cadist.eval.predict import image_list, write_prediction
+    from cadist.nets.build import is_adaptive
+    from cadist.nets.fold import fold_batchnorm
+    from cadist.nets.weights import load_weights
 
     todo = image_list(images, out)  # a missing file or an empty folder: before the model is built
     tta = Augmentation.parse(scales or "1", bool(flip), window, stride)

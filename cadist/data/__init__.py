@@ -1,1 +1,2 @@
-"""Data: the Cityscapes layout, generated scenes, WebDataset shards and transforms."""
+"""Data: the Cityscapes layout, generated scenes, image files, WebDataset shards and manifests,
+streaming and transforms. Imports errors and storage only."""

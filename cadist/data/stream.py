@@ -7,7 +7,7 @@ sample is read exactly once across all ranks and workers, at full resolution, no
 
 Ranks, world size and worker counts arrive as plain arguments; nothing here asks Ray who it is.
 Sources: local paths, `file://`, `http(s)://`, `s3://` and `gs://` (streamed through
-`cadist.storage`'s filesystem layer, pyarrow.fs: credentials and endpoint from the environment, no
+`cadist.storage.store`'s filesystem layer, pyarrow.fs: credentials and endpoint from the environment, no
 CLI needed), given as lists, brace patterns (`train-{000000..000099}.tar`) or a `*-manifest.json`
 (local or on object storage). `pipe:` commands (e.g. `pipe:aws s3 cp … -`) run only with
 `allow_pipe=True`. No shell command is built from a URL.
@@ -34,10 +34,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cadist.data.shards import read_manifest
+from cadist.data.manifest import read_manifest
 from cadist.data.transforms import TrainTransform, normalize_batch, stack_images
 from cadist.errors import ShardError
-from cadist.storage import Storage, StorageError
+from cadist.storage.store import Storage
+from cadist.storage.uri import StorageError
 
 log = logging.getLogger(__name__)
 wds_gopen = importlib.import_module(

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cadist.config.passes import Pass, Window
 from cadist.errors import ConfigError
-from cadist.eval.passes import Pass, Window
 
 
 def size_multiple(model: nn.Module) -> int:
@@ -38,7 +38,7 @@ def size_multiple(model: nn.Module) -> int:
 def input_multiple(build_kwargs: dict) -> int:
     """`size_multiple` of the model `build_model(**build_kwargs)` makes, from its structure on the
     meta device: no memory, no initialisation."""
-    from cadist.models.build import build_model
+    from cadist.nets.build import build_model
 
     with torch.device("meta"):
         return size_multiple(build_model(**build_kwargs))

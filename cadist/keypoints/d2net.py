@@ -130,7 +130,7 @@ class APD2Net(nn.Module):
 def count_gmac(network: str, stride: int, height: int, width: int, mask=None) -> float:
     """GMac of one H×W image under the method's rules (§10.1–10.2, shapes only): dense D2-Net at
     output stride `stride`, or APD2Net at start stride `stride` with pooling mask (1, H/s, W/s)."""
-    from cadist.macs import MacCounter
+    from cadist.nets.macs import MacCounter
 
     with torch.device("meta"):
         net = D2NetDense(stride) if network == "d2net" else APD2Net(stride)
@@ -145,7 +145,7 @@ def load_d2net_weights(model: nn.Module, path) -> None:
     read with weights_only=True; errors list missing/unexpected names and shapes."""
     from pathlib import Path
 
-    from cadist.models.weights import check_and_load, read_file
+    from cadist.nets.weights import check_and_load, read_file
 
     obj = read_file(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else obj

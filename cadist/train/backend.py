@@ -1,5 +1,5 @@
 """Ray Train's torch backend with one step first: every worker names the network interface of its
-Ray node IP for gloo/NCCL (`cadist.train.network`) before the process group is created."""
+Ray node IP for gloo/NCCL (`cadist.cluster.network`) before the process group is created."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ray
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
-from cadist.train.network import choose_interface
+from cadist.cluster.network import choose_interface
 
 log = logging.getLogger("cadist.train")
 

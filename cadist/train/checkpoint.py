@@ -25,10 +25,10 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from cadist.config import JobConfig
+from cadist.config.schema import JobConfig
 from cadist.errors import CheckpointError
-from cadist.models.weights import save_weights
-from cadist.storage import Storage
+from cadist.nets.weights import save_weights
+from cadist.storage.store import Storage
 from cadist.train.engine import load_resharded
 from cadist.train.loop import rng_state, set_rng_state
 from cadist.train.resume import zero_world

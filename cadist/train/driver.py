@@ -14,13 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cadist import __version__
-from cadist.checkpoints import MLFLOW_SCHEMES
-from cadist.config import JobConfig, read_yaml
-from cadist.data.stream import expand_shards, shard_set
-from cadist.errors import CheckpointError, ClusterError, ConfigError, ShardError, TrackingError
-from cadist.redact import redact
-from cadist.storage import Storage, http_fetch, is_remote, job_key, location_env
-from cadist.train.raycluster import (
+from cadist.cluster.paths import absolute_paths
+from cadist.cluster.ray import (
     check_resources,
     check_shared_paths,
     cluster_nodes,
@@ -28,6 +23,15 @@ from cadist.train.raycluster import (
     describe_nodes,
     is_start_failure,
 )
+from cadist.config.jobfile import read_yaml
+from cadist.config.schema import JobConfig
+from cadist.data.stream import shard_set
+from cadist.errors import CheckpointError, ClusterError, TrackingError
+from cadist.redact import redact
+from cadist.storage.store import Storage
+from cadist.storage.uri import job_key, location_env
+from cadist.tracking.sources import MLFLOW_SCHEMES
+from cadist.train.checks import check_data, check_eval, check_weights, val_image_size
 from cadist.train.resume import check_rerun
 
 
@@ -54,110 +58,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def check_data(job: JobConfig, source: str) -> None:
-    """Shards exist and suffice for ranks × loader workers — before any worker starts."""
-    for key in ("train_shards", "val_shards"):
-        spec = getattr(job.data, key)
-        try:
-            urls = expand_shards(spec)
-        except ShardError as exn:
-            raise ConfigError(f"{source}: data.{key}: {exn}") from None
-        missing = missing_shards(urls)
-        if missing:
-            raise ConfigError(
-                f"{source}: data.{key}: shard {missing[0]} does not exist "
-                f"({len(missing)} of {len(urls)} missing); build shards with "
-                f"`cadist shards build`"
-            )
-        readers = job.cluster.num_workers * max(1, job.data.num_workers)
-        if key == "train_shards" and len(urls) < readers:
-            raise ConfigError(
-                f"{source}: data.train_shards: {len(urls)} shards for cluster.num_workers "
-                f"{job.cluster.num_workers} × data.num_workers {job.data.num_workers} = {readers} "
-                f"readers; rebuild with a smaller --samples-per-shard or lower data.num_workers"
-            )
-
-
-def missing_shards(urls: list[str]) -> list[str]:
-    """The local and object-storage shards of `urls` that do not exist (one listing per folder
-    on object storage; http(s) and pipe: sources are not checked here)."""
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not Path(u).is_file()]
-    remote = [u for u in urls if is_remote(u)]
-    folders: dict[str, set[str]] = {}
-    for u in remote:
-        parent, _, name = u.rpartition("/")
-        if parent not in folders:
-            folders[parent] = set(Storage(parent).list())
-        if name not in folders[parent]:
-            missing.append(u)
-    return missing
-
-
-def check_weights(job: JobConfig, source: str) -> None:
-    """Weight files the job starts from exist — before any worker starts (MLflow URIs are checked
-    when they are fetched)."""
-    for key in ("backbone_weights", "weights"):
-        spec = getattr(job.model, key)
-        if spec and spec.startswith(("http://", "https://")):
-            http_fetch(spec)  # answers (one byte), before any worker starts
-            continue
-        if not spec or spec.startswith(MLFLOW_SCHEMES) or ("://" in spec and not is_remote(spec)):
-            continue
-        if not (Storage(spec).is_file("") if is_remote(spec) else Path(spec).is_file()):
-            raise ConfigError(
-                f"{source}: model.{key}: {spec} does not exist; "
-                + (
-                    "put torchvision's ImageNet ResNet file there (e.g. resnet101-63fe2227.pth) "
-                    "or set it to null for random initialisation"
-                    if key == "backbone_weights"
-                    else "give a weights file, a checkpoint folder's model.pt or an MLflow URI "
-                    "(runs:/<run_id>)"
-                )
-            )
-
-
-def check_eval(job: JobConfig, source: str) -> None:
-    """A sliding-window evaluation (`eval.window`) suits the model: crop sides multiples of its
-    input multiple — before any worker starts (else the first evaluation would fail). Scales need
-    no check: each pass's size is rounded to the multiple."""
-    tta = job.eval.augmentation()
-    if tta is None or tta.window is None:
-        return
-    window, multiple = tta.window, input_multiple(job)
-    if window.height % multiple or window.width % multiple:
-        up = [-(-v // multiple) * multiple for v in (window.height, window.width)]
-        raise ConfigError(
-            f"{source}: eval.window {job.eval.window}: {job.model.name} takes inputs whose sides "
-            f"are multiples of {multiple}; use e.g. eval.window={up[0]}x{up[1]}"
-        )
-
-
-def input_multiple(job: JobConfig) -> int:
-    """The multiple the job's model needs its input sides to be (`cadist.eval.tta.size_multiple`)."""
-    from cadist.eval.tta import input_multiple as of_model
-
-    return of_model(job.model.build_kwargs())
-
-
-def val_image_size(job: JobConfig) -> tuple[int, int] | None:
-    """(H, W) of the first validation sample (its JSON record), or None if unreadable."""
-    import json
-
-    from cadist.data.stream import iter_raw_samples
-
-    try:
-        first = next(iter_raw_samples(expand_shards(job.data.val_shards)[0], job.data.allow_pipe))
-        meta = json.loads(first["json"])
-        return int(meta["height"]), int(meta["width"])
-    except (StopIteration, ShardError, KeyError, ValueError):
-        return None
-
-
 def log_macs(tracker, job: JobConfig) -> None:
     """The model's GMac per validation image (method §10 rules) as `macs/*` metrics at step 0."""
-    from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive
+    from cadist.nets.build import is_adaptive
+    from cadist.nets.macs import count_dense
 
     hw = val_image_size(job)
     if hw is None or is_adaptive(job.model.name):  # adaptive models: per evaluation (worker)
@@ -172,36 +76,6 @@ def log_macs(tracker, job: JobConfig) -> None:
         step=0,
     )
     tracker.log_params({"macs.input_hw": f"{hw[0]}x{hw[1]}"})
-
-
-def _absolute(job: JobConfig) -> JobConfig:
-    """Workers may run elsewhere (another cwd, another node): make local paths absolute."""
-
-    def fix(p):
-        local = p and "://" not in p and not p.startswith(("pipe:", *MLFLOW_SCHEMES))
-        return str(Path(p).resolve()) if local else p
-
-    data = job.data.model_copy(
-        update={"train_shards": fix(job.data.train_shards), "val_shards": fix(job.data.val_shards)}
-    )
-    model = job.model.model_copy(
-        update={
-            "backbone_weights": fix(job.model.backbone_weights),
-            "weights": fix(job.model.weights),
-        }
-    )
-    cluster = job.cluster.model_copy(update={"storage_path": fix(job.cluster.storage_path)})
-    mlflow = job.mlflow
-    if mlflow.enabled:  # the default store (./mlflow.db) and relative SQLite paths, pinned here
-        from cadist.tracking import resolve_uri
-
-        uri = resolve_uri(mlflow.tracking_uri)
-        if uri.startswith("sqlite:///") and not uri[len("sqlite:///") :].startswith("/"):
-            uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-        mlflow = mlflow.model_copy(update={"tracking_uri": uri})
-    return job.model_copy(
-        update={"data": data, "model": model, "cluster": cluster, "mlflow": mlflow}
-    )
 
 
 def _previous_job(store: Storage, resolved: str) -> dict | None:
@@ -229,7 +103,8 @@ def _finish_tracking(
     """Send what the workers spooled, register the best weights, mark the run FINISHED (KILLED,
     tagged `cadist.stopped_at_step`, when `cadist stop` ended it at step `stopped_at`) — or, when
     the tracking server does not answer, one error that says nothing is lost and what to do."""
-    from cadist.tracking import SpooledTracker, register_best, unreachable
+    from cadist.tracking.registry import register_best
+    from cadist.tracking.spool import SpooledTracker, unreachable
 
     try:
         spooled = SpooledTracker(uri, run_id, spool, echo=print)
@@ -262,7 +137,7 @@ def _finish_tracking(
 
 
 def _mark_failed(tracker) -> None:
-    from cadist.tracking import unreachable
+    from cadist.tracking.spool import unreachable
 
     try:
         tracker.finish("FAILED")
@@ -274,7 +149,7 @@ def _mark_failed(tracker) -> None:
 def _fetch_initial_weights(job: JobConfig, store: Storage) -> JobConfig:
     """model.weights given as an MLflow URI (e.g. the best weights of an earlier run): fetched once
     on the driver into the run's storage (which every node reads), the job pointed at the copy."""
-    from cadist.checkpoints import resolve_weights
+    from cadist.tracking.sources import resolve_weights
 
     dest = job_key(job.name, "init-weights")
     if not store.is_file(dest):  # a resumed run keeps the copy it started from
@@ -301,12 +176,12 @@ def run_training(
     `restart`: set an earlier run of this job name aside and start over (else a rerun resumes);
     `stop_file`: the request file that stops it (default: the job's own, which `cadist stop JOB`
     writes; a sweep's trials: the sweep's)."""
-    from cadist.tracking import NullTracker, check_reachable, resolve_uri
+    from cadist.tracking.runs import NullTracker, check_reachable, resolve_uri
 
     check_data(job, source)
     check_weights(job, source)
     check_eval(job, source)
-    job = _absolute(job)
+    job = absolute_paths(job)
     weights_source = job.model.weights  # as given: an MLflow URI is fetched to a file below
     store = Storage(job.cluster.storage_path)
     store.check()  # bucket, credentials, endpoint: before Ray starts
@@ -374,17 +249,17 @@ def run_training(
 
 
 def _storage_failure(exn: BaseException, store: Storage):
-    """A StorageError for a run that lost its storage (a worker's cadist.storage error, or Ray
+    """A StorageError for a run that lost its storage (a worker's cadist.storage.store error, or Ray
     Train's own checkpoint upload failing after its retries), a CheckpointError for a checkpoint a
     worker refused on resume, or None for other failures."""
-    from cadist.storage import StorageError, explain
+    from cadist.storage.uri import StorageError, explain
 
     text = str(exn)
     for line in text.splitlines():
         if "cadist.errors.CheckpointError: " in line:  # a checkpoint refused on resume
             return CheckpointError(line.split("cadist.errors.CheckpointError: ", 1)[1])
         for mark in (
-            "cadist.storage.StorageError: ",
+            "cadist.storage.store.StorageError: ",
             "cadist.errors.ShardError: cannot open shard: ",
         ):
             if mark in line:  # (a shard read is often what meets the outage first)
@@ -439,7 +314,7 @@ def _prepare_storage(job: JobConfig, store: Storage, source: str, restart: bool)
 def _open_run(job: JobConfig, uri: str, store: Storage, rerun, extra_tags: dict):
     """Start the job's MLflow run, or continue the one its marker names; params, the resolved job
     and the MAC counts on a new run. Returns (run_id, tracker)."""
-    from cadist.tracking import Tracker, start_or_resume_run
+    from cadist.tracking.runs import Tracker, start_or_resume_run
 
     tags = {
         "cadist.version": __version__,

@@ -12,12 +12,12 @@ import warnings
 import torch
 from torch import nn
 
-from cadist.config import JobConfig
+from cadist.config.schema import JobConfig
 from cadist.data.transforms import normalize_uint8
 from cadist.errors import CheckpointError
-from cadist.models.build import build_model
-from cadist.models.weights import load_backbone, load_weights
-from cadist.storage import local_copy
+from cadist.nets.build import build_model
+from cadist.nets.weights import load_backbone, load_weights
+from cadist.storage.fetch import local_copy
 from cadist.train.loop import make_optimizer, seed_everything, training_loss
 from cadist.train.syncbn import convert_to_distributed_bn
 

@@ -3,25 +3,25 @@ nothing started and nothing written (no Ray start, no MLflow run, no files)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from cadist.config import JobConfig
+from cadist.cluster.paths import absolute_paths
+from cadist.cluster.ray import check_resources, cluster_nodes, connect_ray, describe_nodes
+from cadist.config.schema import JobConfig
 from cadist.data.stream import expand_shards
 from cadist.errors import ShardError
 from cadist.redact import redact
-from cadist.storage import Storage, job_key
-from cadist.train.driver import (
-    _absolute,
-    _previous_job,
+from cadist.storage.store import Storage
+from cadist.storage.uri import job_key
+from cadist.train.checks import (
     check_data,
     check_eval,
     check_weights,
     input_multiple,
     val_image_size,
 )
-from cadist.train.raycluster import check_resources, cluster_nodes, connect_ray, describe_nodes
+from cadist.train.driver import _previous_job
 from cadist.train.resume import Rerun, check_rerun
 
 
@@ -33,13 +33,13 @@ def plan_training(
     workers) and what the job would then run. A check that fails raises the error `cadist train`
     would. `address`: a Ray cluster to check (joined, nothing submitted); none: this machine.
     `restart`: as `cadist train --restart`, which sets an earlier run aside (a first start)."""
-    from cadist.checkpoints import MLFLOW_SCHEMES
+    from cadist.tracking.sources import MLFLOW_SCHEMES
     from cadist.train.engine import deepspeed_config
 
     check_data(job, source)
     check_weights(job, source)
     check_eval(job, source)
-    job = _absolute(job)
+    job = absolute_paths(job)
     store = Storage(job.cluster.storage_path)
     store.check()
     if restart:
@@ -122,7 +122,7 @@ def _shards(spec) -> dict:
     samples = None
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     if all(str(s).endswith("manifest.json") for s in specs):
-        from cadist.data.shards import read_manifest
+        from cadist.data.manifest import read_manifest
 
         try:
             samples = sum(e["samples"] for s in specs for e in read_manifest(s)["shards"])
@@ -135,7 +135,7 @@ def _mlflow(job: JobConfig, continues: bool) -> dict | None:
     """The tracking store (checked as `cadist train` checks it) and the run a rerun continues."""
     if not job.mlflow.enabled:
         return None
-    from cadist.tracking import check_reachable, resolve_uri
+    from cadist.tracking.runs import check_reachable, resolve_uri
 
     uri = resolve_uri(job.mlflow.tracking_uri)
     check_reachable(uri)
@@ -147,8 +147,8 @@ def _mlflow(job: JobConfig, continues: bool) -> dict | None:
 def _macs(job: JobConfig) -> dict | None:
     """GMac per validation image (method §10), at the size of the first validation sample:
     dense models one figure, adaptive ones the line in the high-res fraction p."""
-    from cadist.macs import count_dense
-    from cadist.models.build import is_adaptive
+    from cadist.nets.build import is_adaptive
+    from cadist.nets.macs import count_dense
 
     hw = val_image_size(job)
     if hw is None:
@@ -157,7 +157,7 @@ def _macs(job: JobConfig) -> dict | None:
     if not is_adaptive(job.model.name):
         m = count_dense(job.model.name, job.model.output_stride, *hw)
         return out | {k: round(m[k], 2) for k in ("backbone_gmac", "head_gmac", "total_gmac")}
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     line = mac_line(job.model.name, job.model.adaptive_mode, *hw)
     return out | {
@@ -269,112 +269,6 @@ def _n(count: int, noun: str) -> str:
 
 
 def _adaptive(model: dict) -> bool:
-    from cadist.models.build import is_adaptive
+    from cadist.nets.build import is_adaptive
 
     return is_adaptive(model["name"])
-
-
-def plan_sweep(
-    path: str | Path,
-    overrides: tuple[str, ...] = (),
-    address: str | None = None,
-    restart: bool = False,
-) -> dict:
-    """`cadist tune --dry-run`: the sweep's checks (its file, every searched value against the job
-    schema, shards, weights, a changed sweep's refusal, the tracking server, whether one trial
-    fits) and what it would run — trials, searched domains, objectives, trials at once, each
-    trial's batch and GMac — with nothing started or written."""
-    from cadist.config import validate_job
-    from cadist.sweeps import load_sweep
-    from cadist.train.raycluster import trial_slots
-    from cadist.tune import would_resume
-
-    source = str(path)
-    sweep, fixed, job_path = load_sweep(path, overrides)
-    base = _absolute(validate_job(json.loads(json.dumps(fixed)), source))
-    check_data(base, source)
-    check_weights(base, source)
-    check_eval(base, source)
-    store = Storage(base.cluster.storage_path)
-    store.check()
-    fixed = json.loads(json.dumps(base.model_dump()))
-    resumes = not restart and would_resume(store, sweep, fixed, source)
-    mlflow = None
-    if base.mlflow.enabled:
-        from cadist.tracking import check_reachable, resolve_uri
-
-        uri = resolve_uri(base.mlflow.tracking_uri)
-        check_reachable(uri)
-        mlflow = {"tracking_uri": uri, "experiment": base.mlflow.experiment}
-    nodes, where = _nodes(base, address, source)
-    warning = check_resources(base, source, nodes)  # one trial must fit
-    images = _shards(base.data.train_shards)["samples"]
-    return {
-        "sweep": sweep.name,
-        "source": source,
-        "job": str(job_path),
-        "trials": sweep.num_samples,
-        "search": sweep.search,
-        "fixed": sweep.set,
-        "objectives": sweep.objectives,
-        "searcher": sweep.searcher,
-        "seed": sweep.seed,
-        "scheduler": sweep.scheduler,
-        "resumes": resumes,
-        "at_once": trial_slots(base, nodes, sweep.max_concurrent),
-        "max_concurrent": sweep.max_concurrent,
-        "cluster": {"where": where, "holds": describe_nodes(nodes), "warning": warning},
-        "trial": {
-            "model": base.model.name,
-            "iterations": base.train.iterations,
-            "batch": base.train.batch_size,
-            "workers": base.cluster.num_workers,
-            "epochs": _epochs(base, images),
-        },
-        "storage": store.uri(),
-        "mlflow": mlflow,
-        "macs": _macs(base),
-        "eval": _evaluation(base),
-    }
-
-
-def describe_sweep(plan: dict) -> str:
-    """A sweep plan as a few lines for the console."""
-    t, c = plan["trial"], plan["cluster"]
-    sched = (
-        "ASHA stops trailing trials" if plan["scheduler"] == "asha" else "every trial to the end"
-    )
-    lines = [
-        f"sweep {plan['sweep']} ({plan['source']}): {plan['trials']} trials of {plan['job']}, "
-        f"{plan['searcher']} search (seed {plan['seed']}), {sched}",
-        "  "
-        + ("resumes its earlier run: finished trials are kept" if plan["resumes"] else "a new run"),
-    ]
-    for key, dom in plan["search"].items():
-        kind, args = next(iter(dom.items()))
-        lines.append(f"  search {key}: {kind} {args}")
-    if plan["fixed"]:
-        lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in plan["fixed"].items()))
-    lines.append("  objectives: " + ", ".join(f"{k} ({d})" for k, d in plan["objectives"].items()))
-    epochs = f" ≈ {t['epochs']} epochs" if t["epochs"] is not None else ""
-    lines.append(
-        f"  each trial: {t['model']}, {t['iterations']} steps of {t['batch']} images on "
-        f"{_n(t['workers'], 'worker')}{epochs}"
-    )
-    lines.append(
-        f"  at once: {plan['at_once']} trial(s) on {c['where']} ({c['holds']}; max_concurrent "
-        f"{plan['max_concurrent']})"
-    )
-    if c["warning"]:
-        lines.append(f"  {c['warning']}")
-    if plan["mlflow"]:
-        ml = plan["mlflow"]
-        lines.append(f"  MLflow: {ml['tracking_uri']}, experiment {ml['experiment']}")
-    mac = plan["macs"]
-    if mac and "backbone_gmac_at_p0" in mac:
-        lines.append(_mac_line(mac, "base job's settings"))
-    lines.append(
-        _eval_line(plan["eval"], mac and mac["input_hw"]).replace("  ", "  each trial ", 1)
-    )
-    lines.append("nothing was started; `cadist tune` with the same arguments runs it")
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cadist.errors import CheckpointError, ConfigError
-from cadist.storage import Storage
+from cadist.storage.store import Storage
 
 #: job keys (or key prefixes, ending in ".") a resumed run may change
 RESUMABLE = (

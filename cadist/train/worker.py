@@ -18,25 +18,21 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from cadist.config import JobConfig
+from cadist.config.schema import JobConfig
 from cadist.data.cityscapes import CLASS_NAMES
 from cadist.data.stream import ShardStream, make_loader
 from cadist.data.transforms import TrainTransform, denormalize, normalize_uint8
+from cadist.eval.loop import evaluate
 from cadist.eval.miou import iou_csv, val_metrics
-from cadist.models.build import build_model, is_adaptive, is_learned
-from cadist.models.weights import save_weights
-from cadist.predict import colorize
-from cadist.storage import Storage, adopt_location_env
-from cadist.tracking import (
-    WORKER_HTTP_ENV,
-    NullTracker,
-    SpooledTracker,
-    Tracker,
-    system_metrics,
-)
+from cadist.eval.predict import colorize
+from cadist.nets.build import build_model, is_adaptive, is_learned
+from cadist.nets.weights import save_weights
+from cadist.storage.store import Storage
+from cadist.storage.uri import adopt_location_env
+from cadist.tracking.runs import NullTracker, Tracker
+from cadist.tracking.spool import WORKER_HTTP_ENV, SpooledTracker, system_metrics
 from cadist.train.checkpoint import recorded, restore_checkpoint, save_checkpoint
 from cadist.train.engine import build_engine, train_step
-from cadist.train.loop import evaluate
 
 #: progress lines (rank 0): through logging, which Ray Train sends to the console once and to its
 #: application log; `print` in a Train worker reaches the console twice on Ray 2.60
@@ -107,7 +103,7 @@ def _log_adaptive(tracker, job: JobConfig, extra: dict, step: int, device) -> di
     implies (§10) — with `eval.scales`/`flip`/`window`, all passes' total: each pass's line at its
     size (a window's: at crop size, times the crops) at the pass's mean fraction. Summed over
     images and ranks, which is exact because the line is linear in the fraction."""
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     sums = [extra["high_res_sum"], extra["images"], 0.0, 0.0, 0.0]
     for one, (n, high_res) in extra["passes"].items():

@@ -131,7 +131,7 @@ def test_training_across_two_hosts_with_storage_on_a_third(cluster):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert json.JSONDecoder().raw_decode(r.stdout[r.stdout.index("{") :])[0]["step"] == 10
     where = json.loads(_read(hosts, env, (
-        "import json; from cadist.storage import Storage; s = Storage('s3://runs/runs'); "
+        "import json; from cadist.storage.store import Storage; s = Storage('s3://runs/runs'); "
         "print(json.dumps([s.read_json(f'across/step_00000010/node_rank{i}.json') for i in (0, 1)]))"
     )))  # fmt: skip
     assert {(w["node_ip"], w["hostname"]) for w in where} == {
@@ -157,7 +157,7 @@ def test_training_across_two_hosts_with_storage_on_a_third(cluster):
 _WHAT_MLFLOW_HOLDS = """
 import json
 from mlflow.tracking import MlflowClient
-from cadist.storage import Storage
+from cadist.storage.store import Storage
 c = MlflowClient("http://store:5000")
 exp = c.get_experiment_by_name("hosts").experiment_id
 (run,) = c.search_runs([exp], "tags.`cadist.job` = 'across'")
@@ -180,7 +180,7 @@ def test_a_worker_host_that_dies_stops_the_run_and_a_rerun_resumes(cluster):
     sets = ["--set", "cluster.start_timeout_s=15", "--set", "cluster.max_failures=1"]
     proc = head.start(["cadist", "train", JOB, "--address", f"{head.ip}:6379", "--json",
                        *_sets("dies", 400), *sets], logs / "dies.log", env=env)  # fmt: skip
-    latest = "from cadist.storage import Storage; print(Storage('s3://runs/runs').latest_checkpoint('dies'))"
+    latest = "from cadist.storage.store import Storage; print(Storage('s3://runs/runs').latest_checkpoint('dies'))"
     deadline = time.time() + 240
     while "None" in _read(hosts, env, latest) and time.time() < deadline:
         assert proc.poll() is None, (logs / "dies.log").read_text()[-4000:]
@@ -209,7 +209,7 @@ def test_submit_logs_status_and_stop_from_a_laptop_host(cluster):
                     *_sets("fromlaptop", 2000)], env=env, cwd=PROJECT, timeout=120)  # fmt: skip
     sid = next(w for w in r.stdout.split() if w.startswith("cadist-fromlaptop-"))
     latest = (
-        "from cadist.storage import Storage; "
+        "from cadist.storage.store import Storage; "
         "print(Storage('s3://runs/runs').latest_checkpoint('fromlaptop'))"
     )
     deadline = time.time() + 240
@@ -244,7 +244,7 @@ def test_the_storage_host_drops_off_the_network_then_for_good(cluster):
     hosts, env, logs = cluster
     head, store = hosts["head"], hosts["store"]
     latest = (
-        "from cadist.storage import Storage; "
+        "from cadist.storage.store import Storage; "
         "print(Storage('s3://runs/runs').latest_checkpoint('flaky'))"
     )
 
@@ -321,7 +321,7 @@ def test_a_sweep_across_the_hosts_resumes_from_s3_after_its_driver_is_killed(clu
         env=env,
     )  # fmt: skip (JSON is YAML)
     trials = (
-        "import json; from cadist.storage import Storage; s = Storage('s3://runs/runs'); "
+        "import json; from cadist.storage.store import Storage; s = Storage('s3://runs/runs'); "
         "print(json.dumps({n: s.latest_checkpoint(n) for n in s.list('', 'hsweep-*')}))"
     )
     log = logs / "sweep.log"
@@ -341,7 +341,7 @@ def test_a_sweep_across_the_hosts_resumes_from_s3_after_its_driver_is_killed(clu
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     assert "resuming sweep hsweep" in r.stdout, r.stdout[-3000:]
     result = json.loads(_read(hosts, env, (
-        "from cadist.storage import Storage; "
+        "from cadist.storage.store import Storage; "
         "print(Storage('s3://runs/runs').read_text('.cadist/sweep-hsweep.results.json'))")))  # fmt: skip
     assert sorted(t["job"] for t in result["trials"]) == sorted(seen)  # the same two trials
     assert [t["state"] for t in result["trials"]] == ["finished", "finished"], result

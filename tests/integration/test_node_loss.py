@@ -15,10 +15,10 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from cadist.config import load_job
+from cadist.config.jobfile import load_job
 from cadist.errors import ClusterError
-from cadist.status import request_stop, wait_for_stop
-from cadist.storage import Storage
+from cadist.storage.store import Storage
+from cadist.submit.status import request_stop, wait_for_stop
 from cadist.train.plan import plan_training
 from cadist.train.resume import latest_checkpoint
 

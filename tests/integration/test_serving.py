@@ -16,12 +16,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from cadist.data.images import load_rgb
 from cadist.data.synthetic import write_tree
-from cadist.models.build import build_model
-from cadist.models.fold import fold_batchnorm
-from cadist.models.weights import save_weights
-from cadist.predict import load_rgb, predict_logits
-from cadist.tracking import register_best
+from cadist.eval.predict import predict_logits
+from cadist.nets.build import build_model
+from cadist.nets.fold import fold_batchnorm
+from cadist.nets.weights import save_weights
+from cadist.tracking.registry import register_best
 
 MODEL = "deeplabv3_batch_ap_resnet_tiny"  # content-adaptive (edge mask), so the mask options count
 
@@ -75,7 +76,7 @@ def test_a_registered_version_loads_as_a_pyfunc_model(registered, monkeypatch):
     assert (got == want).all()
     assert len(np.unique(want)) > 1  # not a constant map
     # the version's model folder still resolves as weights for `cadist predict/eval --ckpt`
-    from cadist.checkpoints import resolve_weights
+    from cadist.tracking.sources import resolve_weights
 
     w = resolve_weights("models:/served/1", uri)
     assert w.name == "model.pt" and w.read_bytes() == best.read_bytes()

@@ -11,8 +11,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from cadist.config import load_job
-from cadist.storage import Storage, StorageError, forget_filesystems
+from cadist.config.jobfile import load_job
+from cadist.storage.store import Storage
+from cadist.storage.uri import StorageError, forget_filesystems
 from cadist.train.driver import run_training
 
 from ..conftest import SeaweedServer, tiny_shards, train_in_thread

@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
-from cadist.cluster import ENTRYPOINT, check_cluster_file, submit_job, submit_sweep
-from cadist.config import load_job
+from cadist.cluster.clusterfile import check_cluster_file
+from cadist.config.jobfile import load_job
 from cadist.errors import CadistError, ConfigError
-from cadist.storage import Storage
+from cadist.storage.store import Storage
+from cadist.submit.submission import ENTRYPOINT, submit_job, submit_sweep
 
 from ..conftest import s3_server, tiny_shards
 
@@ -76,7 +77,7 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     lines = []
     sid, status = submit_job(job, "jobs/demo.yaml", head, working_dir=ROOT, echo=lines.append)
     assert status == "SUCCEEDED" and sid.startswith("cadist-submitted-")
-    assert any(ln.startswith("checkpoint ") for ln in lines), lines[-5:]  # cadist.remote's
+    assert any(ln.startswith("checkpoint ") for ln in lines), lines[-5:]  # cadist.submit.remote's
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("submitted").experiment_id])
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
@@ -96,7 +97,7 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     r = CliRunner().invoke(main, ["stop", "other", "--storage", runs.uri(), "--address", head,
                                   "--no-upload"])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "stop requested for job other" in r.output  # cadist.remote's line, followed here
+    assert "stop requested for job other" in r.output  # cadist.submit.remote's line, followed here
     assert runs.read_json(".cadist/other.stop.json")["job"] == "other"
     # (a sweep's name: the same request, for the sweep)
     runs.write(".cadist/sweep-sw.state.json", "{}")
@@ -112,7 +113,7 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
 def test_a_submitted_sweep_runs_its_driver_on_the_cluster(tmp_path, head):
     """`cadist submit SWEEP`: `cadist tune` runs as the Ray job (trials as Ray Train runs on that
     cluster), the sweep travelling as JSON in the job's environment."""
-    from cadist.sweeps import load_sweep
+    from cadist.sweep.spec import load_sweep
 
     train, val = tiny_shards(tmp_path, seed=4)
     sweep = {

@@ -16,7 +16,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from cadist.config import load_job
+from cadist.config.jobfile import load_job
 from cadist.data.shards import build_shards
 from cadist.data.synthetic import write_tree
 from cadist.errors import ConfigError
@@ -170,13 +170,13 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
     assert (ckpt / "model.pt").is_file() and (ckpt / "rng_rank1.json").is_file()
     assert load_job(workdir / "runs" / ".cadist" / "itest-main.yaml") == job
     # the checkpoint's weights record their model, as exports do (predict needs no --model)
-    from cadist.checkpoints import recorded_model
+    from cadist.tracking.sources import recorded_model
 
     name, section = recorded_model(ckpt / "model.pt")
     assert (name, section) == (job.model.name, job.model.model_dump())
 
     # `cadist eval` on the last checkpoint reproduces the mIoU the 2-worker run logged
-    from cadist.evaluate import evaluate_job
+    from cadist.eval.evaluate import evaluate_job
 
     ev = evaluate_job(job, ckpt)
     assert ev["miou"] == pytest.approx(r.metrics["val/miou"], abs=1e-9)
@@ -278,7 +278,7 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local, tmp_path,
     from click.testing import CliRunner
 
     from cadist.cli import main
-    from cadist.storage import Storage
+    from cadist.storage.store import Storage
 
     bucket = f"s3://{s3_server().bucket()}"
     for split in ("train", "val"):
@@ -445,7 +445,7 @@ def _one_step_worker(cfg):
     start for all): two optimiser steps of a fresh engine on this rank's share of the batch."""
     import ray.train
 
-    from cadist.config import JobConfig
+    from cadist.config.schema import JobConfig
     from cadist.train.engine import build_engine, train_step
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -477,7 +477,7 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cadist.models.build import build_model
+    from cadist.nets.build import build_model
     from cadist.train.loop import make_optimizer, seed_everything, segmentation_loss
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -591,7 +591,7 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
     assert ev["high_res_fraction"] == pytest.approx(p, abs=1e-9)
     # the logged GMac follows the method's line at each pass's crop size (64×64 at scale 1,
     # 32×64 at 0.5) at that pass's high-res fraction, times its crops, summed over the passes
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     by_hand = sum(
         q["windows"]
@@ -604,7 +604,7 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
     assert ev["tta"]["backbone_gmac"] == pytest.approx(by_hand, rel=1e-9)
     assert m["macs/backbone_gmac_computed"] <= m["macs/backbone_gmac"]
     # `cadist report` names the protocol the run was evaluated with
-    from cadist.report import _augmentation
+    from cadist.results.report import _augmentation
 
     assert _augmentation(run.data.params) == "TTA 0.5,1.0 flip slide 64x64/43x43"
 
@@ -640,7 +640,7 @@ def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_lo
         first["train/lr"] * t.lr_head / t.lr_backbone, rel=1e-6
     )
     assert 0.0 <= m["train/ratio_loss"] <= 0.25
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     p = m["val/high_res_fraction"]  # the inference network's share: what its MACs follow
     line = mac_line("deeplabv3_ad_resnet_tiny", "os8to16", 64, 128)
@@ -648,9 +648,9 @@ def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_lo
     # ZeRO-1 over 2 workers kept the tied branches identical
     import torch
 
-    from cadist.checkpoints import resolve_weights
-    from cadist.evaluate import evaluate_job
-    from cadist.models.weights import read_file
+    from cadist.eval.evaluate import evaluate_job
+    from cadist.nets.weights import read_file
+    from cadist.tracking.sources import resolve_weights
 
     sd = read_file(resolve_weights(r.checkpoint))["state_dict"]
     tied = [k for k in sd if "layer3_high_res" in k and k.endswith("weight")]
@@ -732,7 +732,7 @@ def test_eval_on_the_ray_cluster_equals_eval_here(workdir, ray_local, tmp_path):
     from click.testing import CliRunner
 
     from cadist.cli import main
-    from cadist.models.build import build_model
+    from cadist.nets.build import build_model
 
     model = "deeplabv3_batch_ap_resnet_tiny"
     torch.manual_seed(0)
@@ -827,9 +827,9 @@ def test_presigned_weights_url_is_used_and_never_written(workdir, ray_local, tmp
     import botocore.config
     import mlflow.artifacts
 
-    from cadist.cluster import submission_env
-    from cadist.models.build import build_model
-    from cadist.models.weights import save_weights
+    from cadist.nets.build import build_model
+    from cadist.nets.weights import save_weights
+    from cadist.submit.submission import submission_env
 
     s3 = s3_server()
     bucket = s3.bucket("presign")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cadist.tune import ENDED
+from cadist.sweep.files import ENDED
 
 from ..conftest import registered_checkpoint, tiny_shards
 
@@ -76,9 +76,9 @@ def _presigned_weights(tmp_path, bucket: str, model: str) -> tuple[str, list[str
     import botocore.config
     import torch
 
-    from cadist.config import load_job
-    from cadist.models.build import build_model
-    from cadist.models.weights import save_weights
+    from cadist.config.jobfile import load_job
+    from cadist.nets.build import build_model
+    from cadist.nets.weights import save_weights
 
     from ..conftest import s3_server
 
@@ -104,7 +104,7 @@ def _s3_bytes(server, bucket: str, key: str) -> bytes:
 
 def _sweep_dirs(runs, name: str) -> list[str]:
     """The trial run folders of sweep `name` under `runs` (a folder or a Storage), by name."""
-    from cadist.storage import Storage
+    from cadist.storage.store import Storage
 
     store = runs if isinstance(runs, Storage) else Storage(runs)
     return [n for n in store.list("", f"{name}-*") if ".before-" not in n and store.is_dir(n)]
@@ -128,9 +128,9 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     from click.testing import CliRunner
 
     from cadist.cli import main
-    from cadist.status import sweeps_in
-    from cadist.storage import Storage
-    from cadist.tune import _run_of
+    from cadist.storage.store import Storage
+    from cadist.submit.status import sweeps_in
+    from cadist.sweep.outcome import _run_of
 
     from ..conftest import s3_server
 
@@ -287,7 +287,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     # starts; a whole fresh sweep would only repeat the runs above)
     from ray import tune
 
-    from cadist.tune import _resume_or_start, load_sweep, would_resume
+    from cadist.sweep.tune import _resume_or_start, load_sweep, would_resume
 
     loaded, fixed, _ = load_sweep(tmp_path / "sweep.yaml", ())
     said = []

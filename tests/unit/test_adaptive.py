@@ -10,9 +10,9 @@ from cadist.adaptive.convert import from_reference, to_reference
 from cadist.adaptive.layout import MixedLayout
 from cadist.adaptive.masks import EdgeMask
 from cadist.adaptive.ops import irregular_conv
-from cadist.macs import count_adaptive
-from cadist.models.build import build_model
-from cadist.models.weights import load_weights
+from cadist.nets.build import build_model
+from cadist.nets.macs import count_adaptive
+from cadist.nets.weights import load_weights
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -355,7 +355,7 @@ def test_predict_and_macs_cli_for_the_edge_model(tmp_path, pair):
     from PIL import Image
 
     from cadist.cli import main
-    from cadist.models.weights import save_weights
+    from cadist.nets.weights import save_weights
 
     _, ada = pair
     save_weights(ada, tmp_path / "edge.pt", model="deeplabv3_batch_ap_resnet_tiny")

@@ -35,9 +35,9 @@ class Planted:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Good shards and weights to spoil one thing at a time, outside the folder commands run in."""
-    from cadist.config import load_job
-    from cadist.models.build import build_model
-    from cadist.models.weights import save_weights
+    from cadist.config.jobfile import load_job
+    from cadist.nets.build import build_model
+    from cadist.nets.weights import save_weights
 
     root = tmp_path_factory.mktemp("inputs")
     train, val = tiny_shards(root, num_train=4, num_val=2)

@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cadist.checkpoints import resolve_weights
 from cadist.cli import main
-from cadist.config import ModelConfig
+from cadist.config.schema import ModelConfig
 from cadist.errors import CheckpointError
-from cadist.models.build import build_model
-from cadist.models.weights import save_weights
-from cadist.tracking import Tracker, new_run
+from cadist.nets.build import build_model
+from cadist.nets.weights import save_weights
+from cadist.tracking.runs import Tracker, new_run
+from cadist.tracking.sources import resolve_weights
 
 MODEL = "deeplabv3_batch_ap_resnet_tiny"
 

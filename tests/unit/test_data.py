@@ -13,7 +13,8 @@ from PIL import Image
 
 from cadist.cli import main
 from cadist.data import cityscapes as cs
-from cadist.data.shards import build_shards, read_manifest, verify_shards
+from cadist.data.manifest import read_manifest, verify_shards
+from cadist.data.shards import build_shards
 from cadist.data.stream import ShardStream, decode, iter_raw_samples, make_loader
 from cadist.data.synthetic import render_scene, write_tree
 from cadist.data.transforms import TrainTransform, normalized_input

@@ -18,8 +18,8 @@ def _port() -> int:
 
 
 def _rank(_index: int, port: int, out: str) -> None:
-    from cadist.config import load_job
-    from cadist.models.build import build_model
+    from cadist.config.jobfile import load_job
+    from cadist.nets.build import build_model
     from cadist.train.engine import build_engine, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",

@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cadist.adaptive.folded import FoldedAdaptiveBottleneck, gather_conv
 from cadist.adaptive.layout import MixedLayout
-from cadist.models.build import build_model
-from cadist.models.fold import fold_batchnorm
+from cadist.nets.build import build_model
+from cadist.nets.fold import fold_batchnorm
 
 from .test_adaptive import _oracle_elements, _random_mask, _randomise_bn
 
@@ -179,8 +179,8 @@ KERNEL_CHECK = textwrap.dedent(
     from cadist.adaptive import kernels
     from cadist.adaptive.folded import gather_conv
     from cadist.adaptive.ops import irregular_conv
-    from cadist.models.build import build_model
-    from cadist.models.fold import fold_batchnorm
+    from cadist.nets.build import build_model
+    from cadist.nets.fold import fold_batchnorm
 
     torch.manual_seed(0)
     # sizes off the tile grid; idx == n reads zeros (taps outside the image)

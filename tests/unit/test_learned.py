@@ -12,10 +12,10 @@ from PIL import Image
 
 from cadist.adaptive.learned import inference_state, sample_mask, up2
 from cadist.cli import main
-from cadist.macs import count_adaptive
-from cadist.models.build import build_model
 from cadist.models.resnet import ResNet
-from cadist.models.weights import load_backbone, load_weights, save_weights
+from cadist.nets.build import build_model
+from cadist.nets.macs import count_adaptive
+from cadist.nets.weights import load_backbone, load_weights, save_weights
 from cadist.train.loop import make_optimizer, training_loss
 
 from .test_adaptive import _randomise_bn

@@ -13,10 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cadist.cli import main
 from cadist.errors import CheckpointError, ConfigError
-from cadist.macs import MacCounter, count_dense
-from cadist.models.build import build_model
 from cadist.models.resnet import SPECS, ResNet
-from cadist.models.weights import load_backbone, load_weights, save_weights
+from cadist.nets.build import build_model
+from cadist.nets.macs import MacCounter, count_dense
+from cadist.nets.weights import load_backbone, load_weights, save_weights
 
 JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
 

@@ -1,4 +1,4 @@
-"""The workers' process-group interface (cadist.train.network): the interface of the Ray node IP,
+"""The workers' process-group interface (cadist.cluster.network): the interface of the Ray node IP,
 unless cluster.network_interface or GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME say otherwise; a
 loopback hostname with no interface found is one warning naming the fix."""
 
@@ -7,10 +7,10 @@ import socket
 import psutil
 import pytest
 
-from cadist.config import load_job
+from cadist.cluster import network
+from cadist.cluster.network import IFNAME_VARS, choose_interface, interface_of
+from cadist.config.jobfile import load_job
 from cadist.errors import CadistError
-from cadist.train import network
-from cadist.train.network import IFNAME_VARS, choose_interface, interface_of
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import os
 from click.testing import CliRunner
 
 from cadist.cli import main
-from cadist.config import load_job
+from cadist.config.jobfile import load_job
 from tests.conftest import tiny_shards
 from tests.unit.test_resume import JOBS, _checkpoint
 
@@ -43,8 +43,8 @@ def test_dry_run_checks_and_describes_without_starting_anything(tmp_path, monkey
     assert plan["deepspeed"]["zero_optimization"]["stage"] == job.deepspeed.zero_stage
     assert plan["mlflow"]["continues_run"] is None
     # GMac per validation image (64×128): the dense demo model's, an adaptive model's line in p
-    from cadist.adaptive.stats import mac_line
-    from cadist.macs import count_dense
+    from cadist.nets.macs import count_dense
+    from cadist.nets.stats import mac_line
 
     dense = count_dense(job.model.name, job.model.output_stride, 64, 128)
     assert plan["macs"] == {"input_hw": [64, 128]} | {
@@ -82,9 +82,9 @@ def test_dry_run_checks_and_describes_without_starting_anything(tmp_path, monkey
     meta = tmp_path / "runs" / ".cadist"
     meta.mkdir(parents=True)
     first = load_job(os.path.join(JOBS, "demo.yaml"), [a for a in args[4::2]])
-    from cadist.train.driver import _absolute
+    from cadist.cluster.paths import absolute_paths
 
-    (meta / "demo.yaml").write_text(_absolute(first).to_yaml())
+    (meta / "demo.yaml").write_text(absolute_paths(first).to_yaml())
     (meta / "demo.mlflow.json").write_text(json.dumps({"run_id": "abc123"}))
     _checkpoint(tmp_path / "runs" / "demo", 200)
     r = CliRunner().invoke(main, [*args, "--set", "train.iterations=900"])

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
-from cadist.tracking import Tracker, new_run
+from cadist.tracking.runs import Tracker, new_run
 
 
 def _run(uri, name, params, history, job=True):
@@ -118,7 +118,7 @@ def test_tradeoff_plot_marks_exactly_the_front(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from cadist.plots import tradeoff_png
+    from cadist.results.plots import tradeoff_png
 
     pts = [
         {"label": "a", "g": 1.0, "m": 0.50},
@@ -144,7 +144,7 @@ def test_trade_off_labels_do_not_overlap_each_other_or_the_points():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cadist.plots import place_labels
+    from cadist.results.plots import place_labels
 
     pts = [(1.141, 0.6629, "edge_threshold=0.1, trimap_width=11"),
            (1.158, 0.6630, "edge_threshold=0.05, trimap_width=11"),
@@ -175,10 +175,10 @@ def test_eval_log_records_a_run_that_report_lists(tmp_path):
     import pytest
     import torch
 
-    from cadist.adaptive.stats import mac_line
-    from cadist.macs import count_dense
-    from cadist.models.build import build_model
-    from cadist.models.weights import save_weights
+    from cadist.nets.build import build_model
+    from cadist.nets.macs import count_dense
+    from cadist.nets.stats import mac_line
+    from cadist.nets.weights import save_weights
 
     from ..conftest import tiny_shards
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from cadist.config import load_job
+from cadist.config.jobfile import load_job
 from cadist.errors import CheckpointError, ConfigError
-from cadist.storage import Storage
+from cadist.storage.store import Storage
 from cadist.train.resume import check_rerun, latest_checkpoint, zero_world
 
 JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
@@ -373,9 +373,10 @@ def test_sweep_results_name_how_each_trial_ended(tmp_path):
 
     from ray.tune import Result
 
-    from cadist.config import validate_job
-    from cadist.sweeps import SweepConfig
-    from cadist.tune import ENDED, SweepStopped, _rows
+    from cadist.config.jobfile import validate_job
+    from cadist.sweep.files import ENDED, SweepStopped
+    from cadist.sweep.outcome import _rows
+    from cadist.sweep.spec import SweepConfig
 
     base = validate_job(
         _job("cluster.storage_path=" + str(tmp_path), "mlflow.enabled=false"), "demo"

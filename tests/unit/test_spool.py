@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cadist.tracking import SpooledTracker, Tracker, new_run, system_metrics
+from cadist.tracking.runs import Tracker, new_run
+from cadist.tracking.spool import SpooledTracker, system_metrics
 from tests.conftest import MlflowServer
 
 RETRY = 20.0  # seconds between tries while the server is down
@@ -86,7 +87,7 @@ def test_a_rejected_request_is_not_spooled(tmp_path, server):
 def test_the_driver_ends_with_one_error_while_records_still_wait(tmp_path, server):
     """Training finished but the server is down at the end: one error naming the waiting records
     and what to do; once the server answers, the same finishing step sends them and ends the run."""
-    from cadist.config import load_job
+    from cadist.config.jobfile import load_job
     from cadist.errors import TrackingError
     from cadist.train.driver import _finish_tracking
     from tests.unit.test_resume import JOBS
@@ -155,8 +156,8 @@ def test_s3_artifact_root_and_a_spool_on_s3(tmp_path, monkeypatch):
     best weights land in the bucket through the server and come back by `runs:/` URI; while the
     server is down the records wait as objects under the spool, and are sent (and removed) once
     it answers."""
-    from cadist.checkpoints import resolve_weights
-    from cadist.storage import Storage
+    from cadist.storage.store import Storage
+    from cadist.tracking.sources import resolve_weights
     from tests.conftest import s3_server
 
     s3 = s3_server()

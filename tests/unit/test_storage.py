@@ -1,4 +1,4 @@
-"""The storage layer (cadist.storage): the same verbs on a local folder and on a real S3 API
+"""The storage layer (cadist.storage.store): the same verbs on a local folder and on a real S3 API
 server (moto), atomic writes, the job layout, and one clear error for each bad storage input."""
 
 import json
@@ -6,7 +6,9 @@ import json
 import pytest
 
 from cadist.errors import CadistError
-from cadist.storage import Storage, StorageError, job_key, local_copy
+from cadist.storage.fetch import local_copy
+from cadist.storage.store import Storage
+from cadist.storage.uri import StorageError, job_key
 from tests.conftest import s3_server
 
 
@@ -59,7 +61,7 @@ def test_the_verbs_behave_the_same_on_a_folder_and_on_s3(store, tmp_path):
 
 
 def test_bad_storage_inputs_each_get_one_clear_error(monkeypatch):
-    from cadist.config import load_job
+    from cadist.config.jobfile import load_job
 
     with pytest.raises(CadistError, match=r"unknown storage scheme 'hdfs'.*s3://bucket/prefix"):
         load_job("jobs/demo.yaml", ["cluster.storage_path=hdfs://nn/runs"])
@@ -124,7 +126,7 @@ def test_stop_and_status_by_name_on_s3():
     from click.testing import CliRunner
 
     from cadist.cli import main
-    from cadist.config import load_job
+    from cadist.config.jobfile import load_job
 
     root = f"s3://{s3_server().bucket()}/runs"
     store = Storage(root)
@@ -165,7 +167,8 @@ def test_manifests_over_http_and_file_urls_are_read_as_urls(tmp_path):
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    from cadist.data.shards import build_shards, verify_shards
+    from cadist.data.manifest import verify_shards
+    from cadist.data.shards import build_shards
     from cadist.data.stream import ShardStream, expand_shards
     from cadist.data.synthetic import write_tree
     from cadist.errors import ShardError

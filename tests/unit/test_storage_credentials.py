@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from cadist.cli import main
-from cadist.storage import Storage, forget_filesystems
+from cadist.storage.store import Storage
+from cadist.storage.uri import forget_filesystems
 from tests.conftest import SeaweedServer
 
 KEY, SECRET = SeaweedServer.KEY, SeaweedServer.SECRET

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from cadist.adaptive.stats import mac_line
 from cadist.cli import main
-from cadist.models.build import build_model
+from cadist.nets.build import build_model
+from cadist.nets.stats import mac_line
 
 from ..conftest import tiny_shards
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cadist.config import load_job
+from cadist.config.jobfile import load_job
 from cadist.errors import ConfigError
 from cadist.eval.miou import ConfusionMatrix
 from cadist.train.loop import param_groups, poly_lambdas
@@ -38,7 +38,7 @@ def test_shipped_jobs_validate(name):
 
 @pytest.mark.parametrize("name", ["sweep_edge.yaml", "sweep_learned.yaml", "sweep_edge_demo.yaml"])
 def test_shipped_sweeps_validate(name):
-    from cadist.sweeps import load_sweep
+    from cadist.sweep.spec import load_sweep
 
     sweep, fixed, job_path = load_sweep(os.path.join(JOBS, name))
     assert os.path.isfile(job_path) and sweep.search and sweep.objectives
@@ -277,7 +277,7 @@ def test_deepspeed_config_is_generated_from_the_job():
 
 
 def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
-    from cadist.train.raycluster import worker_env
+    from cadist.cluster.ray import worker_env
 
     assert (
         worker_env(False)["DS_ACCELERATOR"] == "cpu" and worker_env(False)["OMP_NUM_THREADS"] == "1"
@@ -286,7 +286,7 @@ def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
 
 
 def test_a_job_that_cannot_fit_the_ray_cluster_is_one_clear_error():
-    from cadist.train.raycluster import check_resources, placeable
+    from cadist.cluster.ray import check_resources, placeable
 
     job = load_job(os.path.join(JOBS, "demo.yaml"), ["cluster.num_workers=4"])
     assert placeable([{"CPU": 2.0}], {"CPU": 1.0}) == 2
@@ -317,7 +317,7 @@ def test_a_job_that_cannot_fit_the_ray_cluster_is_one_clear_error():
     msg = check_resources(wait, "demo.yaml", [{"CPU": 16.0}])
     assert msg.startswith("waiting for the autoscaler: cluster.use_gpu is true")
     # a sweep runs at once only as many trials as the nodes hold (queued ones would time out)
-    from cadist.train.raycluster import trial_slots
+    from cadist.cluster.ray import trial_slots
 
     pair = load_job(os.path.join(JOBS, "demo.yaml"), ["cluster.num_workers=2"])
     assert trial_slots(pair, [{"CPU": 2.0}], 4) == 1
@@ -330,7 +330,8 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
     import yaml
 
     from cadist.errors import ConfigError
-    from cadist.sweeps import load_sweep, pareto
+    from cadist.results.pareto import pareto
+    from cadist.sweep.spec import load_sweep
 
     demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 

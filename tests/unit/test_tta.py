@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from cadist.cli import main
-from cadist.eval.passes import Augmentation, Pass, Window
+from cadist.config.passes import Augmentation, Pass, Window
+from cadist.eval.loop import evaluate
 from cadist.eval.tta import (
     crop_boxes,
     high_res_fraction,
@@ -19,8 +20,7 @@ from cadist.eval.tta import (
     predict_augmented,
     size_multiple,
 )
-from cadist.models.build import build_model
-from cadist.train.loop import evaluate
+from cadist.nets.build import build_model
 
 from ..conftest import tiny_shards
 
@@ -211,7 +211,7 @@ def _eval(root, val, path, *more):
 
 
 def test_cli_eval_with_scales_and_flip_reports_and_logs_every_pass(weights):
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     root, val, path = weights
     plain = _eval(root, val, path)
@@ -254,7 +254,7 @@ def test_cli_eval_with_scales_and_flip_reports_and_logs_every_pass(weights):
 
 
 def test_cli_eval_with_a_sliding_window_counts_every_crop(weights):
-    from cadist.adaptive.stats import mac_line
+    from cadist.nets.stats import mac_line
 
     root, val, path = weights
     r = _eval(root, val, path, "--window", "32x64", "--stride", "32x32", "--log")
@@ -285,8 +285,8 @@ def test_cli_predict_with_scales_and_flip_writes_probabilities_and_each_scales_m
 
     from cadist.data.cityscapes import PALETTE
     from cadist.data.transforms import normalized_input
-    from cadist.models.fold import fold_batchnorm
-    from cadist.models.weights import load_weights
+    from cadist.nets.fold import fold_batchnorm
+    from cadist.nets.weights import load_weights
 
     root, _, path = weights
     (image,) = sorted((root / "cs" / "leftImg8bit" / "val").rglob("*.png"))[:1]
@@ -378,7 +378,7 @@ def test_per_image_figures_equal_each_image_evaluated_alone(weights):
         assert float(t["high_res_fraction"]) == pytest.approx(row["high_res_fraction"], abs=5e-5)
     assert "miou_inference" not in table[0]
     # learned-mask models' records carry both networks: two more columns
-    from cadist.evaluate import per_image_csv
+    from cadist.eval.evaluate import per_image_csv
 
     learned = [dict(rows[0], miou_inference=0.25, high_res_fraction_train=0.5)]
     head, line = per_image_csv(learned).splitlines()
@@ -395,10 +395,10 @@ def test_a_job_s_eval_protocol_is_checked_up_front_and_is_cadist_eval_s_default(
 
     from mlflow.tracking import MlflowClient
 
-    from cadist.config import load_job
+    from cadist.config.jobfile import load_job
     from cadist.errors import ConfigError
-    from cadist.report import _augmentation
-    from cadist.train.driver import check_eval
+    from cadist.results.report import _augmentation
+    from cadist.train.checks import check_eval
 
     demo = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
     for sets, said in (

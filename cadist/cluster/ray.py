@@ -1,0 +1,216 @@
+"""Which Ray cluster a job runs on: starting or joining it (an address nothing answers at is one
+error, not minutes of retries), checking that its nodes can hold the job's workers, the workers'
+environment, and recognising runs that ended because workers could not start (nodes lost)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from cadist.config.schema import JobConfig
+from cadist.errors import ConfigError
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment of the Ray Train workers: CPU workers pin DeepSpeed's CPU accelerator and one
+    OpenMP thread each (ranks share the cores); GPU workers let DeepSpeed find CUDA."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not use_gpu:
+        env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return env
+
+
+def worker_request(job: JobConfig) -> dict[str, float]:
+    """Ray resources of one training worker."""
+    return {"CPU": float(job.cluster.cpus_per_worker)} | (
+        {"GPU": 1.0} if job.cluster.use_gpu else {}
+    )
+
+
+def placeable(nodes: list[dict[str, float]], request: dict[str, float]) -> int:
+    """How many workers asking for `request` fit on these nodes' total resources."""
+    return sum(
+        int(min(node.get(k, 0.0) / v for k, v in request.items() if v > 0) + 1e-9) for node in nodes
+    )
+
+
+def check_resources(
+    job: JobConfig, source: str, nodes: list[dict[str, float]], workers: int | None = None
+) -> str | None:
+    """Stop at once when the Ray cluster's nodes cannot hold the job's workers (Ray Train would wait
+    and retry forever); with `cluster.autoscale` return a warning instead. `workers`: how many must
+    fit (default all of the job's; elastic jobs: `cluster.min_workers`)."""
+    need = (job.cluster.min_workers or job.cluster.num_workers) if workers is None else workers
+    request = worker_request(job)
+    fit = placeable(nodes, request)
+    if fit >= need:
+        return None
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    have = describe_nodes(nodes)
+    if job.cluster.use_gpu and gpus == 0:
+        msg = (
+            f"cluster.use_gpu is true and the Ray cluster has no GPU ({have}); set "
+            f"cluster.use_gpu=false to train on CPUs, or point cluster.address at a GPU cluster"
+        )
+    else:
+        per = ", ".join(f"{v:g} {k}" for k, v in request.items())
+        msg = (
+            f"cluster.{'min' if job.cluster.min_workers and workers is None else 'num'}_workers "
+            f"{need} needs {need} workers of {per} each and the Ray cluster "
+            f"holds {fit} ({have}); lower cluster.num_workers"
+            + (" or cluster.cpus_per_worker" if request["CPU"] > 1 or fit == 0 else "")
+            + ", or add nodes"
+        )
+    if job.cluster.autoscale:
+        return f"waiting for the autoscaler: {msg}"
+    raise ConfigError(f"{source}: {msg} (or set cluster.autoscale=true if nodes are on the way)")
+
+
+def trial_slots(job: JobConfig, nodes: list[dict[str, float]], wanted: int) -> int:
+    """How many trials of `job` (a sweep's) can train at once: `wanted`, or fewer when the nodes hold
+    fewer jobs of its workers side by side (a trial that cannot start would time out and fail);
+    with `cluster.autoscale` always `wanted`."""
+    if job.cluster.autoscale:
+        return wanted
+    return max(1, min(wanted, placeable(nodes, worker_request(job)) // job.cluster.num_workers))
+
+
+def _endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that `ray.init(address)` will connect to, where it can be known up front."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address:
+            try:  # the address `ray start` recorded on this machine
+                from ray._private.utils import read_ray_address
+
+                address = read_ray_address() or ""
+            except Exception:
+                return None
+    address = address.removeprefix("ray://")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
+    """Start a local Ray (`None`/`local`) or join the cluster at `address` (`auto`, `host:port`,
+    `ray://host:port`) unless this process is connected already. An address nothing answers at is
+    one error within seconds (Ray itself keeps retrying for minutes)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if ray.is_initialized():
+        return
+    address = address or "local"
+    target = None if address == "local" else _endpoint(address)
+    if target is None and address not in ("local", "auto"):
+        raise ConfigError(
+            f"{source}: Ray cluster address {address!r}: expected auto, HOST:PORT (the head's "
+            f"GCS, e.g. 10.0.0.10:6379) or ray://HOST:10001; leave it unset for a local Ray"
+        )
+    if target:
+        try:
+            socket.create_connection(target, timeout=5).close()
+        except OSError as exn:
+            raise ConfigError(
+                f"{source}: Ray cluster address {address}: nothing answers at "
+                f"{target[0]}:{target[1]} ({exn.strerror or exn}); start the cluster's head "
+                f"(`ray start --head`), fix cluster.address / --address, or leave it unset for a "
+                f"local Ray"
+            ) from None
+    try:
+        ray.init(address=address, runtime_env={"env_vars": worker_env(use_gpu)}, log_to_driver=True)
+    except ray.exceptions.AuthenticationError as exn:
+        raise ConfigError(
+            f"{source}: Ray cluster address {address}: the cluster refused this machine "
+            f"({str(exn).strip().splitlines()[0]}); it runs with token auth: copy the head's "
+            f"~/.ray/auth_token here (or set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token"
+        ) from None
+    except (ConnectionError, RuntimeError) as exn:
+        if address == "local":
+            raise
+        raise ConfigError(
+            f"{source}: Ray cluster address {address}: no Ray cluster answers there "
+            f"({str(exn).strip().splitlines()[0]}); check the address (the head's `ray start` "
+            f"prints it), or leave cluster.address unset for a local Ray"
+        ) from None
+
+
+def is_start_failure(exn: BaseException) -> bool:
+    """Whether a failed fit() ended on worker groups that could not start (not a training bug)."""
+    from ray.train.v2._internal.exceptions import (
+        InsufficientClusterResourcesError,
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+
+    kinds = (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError,
+             InsufficientClusterResourcesError)  # fmt: skip
+    seen = set()
+    while exn is not None and id(exn) not in seen:
+        seen.add(id(exn))
+        if isinstance(exn, kinds):
+            return True
+        exn = exn.__cause__ or exn.__context__ or getattr(exn, "controller_failure", None)
+    return False
+
+
+def describe_nodes(nodes: list[dict[str, float]]) -> str:
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    return f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node{'s' * (len(nodes) != 1)}"
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of every live node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def _sees(path: str) -> tuple[str, bool]:
+    import ray
+
+    return ray.util.get_node_ip_address(), os.path.exists(path)
+
+
+def check_shared_paths(paths: dict[str, str], source: str) -> None:
+    """Local folders and files the job's nodes must share (`{"cluster.storage_path": folder,
+    "mlflow.tracking_uri": sqlite file}`): on a cluster of several nodes, a probe file written
+    here must be seen from every node that can run a worker, else one ConfigError naming the
+    nodes that do not see it and the fix — before anything starts (Ray Train would otherwise
+    write each rank's checkpoint to its own node's disk, and a worker log to a store of its own)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < 2:
+        return
+    for key, path in paths.items():
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        probe = os.path.join(folder, f".cadist-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            open(probe, "w").close()
+        except OSError:
+            continue  # not writable here: the job's own checks say so
+        try:
+            seen = ray.get([
+                ray.remote(num_cpus=0)(_sees).options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    n["NodeID"], soft=False)).remote(probe)
+                for n in nodes
+            ], timeout=60)  # fmt: skip
+        finally:
+            os.unlink(probe)
+        blind = sorted(ip for ip, ok in seen if not ok)
+        if blind:
+            fix = ("use object storage (s3://bucket/runs, gs://…) or a folder every node mounts "
+                   "at the same path" if key == "cluster.storage_path" else
+                   "use an MLflow server every node reaches (mlflow.tracking_uri: "
+                   "http://host:5000)")  # fmt: skip
+            raise ConfigError(
+                f"{source}: {key} {path} is on this machine's disk, but the Ray cluster's "
+                f"node(s) {', '.join(blind)} do not see it (no shared filesystem); {fix}"
+            )
