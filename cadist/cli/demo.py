@@ -13,7 +13,7 @@ from cadist.errors import ConfigError
 from cadist.storage.store import Storage
 from cadist.storage.uri import job_key
 
-DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+DEMO_JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
 
 
 def run_demo(workdir: str | Path, overrides: tuple[str, ...] = (), restart: bool = False) -> dict:

@@ -119,7 +119,7 @@ def _save_pyfunc(weights: Path, dest: Path) -> None:
         str(dest),
         loader_module="cadist.serving",
         data_path=str(weights),
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[str(Path(__file__).resolve().parents[1])],  # the cadist package
         signature=ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
             outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
