@@ -1,6 +1,30 @@
 import os
+import secrets
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _one_ray_token() -> None:
+    """One Ray auth token for every test process (the pytest-xdist workers too) before any of them
+    starts Ray: Ray 2.60 writes ~/.ray/auth_token when it starts a local cluster and finds none, and
+    two processes doing that at once would each run a cluster whose token the other overwrote."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".auth_token.{os.getpid()}")
+    tmp.write_text(secrets.token_hex(32))
+    tmp.chmod(0o600)
+    try:
+        os.link(tmp, path)  # atomic: the first process's token wins, whole
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+_one_ray_token()
 
 
 def tiny_shards(root, num_train: int = 8, num_val: int = 2, seed: int = 3, out=None):

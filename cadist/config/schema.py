@@ -32,6 +32,9 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The network: which model, its output stride or adaptive mode, the mask's settings, and
+    the weights it starts from."""
+
     name: ModelName = "deeplabv3_resnet101"
     """Model name as in the reference implementation: dense `deeplabv3_resnet*`, content-adaptive
     `deeplabv3_batch_ap_resnet*` (edge mask) or `deeplabv3_ad_resnet*` (learned mask)."""
@@ -77,6 +80,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
+    """The data: training and validation shards, crops and augmentation, the loader's workers."""
+
     train_shards: str = "shards/cityscapes/train-manifest.json"
     """Training shards: a manifest, a brace pattern or a URL list (comma-free string)."""
     val_shards: str = "shards/cityscapes/val-manifest.json"
@@ -96,20 +101,29 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """The optimisation (method §8): steps, batch, learning rates and schedule, loss, seed,
+    logging and checkpoint intervals."""
+
     iterations: int = Field(30_000, ge=1)
     """Optimiser steps in all (method §8: 30 000)."""
     batch_size: int = Field(8, ge=1)
     """Global batch size, split evenly over the workers."""
     lr_backbone: float = Field(0.01, gt=0)
+    """Learning rate of the backbone at step 0 (method §8: 0.01)."""
     lr_head: float = Field(0.1, gt=0)
+    """Learning rate of the DeepLabv3 head at step 0 (method §8: 0.1, ten times the backbone's)."""
     lr_mask_estimator: float = Field(0.001, gt=0)
     """Learned-mask models: learning rate of the mask estimator (§8: 0.001)."""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum (method §8: 0.9)."""
     weight_decay: float = Field(1e-4, ge=0)
+    """SGD weight decay (method §8: 1e-4)."""
     poly_power: float = Field(0.9, gt=0)
+    """Power of the poly schedule (method §8: 0.9)."""
     min_lr: float = Field(1e-6, ge=0)
     """Floor of the poly schedule: lr_t = max(lr0·(1 − t/T)^power, min_lr)."""
     seed: int = 1
+    """Seed of the initialisation, data order and augmentation (the same on every rank)."""
     log_every: int = Field(10, ge=1)
     """Steps between training-metric reports."""
     checkpoint_every: int = Field(100, ge=1)
@@ -119,6 +133,9 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Evaluation during training: how often, on how many images, and the protocol (scales,
+    flips, sliding windows)."""
+
     interval: int = Field(100, ge=1)
     """Steps between evaluations on the validation shards (and one at the end)."""
     batch_size: int = Field(1, ge=1)
@@ -168,6 +185,9 @@ class EvalConfig(_Section):
 
 
 class ClusterConfig(_Section):
+    """Where and how the job runs: Ray address, workers and their resources, GPUs, the
+    storage path, failure handling and elastic sizes."""
+
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (data-parallel ranks); with `min_workers`, the most."""
     min_workers: int | None = Field(None, ge=1)
@@ -185,6 +205,7 @@ class ClusterConfig(_Section):
     use_gpu: bool = False
     """One GPU per worker; BatchNorm is synchronised across GPU workers."""
     cpus_per_worker: float = Field(1, gt=0)
+    """CPUs Ray reserves for each worker (its DataLoader processes included)."""
     max_failures: int = Field(2, ge=0)
     """Worker failures tolerated; training restarts from the latest checkpoint each time."""
     address: str | None = None
@@ -228,7 +249,12 @@ class ClusterConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
+    """DeepSpeed: ZeRO stage, precision, gradient accumulation and clipping (the DeepSpeed JSON
+    is generated from these, never hand-edited)."""
+
     zero_stage: Literal[0, 1, 2] = 0
+    """DeepSpeed ZeRO stage: 0 replicates the optimizer state, 1 and 2 partition it over the
+    workers (a resume on another number of workers re-splits it)."""
     bf16: Literal["auto", True, False] = "auto"
     """bf16 training: "auto" = on with GPUs, fp32 on the CPU accelerator. bf16 runs as torch autocast
     with fp32 weights (DeepSpeed's `torch_autocast`): on an H200 DeepSpeed's bf16-weights mode cost
@@ -244,10 +270,15 @@ class DeepSpeedConfig(_Section):
 
 
 class MlflowConfig(_Section):
+    """MLflow: whether and where runs are tracked, the experiment, model registration and
+    system metrics."""
+
     enabled: bool = True
+    """Track the run in MLflow (params, metrics, artifacts, checkpoints)."""
     tracking_uri: str | None = None
     """None: $MLFLOW_TRACKING_URI, else a local SQLite store `sqlite:///<cwd>/mlflow.db`."""
     experiment: str = "cadist"
+    """The MLflow experiment the run is logged to."""
     register_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Registered-model name: when training ends, the run's best weights become a version of it in
     MLflow's model registry (`models:/<name>/<version>` or `models:/<name>/latest` for
@@ -258,6 +289,8 @@ class MlflowConfig(_Section):
 
 
 class JobConfig(_Section):
+    """One training job: its name and the sections below (a job file is this as YAML)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: rerunning the same name resumes it."""
     model: ModelConfig = ModelConfig()

@@ -56,7 +56,10 @@ class SweepConfig(BaseModel):
     max_concurrent: int = Field(1, ge=1)
     """Trials running at once (each takes its job's cluster.num_workers × cpus_per_worker)."""
     searcher: Literal["optuna", "random"] = "optuna"
+    """How trials' values are chosen: Optuna (Ray Tune's OptunaSearch; both objectives with two) or
+    random draws."""
     seed: int = 0
+    """Seed of the searcher: the same sweep file draws the same values."""
     scheduler: Literal["fifo", "asha"] = "fifo"
     """fifo: every trial trains to the end. asha: Async Successive Halving — a trial whose objective
     at an evaluation trails the others' at the same step is stopped early (one objective only)."""
