@@ -136,7 +136,8 @@ def encode_sample(
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -166,7 +167,7 @@ def _write_shard(task: _ShardTask) -> dict:
     os.replace(tmp, final)
     return {
         "part": final.name,
-        "sha256": _sha256(final),
+        "sha256": sha256_file(final),
         "bytes": final.stat().st_size,
         "samples": count,
         "keys": [s.stem for s in task.samples],

@@ -11,7 +11,6 @@ can write there must not be able to run code in the workers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from cadist.config.schema import JobConfig
+from cadist.data.shards import sha256_file
 from cadist.errors import CheckpointError
 from cadist.nets.weights import save_weights
 from cadist.storage.store import Storage
@@ -50,19 +50,11 @@ def recorded(job: JobConfig) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_digests(folder: str | Path) -> dict[str, dict]:
     """{relative path: {"sha256", "bytes"}} of every file under `folder` but the manifest."""
     root = Path(folder)
     return {
-        p.relative_to(root).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
     }
