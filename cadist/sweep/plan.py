@@ -10,14 +10,14 @@ from cadist.cluster.ray import check_resources, describe_nodes
 from cadist.storage.store import Storage
 from cadist.train.checks import check_data, check_eval, check_weights
 from cadist.train.plan import (
-    _epochs,
-    _eval_line,
-    _evaluation,
-    _mac_line,
-    _macs,
-    _n,
-    _nodes,
-    _shards,
+    eval_text,
+    macs_text,
+    plan_epochs,
+    plan_evaluation,
+    plan_macs,
+    plan_nodes,
+    plan_shards,
+    plural,
 )
 
 
@@ -53,9 +53,9 @@ def plan_sweep(
         uri = resolve_uri(base.mlflow.tracking_uri)
         check_reachable(uri)
         mlflow = {"tracking_uri": uri, "experiment": base.mlflow.experiment}
-    nodes, where = _nodes(base, address, source)
+    nodes, where = plan_nodes(base, address, source)
     warning = check_resources(base, source, nodes)  # one trial must fit
-    images = _shards(base.data.train_shards)["samples"]
+    images = plan_shards(base.data.train_shards)["samples"]
     return {
         "sweep": sweep.name,
         "source": source,
@@ -76,12 +76,12 @@ def plan_sweep(
             "iterations": base.train.iterations,
             "batch": base.train.batch_size,
             "workers": base.cluster.num_workers,
-            "epochs": _epochs(base, images),
+            "epochs": plan_epochs(base, images),
         },
         "storage": store.uri(),
         "mlflow": mlflow,
-        "macs": _macs(base),
-        "eval": _evaluation(base),
+        "macs": plan_macs(base),
+        "eval": plan_evaluation(base),
     }
 
 
@@ -106,7 +106,7 @@ def describe_sweep(plan: dict) -> str:
     epochs = f" ≈ {t['epochs']} epochs" if t["epochs"] is not None else ""
     lines.append(
         f"  each trial: {t['model']}, {t['iterations']} steps of {t['batch']} images on "
-        f"{_n(t['workers'], 'worker')}{epochs}"
+        f"{plural(t['workers'], 'worker')}{epochs}"
     )
     lines.append(
         f"  at once: {plan['at_once']} trial(s) on {c['where']} ({c['holds']}; max_concurrent "
@@ -119,9 +119,7 @@ def describe_sweep(plan: dict) -> str:
         lines.append(f"  MLflow: {ml['tracking_uri']}, experiment {ml['experiment']}")
     mac = plan["macs"]
     if mac and "backbone_gmac_at_p0" in mac:
-        lines.append(_mac_line(mac, "base job's settings"))
-    lines.append(
-        _eval_line(plan["eval"], mac and mac["input_hw"]).replace("  ", "  each trial ", 1)
-    )
+        lines.append(macs_text(mac, "base job's settings"))
+    lines.append(eval_text(plan["eval"], mac and mac["input_hw"]).replace("  ", "  each trial ", 1))
     lines.append("nothing was started; `cadist tune` with the same arguments runs it")
     return "\n".join(lines)

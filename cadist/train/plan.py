@@ -49,9 +49,11 @@ def plan_training(
         rerun = check_rerun(redact(job.model_dump()), before, store.uri(job.name), source)
     # as `run_training`: the marker's run continues unless changed settings start the job anew
     mlflow = _mlflow(job, not restart and not (rerun.changes and rerun.step is None))
-    nodes, where = _nodes(job, address, source)
+    nodes, where = plan_nodes(job, address, source)
     warning = check_resources(job, source, nodes)
-    data = {split: _shards(getattr(job.data, f"{split}_shards")) for split in ("train", "val")}
+    data = {
+        split: plan_shards(getattr(job.data, f"{split}_shards")) for split in ("train", "val")
+    }
     images = data["train"]["samples"]
     weights = job.model.weights
     return {
@@ -72,7 +74,7 @@ def plan_training(
             "accumulation_steps": job.deepspeed.gradient_accumulation_steps,
             "micro_batch": job.micro_batch,
             "iterations": job.train.iterations,
-            "epochs": _epochs(job, images),
+            "epochs": plan_epochs(job, images),
         },
         "cluster": {
             "where": where,
@@ -82,8 +84,8 @@ def plan_training(
         },
         "storage": store.uri(job.name),
         "mlflow": mlflow,
-        "macs": _macs(job),
-        "eval": _evaluation(job),
+        "macs": plan_macs(job),
+        "eval": plan_evaluation(job),
         "deepspeed": deepspeed_config(job, job.cluster.use_gpu),
     }
 
@@ -92,12 +94,12 @@ def _changes(rerun) -> list[dict]:
     return [{"key": k, "before": a, "now": b} for k, a, b in rerun.changes]
 
 
-def _epochs(job: JobConfig, images: int | None) -> float | None:
+def plan_epochs(job: JobConfig, images: int | None) -> float | None:
     """Passes over the training images the job's steps make (None: image count unknown)."""
     return round(job.train.iterations * job.train.batch_size / images, 2) if images else None
 
 
-def _nodes(job: JobConfig, address: str | None, source: str) -> tuple[list[dict], str]:
+def plan_nodes(job: JobConfig, address: str | None, source: str) -> tuple[list[dict], str]:
     """The nodes the job would run on and where they are: the Ray cluster at `address` (else the
     job's `cluster.address`), joined to read its resources; without one, this machine."""
     address = address or job.cluster.address
@@ -116,7 +118,7 @@ def _this_machine() -> dict[str, float]:
     return {"CPU": float(cpus or 1), "GPU": float(gpus)}
 
 
-def _shards(spec) -> dict:
+def plan_shards(spec) -> dict:
     """Shard count and, from a manifest, sample count (None when the shards are a pattern)."""
     urls = expand_shards(spec)
     samples = None
@@ -144,7 +146,7 @@ def _mlflow(job: JobConfig, continues: bool) -> dict | None:
     return {"tracking_uri": uri, "experiment": job.mlflow.experiment, "continues_run": run_id}
 
 
-def _macs(job: JobConfig) -> dict | None:
+def plan_macs(job: JobConfig) -> dict | None:
     """GMac per validation image (method §10), at the size of the first validation sample:
     dense models one figure, adaptive ones the line in the high-res fraction p."""
     from cadist.nets.build import is_adaptive
@@ -167,7 +169,7 @@ def _macs(job: JobConfig) -> dict | None:
     }
 
 
-def _evaluation(job: JobConfig) -> dict:
+def plan_evaluation(job: JobConfig) -> dict:
     """How the job evaluates (every `eval.interval` steps and at the end): the protocol's label
     ("" for the paper's: whole images, one scale), and with test-time augmentation or a sliding
     window the passes and the forwards (crops) each validation image then costs."""
@@ -185,13 +187,13 @@ def _evaluation(job: JobConfig) -> dict:
     return out
 
 
-def _eval_line(ev: dict, hw: list[int] | None) -> str:
+def eval_text(ev: dict, hw: list[int] | None) -> str:
     if not ev["protocol"]:
         return f"  evaluates every {ev['interval']} steps and at the end: whole images, one scale"
     size = f" {hw[0]}×{hw[1]}" if hw else ""
     return (
         f"  evaluates every {ev['interval']} steps and at the end: {ev['protocol']} — "
-        f"{_n(ev['passes'], 'pass')}, {_n(ev['forwards_per_image'], 'forward')} per{size} "
+        f"{plural(ev['passes'], 'pass')}, {plural(ev['forwards_per_image'], 'forward')} per{size} "
         f"validation image (the logged GMac is all of them)"
     )
 
@@ -216,17 +218,17 @@ def describe(plan: dict) -> str:
     for split in ("train", "val"):
         s = d[split]
         n = f"{s['samples']} images in " if s["samples"] is not None else ""
-        lines.append(f"  {split}: {n}{_n(s['shards'], 'shard')} ({s['spec']})")
+        lines.append(f"  {split}: {n}{plural(s['shards'], 'shard')} ({s['spec']})")
     epochs = f" ≈ {b['epochs']} epochs" if b["epochs"] is not None else ""
     acc = f" × {b['accumulation_steps']} accumulation steps" if b["accumulation_steps"] > 1 else ""
     lines.append(
-        f"  {b['iterations']} steps of {b['global']} images = {_n(b['workers'], 'worker')} × "
+        f"  {b['iterations']} steps of {b['global']} images = {plural(b['workers'], 'worker')} × "
         f"{b['micro_batch']}{acc}{epochs}"
     )
     per = ", ".join(f"{v:g} {k}" for k, v in c["worker"].items() if v)
     elastic = f" (elastic: down to {b['min_workers']})" if b.get("min_workers") else ""
     lines.append(
-        f"  on {c['where']} ({c['holds']}): {_n(b['workers'], 'worker')} of {per}{elastic}"
+        f"  on {c['where']} ({c['holds']}): {plural(b['workers'], 'worker')} of {per}{elastic}"
     )
     if c["warning"]:
         lines.append(f"  {c['warning']}")
@@ -243,8 +245,8 @@ def describe(plan: dict) -> str:
             f"validation image (backbone {mac['backbone_gmac']:.2f})"
         )
     elif mac:
-        lines.append(_mac_line(mac, f"head {mac['head_gmac']:.2f}"))
-    lines.append(_eval_line(plan["eval"], mac and mac["input_hw"]))
+        lines.append(macs_text(mac, f"head {mac['head_gmac']:.2f}"))
+    lines.append(eval_text(plan["eval"], mac and mac["input_hw"]))
     ds = plan["deepspeed"]
     lines.append(
         f"  DeepSpeed: ZeRO {ds['zero_optimization']['stage']}, "
@@ -255,7 +257,7 @@ def describe(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def _mac_line(mac: dict, note: str) -> str:
+def macs_text(mac: dict, note: str) -> str:
     """An adaptive model's backbone GMac as its line in the high-res fraction p."""
     h, w = mac["input_hw"]
     return (
@@ -264,7 +266,7 @@ def _mac_line(mac: dict, note: str) -> str:
     )
 
 
-def _n(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
