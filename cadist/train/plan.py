@@ -51,9 +51,7 @@ def plan_training(
     mlflow = _mlflow(job, not restart and not (rerun.changes and rerun.step is None))
     nodes, where = plan_nodes(job, address, source)
     warning = check_resources(job, source, nodes)
-    data = {
-        split: plan_shards(getattr(job.data, f"{split}_shards")) for split in ("train", "val")
-    }
+    data = {split: plan_shards(getattr(job.data, f"{split}_shards")) for split in ("train", "val")}
     images = data["train"]["samples"]
     weights = job.model.weights
     return {
