@@ -26,7 +26,7 @@ from cadist.cluster.ray import (
 from cadist.config.jobfile import read_yaml
 from cadist.config.schema import JobConfig
 from cadist.data.stream import shard_set
-from cadist.errors import CheckpointError, ClusterError, TrackingError
+from cadist.errors import CheckpointError, ClusterError, ShardError, TrackingError
 from cadist.redact import redact
 from cadist.storage.store import Storage
 from cadist.storage.uri import job_key, location_env
@@ -254,16 +254,16 @@ def _storage_failure(exn: BaseException, store: Storage):
     worker refused on resume, or None for other failures."""
     from cadist.storage.uri import StorageError, explain
 
+    def mark(cls: type) -> str:  # how a worker's traceback names the class (follows moves)
+        return f"{cls.__module__}.{cls.__qualname__}: "
+
     text = str(exn)
     for line in text.splitlines():
-        if "cadist.errors.CheckpointError: " in line:  # a checkpoint refused on resume
-            return CheckpointError(line.split("cadist.errors.CheckpointError: ", 1)[1])
-        for mark in (
-            "cadist.storage.store.StorageError: ",
-            "cadist.errors.ShardError: cannot open shard: ",
-        ):
-            if mark in line:  # (a shard read is often what meets the outage first)
-                return StorageError(f"training stopped: {line.split(mark, 1)[1]}")
+        if mark(CheckpointError) in line:  # a checkpoint refused on resume
+            return CheckpointError(line.split(mark(CheckpointError), 1)[1])
+        for m in (mark(StorageError), f"{mark(ShardError)}cannot open shard: "):
+            if m in line:  # (a shard read is often what meets the outage first)
+                return StorageError(f"training stopped: {line.split(m, 1)[1]}")
     if "AWS Error" in text or "google::cloud::Status" in text:
         return StorageError(
             f"training stopped: {explain(exn, store.root, 'write checkpoints to')}; nothing is "

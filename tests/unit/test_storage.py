@@ -201,3 +201,31 @@ def test_manifests_over_http_and_file_urls_are_read_as_urls(tmp_path):
         server.server_close()
     with pytest.raises(ShardError, match="cannot reach the server"):
         expand_shards(f"{base}/val-manifest.json")
+
+
+def test_a_worker_s_storage_and_checkpoint_errors_are_recognised_on_the_driver():
+    """Ray Train hands the driver a worker's traceback as text: the driver finds cadist's errors in
+    it by their class's current module (a regression once a module moved)."""
+    import traceback
+
+    from cadist.errors import CheckpointError, ShardError
+    from cadist.storage.store import Storage
+    from cadist.storage.uri import StorageError
+    from cadist.train.driver import _storage_failure
+
+    def as_text(exn):
+        try:
+            raise exn
+        except Exception:  # noqa: BLE001 - formatted as Ray Train does
+            return RuntimeError("Training failed due to worker errors:\n" + traceback.format_exc())
+
+    store = Storage("s3://runs/runs")
+    err = _storage_failure(as_text(StorageError("s3://runs/x: cannot look up (no answer)")), store)
+    assert isinstance(err, StorageError) and str(err) == (
+        "training stopped: s3://runs/x: cannot look up (no answer)"
+    )
+    err = _storage_failure(as_text(ShardError("cannot open shard: s3://runs/s-0.tar")), store)
+    assert isinstance(err, StorageError) and str(err).endswith("s3://runs/s-0.tar")
+    err = _storage_failure(as_text(CheckpointError("step_10/model.pt: not a checkpoint")), store)
+    assert isinstance(err, CheckpointError) and str(err) == "step_10/model.pt: not a checkpoint"
+    assert _storage_failure(as_text(ValueError("something else")), store) is None
