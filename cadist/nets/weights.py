@@ -163,6 +163,17 @@ def load_backbone(model: nn.Module, path: str | Path) -> None:
     check_and_load(model.backbone, sd, path, "the backbone (torchvision ResNet names)")
 
 
+def dense_start(meta: Mapping, name: str) -> bool:
+    """Whether weights recorded as `meta` are the dense OS8 model an edge model `name` may start
+    from: its layers keep the dense names and shapes (method §4.4), so e.g.
+    `deeplabv3_resnet_tiny` at output stride 8 starts `deeplabv3_batch_ap_resnet_tiny`."""
+    return (
+        name.startswith("deeplabv3_batch_ap_")
+        and meta.get("model") == name.replace("batch_ap_", "", 1)
+        and str(meta.get("output_stride")) == "8"
+    )
+
+
 def load_weights(model: nn.Module, path: str | Path, expect_name: str | None = None) -> dict:
     """Load a whole-model checkpoint (reference release, torchvision, plain or cadist export).
 
@@ -170,7 +181,9 @@ def load_weights(model: nn.Module, path: str | Path, expect_name: str | None = N
     """
     path = Path(path)
     sd, meta = model_state_from(read_file(path), path)
-    if expect_name and meta.get("model") and meta["model"] != expect_name:
+    if expect_name and meta.get("model") and meta["model"] != expect_name and not dense_start(
+        meta, expect_name
+    ):
         raise CheckpointError(
             f"{path}: holds weights of {meta['model']} (output stride "
             f"{meta.get('output_stride')}), not {expect_name}; pass --model "

@@ -124,3 +124,25 @@ def test_an_older_training_checkpoint_takes_its_model_from_the_run_s_job(logged)
     (tmp_path / "runs" / ".cadist" / "edge-job.yaml").unlink()
     r = CliRunner().invoke(main, ["predict", "--ckpt", str(step), "--image", "x.png", "--out", "o"])
     assert r.exit_code != 0 and "does not record its model" in r.output
+
+
+def test_an_edge_model_starts_from_the_dense_os8_weights_of_its_backbone(tmp_path):
+    """method §4.4: the edge model keeps the dense names and shapes, so the dense OS8 model's
+    weights load unchanged (its output at an all-OS8 mask is the dense model's); the dense OS16
+    model's, or another backbone's, are refused with the model they hold."""
+    from cadist.nets.weights import load_weights
+
+    torch.manual_seed(0)
+    dense = build_model("deeplabv3_resnet_tiny", num_classes=19, output_stride=8).eval()
+    save_weights(dense, tmp_path / "os8.pt", model="deeplabv3_resnet_tiny", output_stride=8)
+    save_weights(dense, tmp_path / "os16.pt", model="deeplabv3_resnet_tiny", output_stride=16)
+    edge = build_model("deeplabv3_batch_ap_resnet_tiny", num_classes=19).eval()
+    load_weights(edge, tmp_path / "os8.pt", expect_name="deeplabv3_batch_ap_resnet_tiny")
+    for k, v in dense.state_dict().items():
+        assert torch.equal(edge.state_dict()[k], v), k
+    with pytest.raises(
+        CheckpointError, match="holds weights of deeplabv3_resnet_tiny .output stride 16"
+    ):
+        load_weights(edge, tmp_path / "os16.pt", expect_name="deeplabv3_batch_ap_resnet_tiny")
+    with pytest.raises(CheckpointError, match="not deeplabv3_batch_ap_resnet50"):
+        load_weights(edge, tmp_path / "os8.pt", expect_name="deeplabv3_batch_ap_resnet50")
