@@ -80,17 +80,25 @@ def config_cmd(job_file, overrides, sources):
     type=click.Path(file_okay=False),
     help="Where data, shards, checkpoints and the MLflow store go.",
 )
-@_set_option("a key of jobs/demo.yaml, e.g. --set model.name=deeplabv3_ad_resnet_tiny")
+@_set_option("a job key for every training stage and sweep trial, e.g. --set train.iterations=20")
 @click.option(
-    "--restart", is_flag=True, help="Train the demo job over (an earlier run is kept aside)."
+    "--quick",
+    is_flag=True,
+    help="Only the short dense run of jobs/demo.yaml (a smoke test: data, shards, one training).",
 )
-def demo_cmd(workdir, overrides, restart):
-    """Generate data → build shards → train jobs/demo.yaml on a local Ray (2 CPU workers, DeepSpeed)
-    → evaluate → log to MLflow. Rerunning resumes (and finishes at once if already done); a variant
-    (--set model.name=…) wants its own --set name=… or --restart."""
-    from cadist.cli.demo import run_demo
+@click.option("--restart", is_flag=True, help="Run every stage over (earlier runs are kept aside).")
+def demo_cmd(workdir, overrides, quick, restart):
+    """The whole product on generated data, on this machine: street scenes → WebDataset shards →
+    a dense OS8 and a content-adaptive OS 8→16 network on 2 Ray workers with DeepSpeed → a Ray
+    Tune sweep of the edge mask → the mIoU-against-GMac table and Pareto figure in MLflow.
+    Rerunning skips the stages that are done and resumes the one that was interrupted."""
+    from cadist.cli.demo import closing_lines, run_demo
 
-    summary = run_demo(workdir, overrides, restart)
+    summary = run_demo(workdir, overrides, restart, quick=quick)
+    if not quick:
+        for line in closing_lines(summary):
+            click.echo(line)
+        return
     click.echo(
         f"final val mIoU {summary['miou']:.4f} (best {summary['best_miou']:.4f}) after "
         f"{summary['step']} steps; chance level ≈ {summary['chance_miou']:.3f}"

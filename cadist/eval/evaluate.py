@@ -4,6 +4,7 @@ in shares (`evaluate_part`, e.g. Ray tasks: `cluster_eval`) whose counts `combin
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -91,10 +92,12 @@ def evaluate_part(
         model = build_model(**kwargs)
         load_weights(model, ckpt, expect_name=job.model.name)
         images = [] if per_image else None
+        started = time.perf_counter()
         cm, _, extra = evaluate(
             model.to(device), make_loader(val), torch.device(device), tta=tta, per_image=images
         )
         out[name] = {"confusion": cm.mat.cpu(), "images": extra["images"],
+                     "seconds": time.perf_counter() - started,
                      "high_res_sum": extra["high_res_sum"], "passes": extra["passes"],
                      "adaptive": getattr(model, "last_mask", None) is not None,
                      "per_image": images}  # fmt: skip
@@ -111,6 +114,8 @@ def combine_parts(job: JobConfig, parts: list[dict], tta: Augmentation | None = 
     out = cm.summary(CLASS_NAMES)
     out["pixels"] = int(cm.mat.sum())
     out["images"] = main["images"]
+    # images per second of the shares evaluated side by side (decoding included)
+    out["images_per_s"] = main["images"] / max(main["seconds"], 1e-9)
     if main["adaptive"]:
         out["high_res_fraction"] = main["high_res_sum"] / max(1, main["images"])
     images = main["per_image"]
@@ -159,6 +164,7 @@ def _merged(parts: list[dict]) -> dict:
     records = None if parts[0]["per_image"] is None else [r for q in parts for r in q["per_image"]]
     return {"confusion": sum(p["confusion"] for p in parts), "passes": passes,
             "images": sum(p["images"] for p in parts),
+            "seconds": max(p.get("seconds", 0.0) for p in parts),
             "high_res_sum": sum(p["high_res_sum"] for p in parts),
             "adaptive": any(p["adaptive"] for p in parts), "per_image": records}  # fmt: skip
 
@@ -246,6 +252,8 @@ def log_evaluation(
         metrics["val/high_res_fraction"] = result["high_res_fraction"]
     if "miou_inference" in result:
         metrics["val/miou_inference"] = result["miou_inference"]
+    if "images_per_s" in result:
+        metrics["val/images_per_s"] = result["images_per_s"]
     tracker.log_metrics(metrics, 0)
     tracker.log_text(iou_csv(result), "eval/iou.csv")
     if "per_image" in result:

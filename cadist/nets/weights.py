@@ -181,8 +181,11 @@ def load_weights(model: nn.Module, path: str | Path, expect_name: str | None = N
     """
     path = Path(path)
     sd, meta = model_state_from(read_file(path), path)
-    if expect_name and meta.get("model") and meta["model"] != expect_name and not dense_start(
-        meta, expect_name
+    if (
+        expect_name
+        and meta.get("model")
+        and meta["model"] != expect_name
+        and not dense_start(meta, expect_name)
     ):
         raise CheckpointError(
             f"{path}: holds weights of {meta['model']} (output stride "

@@ -75,10 +75,11 @@ def place_labels(ax, points: list[tuple[float, float, str]]) -> list:
 
 def tradeoff_png(
     points: list[dict], path: str | Path, x: str, y: str, x_dir: str = "min", y_dir: str = "max",
-    title: str = "",
+    title: str = "", references: list[dict] | None = None,
 ) -> list[str]:  # fmt: skip
-    """`points`: [{"label", x, y}, …] (points missing x or y are left out). Returns the labels on
-    the Pareto front in order of increasing x."""
+    """`points`: [{"label", x, y}, …] (points missing x or y are left out); `references`: points
+    of the same shape drawn apart (grey diamonds, e.g. the dense baselines), not on the front.
+    Returns the labels on the Pareto front in order of increasing x."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,9 +93,14 @@ def tradeoff_png(
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
         ax.scatter([p[x] for p in pts], [p[y] for p in pts], color="tab:blue", zorder=2)
+        refs = [p for p in references or [] if p.get(x) is not None and p.get(y) is not None]
+        if refs:
+            ax.scatter([p[x] for p in refs], [p[y] for p in refs], color="0.35", marker="D",
+                       label="reference", zorder=2)  # fmt: skip
         if on:
             ax.plot([p[x] for p in on], [p[y] for p in on], "-o", color="tab:red",
                     label="Pareto front", zorder=3)  # fmt: skip
+        if on or refs:
             ax.legend(loc="best")
         ax.margins(0.15)  # room for the labels of the outermost points
         ax.set_xlabel(AXIS_NAMES.get(x, x))
@@ -102,7 +108,7 @@ def tradeoff_png(
         ax.set_title(title)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        place_labels(ax, [(p[x], p[y], str(p["label"])) for p in pts])
+        place_labels(ax, [(p[x], p[y], str(p["label"])) for p in pts + refs])
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.png")

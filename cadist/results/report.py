@@ -58,6 +58,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {
             "run": r["name"],
             "model": label,
+            "mask": mask_settings(model, r["params"]),
             "status": r["status"],
             "steps": max((s for s, _ in miou), default=0),
             "best_miou": best,
@@ -77,11 +78,26 @@ def summarise(runs: list[dict]) -> list[dict]:
                 ("val/miou_inference", "miou_inference"),
                 ("val/high_res_fraction", "high_res_fraction"),
                 ("macs/backbone_gmac", "backbone_gmac"),
+                ("macs/total_gmac", "total_gmac"),
+                ("val/images_per_s", "images_per_s"),
             ):
                 if key in h:
                     row[col] = _at(h[key], best_step)
         rows.append(row)
     return sorted(rows, key=lambda r: (r.get("backbone_gmac") or float("inf"), r["run"]))
+
+
+def mask_settings(model: str, params: dict) -> str:
+    """How a run's model chooses its high-resolution cells: "edges τ 0.15, trimap 11" (edge mask,
+    §6), "learned ρ 0.3" (learned mask, §7), "dense" (every cell at the output stride)."""
+    if model.startswith("deeplabv3_batch_ap_"):
+        return (
+            f"edges τ {params.get('model.edge_threshold', '?')}, "
+            f"trimap {params.get('model.trimap_width', '?')}"
+        )
+    if model.startswith("deeplabv3_ad_"):
+        return f"learned ρ {params.get('model.target_low_res', '?')}"
+    return "dense"
 
 
 def mixed_validation(rows: list[dict]) -> str | None:
@@ -97,21 +113,25 @@ def mixed_validation(rows: list[dict]) -> str | None:
     return f"note: these runs were scored on different validation shards ({parts}); their mIoU do not compare"
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = [
-        ("run", "run"), ("model", "model"), ("best_miou", "best val mIoU"),
+def markdown(rows: list[dict], cols: list[tuple[str, str]] | None = None) -> str:
+    """The rows as a Markdown table: `cols` [(row key, title)], by default the report's."""
+    cols = cols or [
+        ("run", "run"), ("model", "model"), ("mask", "mask"), ("best_miou", "best val mIoU"),
         ("best_step", "at step"), ("miou_inference", "inference net mIoU"),
         ("high_res_fraction", "high-res p"), ("backbone_gmac", "backbone GMac"),
+        ("total_gmac", "total GMac"), ("images_per_s", "val images/s"),
         ("paper_miou", "released mIoU"), ("status", "status"),
     ]  # fmt: skip
 
-    def cell(v):
+    def cell(key, v):
         if v is None:
             return "–"
+        if key == "images_per_s":
+            return f"{v:.1f}"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

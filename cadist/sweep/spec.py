@@ -52,12 +52,14 @@ class SweepConfig(BaseModel):
     objectives: dict[str, Literal["max", "min"]] = {"val/miou": "max"}
     """One or two reported metrics and their direction (two: a Pareto front)."""
     num_samples: int = Field(8, ge=1)
-    """Trials in all."""
+    """Trials in all (searcher grid: every combination of the `choice` values once, which is
+    the default there)."""
     max_concurrent: int = Field(1, ge=1)
     """Trials running at once (each takes its job's cluster.num_workers × cpus_per_worker)."""
-    searcher: Literal["optuna", "random"] = "optuna"
-    """How trials' values are chosen: Optuna (Ray Tune's OptunaSearch; both objectives with two) or
-    random draws."""
+    searcher: Literal["optuna", "random", "grid"] = "optuna"
+    """How trials' values are chosen: Optuna (Ray Tune's OptunaSearch; both objectives with two),
+    random draws, or grid: every combination of the searched keys' `choice` values (Ray Tune's
+    grid search)."""
     seed: int = 0
     """Seed of the searcher: the same sweep file draws the same values."""
     scheduler: Literal["fifo", "asha"] = "fifo"
@@ -68,6 +70,28 @@ class SweepConfig(BaseModel):
     (2 × the base job's eval.interval)."""
     reduction_factor: float = Field(3, gt=1)
     """asha: about 1/reduction_factor of the trials reaching each rung go on to the next."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_trials(cls, data):
+        """searcher grid: every searched key a `choice`, num_samples = the combinations."""
+        if not isinstance(data, dict) or data.get("searcher") != "grid":
+            return data
+        search = data.get("search") if isinstance(data.get("search"), dict) else {}
+        combos = 1
+        for key, dom in search.items():
+            if not isinstance(dom, dict) or list(dom) != ["choice"] or not dom["choice"]:
+                raise ValueError(
+                    f"searcher grid: {key}: expected {{choice: [values…]}} (a grid takes each "
+                    f"value), got {dom}; use searcher random or optuna for ranges"
+                )
+            combos *= len(dom["choice"])
+        if data.get("num_samples", combos) != combos:
+            raise ValueError(
+                f"searcher grid: num_samples {data['num_samples']} but the grid has {combos} "
+                f"combinations; drop num_samples (a grid runs each combination once)"
+            )
+        return {**data, "num_samples": combos}
 
     @model_validator(mode="after")
     def _asha_needs_one_objective(self) -> SweepConfig:

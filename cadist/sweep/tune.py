@@ -55,7 +55,7 @@ def _space(sweep: SweepConfig) -> dict:
         space[key] = {
             "uniform": lambda a: tune.uniform(*a),
             "loguniform": lambda a: tune.loguniform(*a),
-            "choice": lambda a: tune.choice(a),
+            "choice": tune.grid_search if sweep.searcher == "grid" else tune.choice,
             "randint": lambda a: tune.randint(a[0], a[1] + 1),
             "quniform": lambda a: tune.quniform(*a),
         }[kind](args)
@@ -297,6 +297,7 @@ def run_loaded_sweep(
             f"tune` command to resume them from their last checkpoints"
         )
     return result | {
+        "parent_run_id": parent,
         "results_file": str(out),
         "resumed": resumed,
         "plot": str(plot) if plot else None,
@@ -338,6 +339,6 @@ def _tune_config(sweep: SweepConfig, base, slots: int):
         search_alg=search_alg,
         scheduler=scheduler,
         trial_dirname_creator=_trial_dirname,
-        num_samples=sweep.num_samples,
+        num_samples=1 if sweep.searcher == "grid" else sweep.num_samples,  # (a grid: each once)
         **({"metric": metrics[0], "mode": modes[0]} if len(metrics) == 1 else {}),
     )

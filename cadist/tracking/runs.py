@@ -270,6 +270,8 @@ REPORT_METRICS = (
     "val/high_res_fraction",
     "macs/backbone_gmac",
     "macs/backbone_gmac_computed",
+    "macs/total_gmac",
+    "val/images_per_s",
 )
 
 

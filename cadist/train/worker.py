@@ -337,6 +337,7 @@ def _evaluate(tracker, job, engine, val, state: dict, rank, device, dtype) -> di
     """One evaluation (a collective): the summed confusion matrix, the adaptive statistics, the
     logged metrics and images, `best.pt` when the mIoU improves; back to training mode."""
     step = state["step"]
+    started = time.perf_counter()
     cm, kept, extra = evaluate(
         engine.module,
         _on_device(make_loader(val), device, dtype),
@@ -345,7 +346,10 @@ def _evaluate(tracker, job, engine, val, state: dict, rank, device, dtype) -> di
         tta=job.eval.augmentation(),
     )
     cm.all_reduce()
-    metrics = {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rate = extra["images"] / max(time.perf_counter() - started, 1e-9)  # (decoding included)
+    metrics = {"val/images_per_s": _mean_over_ranks(rate, device) * world}
+    tracker.log_metrics(metrics, step)
     if is_adaptive(job.model.name):
         if is_learned(job.model.name):
             metrics |= _eval_learned(tracker, job, engine.module, val, extra, step, device)
