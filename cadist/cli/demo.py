@@ -26,13 +26,13 @@ DEMO_SWEEP = ROOT / "jobs" / "sweep_edge_demo.yaml"
 EXPERIMENT = "cadist-demo"
 STATE = "demo-state.json"
 
-#: the training stages: job name and the keys of jobs/demo.yaml they change. The edge model starts
-#: from the dense OS8 model's best weights (method §4.4), as the sweep's trials do.
-DENSE = {"name": "demo-dense-os8", "model.output_stride": 8, "train.iterations": 240,
-         "eval.interval": 120}  # fmt: skip
+#: the training stages: job name and the keys of jobs/demo.yaml they change. Every network, dense,
+#: edge and the sweep's trials, trains the same steps from the same start (seed, initialisation).
+DENSE = {"name": "demo-dense-os8", "model.output_stride": 8, "train.iterations": 120,
+         "eval.interval": 60}  # fmt: skip
 EDGE = {"name": "demo-edge", "model.name": "deeplabv3_batch_ap_resnet_tiny",
-        "model.edge_threshold": 0.15, "model.trimap_width": 11, "train.iterations": 80,
-        "eval.interval": 40, "train.lr_backbone": 0.01, "train.lr_head": 0.02}  # fmt: skip
+        "model.edge_threshold": 0.15, "model.trimap_width": 11, "train.iterations": 120,
+        "eval.interval": 60}  # fmt: skip
 STAGES = 7
 
 
@@ -102,18 +102,18 @@ def run_demo(
     if not os16:
         os16 = record("dense-os16", settings, run_id=_eval_os16(base, overrides, weights))
 
-    # 5. the edge-mask adaptive model from the dense weights
-    settings = {"job": EDGE, "set": list(overrides), "weights": weights}
+    # 5. the edge-mask adaptive model, from the same start
+    settings = {"job": EDGE, "set": list(overrides)}
     edge = done("edge", settings)
-    _heading(5, f"content-adaptive {EDGE['model.name']} (edge mask, OS 8→16) from them", echo)
+    _heading(5, f"content-adaptive {EDGE['model.name']} (edge mask, OS 8→16), same start", echo)
     if edge:
         echo(f"  done before: MLflow run {edge['run_id']}")
     else:
-        r = _train(base, EDGE | {"model.weights": weights}, overrides, restart)
+        r = _train(base, EDGE, overrides, restart)
         edge = record("edge", settings, run_id=r.run_id, checkpoint=str(r.checkpoint or ""))
 
     # 6. the Ray Tune sweep of the edge mask
-    sets = _sweep_sets(base, overrides, weights)
+    sets = _sweep_sets(base, overrides)
     settings = {"sweep": DEMO_SWEEP.read_text(), "set": sets}
     sweep = done("sweep", settings)
     _heading(6, f"Ray Tune sweep {DEMO_SWEEP.name}: edge threshold × trimap width", echo)
@@ -137,7 +137,16 @@ def run_demo(
     _heading(7, f"report of experiment {EXPERIMENT}: mIoU against GMac", echo)
     report = _report(work, uri, state.get("report", {}).get("run_id"), echo)
     record("report", None, run_id=report["run_id"])
-    return report | {"tracking_uri": uri}
+    return report | {
+        "tracking_uri": uri,
+        "checkpoint": edge["checkpoint"] or None,
+        "job": Storage(str(base["cluster.storage_path"])).uri(job_key(EDGE["name"], "job")),
+        "val_image": _val_image(data),
+    }
+
+
+def _val_image(data: Path) -> str:
+    return str(next(iter(sorted((data / "leftImg8bit" / "val").glob("*/*.png"))), ""))
 
 
 def _model(job: dict) -> str:
@@ -185,68 +194,64 @@ def _eval_os16(base: dict, overrides: tuple[str, ...], weights: str) -> str:
     return log_evaluation(job, weights, result, run_name="demo-dense-os16")
 
 
-def _sweep_sets(base: dict, overrides: tuple[str, ...], weights: str) -> list[str]:
-    """The sweep's overrides: where the demo's data, runs and MLflow store are, the dense weights
-    every trial starts from, and the user's --set keys (those the sweep does not search)."""
+def _sweep_sets(base: dict, overrides: tuple[str, ...]) -> list[str]:
+    """The sweep's overrides: where the demo's data, runs and MLflow store are, and the user's
+    --set keys (those the sweep does not search)."""
     from cadist.config.jobfile import parse_overrides
     from cadist.sweep.spec import load_sweep
 
     searched = set(load_sweep(DEMO_SWEEP)[0].search)
-    sets = [f"set.{k}={v}" for k, v in (base | {"model.weights": weights}).items()]
+    sets = [f"set.{k}={v}" for k, v in base.items()]
     return sets + [f"set.{k}={v}" for k, v in parse_overrides(overrides) if k not in searched]
 
 
 def _finished(uri: str, run_id: str | None) -> bool:
-    if not run_id:
-        return False
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from cadist.tracking.runs import run_status
 
-    try:
-        return MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
-    except MlflowException:
-        return False
+    return run_status(uri, run_id) == "FINISHED"
 
 
 def _report(work: Path, uri: str, report_run: str | None, echo) -> dict:
     """Print the demo experiment's table; draw mIoU against total GMac (adaptive runs, their Pareto
     front; the dense runs as reference points) and log table and figure to the `demo-report` run
     (again on a rerun). Returns the run, the figure, the best trade-off and the compare view."""
-    from mlflow.tracking import MlflowClient
-
     from cadist.results.plots import tradeoff_png
     from cadist.results.report import markdown, summarise
-    from cadist.tracking.runs import Tracker, new_run, training_runs
+    from cadist.tracking.runs import Tracker, experiment_id, new_run, run_status, training_runs
 
     runs = training_runs(uri, EXPERIMENT)
     rows = [r for r in summarise(runs) if r["best_miou"] is not None]
     ids = {r["name"]: r["run_id"] for r in runs}
     dense = [r for r in rows if r["mask"] == "dense"]
     adaptive = [r for r in rows if r["mask"] != "dense"]
-    x, y = "total_gmac", "miou"
+    x, y = "backbone_gmac", "miou"  # where the method saves (the head runs at OS8 in both)
 
     def point(r):
         return {"label": _short(r), x: r.get("total_gmac"), y: r["best_miou"]}
 
     png = work / "report" / "demo_pareto.png"
     front = tradeoff_png([point(r) for r in adaptive], png, x, y,
-                         title=f"{EXPERIMENT}: val mIoU against total GMac per image",
+                         title=f"{EXPERIMENT}: val mIoU against backbone GMac per image",
                          references=[point(r) for r in dense])  # fmt: skip
     for r in rows:
         r["pareto"] = "*" if r in adaptive and _short(r) in front else ""
     cols = [("run", "run"), ("model", "model"), ("mask", "mask"), ("best_miou", "val mIoU"),
-            ("total_gmac", "total GMac"), ("high_res_fraction", "high-res p"),
+            ("backbone_gmac", "backbone GMac"), ("total_gmac", "total GMac"),
+            ("high_res_fraction", "high-res p"),
             ("images_per_s", "val images/s"), ("pareto", "front")]  # fmt: skip
     table = markdown(rows, cols)
     echo(table)
-    if report_run is None or not _exists(uri, report_run):
+    if run_status(uri, report_run) is None:
         report_run = new_run(uri, EXPERIMENT, "demo-report", {"cadist.task": "report"})
     tracker = Tracker(uri, report_run)
     tracker.log_text(table + "\n", "report/table.md")
     tracker.log_artifact(png, "report")
     tracker.finish()
     best = _best_trade_off(dense, adaptive)
-    exp_id = MlflowClient(uri).get_experiment_by_name(EXPERIMENT).experiment_id
+    exp_id = experiment_id(uri, EXPERIMENT)
+    # MLflow 3's UI: the runs view ("Model training"; without the parameter a fresh browser
+    # opens the GenAI traces view) and the compare view of every scored run
+    runs_view = f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
     compare = (
         "http://127.0.0.1:5000/#/compare-runs?runs="
         + quote(json.dumps([ids[r["run"]] for r in rows if r["run"] in ids]))
@@ -254,6 +259,7 @@ def _report(work: Path, uri: str, report_run: str | None, echo) -> dict:
         + quote(json.dumps([exp_id]))
     )
     return {"run_id": report_run, "figure": str(png), "best": best, "compare_url": compare,
+            "runs_url": runs_view,
             "rows": rows, "table": table}  # fmt: skip
 
 
@@ -263,32 +269,24 @@ def _short(row: dict) -> str:
     return row["mask"].replace("edges ", "").replace(", trimap ", " w")
 
 
-def _exists(uri: str, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(uri).get_run(run_id)
-        return True
-    except MlflowException:
-        return False
-
-
 def _best_trade_off(dense: list[dict], adaptive: list[dict]) -> str | None:
-    """One line: the adaptive run with the best mIoU among those cheaper than dense OS8, against
-    dense OS8."""
-    os8 = next((r for r in dense if r["model"].endswith("OS8") and r.get("total_gmac")), None)
-    cheaper = [r for r in adaptive if r.get("total_gmac") and (
-        os8 is None or r["total_gmac"] < os8["total_gmac"])]  # fmt: skip
+    """One line: the adaptive run with the best mIoU among those whose backbone is cheaper than
+    dense OS8's, against dense OS8."""
+    os8 = next((r for r in dense if r["model"].endswith("OS8") and r.get("backbone_gmac")), None)
+    cheaper = [r for r in adaptive if r.get("backbone_gmac") and (
+        os8 is None or r["backbone_gmac"] < os8["backbone_gmac"])]  # fmt: skip
     if not cheaper:
         return None
-    b = max(cheaper, key=lambda r: (r["best_miou"], -r["total_gmac"]))
-    line = f"{b['run']} ({b['mask']}): val mIoU {b['best_miou']:.4f} at {b['total_gmac']:.2f} GMac"
+    b = max(cheaper, key=lambda r: (r["best_miou"], -r["backbone_gmac"]))
+    line = (
+        f"{b['run']} ({b['mask']}): val mIoU {b['best_miou']:.4f} at {b['backbone_gmac']:.2f} "
+        f"backbone GMac"
+    )
     if os8:
         line += (
-            f" — {b['total_gmac'] / os8['total_gmac']:.0%} of dense OS8's {os8['total_gmac']:.2f}"
-            f" GMac, mIoU {b['best_miou'] - os8['best_miou']:+.4f} against its "
-            f"{os8['best_miou']:.4f}"
+            f" — {b['backbone_gmac'] / os8['backbone_gmac']:.0%} of dense OS8's "
+            f"{os8['backbone_gmac']:.2f}, mIoU {b['best_miou'] - os8['best_miou']:+.4f} against "
+            f"its {os8['best_miou']:.4f}"
         )
     return line
 
@@ -316,7 +314,7 @@ def _quick(work: Path, data: Path, base: dict, overrides, restart: bool, echo) -
         "chance_miou": chance_miou(run_metrics(uri, result.run_id)),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "job": Storage(job.cluster.storage_path).uri(job_key(job.name, "job")),
-        "val_image": str(next(iter(sorted((data / "leftImg8bit" / "val").glob("*/*.png"))), "")),
+        "val_image": _val_image(data),
     }
 
 
@@ -336,7 +334,14 @@ def closing_lines(summary: dict) -> list[str]:
     lines += [
         f"Pareto figure: {summary['figure']} (in MLflow: run demo-report, report/demo_pareto.png)",
         f"browse the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+        f"the runs there: {summary['runs_url']}",
         f"compare them there: {summary['compare_url']}",
         f"the table again: cadist report --experiment {EXPERIMENT} --tracking-uri {shlex.quote(uri)}",
     ]
+    if summary.get("checkpoint"):  # the edge model: evaluate it again, predict an image
+        ckpt = shlex.quote(summary["checkpoint"])
+        lines.append(f"evaluate it: cadist eval {shlex.quote(summary['job'])} --ckpt {ckpt}")
+        if summary.get("val_image"):
+            image = shlex.quote(summary["val_image"])
+            lines.append(f"predict: cadist predict --ckpt {ckpt} --image {image} --save-mask")
     return lines

@@ -294,3 +294,24 @@ def run_metrics(uri: str, run_id: str) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
     return dict(MlflowClient(uri).get_run(run_id).data.metrics)
+
+
+def run_status(uri: str, run_id: str | None) -> str | None:
+    """A run's status (FINISHED, RUNNING, KILLED, …), None if there is no such run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not run_id:
+        return None
+    try:
+        return MlflowClient(uri).get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    """The id of experiment `name`, None if there is none."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp else None

@@ -32,11 +32,18 @@ def test_report_picks_the_best_evaluation_and_its_statistics(tmp_path):
     _run(
         uri,
         "edge",
-        {"model.name": "deeplabv3_batch_ap_resnet101", "model.output_stride": 16},
+        {
+            "model.name": "deeplabv3_batch_ap_resnet101",
+            "model.output_stride": 16,
+            "model.edge_threshold": 0.15,
+            "model.trimap_width": 11,
+        },
         {
             "val/miou": [(100, 0.6), (200, 0.62)],
             "val/high_res_fraction": [(100, 0.5), (200, 0.4)],
             "macs/backbone_gmac": [(100, 927.4), (200, 828.2)],
+            "macs/total_gmac": [(100, 1438.1), (200, 1339.0)],
+            "val/images_per_s": [(100, 3.1), (200, 3.25)],
         },
     )
     _run(uri, "a-sweep", {}, {"sweep/best_miou": [(0, 0.7)]}, job=False)  # not a training run
@@ -53,8 +60,18 @@ def test_report_picks_the_best_evaluation_and_its_statistics(tmp_path):
         828.2,
     )
     assert edge["paper_miou"] == 0.773 and edge["steps"] == 200
+    # at the best evaluation: its total GMac and evaluation throughput; how its mask is made
+    assert (edge["total_gmac"], edge["images_per_s"]) == (1339.0, 3.25)
+    assert (edge["mask"], dense["mask"]) == ("edges τ 0.15, trimap 11", "dense")
     r = CliRunner().invoke(main, ["report", "--experiment", "exp", "--tracking-uri", uri])
-    assert r.exit_code == 0 and "| edge | deeplabv3_batch_ap_resnet101 | 0.6200 | 200 |" in r.stdout
+    assert (
+        r.exit_code == 0
+        and (
+            "| edge | deeplabv3_batch_ap_resnet101 | edges τ 0.15, trimap 11 | 0.6200 | 200 | – | "
+            "0.4000 | 828.2000 | 1339.0000 | 3.2 | 0.7730 | FINISHED |"
+        )
+        in r.stdout
+    ), r.stdout
     r = CliRunner().invoke(main, ["report", "--experiment", "nope", "--tracking-uri", uri])
     assert r.exit_code == 2 and "no experiment 'nope'; experiments there: exp" in r.output
     # the trade-off figure: os16 (0.70 @ 416.76) dominates edge (0.62 @ 828.2)
