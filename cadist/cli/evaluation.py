@@ -146,8 +146,8 @@ def eval_cmd(
     "--experiment",
     "experiments",
     multiple=True,
-    help="MLflow experiment to read (repeatable); default: the paper jobs' cityscapes-dense and "
-    "cityscapes-adaptive, whichever exist.",
+    help="MLflow experiment to read (repeatable); default: every experiment with cadist runs, the "
+    "paper jobs' cityscapes-dense and cityscapes-adaptive first.",
 )
 @click.option(
     "--tracking-uri", default=None, help="MLflow store or server; default: ./mlflow.db as training."
@@ -173,7 +173,13 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     high-res fraction and backbone GMac at that evaluation, beside the released models' mIoU."""
     from cadist.errors import ConfigError
     from cadist.results.report import markdown, mixed_validation, per_class_markdown, summarise
-    from cadist.tracking.runs import check_reachable, experiments_there, resolve_uri, training_runs
+    from cadist.tracking.runs import (
+        check_reachable,
+        experiments_there,
+        experiments_with_training_runs,
+        resolve_uri,
+        training_runs,
+    )
 
     uri = resolve_uri(tracking_uri)
     check_reachable(uri, read_only=True)  # ≤ 5 s; creates nothing
@@ -181,18 +187,17 @@ def report_cmd(experiments, tracking_uri, plot, per_class, baseline, as_json):
     if experiments:
         for e in experiments:
             runs += training_runs(uri, e, per_class=per_class)
-    else:
-        for e in PAPER_EXPERIMENTS:
-            try:
-                runs += training_runs(uri, e, per_class=per_class)
-                experiments += (e,)
-            except ConfigError:  # not created yet
-                pass
+    else:  # the paper jobs' experiments first, then every other one with cadist runs
+        there = experiments_with_training_runs(uri)
+        for e in [e for e in PAPER_EXPERIMENTS if e in there] + [
+            e for e in there if e not in PAPER_EXPERIMENTS
+        ]:
+            runs += training_runs(uri, e, per_class=per_class)
+            experiments += (e,)
         if not experiments:
             raise ConfigError(
-                f"MLflow at {uri}: none of the paper jobs' experiments "
-                f"({', '.join(PAPER_EXPERIMENTS)}) exists; name one with --experiment "
-                f"({experiments_there(uri)})"
+                f"MLflow at {uri}: no experiment holds cadist runs yet ({experiments_there(uri)});"
+                f" train or evaluate with --log first, or name one with --experiment"
             )
     experiment = ", ".join(experiments)
     rows = summarise(runs)

@@ -70,7 +70,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         if scored_on:
             row["val_data"] = scored_on
         if best_step is not None:
-            per_class = {k.removeprefix("val/iou/"): dict(v).get(best_step)
+            per_class = {_class_name(k.removeprefix("val/iou/")): dict(v).get(best_step)
                          for k, v in h.items() if k.startswith("val/iou/")}  # fmt: skip
             if per_class:
                 row["per_class"] = per_class
@@ -85,6 +85,13 @@ def summarise(runs: list[dict]) -> list[dict]:
                     row[col] = _at(h[key], best_step)
         rows.append(row)
     return sorted(rows, key=lambda r: (r.get("backbone_gmac") or float("inf"), r["run"]))
+
+
+def _class_name(key: str) -> str:
+    """A class's name from its MLflow metric key (logged with "_" for " ": traffic_light)."""
+    from cadist.data.cityscapes import CLASS_NAMES
+
+    return {n.replace(" ", "_"): n for n in CLASS_NAMES}.get(key, key)
 
 
 def mask_settings(model: str, params: dict) -> str:

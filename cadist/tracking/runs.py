@@ -315,3 +315,17 @@ def experiment_id(uri: str, name: str) -> str | None:
 
     exp = MlflowClient(uri).get_experiment_by_name(name)
     return exp.experiment_id if exp else None
+
+
+def experiments_with_training_runs(uri: str) -> list[str]:
+    """The names of the experiments that hold cadist training or evaluation runs (a `cadist.job`
+    tag), oldest experiment first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exps = sorted(client.search_experiments(), key=lambda e: (e.creation_time or 0, e.name))
+    return [
+        e.name
+        for e in exps
+        if client.search_runs([e.experiment_id], "tags.`cadist.job` != ''", max_results=1)
+    ]

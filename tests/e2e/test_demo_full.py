@@ -118,6 +118,12 @@ def test_a_rerun_skips_what_is_done(demo):
     assert "Started a local Ray instance" not in r.stdout + r.stderr  # nothing to train: no Ray
     assert {r.info.run_id for r in client.search_runs([exp])} == before  # no run added
     print(f"rerun of a finished demo: {took:.1f} s")
+    # `cadist report` with no arguments, where the demo ran: the demo's table
+    rep = subprocess.run([str(CADIST), "report"], capture_output=True, text=True, cwd=work,
+                         timeout=120)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    for name in ("demo-dense-os8", "demo-dense-os16", "demo-edge"):
+        assert f"| {name} |" in rep.stdout, rep.stdout
 
 
 def test_quick_is_the_single_short_dense_run(demo):

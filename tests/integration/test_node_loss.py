@@ -68,13 +68,11 @@ def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None):
     return box
 
 
-def _two_nodes(workdirs=None):
-    """A head and a worker node; with `workdirs`, each node's processes (raylet, workers) start
-    in a folder of its own (`head`, `node1`, … under it), as nodes that share no disk."""
+def _two_nodes(workdirs):
+    """A head and a worker node, each node's processes (raylet, workers) started in a folder of
+    its own (`head`, `node1`, … under `workdirs`), as nodes that share no disk."""
 
     def start(name, fn):
-        if workdirs is None:
-            return fn()
         here = os.getcwd()
         (workdirs / name).mkdir(parents=True, exist_ok=True)
         os.chdir(workdirs / name)
@@ -87,11 +85,27 @@ def _two_nodes(workdirs=None):
     node = start("node1", lambda: cluster.add_node(num_cpus=1))
     ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     cluster.start_in = start
-    return cluster, node
+    cluster.workdirs = workdirs
+    cluster.worker_node = node  # the node a test may lose (the one added last)
+    return cluster
 
 
-def test_lost_node_is_an_error_and_a_rerun_would_resume(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One two-node cluster for the module's tests: each loses its worker node and adds one back
+    (as `cluster.worker_node`) for the next."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    c = _two_nodes(tmp_path_factory.mktemp("nodes"))
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        mp.undo()
+
+
+def test_lost_node_is_an_error_and_a_rerun_would_resume(tmp_path, cluster):
     overrides = _overrides(
         tmp_path, "itest-nodeloss", seed=7,
         **{"train.iterations": 400, "train.log_every": 10, "eval.interval": 400,
@@ -99,37 +113,32 @@ def test_lost_node_is_an_error_and_a_rerun_would_resume(tmp_path, monkeypatch):
            "mlflow.experiment": "nodeloss"},
     )  # fmt: skip
     job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
-    cluster, node = _two_nodes()
-    try:
-        box = _lose_a_node_while_training(tmp_path, cluster, node, job)
-        err = box.get("error")
-        assert isinstance(err, ClusterError), box
-        assert "could not start its 2 workers within cluster.start_timeout_s 8 s" in str(err)
-        assert "1 CPUs and 0 GPUs on 1 node" in str(
-            err
-        ) and "resumes from its last checkpoint" in str(err)
-        assert box["ended_after_s"] < 120
-        run_id = json.loads(
-            (tmp_path / "runs" / ".cadist" / "itest-nodeloss.mlflow.json").read_text()
-        )["run_id"]
-        client = MlflowClient(overrides["mlflow.tracking_uri"])
-        assert client.get_run(run_id).info.status == "FAILED"
+    box = _lose_a_node_while_training(tmp_path, cluster, cluster.worker_node, job)
+    err = box.get("error")
+    assert isinstance(err, ClusterError), box
+    assert "could not start its 2 workers within cluster.start_timeout_s 8 s" in str(err)
+    assert "1 CPUs and 0 GPUs on 1 node" in str(err) and "resumes from its last checkpoint" in str(
+        err
+    )
+    assert box["ended_after_s"] < 120
+    run_id = json.loads((tmp_path / "runs" / ".cadist" / "itest-nodeloss.mlflow.json").read_text())[
+        "run_id"
+    ]
+    client = MlflowClient(overrides["mlflow.tracking_uri"])
+    assert client.get_run(run_id).info.status == "FAILED"
 
-        # the node is back: rerunning the job would resume from its last registered checkpoint in
-        # the same MLflow run (the rerun's checks, as `cadist train --dry-run`; a real rerun of a
-        # resumed job: test_train_ray.py)
-        cluster.add_node(num_cpus=1)
-        plan = plan_training(job, "itest", address=cluster.address)
-        assert plan["start"]["fresh"] is False and plan["start"]["resume_step"] >= 10, plan["start"]
-        assert plan["mlflow"]["continues_run"] == run_id
-        assert plan["cluster"]["warning"] is None, plan["cluster"]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    # the node is back: rerunning the job would resume from its last registered checkpoint in
+    # the same MLflow run (the rerun's checks, as `cadist train --dry-run`; a real rerun of a
+    # resumed job: test_train_ray.py)
+    cluster.worker_node = cluster.start_in("node2", lambda: cluster.add_node(num_cpus=1))
+    plan = plan_training(job, "itest", address=cluster.address)
+    assert plan["start"]["fresh"] is False and plan["start"]["resume_step"] >= 10, plan["start"]
+    assert plan["mlflow"]["continues_run"] == run_id
+    assert plan["cluster"]["warning"] is None, plan["cluster"]
 
 
 def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_request(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, cluster
 ):
     """cluster.min_workers 1 … num_workers 2 with ZeRO-2: the node of one worker is lost; Ray Train
     restarts the group from the last checkpoint on the one worker left (the optimizer state split
@@ -137,7 +146,6 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
     (the state re-split for two) within cluster.elastic_resize_s. Then `cadist stop`: both ranks
     checkpoint at the same step and end, the MLflow run is KILLED, and a rerun would resume there.
     (The job asks for many steps, so the growth happens however slow the machine; the stop ends it.)"""
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     bucket = f"s3://{s3_server().bucket()}"
     driver_dir = tmp_path / "driver"
     driver_dir.mkdir()
@@ -167,55 +175,52 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
 
     def node_returns_then_stop():
         wait_for([2, 1], 180)
-        cluster.start_in("node2", lambda: cluster.add_node(num_cpus=1))
+        cluster.worker_node = cluster.start_in("node3", lambda: cluster.add_node(num_cpus=1))
         wait_for([2, 1, 2], 240)
         request_stop(storage, job.name)  # also if it never grew: the assertions below tell
         box["stopped_at"] = wait_for_stop(storage, job.name, 300)  # `cadist stop --wait`
 
-    cluster, node = _two_nodes(workdirs=tmp_path / "nodes")
     box = {}
-    try:
-        box |= _lose_a_node_while_training(tmp_path, cluster, node, job, node_returns_then_stop)
-        assert "error" not in box, box
-        r = box["result"]
-        step = r.metrics["step"]
-        assert box["stopped_at"] == step  # the stop waited for the job's last checkpoint
-        assert r.stopped and "stopped" not in r.metrics and 10 < step < 5000, r.metrics
-        run = client.get_run(r.run_id)
-        assert run.info.status == "KILLED" and run.data.tags["cadist.stopped_at_step"] == str(step)
-        workers = [
-            (m.step, int(m.value))
-            for m in sorted(
-                client.get_metric_history(r.run_id, "train/workers"), key=lambda m: m.timestamp
-            )
-        ]
-        assert _changes([w for _, w in workers]) == [2, 1, 2], workers
-        assert workers[-1] == (step, 2), workers  # both ranks stopped at the step they agreed on
-        resumed = [
-            m.value
-            for m in sorted(
-                client.get_metric_history(r.run_id, "train/resumed_from_step"),
-                key=lambda m: m.timestamp,
-            )
-        ]
-        assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] > resumed[0], resumed
-        loss = [m.value for m in client.get_metric_history(r.run_id, "train/loss")]
-        assert all(v == v and v < 10 for v in loss)  # finite: the re-split state trained on
-        assert latest_checkpoint(f"{storage}/{job.name}")[0] == step
-        assert not store.exists(".cadist/itest-elastic.stop.json")
-        # nothing on any node's disk, nor the driver's: all of it is on S3
-        assert store.latest_checkpoint(job.name) == (step, f"{storage}/{job.name}/step_{step:08d}")
-        assert store.is_file(".cadist/itest-elastic.yaml")
-        left = [p for p in (tmp_path / "nodes").rglob("*")] + list(driver_dir.iterdir())
-        assert not [p for p in left if p.is_file()], left
-        assert "last.pt" not in {
-            a.path.split("/")[-1] for a in client.list_artifacts(r.run_id, "checkpoints")
-        }
-        plan = plan_training(job, "itest", address=cluster.address)
-        assert plan["start"]["resume_step"] == step and plan["mlflow"]["continues_run"] == r.run_id
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    box |= _lose_a_node_while_training(
+        tmp_path, cluster, cluster.worker_node, job, node_returns_then_stop
+    )
+    assert "error" not in box, box
+    r = box["result"]
+    step = r.metrics["step"]
+    assert box["stopped_at"] == step  # the stop waited for the job's last checkpoint
+    assert r.stopped and "stopped" not in r.metrics and 10 < step < 5000, r.metrics
+    run = client.get_run(r.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["cadist.stopped_at_step"] == str(step)
+    workers = [
+        (m.step, int(m.value))
+        for m in sorted(
+            client.get_metric_history(r.run_id, "train/workers"), key=lambda m: m.timestamp
+        )
+    ]
+    assert _changes([w for _, w in workers]) == [2, 1, 2], workers
+    assert workers[-1] == (step, 2), workers  # both ranks stopped at the step they agreed on
+    resumed = [
+        m.value
+        for m in sorted(
+            client.get_metric_history(r.run_id, "train/resumed_from_step"),
+            key=lambda m: m.timestamp,
+        )
+    ]
+    assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] > resumed[0], resumed
+    loss = [m.value for m in client.get_metric_history(r.run_id, "train/loss")]
+    assert all(v == v and v < 10 for v in loss)  # finite: the re-split state trained on
+    assert latest_checkpoint(f"{storage}/{job.name}")[0] == step
+    assert not store.exists(".cadist/itest-elastic.stop.json")
+    # nothing on any node's disk, nor the driver's: all of it is on S3
+    assert store.latest_checkpoint(job.name) == (step, f"{storage}/{job.name}/step_{step:08d}")
+    assert store.is_file(".cadist/itest-elastic.yaml")
+    left = [p for p in cluster.workdirs.rglob("*")] + list(driver_dir.iterdir())
+    assert not [p for p in left if p.is_file()], left
+    assert "last.pt" not in {
+        a.path.split("/")[-1] for a in client.list_artifacts(r.run_id, "checkpoints")
+    }
+    plan = plan_training(job, "itest", address=cluster.address)
+    assert plan["start"]["resume_step"] == step and plan["mlflow"]["continues_run"] == r.run_id
 
 
 def _changes(values: list) -> list:

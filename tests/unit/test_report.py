@@ -100,16 +100,19 @@ def test_per_class_table_at_each_runs_best_evaluation(tmp_path):
             "val/miou": [(100, 0.70), (200, 0.75)],
             "val/iou/road": [(100, 0.90), (200, 0.95)],
             "val/iou/pole": [(100, 0.40), (200, 0.50)],
+            "val/iou/traffic light": [(100, 0.20), (200, 0.30)],  # MLflow key: traffic_light
         },
     )
     _run(uri, "edge", dense | {"model.name": "deeplabv3_batch_ap_resnet101"},
          {"val/miou": [(100, 0.74), (200, 0.72)], "val/iou/road": [(100, 0.96), (200, 0.99)],
-          "val/iou/pole": [(100, 0.45), (200, float("nan"))]})  # fmt: skip
+          "val/iou/pole": [(100, 0.45), (200, float("nan"))],
+          "val/iou/traffic light": [(100, 0.25), (200, 0.1)]})  # fmt: skip
     base = ["report", "--experiment", "exp", "--tracking-uri", uri]
     r = CliRunner().invoke(main, [*base, "--per-class", "--json"])
     assert r.exit_code == 0, r.output
     by_run = {row["run"]: row["per_class"] for row in json.loads(r.stdout)["runs"]}
-    assert by_run == {"os8": {"road": 0.95, "pole": 0.5}, "edge": {"road": 0.96, "pole": 0.45}}
+    assert by_run == {"os8": {"road": 0.95, "pole": 0.5, "traffic light": 0.3},
+                      "edge": {"road": 0.96, "pole": 0.45, "traffic light": 0.25}}  # fmt: skip
     r = CliRunner().invoke(main, [*base, "--per-class", "--baseline", "os8"])
     assert r.exit_code == 0, r.output
     table = r.stdout.split("per-class IoU at each run's best evaluation:")[1]
@@ -118,6 +121,11 @@ def test_per_class_table_at_each_runs_best_evaluation(tmp_path):
     assert lines[2] == "| road | 0.9500 | 0.9600 (+0.0100) |"  # road first: trainId 0
     assert "| pole | 0.5000 | 0.4500 (-0.0500) |" in lines
     assert "| sidewalk | – | – |" in lines  # not logged
+    # one row per class, a two-word class too (its MLflow key has "_" for " ")
+    assert [ln for ln in lines if "traffic" in ln and "light" in ln] == [
+        "| traffic light | 0.3000 | 0.2500 (-0.0500) |"
+    ]
+    assert len(lines) == 2 + 19 + 1  # header, rule, the 19 classes, mIoU
     assert lines[-1] == "| **mIoU** | 0.7500 | 0.7400 (-0.0100) |"
     r = CliRunner().invoke(main, [*base, "--per-class", "--baseline", "os16"])
     assert (
@@ -268,7 +276,7 @@ def test_eval_log_records_a_run_that_report_lists(tmp_path):
     assert f"shards/val@{want['digest']}: deeplabv3_" in note, note
 
 
-def test_report_reads_the_paper_experiments_together_by_default(tmp_path):
+def test_report_reads_every_cadist_experiment_the_paper_ones_first_by_default(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # no database there: a read-only command says so and creates none
     missing = CliRunner().invoke(main, ["report", "--tracking-uri", uri])
@@ -276,25 +284,32 @@ def test_report_reads_the_paper_experiments_together_by_default(tmp_path):
     assert list(tmp_path.iterdir()) == []
     MlflowClient(uri).search_experiments()  # an empty store
     empty = CliRunner().invoke(main, ["report", "--tracking-uri", uri])
-    assert empty.exit_code == 2 and "none of the paper jobs' experiments" in empty.output
+    assert empty.exit_code == 2 and "no experiment holds cadist runs yet" in empty.output
     assert "(it holds no runs yet)" in empty.output
-    for exp, name, model, gmac, miou in (
-        ("cityscapes-dense", "os8", "deeplabv3_resnet101", 1423.58, 0.77),
-        ("cityscapes-adaptive", "edge", "deeplabv3_batch_ap_resnet101", 900.0, 0.76),
-        ("other", "elsewhere", "deeplabv3_resnet101", 416.76, 0.70),
-    ):
+
+    def add(exp, name, model, gmac, miou):
         rid = new_run(uri, exp, name, {"cadist.job": name})
         t = Tracker(uri, rid)
         t.log_params({"model.name": model, "model.output_stride": 8})
         t.log_metrics({"val/miou": miou, "macs/backbone_gmac": gmac}, 100)
         t.finish()
+
+    # after `cadist demo`: its experiment, with no arguments
+    add("cadist-demo", "elsewhere", "deeplabv3_resnet101", 416.76, 0.70)
+    new_run(uri, "no-cadist-runs", "x", {})  # an experiment without cadist runs: left out
+    r = CliRunner().invoke(main, ["report", "--tracking-uri", uri, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["experiments"] == ["cadist-demo"]
+    # the paper jobs' experiments come first
+    add("cityscapes-dense", "os8", "deeplabv3_resnet101", 1423.58, 0.77)
+    add("cityscapes-adaptive", "edge", "deeplabv3_batch_ap_resnet101", 900.0, 0.76)
     r = CliRunner().invoke(main, ["report", "--tracking-uri", uri, "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["experiments"] == ["cityscapes-dense", "cityscapes-adaptive"]
-    assert [row["run"] for row in out["runs"]] == ["edge", "os8"]  # by GMac
+    assert out["experiments"] == ["cityscapes-dense", "cityscapes-adaptive", "cadist-demo"]
+    assert [row["run"] for row in out["runs"]] == ["elsewhere", "edge", "os8"]  # by GMac
     r = CliRunner().invoke(
-        main, ["report", "--tracking-uri", uri, "--experiment", "other", "--experiment",
+        main, ["report", "--tracking-uri", uri, "--experiment", "cadist-demo", "--experiment",
                "cityscapes-dense", "--json"],
     )  # fmt: skip
     assert [row["run"] for row in json.loads(r.stdout)["runs"]] == ["elsewhere", "os8"]
