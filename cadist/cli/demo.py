@@ -227,7 +227,7 @@ def _report(work: Path, uri: str, report_run: str | None, echo) -> dict:
     x, y = "backbone_gmac", "miou"  # where the method saves (the head runs at OS8 in both)
 
     def point(r):
-        return {"label": _short(r), x: r.get("total_gmac"), y: r["best_miou"]}
+        return {"label": _short(r), x: r.get(x), y: r["best_miou"]}
 
     png = work / "report" / "demo_pareto.png"
     front = tradeoff_png([point(r) for r in adaptive], png, x, y,
