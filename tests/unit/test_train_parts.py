@@ -3,6 +3,7 @@
 import copy
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,33 @@ def test_shipped_sweeps_validate(name):
 
     sweep, fixed, job_path = load_sweep(os.path.join(JOBS, name))
     assert os.path.isfile(job_path) and sweep.search and sweep.objectives
+
+
+def test_a_grid_sweep_takes_every_combination_once(tmp_path):
+    """searcher grid: num_samples is the number of combinations; a range, or another
+    num_samples, is one error naming the key or both numbers; Tune gets a grid search."""
+    import yaml
+
+    from cadist.errors import ConfigError
+    from cadist.sweep.spec import load_sweep
+    from cadist.sweep.tune import _space
+
+    sweep, _, _ = load_sweep(os.path.join(JOBS, "sweep_edge_demo.yaml"))
+    assert (sweep.searcher, sweep.num_samples) == ("grid", 4)
+    assert _space(sweep) == {
+        "model.edge_threshold": {"grid_search": [0.35, 0.95]},
+        "model.trimap_width": {"grid_search": [3, 11]},
+    }
+    base = yaml.safe_load(open(os.path.join(JOBS, "sweep_edge_demo.yaml")))
+    base["job"] = os.path.join(JOBS, "demo.yaml")
+    for change, says in (
+        ({"num_samples": 6}, "num_samples 6 but the grid has 4 combinations"),
+        ({"search": {"model.edge_threshold": {"uniform": [0.1, 0.9]}}},
+         "model.edge_threshold: expected {choice: [values…]}"),
+    ):  # fmt: skip
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(base | change))
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_sweep(tmp_path / "s.yaml")
 
 
 def test_paper_jobs_follow_the_recipe():
