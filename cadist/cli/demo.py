@@ -84,33 +84,33 @@ def run_demo(
         tmp.replace(state_file)  # (never half-written)
         return state[stage]
 
+    def train_stage(n: int, stage: str, job: dict, heading: str) -> dict:
+        settings = {"job": job, "set": list(overrides)}
+        rec = done(stage, settings)
+        _heading(n, heading, echo)
+        if rec:
+            echo(f"  done before: MLflow run {rec['run_id']} (--restart runs it again)")
+            return rec
+        r = _train(base, job, overrides, restart)
+        return record(stage, settings, run_id=r.run_id, checkpoint=str(r.checkpoint or ""))
+
     # 3. dense OS8
-    settings = {"job": DENSE, "set": list(overrides)}
-    dense = done("dense", settings)
-    _heading(3, f"dense {_model(DENSE)} at OS8 on 2 Ray workers with DeepSpeed", echo)
-    if dense:
-        echo(f"  done before: MLflow run {dense['run_id']} (rerun with --restart to train again)")
-    else:
-        r = _train(base, DENSE, overrides, restart)
-        dense = record("dense", settings, run_id=r.run_id, checkpoint=str(r.checkpoint or ""))
+    dense = train_stage(3, "dense", DENSE,
+                        f"dense {_model(DENSE)} at OS8 on 2 Ray workers with DeepSpeed")  # fmt: skip
     weights = f"runs:/{dense['run_id']}"
 
     # 4. the dense weights at OS16: the other reference point (same weights, half the resolution)
     settings = {"weights": weights, "set": list(overrides)}
     os16 = done("dense-os16", settings)
     _heading(4, "the dense weights evaluated at OS16 (the cheaper dense reference)", echo)
-    if not os16:
+    if os16:
+        echo(f"  done before: MLflow run {os16['run_id']}")
+    else:
         os16 = record("dense-os16", settings, run_id=_eval_os16(base, overrides, weights))
 
     # 5. the edge-mask adaptive model, from the same start
-    settings = {"job": EDGE, "set": list(overrides)}
-    edge = done("edge", settings)
-    _heading(5, f"content-adaptive {EDGE['model.name']} (edge mask, OS 8→16), same start", echo)
-    if edge:
-        echo(f"  done before: MLflow run {edge['run_id']}")
-    else:
-        r = _train(base, EDGE, overrides, restart)
-        edge = record("edge", settings, run_id=r.run_id, checkpoint=str(r.checkpoint or ""))
+    edge = train_stage(5, "edge", EDGE, f"content-adaptive {EDGE['model.name']} (edge mask, "
+                       f"OS 8→16), same start")  # fmt: skip
 
     # 6. the Ray Tune sweep of the edge mask
     sets = _sweep_sets(base, overrides)
