@@ -189,6 +189,10 @@ def run_training(
     uri = resolve_uri(job.mlflow.tracking_uri) if job.mlflow.enabled else None
     if uri:
         check_reachable(uri)  # before Ray starts
+    if not (in_sweep or callbacks):  # (a sweep's trials: Tune keeps those that finished)
+        done = _finished_before(job, store, uri, rerun)
+        if done is not None:
+            return done
     connect_ray(address or job.cluster.address, job.cluster.use_gpu, source)
     warning = check_resources(job, source, cluster_nodes())  # before the MLflow run opens
     if warning:
@@ -246,6 +250,26 @@ def run_training(
             stopped_at=metrics.get("step") if stopped else None,
         )
     return TrainResult(run_id, uri, ckpt, metrics, stopped)
+
+
+def _finished_before(job: JobConfig, store: Storage, uri: str | None, rerun) -> TrainResult | None:
+    """A rerun of a job that already reached its last step (a committed checkpoint there, its
+    MLflow run FINISHED): its result, said in one line, without starting Ray; None otherwise."""
+    from cadist.tracking.runs import run_metrics, run_status
+
+    latest = store.latest_checkpoint(job.name) if rerun.step is not None else None
+    if latest is None or latest[0] < job.train.iterations:
+        return None
+    run_id = (store.read_json(job_key(job.name, "mlflow")) or {}).get("run_id") if uri else None
+    if uri and run_status(uri, run_id) != "FINISHED":
+        return None  # e.g. it ended before its tracking did: the ordinary resume finishes that
+    print(
+        f"cadist: job {job.name} already reached its last step {latest[0]} (checkpoint "
+        f"{latest[1]}); nothing to train — raise train.iterations to train on, or --restart",
+        file=sys.stderr,
+    )
+    metrics = (run_metrics(uri, run_id) if uri else {}) | {"step": latest[0]}
+    return TrainResult(run_id, uri, latest[1], metrics, False)
 
 
 def _storage_failure(exn: BaseException, store: Storage):

@@ -139,6 +139,12 @@ def test_quick_is_the_single_short_dense_run(demo):
     assert run.data.params["model.output_stride"] == "16" and run.info.status == "FINISHED"
     assert run.data.metrics["val/miou"] == pytest.approx(float(m.group(1)), abs=1e-4)
     assert f"mlflow ui --backend-store-uri {uri}" in r.stdout
+    # again: it reached its last step — says so, starts no Ray, prints the same result
+    again = _demo(work, "--quick")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "job demo already reached its last step 6" in again.stderr, again.stderr[-3000:]
+    assert "Started a local Ray instance" not in again.stdout + again.stderr
+    assert m.group(0) in again.stdout
 
 
 def _server(work: Path):

@@ -113,7 +113,7 @@ def _artifacts(client, run_id, path=""):
     return out
 
 
-def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
+def test_train_logs_everything_and_rerun_resumes(workdir, ray_local, capsys):
     job = make_job(
         workdir,
         "itest-main",
@@ -222,6 +222,19 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local):
         "itest",
     )
     assert r2.run_id == r.run_id and r2.metrics["step"] == 40
+    # once more, as it is: it reached its last step, so nothing trains (no Ray Train run: the
+    # result comes from the storage path and MLflow)
+    capsys.readouterr()
+    resumes = len(client.get_metric_history(r.run_id, "train/resumed_from_step"))
+    r3 = run_training(
+        make_job(workdir, "itest-main", **{"train.iterations": 40, "cluster.num_workers": 1,
+                 "mlflow.register_model": "itest-model", "mlflow.system_metrics_s": 1}),
+        "itest",
+    )  # fmt: skip
+    assert (r3.run_id, r3.metrics["step"], r3.checkpoint) == (r.run_id, 40, r2.checkpoint)
+    assert r3.metrics["val/miou"] == pytest.approx(r2.metrics["val/miou"])
+    assert "job itest-main already reached its last step 40" in capsys.readouterr().err
+    assert len(client.get_metric_history(r.run_id, "train/resumed_from_step")) == resumes
     steps = [m.step for m in client.get_metric_history(r.run_id, "train/loss")]
     assert sorted(steps) == [5, 10, 15, 20, 25, 30, 35, 40]
     run2 = client.get_run(r.run_id)
