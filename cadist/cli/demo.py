@@ -36,8 +36,8 @@ EDGE = {"name": "demo-edge", "model.name": "deeplabv3_batch_ap_resnet_tiny",
 STAGES = 7
 
 
-def _heading(n: int, text: str, echo) -> None:
-    echo(click.style(f"[{n}/{STAGES}] {text}", bold=True))
+def _heading(n: int, text: str, echo, total: int = STAGES) -> None:
+    echo(click.style(f"[{n}/{total}] {text}", bold=True))
 
 
 def run_demo(
@@ -57,6 +57,8 @@ def run_demo(
             )
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    state_file = work / STATE
+    state = {} if restart or quick else _read_state(state_file)  # (a damaged one: before anything)
     data, shards = _data_and_shards(work, echo, 4 if quick else STAGES)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     base = {
@@ -67,8 +69,6 @@ def run_demo(
     }
     if quick:
         return _quick(work, data, base, overrides, restart, echo)
-    state_file = work / STATE
-    state = {} if restart or not state_file.is_file() else json.loads(state_file.read_text())
 
     def done(stage: str, settings) -> dict | None:
         """The stage's record if it finished with these settings and its MLflow run is there."""
@@ -149,6 +149,23 @@ def _val_image(data: Path) -> str:
     return str(next(iter(sorted((data / "leftImg8bit" / "val").glob("*/*.png"))), ""))
 
 
+def _read_state(path: Path) -> dict:
+    """What earlier runs of the demo recorded (nothing yet: {}); a damaged file is one error."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        state = exn
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"{path}: expected the demo's JSON record of its stages, found something else "
+            f"({state if isinstance(state, Exception) else type(state).__name__}); delete it to "
+            f"run every stage again (finished trainings end at once), or pass --restart"
+        )
+    return state
+
+
 def _model(job: dict) -> str:
     return job.get("model.name", "deeplabv3_resnet_tiny")
 
@@ -157,16 +174,16 @@ def _sets(values: dict) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def _data_and_shards(work: Path, echo, stages: int) -> tuple[Path, Path]:
+def _data_and_shards(work: Path, echo, total: int) -> tuple[Path, Path]:
     data, shards = work / "data" / "synth", work / "shards" / "demo"
     if not (data / "gtFine").is_dir():
-        _heading(1, f"generating street scenes in {data}", echo)
+        _heading(1, f"generating street scenes in {data}", echo, total)
         write_tree(
             data, num_train=64, num_val=16, height=256, width=512, seed=0, workers=2, progress=True
         )
     else:
-        _heading(1, f"using the scenes in {data}", echo)
-    _heading(2, f"WebDataset shards in {shards}", echo)
+        _heading(1, f"using the scenes in {data}", echo, total)
+    _heading(2, f"WebDataset shards in {shards}", echo, total)
     for split, per_shard in (("train", 8), ("val", 4)):
         if not manifest_path(shards, split).exists():
             build_shards(data, split, shards, samples_per_shard=per_shard, workers=2)
@@ -299,9 +316,9 @@ def _quick(work: Path, data: Path, base: dict, overrides, restart: bool, echo) -
     job = load_job(DEMO_JOB, _sets(base) + list(overrides))
     _heading(3, f"training {job.model.name} for {job.train.iterations} steps on "
              f"{job.cluster.num_workers} Ray workers with DeepSpeed "
-             f"(ZeRO-{job.deepspeed.zero_stage})", echo)  # fmt: skip
+             f"(ZeRO-{job.deepspeed.zero_stage})", echo, 4)  # fmt: skip
     result = run_training(job, str(DEMO_JOB), restart=restart)
-    _heading(4, "evaluated on the validation shards; logged to MLflow", echo)
+    _heading(4, "evaluated on the validation shards; logged to MLflow", echo, 4)
     uri = base["mlflow.tracking_uri"]
     hist = metric_history(uri, result.run_id, "val/miou")  # [(step, value)]
     step, value = max(hist)

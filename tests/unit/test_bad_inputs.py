@@ -223,3 +223,19 @@ def test_redaction_rules():
     ]
     assert has_secret({"model": {"weights": "s3://b/w.pt"}, "AWS_SECRET_ACCESS_KEY": ""}) == []
     assert json.dumps(redact({"api_key": "k"})) == '{"api_key": "***"}'
+
+
+def test_a_damaged_demo_state_file_is_one_error_before_anything_runs(tmp_path):
+    """`cadist demo` reads its record of finished stages first: a damaged one is one error naming
+    the file and the fix, and no scene is generated."""
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+
+    for text in ("{not json", "[1, 2]"):
+        (tmp_path / "demo-state.json").write_text(text)
+        r = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path)])
+        assert r.exit_code == 2, r.output
+        assert f"{tmp_path / 'demo-state.json'}: expected the demo's JSON record" in r.output
+        assert "delete it to run every stage again" in r.output and "Traceback" not in r.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-state.json"]
