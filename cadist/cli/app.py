@@ -34,8 +34,52 @@ def _message(exn: CadistError) -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cadist")
-def main() -> None:
-    """Content-adaptive downsampling for segmentation CNNs, trained with Ray + DeepSpeed."""
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Echo the workers' output line by line (each progress line of rank 0).",
+)
+@click.option("-q", "--quiet", is_flag=True,
+              help="Progress as a plain line a minute instead of a live bar.")  # fmt: skip
+def main(verbose: bool, quiet: bool) -> None:
+    """Content-adaptive downsampling for segmentation CNNs, trained with Ray + DeepSpeed.
+
+    Long commands show a live progress bar with ETA on a terminal, and a plain line every 10 s
+    where output is piped or NO_COLOR is set (CADIST_PROGRESS_INTERVAL changes it)."""
+    import os
+
+    # (read by the driver in this process, which passes --verbose on to the workers)
+    if verbose:
+        os.environ["CADIST_VERBOSE"] = "1"
+    if quiet:
+        os.environ["CADIST_QUIET"] = "1"
+    _library_logs()
+
+
+def _library_logs() -> None:
+    """MLflow's informational lines (creating a store's tables, …) to cadist's log file, its warnings
+    and errors on the console: MLflow is told not to set up its own logging, cadist does."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if os.environ["MLFLOW_CONFIGURE_LOGGING"].lower() != "false":
+        return
+    logger = logging.getLogger("mlflow")
+    if any(getattr(h, "_cadist", False) for h in logger.handlers):
+        return
+    from cadist.progress import LibraryLog
+
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for h in (console, LibraryLog()):
+        h._cadist = True
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # (MLflow's store migrations)
 
 
 def _print_json(obj) -> None:

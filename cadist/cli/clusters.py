@@ -56,22 +56,37 @@ def submit_cmd(job_file, overrides, address, no_upload, no_wait, restart):
 
 
 @main.command("logs")
-@click.argument("submission_id")
+@click.argument("name")
 @click.option(
     "--address",
-    default="http://127.0.0.1:8265",
-    show_default=True,
+    default=None,
     envvar="RAY_API_SERVER_ADDRESS",
-    help="The cluster's Ray dashboard, as for `cadist submit`.",
+    help="The cluster's Ray dashboard, as for `cadist submit` (NAME: a submission id; default "
+    "http://127.0.0.1:8265).",
+)
+@click.option(
+    "--storage",
+    default=None,
+    help="The job's cluster.storage_path (NAME: a job name): the log its driver keeps there, "
+    "readable from any machine. Default: ./cadist_runs where it holds job NAME.",
 )
 @click.option("--follow", "-f", is_flag=True, help="Follow the log until the job ends.")
-def logs_cmd(submission_id, address, follow):
-    """Print the log of a job `cadist submit` started (SUBMISSION_ID as it printed), then its
-    status."""
+def logs_cmd(name, address, storage, follow):
+    """Print the log of job NAME (its driver's log on the storage path) or of a job `cadist
+    submit` started (NAME: the SUBMISSION_ID it printed; Ray's Jobs API), then its state."""
+    from cadist.storage.store import Storage
+    from cadist.storage.uri import job_key
+
+    if address is None and (storage or Storage("cadist_runs").is_file(job_key(name, "log"))):
+        from cadist.submit.status import job_log
+
+        state = job_log(Storage(storage or "cadist_runs"), name, follow, click.echo)
+        click.echo(f"{name}: {state}", err=True)
+        return
     from cadist.submit.submission import job_logs
 
-    status = job_logs(submission_id, address, follow, click.echo)
-    click.echo(f"{submission_id}: {status}", err=True)
+    status = job_logs(name, address or "http://127.0.0.1:8265", follow, click.echo)
+    click.echo(f"{name}: {status}", err=True)
 
 
 @main.group("cluster")

@@ -127,15 +127,23 @@ def eval_cmd(
         from cadist.tracking.runs import check_reachable, resolve_uri
 
         check_reachable(resolve_uri(job.mlflow.tracking_uri))
-    if address:
-        from cadist.eval.on_cluster import evaluate_on_cluster
-        from cadist.tracking.sources import resolve_weights
+    from cadist.eval.evaluate import images_to_evaluate
+    from cadist.progress import Bar
 
-        weights = resolve_weights(ckpt, job.mlflow.tracking_uri if job.mlflow.enabled else None)
-        runs = [(job, tta)]
-        result = evaluate_on_cluster(runs, weights, address, job_file, per_image, shares=tasks)[0]
-    else:
-        result = evaluate_job(job, ckpt, device, tta, per_image)
+    bar = Bar(f"eval {job.name}", images_to_evaluate(job), "img")
+    try:
+        if address:
+            from cadist.eval.on_cluster import evaluate_on_cluster
+            from cadist.tracking.sources import resolve_weights
+
+            weights = resolve_weights(ckpt, job.mlflow.tracking_uri if job.mlflow.enabled else None)
+            runs = [(job, tta)]
+            result = evaluate_on_cluster(runs, weights, address, job_file, per_image, shares=tasks,
+                                         bar=bar)[0]  # fmt: skip
+        else:
+            result = evaluate_job(job, ckpt, device, tta, per_image, progress=bar.add)
+    finally:
+        bar.close(f"mIoU {result['miou']:.4f}" if "result" in locals() else None)
     if log_run:
         result["mlflow_run_id"] = log_evaluation(job, ckpt, result, run_name)
     _print_json(result)

@@ -111,9 +111,10 @@ def _score(method, root, weights, device, save_features=None, save_results=None)
     """One descriptor network over a sequences folder (`evaluate`), weights loaded if given."""
     import torch
 
-    from cadist.eval.hpatches import evaluate
+    from cadist.eval.hpatches import evaluate, sequences
     from cadist.keypoints.d2net import load_d2net_weights
     from cadist.keypoints.extract import describe
+    from cadist.progress import Bar
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,13 +122,25 @@ def _score(method, root, weights, device, save_features=None, save_results=None)
     if weights:
         load_d2net_weights(net, weights)
     net.to(device).eval()
-    r = evaluate(
-        root,
-        lambda rgb: describe(net, method, rgb, device),
-        save_to=save_features,
-        suffix=method.name,
-        save_results=save_results,
-    )
+    seqs = len(sequences(root))
+    bar = Bar(f"hpatches {method.name}", 6 * seqs, "img")  # six images per sequence
+
+    def described(rgb):
+        out = describe(net, method, rgb, device)
+        bar.add(1)
+        return out
+
+    try:
+        r = evaluate(
+            root,
+            described,
+            progress=lambda n, total, name: bar.add(0, f"{n}/{total} sequences ({name})"),
+            save_to=save_features,
+            suffix=method.name,
+            save_results=save_results,
+        )
+    finally:
+        bar.close()
     return {"method": method.name, "weights": weights} | r
 
 

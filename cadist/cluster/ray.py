@@ -4,11 +4,13 @@ environment, and recognising runs that ended because workers could not start (no
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 from cadist.config.schema import JobConfig
 from cadist.errors import ConfigError
+from cadist.progress import library_log
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
@@ -119,8 +121,12 @@ def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
                 f"(`ray start --head`), fix cluster.address / --address, or leave it unset for a "
                 f"local Ray"
             ) from None
+    _token_notice_to_log_file()
+    if address == "local":  # one machine: no spot preemption for Ray Train to watch for
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
         ray.init(address=address, runtime_env={"env_vars": worker_env(use_gpu)}, log_to_driver=True)
+        _quiet_ray_noise()
     except ray.exceptions.AuthenticationError as exn:
         raise ConfigError(
             f"{source}: Ray cluster address {address}: the cluster refused this machine "
@@ -135,6 +141,89 @@ def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
             f"({str(exn).strip().splitlines()[0]}); check the address (the head's `ray start` "
             f"prints it), or leave cluster.address unset for a local Ray"
         ) from None
+
+
+class _ToLogFile(logging.Filter):
+    """Sends records that start with `prefix` to cadist's log file instead of the console."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        library_log(record)
+        return False
+
+
+def _token_notice_to_log_file() -> None:
+    """Ray's notice that a new local cluster uses token auth (its default, which cadist keeps) to
+    the log file: said on every start, it is not news on the console."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _ToLogFile) for f in logger.filters):
+        logger.addFilter(_ToLogFile("Token authentication is enabled for this Ray cluster"))
+
+
+#: Ray's own messages that a healthy run prints and a user cannot act on, kept off the console
+#: (the Ray session's log files still hold them; docs/training.md lists them): (actor, first line
+#: of the message, last line of its traceback or None for a one-line message)
+RAY_NOISE = (
+    # Ray Train's placement-group safety net asks the State API whether the controller lives; without
+    # the dashboard (or with several local Ray instances) each check fails, and says so
+    ("PlacementGroupCleaner", "Failed to query Ray Train Controller actor state.", None),
+    ("PlacementGroupCleaner", "Exception in thread PlacementGroupCleanerMonitor",
+     "ConnectionError: Found multiple active Ray instances"),
+    # the controller's first autoscaler request times out while the coordinator actor still starts
+    # (a busy machine); Ray: "safe to ignore"
+    ("TrainController", "Failed to send resource request for", "GetTimeoutError"),
+    # Ray core on the preemption watcher's restart policy (its arguments are in the object store)
+    ("TrainController", None, "has constructor arguments in the object store and max_restarts"),
+)  # fmt: skip
+
+
+def _drop_noise(lines: list[str], actor: str | None) -> list[str]:
+    """`lines` of one batch of `actor`'s output without the RAY_NOISE messages in it (a message
+    with a traceback only where the traceback ends as listed: another error stays)."""
+    rules = [(first, last) for who, first, last in RAY_NOISE if who == actor]
+    out, i = [], 0
+    while i < len(lines):
+        line, end = lines[i], None
+        for first, last in rules:
+            if first is None and last in line:
+                end = i
+            elif first is not None and first in line:
+                ends = [j for j in range(i, len(lines)) if last is None or last in lines[j]]
+                end = ends[0] if ends else None
+            if end is not None:
+                break
+        if end is None:
+            out.append(line)
+            i += 1
+        else:
+            i = end + 1
+    return out
+
+
+def _quiet_ray_noise() -> None:
+    """Wrap Ray's printer of worker output (the driver's `log_to_driver`) so that RAY_NOISE
+    messages are dropped; every other line prints as before."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    with dispatcher._lock:
+        handlers = dict(dispatcher.handlers)
+    printer = handlers.get("ray_print_logs")
+    if printer is None or getattr(printer, "_cadist", False):
+        return
+
+    def filtered(data: dict) -> None:
+        lines = _drop_noise(list(data.get("lines") or []), data.get("actor_name"))
+        if lines:
+            printer({**data, "lines": lines})
+
+    filtered._cadist = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def is_start_failure(exn: BaseException) -> bool:

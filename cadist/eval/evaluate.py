@@ -46,6 +46,7 @@ def evaluate_job(
     device: str = "cpu",
     tta: Augmentation | None = None,
     per_image: bool = False,
+    progress=None,
 ) -> dict:
     """mIoU, accuracies and per-class IoU of `ckpt` on `job.data.val_shards` (method §9); `ckpt`:
     a weights file, checkpoint folder or MLflow URI (read from the job's tracking store). With
@@ -53,8 +54,27 @@ def evaluate_job(
     and "tta" lists them: size, mirrored, images, high-res fraction and backbone GMac per pass.
     `per_image` adds each image's mIoU, pixel accuracy and high-res fraction, worst first (for
     learned-mask models, like the totals: `miou` of the training network, `miou_inference` and
-    `high_res_fraction` of the inference network, `high_res_fraction_train`)."""
-    return combine_parts(job, [evaluate_part(job, ckpt, device, tta, per_image)], tta)
+    `high_res_fraction` of the inference network, `high_res_fraction_train`). `progress(n)`: n more
+    images evaluated (`images_to_evaluate` in all)."""
+    part = evaluate_part(job, ckpt, device, tta, per_image, progress=progress)
+    return combine_parts(job, [part], tta)
+
+
+def networks_of(job: JobConfig) -> dict[str, dict]:
+    """The networks an evaluation of `job` runs, by name, as build_model keyword arguments:
+    {"main"}, and "inference" for learned-mask models (§7.5's irregular network of the same
+    weights, as training logs it)."""
+    networks = {"main": job.model.build_kwargs()}
+    if is_learned(job.model.name) and job.eval.learned_inference:
+        networks["inference"] = job.model.build_kwargs() | {"network": "inference"}
+    return networks
+
+
+def images_to_evaluate(job: JobConfig) -> int | None:
+    """Images an evaluation of `job` runs through a network (every network counted; None where
+    the validation shards come without a manifest)."""
+    samples = shard_set(job.data.val_shards)["samples"]
+    return None if samples is None else samples * len(networks_of(job))
 
 
 def evaluate_part(
@@ -65,6 +85,7 @@ def evaluate_part(
     per_image: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    progress=None,
 ) -> dict:
     """Share `rank` of `world_size` of the validation images evaluated (each image is in exactly
     one share), as counts that `combine_parts` adds up: per network ({"main"}, and "inference"
@@ -83,18 +104,19 @@ def evaluate_part(
         skip_bad=job.data.skip_bad,
         allow_pipe=job.data.allow_pipe,
     )
-    networks = {"main": job.model.build_kwargs()}
-    if is_learned(job.model.name) and job.eval.learned_inference:
-        # the irregular inference network of the same weights (§7.5), as training logs it
-        networks["inference"] = job.model.build_kwargs() | {"network": "inference"}
     out = {}
-    for name, kwargs in networks.items():
+    for name, kwargs in networks_of(job).items():
         model = build_model(**kwargs)
         load_weights(model, ckpt, expect_name=job.model.name)
         images = [] if per_image else None
         started = time.perf_counter()
         cm, _, extra = evaluate(
-            model.to(device), make_loader(val), torch.device(device), tta=tta, per_image=images
+            model.to(device),
+            make_loader(val),
+            torch.device(device),
+            tta=tta,
+            per_image=images,
+            on_batch=progress,
         )
         out[name] = {"confusion": cm.mat.cpu(), "images": extra["images"],
                      "seconds": time.perf_counter() - started,

@@ -22,6 +22,7 @@ def evaluate(
     keep: int = 0,
     tta: Augmentation | None = None,
     per_image: list[dict] | None = None,
+    on_batch=None,
 ) -> tuple[ConfusionMatrix, list[dict], dict]:
     """Predict every batch at full resolution (with `tta`: the mean probabilities of its passes,
     see `cadist.eval.tta`).
@@ -31,7 +32,7 @@ def evaluate(
     {"images": n, "high_res_sum": Σ per-image high-res fraction (0 for dense models; with `tta`
     each image's mean over the passes), "passes": {Pass: (images, Σ per-image high-res fraction
     or None)}} — without `tta` one unmirrored pass per input size. A `per_image` list gets one record per image: {"key", "miou",
-    "pixel_accuracy", "pixels"[, "high_res_fraction"]}."""
+    "pixel_accuracy", "pixels"[, "high_res_fraction"]}. `on_batch(n)` after each batch of n images."""
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -64,6 +65,8 @@ def evaluate(
             if mask is not None:
                 item["mask"] = mask[i].cpu()
             kept.append(item)
+        if on_batch is not None:
+            on_batch(x.shape[0])
     model.train(was_training)
     return cm, kept, {"images": images, "high_res_sum": high_res, "passes": passes}
 

@@ -21,12 +21,15 @@ def evaluate_on_cluster(
     per_image: bool = False,
     echo=None,
     shares: int = 1,
+    bar=None,
 ) -> list[dict]:
     """`evaluate_job` of `weights` (a local file) for each (job, protocol) of `runs`, as Ray tasks
     on the cluster at `address` (`local`: a Ray started here, e.g. over a workstation's GPUs):
     `shares` tasks per run, each evaluating its share of the validation images, added up here.
-    Results in the order of `runs`; `echo(i, result)` as each run's last share ends. A failure in
-    a task is raised here as its own error (a `CadistError` keeps its one-line message)."""
+    Results in the order of `runs`; `echo(i, result)` as each run's last share ends; `bar` (a
+    cadist.progress.Bar) follows the images evaluated (the tasks count them in a small actor). A
+    failure in a task is raised here as its own error (a `CadistError` keeps its one-line
+    message)."""
     import ray
 
     from cadist.cluster.paths import absolute_paths
@@ -57,16 +60,22 @@ def evaluate_on_cluster(
     task = ray.remote(_evaluate_task).options(
         num_cpus=request["CPU"], num_gpus=request.get("GPU", 0.0), max_retries=0
     )
+    counter = ray.remote(num_cpus=0)(_Counter).remote() if bar is not None else None
     pending = {
-        task.remote(absolute_paths(job), blob, weights.name, tta, per_image, share, shares): i
+        task.remote(absolute_paths(job), blob, weights.name, tta, per_image, share, shares,
+                    counter): i
         for i, (job, tta) in enumerate(runs)
         for share in range(shares)
-    }
+    }  # fmt: skip
     parts: list[list] = [[] for _ in runs]
     results: list[dict | None] = [None] * len(runs)
     try:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if counter is not None:
+                bar.update_to(ray.get(counter.get.remote()))
+            if not done:
+                continue
             i = pending.pop(done[0])
             parts[i].append(_result(done[0], source))
             if len(parts[i]) < shares:
@@ -82,7 +91,22 @@ def evaluate_on_cluster(
     finally:
         for ref in pending:  # an error ends the others (they would be wasted GPU time)
             ray.cancel(ref, force=True)
+        if counter is not None:
+            ray.kill(counter)
     return results
+
+
+class _Counter:
+    """Images the evaluation tasks have done (a Ray actor: they add, the driver reads)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def add(self, k: int) -> None:
+        self.n += k
+
+    def get(self) -> int:
+        return self.n
 
 
 def _result(ref, source: str) -> dict:
@@ -109,9 +133,11 @@ def _evaluate_task(
     per_image: bool,
     share: int,
     shares: int,
+    counter=None,
 ) -> dict:
     """In the Ray task: the weights as a temporary file, share `share` of `shares` of the
-    validation images evaluated as `cadist eval` would (`evaluate_part`)."""
+    validation images evaluated as `cadist eval` would (`evaluate_part`); each batch's images
+    added to `counter` (a `_Counter` actor) if given."""
     import tempfile
 
     import ray
@@ -126,5 +152,6 @@ def _evaluate_task(
         path = Path(tmp) / name
         path.write_bytes(weights)
         device = "cuda" if use_gpu else "cpu"
-        part = evaluate_part(job, path, device, tta, per_image, share, shares)
+        progress = None if counter is None else (lambda k: counter.add.remote(k))
+        part = evaluate_part(job, path, device, tta, per_image, share, shares, progress=progress)
     return {"part": part, "share": share, "node": ray.util.get_node_ip_address(), "device": device}

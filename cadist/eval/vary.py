@@ -198,14 +198,18 @@ def _evaluate_all(
     """Each (setting, job, protocol) of `plan` evaluated in turn, or with `address` as Ray tasks
     on that cluster (then logged here, in order, under `parent` if given): {"job", "ckpt",
     "results", "pareto", "plot": None, "mlflow_run_id": parent}."""
-    from cadist.eval.evaluate import evaluate_job, log_evaluation
+    from cadist.eval.evaluate import evaluate_job, images_to_evaluate, log_evaluation
+    from cadist.progress import Bar
     from cadist.tracking.sources import resolve_weights
 
     weights = resolve_weights(ckpt, base.mlflow.tracking_uri if base.mlflow.enabled else None)
+    counts = [images_to_evaluate(job) for _, job, _ in plan]
+    bar = Bar(f"eval {base.name} ({len(plan)} settings)",
+              None if None in counts else sum(counts), "img")  # fmt: skip
 
     def progress(i: int, result: dict) -> None:
         gmac = result.get("backbone_gmac")
-        echo(f"[{i + 1}/{len(plan)}] {label(plan[i][0])}: mIoU {result['miou']:.4f}"
+        bar.say(f"[{i + 1}/{len(plan)}] {label(plan[i][0])}: mIoU {result['miou']:.4f}"
              + (f", backbone {gmac:.3f} GMac" if gmac is not None else "")
              + (f", high-res {result['high_res_fraction']:.3f}" if "high_res_fraction" in result else ""))  # fmt: skip
 
@@ -216,17 +220,22 @@ def _evaluate_all(
             result["mlflow_run_id"] = log_evaluation(job, ckpt, result, name, parent)
         return setting, result
 
-    if address:  # side by side on the cluster, then logged here in order
-        from cadist.eval.on_cluster import evaluate_on_cluster
+    try:
+        if address:  # side by side on the cluster, then logged here in order
+            from cadist.eval.on_cluster import evaluate_on_cluster
 
-        runs = [(job, tta) for _, job, tta in plan]
-        evaluated = evaluate_on_cluster(runs, weights, address, source, echo=progress, shares=tasks)
-        results = [record(i, result) for i, result in enumerate(evaluated)]
-    else:  # each logged as it ends: a later failure keeps the settings before it
-        results = []
-        for i, (_, job, tta) in enumerate(plan):
-            results.append(record(i, evaluate_job(job, weights, device, tta)))
-            progress(i, results[-1][1])
+            runs = [(job, tta) for _, job, tta in plan]
+            evaluated = evaluate_on_cluster(runs, weights, address, source, echo=progress,
+                                            shares=tasks, bar=bar)  # fmt: skip
+            results = [record(i, result) for i, result in enumerate(evaluated)]
+        else:  # each logged as it ends: a later failure keeps the settings before it
+            results = []
+            for i, (setting, job, tta) in enumerate(plan):
+                bar.note = label(setting)
+                results.append(record(i, evaluate_job(job, weights, device, tta, progress=bar.add)))
+                progress(i, results[-1][1])
+    finally:
+        bar.close()
     rows = summarise(results)
     for row, (_, result) in zip(rows, results, strict=True):
         if "mlflow_run_id" in result:

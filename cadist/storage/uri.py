@@ -24,6 +24,8 @@ _JOB_SUFFIX = {
     "spool": ".mlflow-spool",  # records waiting for a tracking server, one folder per run
     "init-weights": ".init-weights.pt",  # model.weights fetched from MLflow
     "stop": ".stop.json",  # `cadist stop`: checkpoint at the next progress report and end
+    "progress": ".progress.json",  # rank 0's latest progress and heartbeat (cadist.progress)
+    "log": ".log",  # the driver's log (`cadist logs JOB`)
 }
 
 
@@ -44,7 +46,7 @@ class StorageError(CadistError):
 
 def job_key(name: str, kind: str) -> str:
     """Key (relative to the root) of cadist's file `kind` ("job", "mlflow", "spool",
-    "init-weights", "stop") for job `name`."""
+    "init-weights", "stop", "progress", "log") for job `name`."""
     return f"{META}/{name}{_JOB_SUFFIX[kind]}"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cadist.config.jobfile import read_yaml
 from cadist.errors import ConfigError
+from cadist.progress import ALIVE_S
 from cadist.storage.store import Storage
 from cadist.storage.uri import META, job_key, sweep_key
 
@@ -24,34 +25,81 @@ def _store(storage: str | Path | Storage) -> Storage:
 def jobs_in(storage: str | Path | Storage) -> list[dict]:
     """One row per job whose driver resolved it into `<storage>/.cadist/<name>.yaml`, by name."""
     store = _store(storage)
-    rows = []
-    for name in store.jobs():
-        job, iterations, latest = _progress(store, name)
-        step = latest[0] if latest else 0
-        mlflow = store.read_json(job_key(name, "mlflow")) or {}
-        spool = job_key(name, "spool")
-        pending = sum(len(store.list(f"{spool}/{run}/q", "*.json")) for run in store.list(spool))
-        if latest is None:
-            state = "not started" if not store.is_dir(name) else "no checkpoint yet"
-        else:
-            state = "finished" if iterations and step >= iterations else "resumable"
-        if state != "finished" and store.is_file(job_key(name, "stop")):
-            state = "stop requested"
-        rows.append(
-            {
-                "job": name,
-                "model": (job.get("model") or {}).get("name"),
-                "step": step,
-                "iterations": iterations,
-                "state": state,
-                "checkpoint": latest[1] if latest else None,
-                "mlflow_run_id": mlflow.get("run_id"),
-                "tracking_uri": mlflow.get("tracking_uri"),
-                "pending_mlflow_records": pending,
-                "set_aside": store.list("", f"{name}.before-*"),
-            }
+    return [_job_row(store, name) for name in store.jobs()]
+
+
+def _job_row(store: Storage, name: str) -> dict:
+    """`jobs_in`'s row of job `name`."""
+    job, iterations, latest = _progress(store, name)
+    step = latest[0] if latest else 0
+    mlflow = store.read_json(job_key(name, "mlflow")) or {}
+    spool = job_key(name, "spool")
+    pending = sum(len(store.list(f"{spool}/{run}/q", "*.json")) for run in store.list(spool))
+    beat = store.read_json(job_key(name, "progress")) or {}
+    age = time.time() - beat["time"] if isinstance(beat.get("time"), (int, float)) else None
+    running = (
+        beat.get("phase") in ("train", "eval", "export") and age is not None and (age < ALIVE_S)
+    )
+    if latest is None:
+        state = "not started" if not store.is_dir(name) else "no checkpoint yet"
+    else:
+        state = "finished" if iterations and step >= iterations else "resumable"
+    if running and state != "finished":
+        state = "running"
+        step = max(step, int(beat.get("step") or 0))
+    elif state == "no checkpoint yet" and beat.get("phase") == "failed":
+        state = "failed"
+    if state != "finished" and store.is_file(job_key(name, "stop")):
+        state = "stop requested"
+    return {
+        "job": name,
+        "model": (job.get("model") or {}).get("name"),
+        "step": step,
+        "iterations": iterations,
+        "state": state,
+        "checkpoint": latest[1] if latest else None,
+        "mlflow_run_id": mlflow.get("run_id"),
+        "tracking_uri": mlflow.get("tracking_uri"),
+        "pending_mlflow_records": pending,
+        "set_aside": store.list("", f"{name}.before-*"),
+        # rank 0's last progress record: where it runs and how long ago it wrote
+        "heartbeat": {
+            "host": beat.get("host"),
+            "pid": beat.get("pid"),
+            "phase": beat.get("phase"),
+            "age_s": None if age is None else round(age, 1),
+        }
+        if beat
+        else None,
+    }
+
+
+def job_log(store: Storage, name: str, follow: bool, echo, poll_s: float = 1.0) -> str:
+    """Echo the log the driver of job `name` keeps on the storage path; with `follow`, new lines
+    as they come until the job is no longer running. Returns its state (as `cadist status`)."""
+    key = job_key(name, "log")
+    if not store.is_file(key) and not follow:
+        raise ConfigError(
+            f"{store.uri()}: no log of a job named {name!r} (jobs: "
+            f"{', '.join(store.jobs()) or 'none'}); pass the job's cluster.storage_path (--storage)"
         )
-    return rows
+    shown = 0
+    while True:
+        text = store.read_text(key) if store.is_file(key) else ""
+        if len(text) > shown:
+            echo(text[shown:].rstrip("\n"))
+            shown = len(text)
+        state = _state_of(store, name)
+        if not follow or state != "running":
+            # (the driver writes its last lines once the workers are done: one more read)
+            if follow and shown < len(store.read_text(key) if store.is_file(key) else ""):
+                continue
+            return state
+        time.sleep(poll_s)
+
+
+def _state_of(store: Storage, name: str) -> str:
+    return _job_row(store, name)["state"] if store.is_file(job_key(name, "job")) else "not started"
 
 
 def _progress(store: Storage, name: str) -> tuple[dict, int | None, tuple[int, str] | None]:
@@ -286,8 +334,15 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|"
     )
     lines = [
-        f"| {r['job']} | {r['model']} | {r['step']}/{r['iterations']} | {r['state']} | "
+        f"| {r['job']} | {r['model']} | {r['step']}/{r['iterations']} | {_state(r)} | "
         f"{r['mlflow_run_id'] or '–'} | {r['pending_mlflow_records'] or '–'} |"
         for r in rows
     ]
     return "\n".join([head, *lines])
+
+
+def _state(row: dict) -> str:
+    beat = row.get("heartbeat") or {}
+    if row["state"] == "running" and beat.get("host"):
+        return f"running on {beat['host']} ({beat['age_s']:.0f} s ago)"
+    return row["state"]

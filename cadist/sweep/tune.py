@@ -30,9 +30,10 @@ from ray.tune import Callback
 
 from cadist.config.jobfile import validate_job
 from cadist.errors import ConfigError
+from cadist.progress import verbose
 from cadist.redact import redact
 from cadist.storage.store import Storage
-from cadist.storage.uri import adopt_location_env, location_env, sweep_key
+from cadist.storage.uri import adopt_location_env, job_key, location_env, sweep_key
 from cadist.sweep.files import ENDED, SweepStopped, _ended, _sweep_files
 from cadist.sweep.outcome import (
     _finish_parent,
@@ -203,6 +204,62 @@ def run_sweep(
     return run_loaded_sweep(sweep, fixed, str(path), echo, restart)
 
 
+class _ShowProgress(Callback):
+    """Tune callback on the sweep's driver: one bar of the sweep's optimiser steps (every trial's
+    iterations; a finished or scheduler-stopped trial counts whole, a running one as far as its
+    progress file says) with trials done/running/pending and the best result so far."""
+
+    def __init__(self, sweep: SweepConfig, iterations: int, storage: str):
+        self.sweep, self.iterations, self.storage = sweep, iterations, storage
+        self.bar, self.store, self.looked = None, None, 0.0
+
+    def __getstate__(self) -> dict:  # (Tune saves its callbacks with the experiment)
+        return self.__dict__ | {"bar": None, "store": None}
+
+    def setup(self, **info):
+        from cadist.progress import Bar
+
+        self.store = Storage(self.storage)
+        total = self.sweep.num_samples * self.iterations
+        self.bar = Bar(f"sweep {self.sweep.name}", total, "step")
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.bar is None or time.monotonic() - self.looked < 2.0:
+            return
+        self.looked = time.monotonic()
+        steps, count = 0, {"done": 0, "running": 0, "pending": 0}
+        for t in trials:
+            if t.status in ("TERMINATED", "ERROR"):
+                count["done"] += 1
+                steps += self.iterations if t.status == "TERMINATED" else 0
+            elif t.status == "RUNNING":
+                count["running"] += 1
+                rec = self.store.read_json(job_key(f"{self.sweep.name}-{t.trial_id}", "progress"))
+                steps += int((rec or {}).get("step") or 0)
+            else:
+                count["pending"] += 1
+        count["pending"] += max(0, self.sweep.num_samples - len(trials))  # not created yet
+        note = " · ".join(f"{v} {k}" for k, v in count.items())
+        best = self._best(trials)
+        self.bar.update_to(steps, note + (f" · best {best}" if best else ""))
+
+    def _best(self, trials) -> str | None:
+        (first, goal), *rest = self.sweep.objectives.items()
+        done = [t.last_result for t in trials
+                if t.status == "TERMINATED" and first in (t.last_result or {})]  # fmt: skip
+        if not done:
+            return None
+        r = (max if goal == "max" else min)(done, key=lambda r: r[first])
+        more = "".join(f", {k} {r[k]:.3f}" for k, _ in rest if k in r)
+        return f"{first} {r[first]:.4f}{more}"
+
+    def on_experiment_end(self, trials, **info):
+        self.looked = 0.0
+        self.on_step_begin(0, trials)
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_loaded_sweep(
     sweep: SweepConfig,
     fixed: dict,
@@ -271,7 +328,9 @@ def run_loaded_sweep(
                 callbacks=[
                     _StopWhenIdle(store.uri(stop_file)),
                     _RecordEnded(store.uri(f"sweep-{sweep.name}/{ENDED}")),
+                    _ShowProgress(sweep, base.train.iterations, store.uri()),
                 ],
+                verbose=None if verbose() else 0,  # (cadist's bar instead of Tune's tables)
             ),
         )
     rows = _rows(tuner.fit(), sweep, base, store)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from cadist.config.jobfile import read_yaml
 from cadist.config.schema import JobConfig
 from cadist.data.stream import shard_set
 from cadist.errors import CheckpointError, ClusterError, ShardError, TrackingError
-from cadist.redact import redact
+from cadist.progress import TrainView, Watcher, verbose
+from cadist.redact import redact, redact_text
 from cadist.storage.store import Storage
 from cadist.storage.uri import job_key, location_env
 from cadist.tracking.sources import MLFLOW_SCHEMES
@@ -204,12 +207,22 @@ def run_training(
                 **(extra_tags or {})}  # fmt: skip
         run_id, tracker = _open_run(job, uri, store, rerun, tags)
     stop_file = stop_file or store.uri(job_key(job.name, "stop"))
-    trainer = _trainer(job, store, uri, run_id, report_evals, callbacks, stop_file)
+    channel = {"uri": store.uri(job_key(job.name, "progress")), "token": uuid.uuid4().hex}
+    trainer = _trainer(job, store, uri, run_id, report_evals, callbacks, stop_file, channel)
     # read by Ray Train's controller, which the driver's environment is passed to at fit()
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(job.cluster.start_timeout_s)
+    # a sweep's trials: the sweep shows its own progress (a trial's driver is a Tune actor)
+    view = None
+    if not (in_sweep or callbacks):
+        log = store.uri(job_key(job.name, "log"))
+        view = TrainView(job.name, job.train.iterations, _workers(job), log=log)
     try:
-        result = trainer.fit()
+        with Watcher(channel["uri"], channel["token"], view.on_record) if view else nullcontext():
+            result = trainer.fit()
     except Exception as exn:
+        if view:
+            last = (str(exn).strip().splitlines() or [type(exn).__name__])[-1]
+            view.close(f"cadist: job {job.name} failed: {redact_text(last)}")
         if not in_sweep:  # a sweep's trials are marked by the sweep (FAILED, or KILLED if stopped)
             _mark_failed(tracker)
         lost = _storage_failure(exn, store)
@@ -227,17 +240,19 @@ def run_training(
     ckpt = store.uri_of(result.checkpoint.path) if result.checkpoint else None
     metrics = dict(result.metrics or {})
     stopped = bool(metrics.pop("stopped", False))
+    said = f"cadist: job {job.name} finished at step {metrics.get('step')} (checkpoint {ckpt})"
     if stopped:
         if not in_sweep:  # a sweep's request is the sweep's to clear, once no trial runs
             Storage(stop_file).delete("")
-        print(
+        said = (
             f"cadist: job {job.name} stopped at step {metrics.get('step')} on request (checkpoint "
             f"{ckpt}); "
-            + (
-                "rerunning the sweep resumes it" if in_sweep else "rerun the same command to resume"
-            ),
-            file=sys.stderr,
+            + ("rerunning the sweep resumes it" if in_sweep else "rerun the same command to resume")
         )
+        if not view:
+            print(said, file=sys.stderr)
+    if view:
+        view.close(said)
     if run_id:
         spool = spool_dir(store, job.name, run_id)
         _finish_tracking(
@@ -362,9 +377,17 @@ def _open_run(job: JobConfig, uri: str, store: Storage, rerun, extra_tags: dict)
 
 
 def _trainer(
-    job: JobConfig, store: Storage, uri, run_id, report_evals: bool, callbacks, stop_file: str
+    job: JobConfig,
+    store: Storage,
+    uri,
+    run_id,
+    report_evals: bool,
+    callbacks,
+    stop_file: str,
+    channel: dict | None = None,
 ):
-    """Ray Train's TorchTrainer for the job: one DeepSpeed rank per worker (`train_worker`)."""
+    """Ray Train's TorchTrainer for the job: one DeepSpeed rank per worker (`train_worker`);
+    rank 0 writes its progress to `channel` ({"uri", "token"}: cadist.progress)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -387,6 +410,9 @@ def _trainer(
             "stop_file": stop_file,
             # where the object storage is (endpoint, region; never credentials)
             "storage_env": location_env(),
+            "progress": channel,
+            # each progress line of rank 0 on the console too
+            "verbose": verbose() or job.cluster.log_level in ("DEBUG", "INFO"),
         },
         torch_config=CadistTorchConfig(network_interface=job.cluster.network_interface),
         scaling_config=ScalingConfig(

@@ -27,6 +27,7 @@ from cadist.eval.miou import iou_csv, val_metrics
 from cadist.eval.predict import colorize
 from cadist.nets.build import build_model, is_adaptive, is_learned
 from cadist.nets.weights import save_weights
+from cadist.progress import ProgressFile
 from cadist.storage.store import Storage
 from cadist.storage.uri import adopt_location_env
 from cadist.tracking.runs import NullTracker, Tracker
@@ -34,9 +35,20 @@ from cadist.tracking.spool import WORKER_HTTP_ENV, SpooledTracker, system_metric
 from cadist.train.checkpoint import recorded, restore_checkpoint, save_checkpoint
 from cadist.train.engine import build_engine, train_step
 
-#: progress lines (rank 0): through logging, which Ray Train sends to the console once and to its
-#: application log; `print` in a Train worker reaches the console twice on Ray 2.60
+#: progress lines (rank 0) through logging (Ray Train sends it to the console once; `print` twice):
+#: with `cadist --verbose` only (else the driver's progress display); warnings always, with the rank
 log = logging.getLogger("cadist.train")
+
+
+class _RankPrefix(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and not getattr(record, "_ranked", False):
+            record.msg, record._ranked = f"[rank {self.rank}] {record.msg}", True
+        return True
 
 
 class _RayTrainConsole(logging.Filter):
@@ -54,6 +66,9 @@ class _RayTrainConsole(logging.Filter):
 
 
 def _quiet_console(level: str) -> None:
+    # MLflow's store and its migrations (alembic) say what they set up at INFO: not for the console
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for h in logging.getLogger().handlers:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             h.addFilter(_RayTrainConsole(level))
@@ -191,6 +206,10 @@ def train_worker(cfg: dict) -> None:
     _quiet_console(job.cluster.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    log.setLevel(logging.INFO if cfg.get("verbose") else logging.WARNING)
+    for f in [f for f in log.filters if isinstance(f, _RankPrefix)]:
+        log.removeFilter(f)
+    log.addFilter(_RankPrefix(rank))
     on_gpu = job.cluster.use_gpu
     device = ray.train.torch.get_device() if on_gpu else torch.device("cpu")
     engine = build_engine(job, on_gpu, world, device)
@@ -203,15 +222,26 @@ def train_worker(cfg: dict) -> None:
             cfg["tracking_uri"], cfg["run_id"], f"node{ctx.get_node_rank()}",
             job.mlflow.system_metrics_s,
         )  # fmt: skip
+    progress = None
+    if rank == 0 and cfg.get("progress"):
+        progress = ProgressFile(cfg["progress"]["uri"], token=cfg["progress"]["token"],
+                                job=job.name, step=state["step"], start_step=state["step"],
+                                iterations=job.train.iterations, workers=world)  # fmt: skip
+    phase = "failed"
     try:
-        _train(job, cfg, engine, state, tracker, rank, world, device, dtype)
+        phase = _train(job, cfg, engine, state, tracker, rank, world, device, dtype, progress)
     finally:
+        if progress is not None:
+            progress.close(phase, step=state["step"])
         if sampler is not None:
             sampler.finish()
 
 
-def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None:
-    """The loop of `train_worker`: step, log, evaluate, checkpoint; then the final export."""
+def _train(job, cfg, engine, state, tracker, rank, world, device, dtype, progress=None) -> str:
+    """The loop of `train_worker`: step, log, evaluate, checkpoint; then the final export. Rank 0
+    tells `progress` (a ProgressFile) each report, evaluation and checkpoint. Returns "done", or
+    "stopped" when `cadist stop` ended it."""
+    progress = progress or _NoProgress()
     t, steps_per_epoch = job.train, job.data.steps_per_epoch
     acc = job.deepspeed.gradient_accumulation_steps  # micro-batches per optimiser step
     train, val = _streams(job, rank, world)
@@ -241,8 +271,13 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
             if step % t.log_every == 0 or last:
                 metrics = _log_progress(tracker, job, engine, meter, step, epoch, rank, device)
                 stop = not last and _stop_requested(cfg.get("stop_file"), rank, device)
+                progress.update(step=step, loss=metrics["train/loss"],
+                                images_per_s=metrics["train/images_per_s"])  # fmt: skip
             if step % job.eval.interval == 0 or last:
+                progress.update(phase="eval", step=step)
                 metrics |= _evaluate(tracker, job, engine, val, state, rank, device, dtype)
+                progress.update(phase="train", val_miou=metrics["val/miou"],
+                                best_miou=state["best_miou"])  # fmt: skip
             if step % t.checkpoint_every == 0 or last or stop:
                 save_checkpoint(
                     engine,
@@ -251,6 +286,7 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
                     rank,
                     {"step": step, **metrics, **({"stopped": 1} if stop else {})},
                 )
+                progress.update(checkpoint_step=step)
             elif cfg.get("report_evals") and step % job.eval.interval == 0:
                 ray.train.report({"step": step, **metrics})  # a sweep's scheduler compares trials
             if step >= t.iterations or stop:
@@ -259,14 +295,21 @@ def _train(job, cfg, engine, state, tracker, rank, world, device, dtype) -> None
         if rank == 0:
             log.info(f"[cadist] stopped at step {step} on request (`cadist stop`); a rerun resumes")
             tracker.flush(force=True)
-        return
+        return "stopped"
     if rank == 0:
+        progress.update(phase="export")
         _log_weights(tracker, engine, job, "last.pt", step=step)
         if tracker.flush(force=True) is False:
-            log.info(
+            log.warning(
                 f"[cadist] MLflow at {cfg['tracking_uri']} still does not answer: "
                 f"{tracker.pending_count()} records wait in {tracker.spool}"
             )
+    return "done"
+
+
+class _NoProgress:
+    def update(self, **fields) -> None:
+        pass
 
 
 def _streams(job: JobConfig, rank: int, world: int) -> tuple[ShardStream, ShardStream]:
@@ -387,7 +430,7 @@ def _tracker(cfg: dict):
         return Tracker(cfg["tracking_uri"], cfg["run_id"])
     for k, v in WORKER_HTTP_ENV.items():
         os.environ.setdefault(k, v)
-    tracker = SpooledTracker(cfg["tracking_uri"], cfg["run_id"], cfg["spool"], echo=log.info)
+    tracker = SpooledTracker(cfg["tracking_uri"], cfg["run_id"], cfg["spool"], echo=log.warning)
     tracker.flush(force=True)
     return tracker
 

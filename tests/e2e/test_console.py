@@ -1,0 +1,167 @@
+"""What a user sees in a terminal: `cadist train` and `cadist eval` run in a real pseudo-terminal
+show a live bar whose ETA advances, no worker output line by line and no traceback; the same
+commands piped show plain lines. Meanwhile `cadist status` from another process says the job is
+running, and `cadist logs JOB` prints its driver's log from the storage path afterwards."""
+
+import fcntl
+import json
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import tiny_shards
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def in_pty(cmd: list[str], cwd, env: dict, timeout: float = 300) -> tuple[int, str]:
+    """Run `cmd` with stdin, stdout and stderr on a new pseudo-terminal (160 columns); returns its
+    exit code and everything it wrote there."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)  # fmt: skip
+    os.close(slave)
+    out, deadline = bytearray(), time.time() + timeout
+    try:
+        while time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not data:
+                break
+            out += data
+        else:
+            proc.kill()
+            pytest.fail(f"{cmd} ran past {timeout} s:\n{out.decode(errors='replace')[-3000:]}")
+        return proc.wait(60), out.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("console")
+    train, val = tiny_shards(root, num_train=8, num_val=4, seed=4)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CADIST_", "NO_COLOR"))}
+    env |= {"PYTHONPATH": str(ROOT), "TERM": "xterm", "COLUMNS": "160"}
+    sets = {
+        "data.train_shards": train, "data.val_shards": val, "data.crop_size": 64,
+        "data.num_workers": 0, "train.batch_size": 2, "train.log_every": 2,
+        "train.checkpoint_every": 10, "eval.interval": 10, "eval.log_images": 0,
+        "cluster.num_workers": 1, "cluster.storage_path": str(root / "runs"),
+        "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+    }  # fmt: skip
+    yield root, env, sets, ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _train_cmd(sets: dict, name: str, iterations: int, address: str) -> list[str]:
+    over = sets | {"name": name, "train.iterations": iterations}
+    return [sys.executable, "-m", "cadist", "train", str(ROOT / "jobs" / "demo.yaml"),
+            "--address", address, *(a for k, v in over.items() for a in ("--set", f"{k}={v}"))]  # fmt: skip
+
+
+def _no_worker_lines_no_traceback(text: str) -> None:
+    lines = re.split(r"[\r\n]+", text)
+    assert not [ln for ln in lines if ln.lstrip().startswith("(RayTrainWorker")], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_train_and_eval_in_a_terminal_show_an_advancing_eta(setup):
+    root, env, sets, address = setup
+    status = {}
+
+    from click.testing import CliRunner
+
+    from cadist.cli import main
+
+    def status_while_running():  # this process asks while the job's driver trains
+        beat = root / "runs" / ".cadist" / "tty.progress.json"
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            rec = json.loads(beat.read_text()) if beat.is_file() else {}
+            if rec.get("phase") == "train" and rec.get("step", 0) >= 4:
+                r = CliRunner().invoke(main, ["status", str(root / "runs"), "--json"])
+                status.update(json.loads(r.output))
+                return
+            time.sleep(0.3)
+
+    t = threading.Thread(target=status_while_running)
+    t.start()
+    rc, text = in_pty(_train_cmd(sets, "tty", 120, address), root, env)
+    t.join(60)
+    assert rc == 0, text[-3000:]
+    # tqdm's bar: "train tty:  45%|…| 54/120 [00:04<00:05,  12.1step/s, loss …]"
+    seen = re.findall(r"train tty:.*?(\d+)/120 \[[\d:]+<([\d:?]+)", text)
+    known = [(int(n), eta) for n, eta in seen if eta != "?"]
+    assert len({n for n, _ in known}) >= 3, seen
+    assert len({eta for _, eta in known}) >= 2, known  # the ETA advances
+    assert re.search(r"loss \d\.\d{4} · [\d.]+ img/s", text), text[-2000:]
+    assert "val mIoU" in text and "cadist: job tty finished at step 120" in text
+    _no_worker_lines_no_traceback(text)
+    (row,) = [j for j in status["jobs"] if j["job"] == "tty"]
+    assert row["state"] == "running" and 4 <= row["step"] < 120, row
+    assert row["heartbeat"]["pid"] > 0 and row["heartbeat"]["age_s"] < 60, row
+
+    # the driver's log, from the storage path
+    r = subprocess.run([sys.executable, "-m", "cadist", "logs", "tty", "--storage",
+                        str(root / "runs")], env=env, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "starting 1 Ray Train worker(s)" in r.stdout and "step 120/120 done" in r.stdout
+    assert "finished at step 120" in r.stdout and "tty: finished" in r.stderr, r.stdout
+
+    # evaluation in a terminal: images done/total with an ETA
+    ckpt = sorted((root / "runs" / "tty").glob("step_*"))[-1]
+    over = sets | {"name": "tty"}
+    cmd = [sys.executable, "-m", "cadist", "eval", str(ROOT / "jobs" / "demo.yaml"), "--ckpt", str(ckpt),
+           *(a for k, v in over.items() for a in ("--set", f"{k}={v}"))]  # fmt: skip
+    rc, text = in_pty(cmd, root, env)
+    assert rc == 0, text[-3000:]
+    assert re.search(r"eval tty: +100%\|.*\| 4/4 \[", text), text[-2000:]
+    result = json.loads(text[text.index("{") :].replace("\r\n", "\n"))
+    assert re.search(rf"mIoU {result['miou']:.4f}", text)
+    _no_worker_lines_no_traceback(text)
+
+
+def test_piped_output_is_plain_lines(setup):
+    root, env, sets, address = setup
+    env = env | {"CADIST_PROGRESS_INTERVAL": "0"}  # a line per report, to count them
+    r = subprocess.run(_train_cmd(sets, "piped", 60, address), cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = re.findall(r"^train piped: (\d+)/60 step \((\d+)%\)(, ETA [\d:?]+)?", r.stderr, re.M)
+    assert [int(n) for n, _, _ in plain][-1] == 60 and len(plain) >= 3, r.stderr
+    assert len(set(plain)) == len(plain)  # no line twice
+    assert any(eta and "?" not in eta for _, _, eta in plain), plain
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr  # no bar redraws, no colour
+    _no_worker_lines_no_traceback(r.stdout + r.stderr)
+    # --verbose: each progress line of rank 0 as well
+    r = subprocess.run([*_train_cmd(sets, "piped", 64, address)[:3], "--verbose",
+                        *_train_cmd(sets, "piped", 64, address)[3:]], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from the checkpoint of step 60" in r.stderr
+    assert re.search(r"\[cadist\] step 64/64 loss", r.stdout + r.stderr), r.stderr[-3000:]
