@@ -202,12 +202,17 @@ def _train(base: dict, stage: dict, overrides: tuple[str, ...], restart: bool):
 def _eval_os16(base: dict, overrides: tuple[str, ...], weights: str) -> str:
     """The dense OS8 model's best weights evaluated at output stride 16, logged as an evaluation
     run (job demo-dense-os16) that `cadist report` lists; returns its run id."""
-    from cadist.eval.evaluate import evaluate_job, log_evaluation
+    from cadist.eval.evaluate import evaluate_job, images_to_evaluate, log_evaluation
+    from cadist.progress import Bar
 
     sets = base | DENSE | {"name": "demo-dense-os16", "model.output_stride": 16,
                            "mlflow.experiment": EXPERIMENT}  # fmt: skip
     job = load_job(DEMO_JOB, _sets(sets) + list(overrides))
-    result = evaluate_job(job, weights)
+    bar = Bar(f"eval {job.name}", images_to_evaluate(job), "img")
+    try:
+        result = evaluate_job(job, weights, progress=bar.add)
+    finally:
+        bar.close()
     return log_evaluation(job, weights, result, run_name="demo-dense-os16")
 
 

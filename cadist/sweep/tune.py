@@ -210,7 +210,11 @@ class _ShowProgress(Callback):
     progress file says) with trials done/running/pending and the best result so far."""
 
     def __init__(self, sweep: SweepConfig, iterations: int, storage: str):
-        self.sweep, self.iterations, self.storage = sweep, iterations, storage
+        # (Tune pickles its callbacks into the experiment: names and numbers only, never the
+        # sweep's settings, which may hold a presigned URL)
+        self.name, self.samples = sweep.name, sweep.num_samples
+        self.objectives = dict(sweep.objectives)
+        self.iterations, self.storage = iterations, storage
         self.bar, self.store, self.looked = None, None, 0.0
 
     def __getstate__(self) -> dict:  # (Tune saves its callbacks with the experiment)
@@ -220,8 +224,7 @@ class _ShowProgress(Callback):
         from cadist.progress import Bar
 
         self.store = Storage(self.storage)
-        total = self.sweep.num_samples * self.iterations
-        self.bar = Bar(f"sweep {self.sweep.name}", total, "step")
+        self.bar = Bar(f"sweep {self.name}", self.samples * self.iterations, "step")
 
     def on_step_begin(self, iteration, trials, **info):
         if self.bar is None or time.monotonic() - self.looked < 2.0:
@@ -234,17 +237,17 @@ class _ShowProgress(Callback):
                 steps += self.iterations if t.status == "TERMINATED" else 0
             elif t.status == "RUNNING":
                 count["running"] += 1
-                rec = self.store.read_json(job_key(f"{self.sweep.name}-{t.trial_id}", "progress"))
+                rec = self.store.read_json(job_key(f"{self.name}-{t.trial_id}", "progress"))
                 steps += int((rec or {}).get("step") or 0)
             else:
                 count["pending"] += 1
-        count["pending"] += max(0, self.sweep.num_samples - len(trials))  # not created yet
+        count["pending"] += max(0, self.samples - len(trials))  # not created yet
         note = " · ".join(f"{v} {k}" for k, v in count.items())
         best = self._best(trials)
         self.bar.update_to(steps, note + (f" · best {best}" if best else ""))
 
     def _best(self, trials) -> str | None:
-        (first, goal), *rest = self.sweep.objectives.items()
+        (first, goal), *rest = self.objectives.items()
         done = [t.last_result for t in trials
                 if t.status == "TERMINATED" and first in (t.last_result or {})]  # fmt: skip
         if not done:

@@ -1,6 +1,6 @@
 """What a user sees in a terminal: `cadist train` and `cadist eval` run in a real pseudo-terminal
-show a live bar whose ETA advances, no worker output line by line and no traceback; the same
-commands piped show plain lines. Meanwhile `cadist status` from another process says the job is
+show a live bar whose ETA advances, no worker output line by line and no traceback; a job piped
+beside it shows plain lines. Meanwhile `cadist status` from another process says the job is
 running, and `cadist logs JOB` prints its driver's log from the storage path afterwards."""
 
 import fcntl
@@ -90,13 +90,14 @@ def _no_worker_lines_no_traceback(text: str) -> None:
     assert "Traceback" not in text, text[-3000:]
 
 
-def test_train_and_eval_in_a_terminal_show_an_advancing_eta(setup):
-    root, env, sets, address = setup
-    status = {}
-
+def test_train_and_eval_in_a_terminal_and_piped(setup):
+    """One job in a terminal and, beside it on the same Ray cluster, one piped with --verbose."""
     from click.testing import CliRunner
 
     from cadist.cli import main
+
+    root, env, sets, address = setup
+    status, piped = {}, {}
 
     def status_while_running():  # this process asks while the job's driver trains
         beat = root / "runs" / ".cadist" / "tty.progress.json"
@@ -109,10 +110,20 @@ def test_train_and_eval_in_a_terminal_show_an_advancing_eta(setup):
                 return
             time.sleep(0.3)
 
-    t = threading.Thread(target=status_while_running)
-    t.start()
+    def run_piped():  # a line per report (to count them), and the workers' lines (--verbose)
+        # (its own MLflow store: two first starts on one new SQLite file race to create its tables)
+        own = sets | {"mlflow.tracking_uri": f"sqlite:///{root / 'piped.db'}"}
+        cmd = _train_cmd(own, "piped", 60, address)
+        piped["r"] = subprocess.run([*cmd[:3], "--verbose", *cmd[3:]], cwd=root, capture_output=True,
+                                    env=env | {"CADIST_PROGRESS_INTERVAL": "0"}, text=True,
+                                    timeout=300)  # fmt: skip
+
+    threads = [threading.Thread(target=status_while_running), threading.Thread(target=run_piped)]
+    for t in threads:
+        t.start()
     rc, text = in_pty(_train_cmd(sets, "tty", 120, address), root, env)
-    t.join(60)
+    for t in threads:
+        t.join(300)
     assert rc == 0, text[-3000:]
     # tqdm's bar: "train tty:  45%|…| 54/120 [00:04<00:05,  12.1step/s, loss …]"
     seen = re.findall(r"train tty:.*?(\d+)/120 \[[\d:]+<([\d:?]+)", text)
@@ -126,6 +137,20 @@ def test_train_and_eval_in_a_terminal_show_an_advancing_eta(setup):
     assert row["state"] == "running" and 4 <= row["step"] < 120, row
     assert row["heartbeat"]["pid"] > 0 and row["heartbeat"]["age_s"] < 60, row
 
+    # piped: plain lines, no bar redraws or colour; with --verbose rank 0's lines as well
+    r = piped["r"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = re.findall(r"^train piped: (\d+)/60 step \((\d+)%\)(, ETA [\d:?]+)?", r.stderr, re.M)
+    assert [int(n) for n, _, _ in plain][-1] == 60 and len(plain) >= 3, r.stderr
+    assert len(set(plain)) == len(plain)  # no line twice
+    assert any(eta and "?" not in eta for _, _, eta in plain), plain
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith(("train piped", "cadist:"))]
+    assert "\r" not in r.stderr and not [
+        ln for ln in ours if "\x1b[" in ln
+    ]  # (Ray colours its own)
+    assert "Traceback" not in r.stdout + r.stderr
+    assert re.search(r"\[cadist\] step 60/60 loss", r.stdout + r.stderr), r.stderr[-3000:]
+
     # the driver's log, from the storage path
     r = subprocess.run([sys.executable, "-m", "cadist", "logs", "tty", "--storage",
                         str(root / "runs")], env=env, capture_output=True, text=True)  # fmt: skip
@@ -133,35 +158,14 @@ def test_train_and_eval_in_a_terminal_show_an_advancing_eta(setup):
     assert "starting 1 Ray Train worker(s)" in r.stdout and "step 120/120 done" in r.stdout
     assert "finished at step 120" in r.stdout and "tty: finished" in r.stderr, r.stdout
 
-    # evaluation in a terminal: images done/total with an ETA
+    # evaluation in a terminal: images done/total
     ckpt = sorted((root / "runs" / "tty").glob("step_*"))[-1]
     over = sets | {"name": "tty"}
-    cmd = [sys.executable, "-m", "cadist", "eval", str(ROOT / "jobs" / "demo.yaml"), "--ckpt", str(ckpt),
-           *(a for k, v in over.items() for a in ("--set", f"{k}={v}"))]  # fmt: skip
+    cmd = [sys.executable, "-m", "cadist", "eval", str(ROOT / "jobs" / "demo.yaml"), "--ckpt",
+           str(ckpt), *(a for k, v in over.items() for a in ("--set", f"{k}={v}"))]  # fmt: skip
     rc, text = in_pty(cmd, root, env)
     assert rc == 0, text[-3000:]
     assert re.search(r"eval tty: +100%\|.*\| 4/4 \[", text), text[-2000:]
     result = json.loads(text[text.index("{") :].replace("\r\n", "\n"))
     assert re.search(rf"mIoU {result['miou']:.4f}", text)
     _no_worker_lines_no_traceback(text)
-
-
-def test_piped_output_is_plain_lines(setup):
-    root, env, sets, address = setup
-    env = env | {"CADIST_PROGRESS_INTERVAL": "0"}  # a line per report, to count them
-    r = subprocess.run(_train_cmd(sets, "piped", 60, address), cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    plain = re.findall(r"^train piped: (\d+)/60 step \((\d+)%\)(, ETA [\d:?]+)?", r.stderr, re.M)
-    assert [int(n) for n, _, _ in plain][-1] == 60 and len(plain) >= 3, r.stderr
-    assert len(set(plain)) == len(plain)  # no line twice
-    assert any(eta and "?" not in eta for _, _, eta in plain), plain
-    assert "\r" not in r.stderr and "\x1b[" not in r.stderr  # no bar redraws, no colour
-    _no_worker_lines_no_traceback(r.stdout + r.stderr)
-    # --verbose: each progress line of rank 0 as well
-    r = subprocess.run([*_train_cmd(sets, "piped", 64, address)[:3], "--verbose",
-                        *_train_cmd(sets, "piped", 64, address)[3:]], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from the checkpoint of step 60" in r.stderr
-    assert re.search(r"\[cadist\] step 64/64 loss", r.stdout + r.stderr), r.stderr[-3000:]
