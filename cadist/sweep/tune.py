@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -336,6 +337,12 @@ def run_loaded_sweep(
                 verbose=None if verbose() else 0,  # (cadist's bar instead of Tune's tables)
             ),
         )
+    if (
+        not verbose()
+    ):  # Tune's own tables and INFO lines: with --verbose only (cadist's bar instead);
+        # Tune's new output engine prints its tables even when silent, the former one does not
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     rows = _rows(tuner.fit(), sweep, base, store)
     # ended before its trials did: stopped on request, or interrupted (Ctrl-C, SIGTERM)
     stopped = any(r["state"] in ("stopped", "not started", "interrupted") for r in rows)

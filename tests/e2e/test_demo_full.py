@@ -88,8 +88,19 @@ def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo):
     assert f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" in out
     compare = next(ln for ln in out.splitlines() if ln.startswith("compare them there: "))
     assert "#/compare-runs?runs=" in compare and os8.info.run_id in compare
-    # none of Ray Train's per-report lines below cluster.log_level (WARNING) on the console
+    # none of Ray Train's per-report lines below cluster.log_level (WARNING) on the console, no
+    # worker output line by line, no traceback, none of Ray's known noise (cluster.ray.RAY_NOISE),
+    # no token notice or MLflow start-up lines; every training and the sweep with a progress line
     assert "Reporting training result" not in out + err
+    lines = (out + err).splitlines()
+    assert not [ln for ln in lines if "(RayTrainWorker" in ln or "(TrainController" in ln
+                or "(PlacementGroupCleaner" in ln], err[-3000:]  # fmt: skip
+    assert "Traceback" not in out + err and "Token authentication" not in out + err
+    assert "Creating initial MLflow database tables" not in out + err
+    for job in ("demo-dense-os8", "demo-edge"):
+        assert re.search(rf"^train {job}: 6/6 step \(100%\)", err, re.M), err[-3000:]
+    assert re.search(r"^eval demo-dense-os16: 4/4 img \(100%\)", err, re.M), err[-3000:]
+    assert re.search(r"^sweep edge_demo_sweep: 24/24 step \(100%\) \| 4 done", err, re.M), err
     # the next steps it prints work as printed: eval reproduces the edge model's mIoU, predict
     # writes its class map and mask
     lines = {ln.split(": ", 1)[0]: ln.split(": ", 1)[1] for ln in out.splitlines() if ": " in ln}

@@ -31,7 +31,7 @@ def test_plain_lines_wait_for_the_interval(monkeypatch):
     monkeypatch.setenv("CADIST_PROGRESS_INTERVAL", "3600")
     out = io.StringIO()
     bar = Bar("eval job", 10, "img", stream=out)
-    for i in range(1, 11):
+    for _ in range(10):
         bar.add(1)
     assert out.getvalue().count("\n") == 1  # the first update only
     bar.close("mIoU 0.5000")
@@ -79,3 +79,25 @@ def test_train_view_says_the_resume_and_shows_the_metrics(monkeypatch):
     assert "train j: 30/40 step (75%)" in lines[3]
     assert lines[3].endswith("| loss 0.5000 · 3.5 img/s · val mIoU 0.3100 · ckpt 30 · evaluating…")
     assert lines[-1].startswith("train j: 40/40 step (100%) | loss 0.4000")
+
+
+def test_rays_known_noise_is_dropped_and_nothing_else():
+    from cadist.cluster.ray import _drop_noise
+
+    timeout = ["a", "Failed to send resource request for train-1. If this only happens transiently"
+               " … it's safe to ignore this error.", "Traceback (most recent call last):",
+               '  File "x.py", line 1', "ray.exceptions.GetTimeoutError: Get timed out", "b"]  # fmt: skip
+    assert _drop_noise(timeout, "TrainController") == ["a", "b"]
+    # the same message ending in another error is not the known noise: kept whole
+    other = [*timeout[:4], "ValueError: something else"]
+    assert _drop_noise(other, "TrainController") == other
+    # only from the actor that says it
+    assert _drop_noise(timeout, "RayTrainWorker") == timeout
+    pg = ["Failed to query Ray Train Controller actor state. State API may be temporarily "
+          "unavailable. Continuing to monitor.", "Exception in thread PlacementGroupCleanerMonitor:",
+          "Traceback (most recent call last):", "ConnectionError: Found multiple active Ray "
+          "instances: {'a', 'b'}.", "Detected that the Ray Train controller actor is dead."]  # fmt: skip
+    assert _drop_noise(pg, "PlacementGroupCleaner") == [pg[-1]]
+    core = ["[2026-12-06 E core_worker.cc:2465] Actor with class name: 'PreemptionWatcher' and ID: "
+            "'f7' has constructor arguments in the object store and max_restarts > 0. If …"]  # fmt: skip
+    assert _drop_noise(core, "TrainController") == []
