@@ -7,6 +7,7 @@ heartbeat for `cadist status`. Imports storage only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -189,49 +190,70 @@ class Bar:
                 self._print()
 
 
-class ProgressFile:
-    """Rank 0's side of the channel: `update(**fields)` merges fields into the record, a thread
-    writes it (whole, through `Storage`) once something changed — at most once a second — and at
-    least every `HEARTBEAT_S` seconds; `close(phase)` writes the last one. A write that fails is
-    skipped: progress never stops training (the checkpoints meet a storage outage)."""
+class _Rewriter:
+    """A file on the storage path that a thread rewrites whole (`Storage.write`: a temporary name
+    and a rename; one PUT on object storage) once its content changed — at most every `every_s`
+    seconds — and, with `heartbeat_s`, at least that often; `close()` writes what is left. A write
+    that fails is tried again at the next turn: these files never stop the job."""
 
-    def __init__(self, uri: str, **fields):
+    def __init__(self, uri: str, name: str, every_s: float, heartbeat_s: float | None = None):
         from cadist.storage.store import Storage
 
-        self.store = Storage(uri)
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "phase": "train", **fields}
-        self._changed = True
-        self._stop = threading.Event()
+        self.store, self.every_s, self.heartbeat_s = Storage(uri), every_s, heartbeat_s
+        self._dirty, self._written = True, 0.0
         self._lock = threading.Lock()
-        self._written = 0.0
-        self._thread = threading.Thread(target=self._run, name="cadist-progress", daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _content(self) -> str:  # called under the lock
+        raise NotImplementedError
+
+    def _write(self) -> None:
+        with self._lock:
+            content, self._dirty = self._content(), False
+        try:
+            self.store.write("", content)
+        except Exception:  # noqa: BLE001 - see the class docstring
+            self._dirty = True
+        self._written = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            due = self.heartbeat_s is not None and (
+                time.monotonic() - self._written >= self.heartbeat_s
+            )
+            if self._dirty or due:
+                self._write()
+
+    def _close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self._dirty:
+            self._write()
+
+
+class ProgressFile(_Rewriter):
+    """Rank 0's side of the channel: `update(**fields)` merges fields into the record, written
+    once something changed (at most once a second) and at least every `HEARTBEAT_S` seconds, with
+    the time; `close(phase)` writes the last one. Progress never stops training (the checkpoints
+    meet a storage outage)."""
+
+    def __init__(self, uri: str, **fields):
+        super().__init__(uri, "cadist-progress", 1.0, HEARTBEAT_S)
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "phase": "train", **fields}
         self._thread.start()
+
+    def _content(self) -> str:
+        return json.dumps(dict(self.record, time=time.time()))
 
     def update(self, **fields) -> None:
         with self._lock:
             self.record.update(fields)
-            self._changed = True
-
-    def _write(self) -> None:
-        with self._lock:
-            record = dict(self.record, time=time.time())
-            self._changed = False
-        try:
-            self.store.write_json("", record, indent=None)
-        except Exception:  # noqa: BLE001 - see the class docstring
-            pass
-        self._written = time.monotonic()
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            if self._changed or time.monotonic() - self._written >= HEARTBEAT_S:
-                self._write()
+            self._dirty = True
 
     def close(self, phase: str = "done", **fields) -> None:
-        self._stop.set()
-        self._thread.join(5)
         self.update(phase=phase, **fields)
-        self._write()
+        self._close()
 
 
 class Watcher:
@@ -276,49 +298,30 @@ class Watcher:
         self._read()
 
 
-class LogFile:
+class LogFile(_Rewriter):
     """A driver's log on the storage path (`cadist logs JOB` reads it from any machine): `line()`
-    adds a time-stamped line; a thread writes the file whole (a temporary name and a rename; one
-    PUT on object storage) at most every `flush_s` seconds while lines come, and `close()` the rest.
-    Lines of an earlier start of the job are kept above."""
+    adds a time-stamped line, written at most every `flush_s` seconds while lines come; `close()`
+    writes the rest. Lines of an earlier start of the job are kept above."""
 
     def __init__(self, uri: str, flush_s: float = 5.0):
-        from cadist.storage.store import Storage
-
-        self.store, self.flush_s = Storage(uri), flush_s
+        super().__init__(uri, "cadist-log", flush_s)
         try:
             self.text = self.store.read_text("")
         except Exception:  # noqa: BLE001 - none yet (or unreadable: start afresh)
             self.text = ""
         self._dirty = False
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cadist-log", daemon=True)
         self._thread.start()
+
+    def _content(self) -> str:
+        return self.text
 
     def line(self, text: str) -> None:
         with self._lock:
             self.text += f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n"
             self._dirty = True
 
-    def _flush(self) -> None:
-        with self._lock:
-            text, self._dirty = self.text, False
-        try:
-            self.store.write("", text)
-        except Exception:  # noqa: BLE001 - the log never stops the job; the next flush tries again
-            self._dirty = True
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_s):
-            if self._dirty:
-                self._flush()
-
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self._dirty:
-            self._flush()
+        self._close()
 
 
 class TrainView:

@@ -130,7 +130,7 @@ def eval_cmd(
     from cadist.eval.evaluate import images_to_evaluate
     from cadist.progress import Bar
 
-    bar = Bar(f"eval {job.name}", images_to_evaluate(job), "img")
+    bar, result = Bar(f"eval {job.name}", images_to_evaluate(job), "img"), None
     try:
         if address:
             from cadist.eval.on_cluster import evaluate_on_cluster
@@ -143,7 +143,7 @@ def eval_cmd(
         else:
             result = evaluate_job(job, ckpt, device, tta, per_image, progress=bar.add)
     finally:
-        bar.close(f"mIoU {result['miou']:.4f}" if "result" in locals() else None)
+        bar.close(f"mIoU {result['miou']:.4f}" if result else None)
     if log_run:
         result["mlflow_run_id"] = log_evaluation(job, ckpt, result, run_name)
     _print_json(result)
