@@ -103,7 +103,7 @@ class Bar:
         self.n = self.first = initial
         self.note = ""
         self.t_first: float | None = None  # when the first unit after `initial` was reported
-        self.t_printed = 0.0
+        self.t_printed: float | None = None  # (not 0: the monotonic clock starts at boot)
         self.closed = False
         self._last = None
         self._lock = threading.Lock()
@@ -157,7 +157,7 @@ class Bar:
             self.n = n
             return
         self.n = n
-        if now - self.t_printed >= interval():
+        if self.t_printed is None or now - self.t_printed >= interval():
             self.t_printed = now
             self._print()
 
