@@ -273,3 +273,28 @@ class SeaweedServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
         self.proc = None
+
+
+#: the longest test files first (seconds on the 2-core CI machine, serially): with `-n 2 --dist
+#: loadfile --no-loadscope-reorder` (the README's command) each pytest-xdist worker takes the next
+#: file when it runs out, so the long ones must not come last
+LONGEST_FIRST = (
+    "tests/hosts/test_hosts.py",  # ≈330 s
+    "tests/integration/test_train_ray.py",  # ≈230
+    "tests/integration/test_tune.py",  # ≈160
+    "tests/e2e/test_demo_full.py",  # ≈140
+    "tests/integration/test_node_loss.py",  # ≈130
+    "tests/integration/test_submit.py",  # ≈75
+    "tests/unit/test_spool.py",  # ≈60
+    "tests/e2e/test_console.py",  # ≈45
+    "tests/integration/test_storage_loss.py",  # ≈40
+    "tests/unit/test_reshard.py",  # ≈27
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = str(item.fspath).replace("\\", "/")
+        return next((i for i, m in enumerate(LONGEST_FIRST) if path.endswith(m)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # (stable: a file's own order stays)

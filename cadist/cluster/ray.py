@@ -182,11 +182,31 @@ RAY_NOISE = (
 )  # fmt: skip
 
 
-def _drop_noise(lines: list[str], actor: str | None) -> list[str]:
+def _traceback_line(line: str) -> bool:
+    """Whether `line` can be part of a Python traceback after its first line."""
+    return not line.strip() or line.startswith(
+        (" ", "\t", "Traceback", "During handling", "The above exception")
+    )
+
+
+def _drop_noise(lines: list[str], actor: str | None, pending: dict | None = None) -> list[str]:
     """`lines` of one batch of `actor`'s output without the RAY_NOISE messages in it (a message
-    with a traceback only where the traceback ends as listed: another error stays)."""
+    with a traceback only where the traceback ends as listed: another error stays).
+
+    `pending` (one dict per actor process, kept between its batches): Ray hands a process's output
+    over in batches, and a busy machine can cut a traceback between two of them; a noise message
+    whose traceback runs to the end of a batch is dropped, and its end is looked for at the start of
+    the next batch (lines that cannot belong to a traceback end the wait and print)."""
     rules = [(first, last) for who, first, last in RAY_NOISE if who == actor]
     out, i = [], 0
+    if pending and pending.get("last"):
+        last = pending.pop("last")
+        while i < len(lines) and last not in lines[i] and _traceback_line(lines[i]):
+            i += 1
+        if i < len(lines) and last in lines[i]:
+            i += 1
+        elif i == len(lines):
+            pending["last"] = last  # still inside it
     while i < len(lines):
         line, end = lines[i], None
         for first, last in rules:
@@ -195,6 +215,8 @@ def _drop_noise(lines: list[str], actor: str | None) -> list[str]:
             elif first is not None and first in line:
                 ends = [j for j in range(i, len(lines)) if last is None or last in lines[j]]
                 end = ends[0] if ends else None
+                if end is None and pending is not None and all(map(_traceback_line, lines[i + 1 :])):
+                    pending["last"], end = last, len(lines) - 1  # the rest comes in the next batch
             if end is not None:
                 break
         if end is None:
@@ -216,8 +238,15 @@ def _quiet_ray_noise() -> None:
     if printer is None or getattr(printer, "_cadist", False):
         return
 
+    pending: dict = {}  # (node, pid) → what `_drop_noise` waits for in that process's next batch
+
     def filtered(data: dict) -> None:
-        lines = _drop_noise(list(data.get("lines") or []), data.get("actor_name"))
+        key = (data.get("ip"), data.get("pid"))
+        lines = _drop_noise(
+            list(data.get("lines") or []), data.get("actor_name"), pending.setdefault(key, {})
+        )
+        if not pending[key]:
+            del pending[key]
         if lines:
             printer({**data, "lines": lines})
 

@@ -177,7 +177,9 @@ def _submit(
             )
         runtime_env |= {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES}
     client = _client(address)
-    sid = client.submit_job(
+    sid = _submit_when_ready(
+        client,
+        echo,
         entrypoint=ENTRYPOINT,
         runtime_env=runtime_env,
         submission_id=f"{what.prefix}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -193,6 +195,27 @@ def _submit(
             f"job {sid} ended {status}; its log: `ray job logs {sid} --address {address}`"
         )
     return sid, str(status)
+
+
+#: how long a submission waits for the head's job agent (it starts after the dashboard, so a
+#: cluster just brought up answers "No available agent to submit job" for a while)
+AGENT_WAIT_S = 60.0
+
+
+def _submit_when_ready(client, echo: Callable[[str], None], **submission) -> str:
+    """`client.submit_job(**submission)`, retried while the cluster's job agent is not up yet."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    said = False
+    while True:
+        try:
+            return client.submit_job(**submission)
+        except RuntimeError as exn:
+            if "No available agent" not in str(exn) or time.monotonic() > deadline:
+                raise
+            if not said:
+                echo("waiting for the cluster's job agent to start…")
+                said = True
+            time.sleep(1.0)
 
 
 def ray_token() -> tuple[str, str] | None:

@@ -96,6 +96,7 @@ def cluster(tmp_path_factory):
     (as `cluster.worker_node`) for the next."""
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    mp.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # (simulated nodes are never preempted)
     s3_server()  # before the nodes start: they take the S3 credentials from the environment
     c = _two_nodes(tmp_path_factory.mktemp("nodes"))
     try:

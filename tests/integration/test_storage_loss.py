@@ -29,6 +29,7 @@ def test_a_run_that_loses_its_storage_stops_then_resumes_without_loss(tmp_path, 
     monkeypatch.setenv("CADIST_STORAGE_RETRIES", "2")
     monkeypatch.setenv("CADIST_STORAGE_TIMEOUT_S", "3")
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # (as for cadist's local Ray)
     forget_filesystems()
     train, val = tiny_shards(tmp_path, seed=5, out="s3://runs/shards")
     overrides = {

@@ -41,6 +41,8 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_local():
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    # as cadist does for a local Ray it starts: nothing on one machine can be preempted
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     s3_server()  # before Ray starts: its nodes take the S3 credentials from the environment
     ray.init(
         address="local",
@@ -99,11 +101,17 @@ def _ignored_pixels(workdir):
 
 
 def _train_workers():
-    return [
-        p
-        for p in psutil.process_iter(["cmdline", "create_time"])
-        if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))
-    ]
+    """Ray Train worker processes of this process's own Ray (its raylet is our child): never those
+    of another Ray on the machine (a parallel test worker's)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in c for c in p.cmdline()):
+                p.info = {"create_time": p.create_time()}
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
 
 
 def _artifacts(client, run_id, path=""):

@@ -135,6 +135,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
     from ..conftest import s3_server
 
     ITERATIONS = 48  # noqa: N806
+    started = time.time()
     train, val = tiny_shards(tmp_path, seed=6)
     bucket = s3_server().bucket()
     runs = Storage(f"s3://{bucket}/runs")
@@ -311,7 +312,10 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
         k for k in c.keys(bucket) if any(x.encode() in _s3_bytes(c, bucket, k) for x in secrets)
     ]
     assert leaked == []
-    for where in (tmp_path, Path("/tmp/ray/session_latest")):
+    # (every Ray session the three `cadist tune` runs started, not just the latest on the machine)
+    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_ctime >= started - 1]
+    assert len(sessions) >= 3, sessions
+    for where in (tmp_path, *sessions):
         hits = [str(p) for p in where.rglob("*") if p.is_file() and not p.is_symlink()
                 and p.name not in ("sweep.yaml", "changed.yaml")  # the user's own files
                 and any(x.encode() in p.read_bytes() for x in secrets)]  # fmt: skip

@@ -101,3 +101,28 @@ def test_rays_known_noise_is_dropped_and_nothing_else():
     core = ["[2026-12-06 E core_worker.cc:2465] Actor with class name: 'PreemptionWatcher' and ID: "
             "'f7' has constructor arguments in the object store and max_restarts > 0. If …"]  # fmt: skip
     assert _drop_noise(core, "TrainController") == []
+
+
+def test_a_noise_traceback_cut_between_two_batches_is_dropped_whole():
+    """A busy machine hands one traceback over in two batches: the known one is dropped across them,
+    and a line after it that is no traceback line prints; an unknown ending is not awaited."""
+    from cadist.cluster.ray import _drop_noise
+
+    head = ["x", "Exception in thread PlacementGroupCleanerMonitor:", "Traceback (most recent call "
+            "last):", '  File "a.py", line 80, in _monitor_loop']  # fmt: skip
+    tail = ['  File "b.py", line 759', "    raise ConnectionError(", "ConnectionError: Found "
+            "multiple active Ray instances: {'a', 'b'}.", "Detected that the controller is dead."]  # fmt: skip
+    pending: dict = {}
+    assert _drop_noise(head, "PlacementGroupCleaner", pending) == ["x"]
+    assert _drop_noise(tail, "PlacementGroupCleaner", pending) == [tail[-1]]
+    assert pending == {}
+    # a batch that goes on with something else than a traceback: not held back
+    other = [*head[1:], "an ordinary line"]
+    assert _drop_noise(other, "PlacementGroupCleaner", {}) == other
+    # waiting for the end, a line that belongs to no traceback ends the wait and prints
+    pending = {}
+    _drop_noise(head, "PlacementGroupCleaner", pending)
+    assert _drop_noise(["  more", "plain output"], "PlacementGroupCleaner", pending) == [
+        "plain output"
+    ]
+    assert pending == {}
