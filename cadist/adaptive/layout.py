@@ -61,7 +61,7 @@ class MixedLayout:
         if check:
             self._check()
         self._elements: dict[int, Elements] = {}
-        self._tables: dict[tuple[int, int], torch.Tensor] = {}
+        self._tables: dict[tuple[int, int, bool], torch.Tensor] = {}
         self._selection: dict[int, torch.Tensor] = {}
 
     def _check(self) -> None:
@@ -119,17 +119,26 @@ class MixedLayout:
         return Elements(b, level, y0, x0, lookup, counts)
 
     # -- tables ----------------------------------------------------------------------------------
-    def table(self, k: int, t: int) -> torch.Tensor:
+    def table(self, k: int, t: int, per_level: bool = False) -> torch.Tensor:
         """(N_k, 9) indexes of the 3×3 taps at spacing t for the elements after k steps (§3.4);
-        a tap outside the image reads row N_k (the zero row appended by the convolution)."""
-        key = (k, t)
+        a tap outside the image reads row N_k (the zero row appended by the convolution).
+
+        `per_level`: spacing t·2^ℓ for an element of level ℓ — dilation t on each element's own
+        grid, as the dense network at that level's output stride (the adaptive head's classifier
+        conv); otherwise the same spatial offset t for every element (dilation t/2^ℓ)."""
+        key = (k, t, per_level)
         if key not in self._tables:
             e = self.elements(k)
             _, h, w = self.shape
             off = (1 << e.level) // 2
-            ty, tx = _TAPS_Y.to(e.b.device) * t, _TAPS_X.to(e.b.device) * t
-            py = (e.y0 + off)[:, None] + ty[None, :]
-            px = (e.x0 + off)[:, None] + tx[None, :]
+            ty, tx = _TAPS_Y.to(e.b.device), _TAPS_X.to(e.b.device)
+            if per_level:
+                step = (t << e.level)[:, None]
+                ty, tx = ty[None, :] * step, tx[None, :] * step
+            else:
+                ty, tx = ty[None, :] * t, tx[None, :] * t
+            py = (e.y0 + off)[:, None] + ty
+            px = (e.x0 + off)[:, None] + tx
             inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
             flat = (e.b[:, None] * h + py.clamp(0, h - 1)) * w + px.clamp(0, w - 1)
             idx = e.lookup.view(-1)[flat]
@@ -139,7 +148,7 @@ class MixedLayout:
     def step_table(self, k: int, t: int) -> torch.Tensor:
         """(N_k, 9) taps at spacing t on the step-(k−1) list, for the elements that step k keeps:
         the stride-carrying conv evaluated only where its output survives (§3.5)."""
-        key = (-k, t)
+        key = (-k, t, False)
         if key not in self._tables:
             full = self.table(k - 1, t)
             self._tables[key] = (

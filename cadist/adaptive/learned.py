@@ -97,8 +97,11 @@ class LearnedResNet(nn.Module):
     def sample(self, z: torch.Tensor) -> torch.Tensor:
         return sample_mask(z, self.tau, "gumbel" if self.training else self.eval_sampling)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, H/16, W/16) in {0, 1} replaces the sample (1 = low branch), for tests."""
+    def branches(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(high branch at OS8, low branch at OS16, hard sample m (B, 2, H/16, W/16)); `mask`
+        (B, H/16, W/16) in {0, 1} replaces the sample (1 = low branch), for tests."""
         f = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
         z = self.mask_estimator(f)
         if mask is None:
@@ -106,15 +109,20 @@ class LearnedResNet(nn.Module):
         else:
             m = F.one_hot(mask.long(), 2).permute(0, 3, 1, 2).to(f.dtype)
         hi = self.layer4_high_res(self.layer3_high_res(f))
-        lo = up2(self.layer4_low_res(self.layer3_low_res(f)))
-        if hi.shape[-2:] != lo.shape[-2:]:
+        lo = self.layer4_low_res(self.layer3_low_res(f))
+        if hi.shape[-2:] != up2(lo).shape[-2:]:
             raise ValueError(
                 f"input {tuple(x.shape[-2:])}: the learned-mask network needs H and W divisible "
                 "by 16 (OS16 branch and 2×2 mask blocks)"
             )
         self.last_logits, self.last_sample = z, m
+        return hi, lo, m
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixed OS8 features the dense head sees; `mask` as in `branches`."""
+        hi, lo, m = self.branches(x, mask)
         m8 = up2(m).to(hi.dtype)
-        return m8[:, :1] * hi + m8[:, 1:] * lo
+        return m8[:, :1] * hi + m8[:, 1:] * up2(lo)
 
 
 class LearnedDeepLabV3(nn.Module):
@@ -122,21 +130,47 @@ class LearnedDeepLabV3(nn.Module):
     `aux_loss` holds the ratio term (r − ρ)² (§7.4) and `last_mask` the (B, H/8, W/8) pooling mask
     (1 = OS16) that selected the branches."""
 
-    def __init__(self, backbone: LearnedResNet, classifier: nn.Module, target_low_res: float = 0.3):
+    def __init__(
+        self,
+        backbone: LearnedResNet,
+        classifier: nn.Module,
+        target_low_res: float = 0.3,
+        head: str = "dense",
+    ):
         super().__init__()
         self.backbone, self.classifier = backbone, classifier
         self.target_low_res = target_low_res
+        self.head = head
         self.aux_loss: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.head == "adaptive":
+            return self._adaptive_head(x, mask)
         feats = self.backbone(x, mask)
         logits = self.classifier(feats)
+        self._ratio_term()
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def _adaptive_head(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Dense simulation of the adaptive head (as §7.3 simulates the backbone): the head at OS8
+        on the high branch, the same head at OS16 (`dense_head_at`) on the low branch, each
+        upsampled to the input size, mixed per pixel by the sample of its OS8 cell's block."""
+        from cadist.adaptive.head import dense_head_at
+
+        hi, lo, m = self.backbone.branches(x, mask)
+        size = x.shape[-2:]
+        up = [F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+              for y in (self.classifier(hi), dense_head_at(self.classifier, lo, 2))]  # fmt: skip
+        mf = F.interpolate(m.to(up[0].dtype), size=size, mode="nearest")
+        self._ratio_term()
+        return mf[:, :1] * up[0] + mf[:, 1:] * up[1]
+
+    def _ratio_term(self) -> None:
         z = self.backbone.last_logits
         r = sample_mask(z, self.backbone.tau)[:, 1].mean()  # a second, independent draw
         self.aux_loss = (r - self.target_low_res) ** 2
         self.last_mask = pooling_mask(self.backbone.last_sample)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 # -- checkpoint layouts ------------------------------------------------------------------------

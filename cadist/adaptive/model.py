@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cadist.adaptive.head import AdaptiveDeepLabHead, upsample_levels
 from cadist.adaptive.masks import EdgeMask
 from cadist.adaptive.resnet import AdaptiveResNet
 from cadist.models.deeplab import DeepLabHead
@@ -16,9 +17,16 @@ from cadist.models.deeplab import DeepLabHead
 class AdaptiveDeepLabV3(nn.Module):
     """(B, 3, H, W) → (B, C, H, W) logits; `mask` overrides the generator (B, H/os, W/os).
 
+    `classifier`: the dense head (on the dense map at the finest grid, the method's model) or an
+    `AdaptiveDeepLabHead` (on the backbone's element list, each element at its own level).
     After each forward `last_mask` holds the pooling mask used (for logging and MAC counts)."""
 
-    def __init__(self, backbone: AdaptiveResNet, classifier: DeepLabHead, mask_fn: EdgeMask | None):
+    def __init__(
+        self,
+        backbone: AdaptiveResNet,
+        classifier: DeepLabHead | AdaptiveDeepLabHead,
+        mask_fn: EdgeMask | None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
@@ -35,6 +43,11 @@ class AdaptiveDeepLabV3(nn.Module):
         given = mask is not None
         if mask is None and self.mask_fn is not None:
             mask = self.mask_fn(x)
+        if isinstance(self.classifier, AdaptiveDeepLabHead):
+            f, layout = self.backbone(x, mask, check_mask=given, as_list=True)
+            self.last_mask = self.backbone.last_mask
+            k = self.backbone.num_steps
+            return upsample_levels(self.classifier(f, layout, k), layout, k, x.shape[-2:])
         feats = self.backbone(x, mask, check_mask=given)  # mask None: the learned estimator
         self.last_mask = self.backbone.last_mask
         logits = self.classifier(feats)

@@ -186,21 +186,23 @@ class IrregularConv3x3(nn.Module):
 
 
 class PointwiseConv(nn.Module):
-    """A 1×1 convolution over an element list; weight (Cout, Cin, 1, 1) as the dense conv."""
+    """A 1×1 convolution over an element list; weight (Cout, Cin, 1, 1) (and bias) as the dense
+    conv."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, bias: bool = False):
         super().__init__()
         self.in_channels, self.out_channels = cin, cout
         self.weight = nn.Parameter(torch.empty(cout, cin, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_meta:
             return x.new_empty(x.shape[0], self.out_channels)
-        return F.linear(x, self.weight.view(self.out_channels, self.in_channels))
+        return F.linear(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
 
     def count_macs(self, inp, out):
-        m = float(self.in_channels * self.out_channels * out.shape[0])
+        m = float((self.in_channels + (self.bias is not None)) * self.out_channels * out.shape[0])
         return "conv", m, m
 
 

@@ -159,11 +159,16 @@ class AdaptiveResNet(nn.Module):
         return pooling_mask(sample_mask(self.mask_estimator(feats), self.tau, self.sampling))
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, check_mask: bool = True
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        check_mask: bool = True,
+        as_list: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, MixedLayout]:
         """`mask` (B, H0, W0); None: from the learned mask estimator. `check_mask=False` skips
         validating it (for masks made by cadist's generators). After the call `last_mask` holds
-        the mask used."""
+        the mask used. `as_list`: return the element list and its layout (for the adaptive head)
+        instead of the dense map at the finest grid."""
         if mask is None:
             if getattr(self, "mask_estimator", None) is None:
                 raise ValueError("this adaptive backbone has no mask estimator: pass a mask")
@@ -179,4 +184,4 @@ class AdaptiveResNet(nn.Module):
         for name in self.adaptive:
             f = getattr(self, name)(f, layout)
         self.last_layout = layout
-        return layout.to_dense(f, self.num_steps)
+        return (f, layout) if as_list else layout.to_dense(f, self.num_steps)

@@ -18,3 +18,7 @@ LEARNED_MODELS: tuple[str, ...] = get_args(LearnedModelName)
 ModelName = Literal[DenseModelName, AdaptiveModelName, LearnedModelName]
 ALL_MODELS = DENSE_MODELS + ADAPTIVE_MODELS + LEARNED_MODELS
 AdaptiveMode = Literal["os8to16", "os8to32", "os16to32"]
+#: where the DeepLabv3 head runs: on the dense map at the finest grid (the method's) or, for adaptive
+#: models, on the element list at each element's own level (cadist.adaptive.head)
+HeadKind = Literal["dense", "adaptive"]
+HEADS: tuple[str, ...] = get_args(HeadKind)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cadist.config.names import ADAPTIVE_MODELS, ALL_MODELS, LEARNED_MODELS, OUTPUT_STRIDES
+from cadist.config.names import ADAPTIVE_MODELS, ALL_MODELS, HEADS, LEARNED_MODELS, OUTPUT_STRIDES
 from cadist.errors import ConfigError
 from cadist.models.deeplab import DeepLabHead, DeepLabV3
 from cadist.models.resnet import SPECS, ResNet
@@ -60,6 +60,7 @@ def build_model(
     target_low_res: float = 0.3,
     mask_sampling: str = "gumbel",
     network: str = "training",
+    head: str = "dense",
 ):
     """A DeepLabv3 with randomly initialised weights (load weights with `models.weights`).
 
@@ -67,13 +68,24 @@ def build_model(
     `adaptive_mode` (the head runs at the mode's finest stride) and the edge-mask options (§6).
     Learned-mask models (`deeplabv3_ad_*`, OS 8→16) use the Gumbel temperature, the target low-res
     share ρ, the evaluation sampling ("gumbel" as the reference, or "argmax") and `network`:
-    "training" (two dense branches, §7.3) or "inference" (the adaptive backbone, §7.5)."""
+    "training" (two dense branches, §7.3) or "inference" (the adaptive backbone, §7.5).
+    `head`: "dense" (the method's: the DeepLabv3 head on the dense map at the finest grid) or
+    "adaptive" (adaptive models only: the head on the element list, `cadist.adaptive.head`)."""
     info = model_info(name)
+    if head not in HEADS:
+        raise ConfigError(f"model.head {head!r}: expected one of {', '.join(HEADS)}")
+    if head == "adaptive" and not is_adaptive(name):
+        raise ConfigError(
+            f"model.head adaptive needs an adaptive model (deeplabv3_batch_ap_* or "
+            f"deeplabv3_ad_*); {name} is dense: use model.head dense"
+        )
     if is_learned(name):
-        return build_learned(info, num_classes, gumbel_tau, target_low_res, mask_sampling, network)
+        return build_learned(
+            info, num_classes, gumbel_tau, target_low_res, mask_sampling, network, head
+        )
     if is_adaptive(name):
         return build_adaptive(
-            info, num_classes, adaptive_mode, edge_threshold, trimap_width, mask_variant
+            info, num_classes, adaptive_mode, edge_threshold, trimap_width, mask_variant, head
         )
     if output_stride not in OUTPUT_STRIDES:
         raise ConfigError(
@@ -89,7 +101,13 @@ def build_model(
 
 
 def build_learned(
-    info: ModelInfo, num_classes: int, tau: float, rho: float, sampling: str, network: str
+    info: ModelInfo,
+    num_classes: int,
+    tau: float,
+    rho: float,
+    sampling: str,
+    network: str,
+    head_kind: str = "dense",
 ):
     from cadist.adaptive.learned import LearnedDeepLabV3, LearnedResNet, MaskEstimator
     from cadist.adaptive.model import AdaptiveDeepLabV3
@@ -98,17 +116,32 @@ def build_learned(
     spec = SPECS[info.backbone]
     head = DeepLabHead(spec.out_channels, num_classes, 8, info.head_channels)
     if network == "training":
-        return LearnedDeepLabV3(LearnedResNet(spec, tau, sampling), head, rho)
+        return LearnedDeepLabV3(LearnedResNet(spec, tau, sampling), head, rho, head_kind)
     if network != "inference":
         raise ConfigError(f"network {network!r} for {info.name}: expected training or inference")
     backbone = AdaptiveResNet(spec, "os8to16")
     backbone.mask_estimator = MaskEstimator(spec.layer2_channels)
     backbone.tau, backbone.sampling = tau, sampling
-    return AdaptiveDeepLabV3(backbone, head, None)
+    return AdaptiveDeepLabV3(backbone, _head(head, head_kind), None)
+
+
+def _head(head: DeepLabHead, kind: str):
+    """The dense head as is, or the adaptive head with its parameters."""
+    if kind == "dense":
+        return head
+    from cadist.adaptive.head import AdaptiveDeepLabHead
+
+    return AdaptiveDeepLabHead.from_dense(head)
 
 
 def build_adaptive(
-    info: ModelInfo, num_classes: int, mode: str, threshold: float, trimap: int, variant: str
+    info: ModelInfo,
+    num_classes: int,
+    mode: str,
+    threshold: float,
+    trimap: int,
+    variant: str,
+    head_kind: str = "dense",
 ):
     from cadist.adaptive.masks import EdgeMask
     from cadist.adaptive.model import AdaptiveDeepLabV3
@@ -131,4 +164,4 @@ def build_adaptive(
         low=low,
         block=(4 if variant == "reference" and finest == 8 else 2),
     )
-    return AdaptiveDeepLabV3(backbone, head, edge)
+    return AdaptiveDeepLabV3(backbone, _head(head, head_kind), edge)

@@ -154,8 +154,10 @@ def count_adaptive(
     width: int,
     adaptive_mode: str = "os8to16",
     num_classes: int = 19,
+    head: str = "dense",
 ) -> dict:
     """GMac of an adaptive model for one image with pooling mask `mask` (1, H0, W0), shapes only.
+    `head` "adaptive": the head on the element list, counted by the same rules (content-dependent).
 
     `backbone_gmac` follows the method's rules (§10.1, including the strided conv charged at every
     input element); `backbone_gmac_actual` is what cadist computes. `edge_gmac` is the two gradient
@@ -167,9 +169,8 @@ def count_adaptive(
     if mask.dim() != 3 or mask.shape[0] != 1:
         raise ValueError(f"count one image at a time: mask (1, H0, W0), got {tuple(mask.shape)}")
     with torch.device("meta"):
-        model = build_model(
-            name, adaptive_mode=adaptive_mode, num_classes=num_classes, network="inference"
-        ).eval()
+        model = build_model(name, adaptive_mode=adaptive_mode, num_classes=num_classes,
+                            network="inference", head=head).eval()  # fmt: skip
         x = torch.empty(1, 3, height, width)
     estimator = model.backbone.mask_estimator  # learned mode: part of the backbone (§10.2)
     with torch.no_grad(), MacCounter(backbone=model.backbone, head=model.classifier) as c:
@@ -188,6 +189,7 @@ def count_adaptive(
     return {
         "model": name,
         "adaptive_mode": adaptive_mode,
+        "head": head,
         "input_hw": [height, width],
         "high_res_fraction": float(high_res_fraction(mask)[0]),
         "backbone_gmac": bb.gmac(),
