@@ -295,6 +295,8 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         path = str(item.fspath).replace("\\", "/")
-        return next((i for i, m in enumerate(LONGEST_FIRST) if path.endswith(m)), len(LONGEST_FIRST))
+        return next(
+            (i for i, m in enumerate(LONGEST_FIRST) if path.endswith(m)), len(LONGEST_FIRST)
+        )
 
     items.sort(key=rank)  # (stable: a file's own order stays)

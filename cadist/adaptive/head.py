@@ -53,7 +53,10 @@ class AdaptiveASPP(nn.Module):
         self.rates = rates
         self.convs = nn.ModuleList(
             [nn.Sequential(PointwiseConv(cin, ch), ListBatchNorm(ch), ListReLU())]
-            + [nn.Sequential(IrregularConv3x3(cin, ch), ListBatchNorm(ch), ListReLU()) for _ in rates]
+            + [
+                nn.Sequential(IrregularConv3x3(cin, ch), ListBatchNorm(ch), ListReLU())
+                for _ in rates
+            ]
             + [nn.Sequential(AreaMean(), PointwiseConv(cin, ch), ListBatchNorm(ch), ListReLU())]
         )
         self.project = nn.Sequential(
@@ -146,4 +149,3 @@ def dense_head_at(head: DeepLabHead, x: torch.Tensor, scale: int) -> torch.Tenso
         else:
             outs.append(branch(x))
     return last(relu(bn(conv(aspp.project(torch.cat(outs, dim=1))))))
-

@@ -215,7 +215,11 @@ def _drop_noise(lines: list[str], actor: str | None, pending: dict | None = None
             elif first is not None and first in line:
                 ends = [j for j in range(i, len(lines)) if last is None or last in lines[j]]
                 end = ends[0] if ends else None
-                if end is None and pending is not None and all(map(_traceback_line, lines[i + 1 :])):
+                if (
+                    end is None
+                    and pending is not None
+                    and all(map(_traceback_line, lines[i + 1 :]))
+                ):
                     pending["last"], end = last, len(lines) - 1  # the rest comes in the next batch
             if end is not None:
                 break

@@ -66,8 +66,12 @@ def setup(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CADIST_", "NO_COLOR"))}
-    env |= {"PYTHONPATH": str(ROOT), "TERM": "xterm", "COLUMNS": "160",
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # (one machine: as cadist's local Ray)
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "TERM": "xterm",
+        "COLUMNS": "160",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }  # (one machine: as cadist's local Ray)
     sets = {
         "data.train_shards": train, "data.val_shards": val, "data.crop_size": 64,
         "data.num_workers": 0, "train.batch_size": 2, "train.log_every": 2,
