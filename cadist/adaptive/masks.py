@@ -6,6 +6,7 @@ int64 pooling mask (0 = keep the finest resolution, `low` = downsample).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -84,3 +85,47 @@ class EdgeMask:
 def high_res_fraction(mask: torch.Tensor) -> torch.Tensor:
     """(B,) share of finest cells that keep the finest resolution (M = 0)."""
     return (mask == 0).float().mean(dim=(1, 2))
+
+
+def load_mask_file(
+    path: str | Path, height: int, width: int, stride: int, low: int = 1, steps: int = 2
+):
+    """A pooling mask from a `.npy` file (the format `cadist predict --save-mask` writes) for one
+    H×W input: (H/stride, W/stride) integers, 0 = the finest grid, `low` = downsampled, in the
+    method's blocks (§3.1). Returns (1, H0, W0) int64; anything else is one `CadistError` naming the
+    file, what it holds, what was expected and how to make one. `steps`: the model's adaptive
+    steps (its blocks are 2^steps cells)."""
+    import numpy as np
+
+    from cadist.adaptive.layout import MixedLayout
+    from cadist.errors import CadistError
+
+    path = Path(path)
+    fix = "write one with `cadist predict --save-mask` or numpy.save"
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exn:
+        raise CadistError(
+            f"mask {path}: not a readable .npy array ({str(exn).splitlines()[0]}); expected a "
+            f"uint8 array of shape (H/{stride}, W/{stride}); {fix}"
+        ) from None
+    want = (height // stride, width // stride)
+    if arr.shape != want:
+        raise CadistError(
+            f"mask {path}: shape {arr.shape}, expected {want} for a {height}×{width} input (one "
+            f"value per {stride}×{stride} pixels); {fix}"
+        )
+    if arr.dtype.kind not in "iub":
+        raise CadistError(f"mask {path}: dtype {arr.dtype}, expected integers (uint8); {fix}")
+    bad = sorted(set(np.unique(arr).tolist()) - {0, low})
+    if bad:
+        raise CadistError(
+            f"mask {path}: values {bad[:5]}, expected 0 (OS{stride}) and {low} "
+            f"(OS{stride << low}) only; {fix}"
+        )
+    mask = torch.from_numpy(arr.astype(np.int64)).unsqueeze(0)
+    try:
+        MixedLayout(mask, steps)
+    except ValueError as exn:
+        raise CadistError(f"mask {path}: {exn}; {fix}") from None
+    return mask

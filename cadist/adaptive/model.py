@@ -52,3 +52,13 @@ class AdaptiveDeepLabV3(nn.Module):
         self.last_mask = self.backbone.last_mask
         logits = self.classifier(feats)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def mask_from_file(model: AdaptiveDeepLabV3, path, height: int, width: int) -> torch.Tensor:
+    """`masks.load_mask_file` for `model` and an H×W input: its finest stride, its low level and
+    its adaptive steps."""
+    from cadist.adaptive.masks import load_mask_file
+
+    bb = model.backbone
+    return load_mask_file(path, height, width, bb.finest_stride,
+                          2 if bb.mode == "os8to32" else 1, bb.num_steps)  # fmt: skip

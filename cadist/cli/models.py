@@ -56,6 +56,14 @@ def _model_options(f):
             help="Adaptive models: the reference's edge mask or the corrected one.",
         ),
         click.option(
+            "--head",
+            default="dense",
+            show_default=True,
+            type=click.Choice(["dense", "adaptive"]),
+            help="Adaptive models: the DeepLabv3 head on the dense map at the finest grid (the "
+            "method's) or on the mixed-resolution elements, each at its own level.",
+        ),
+        click.option(
             "--mask-sampling",
             default="gumbel",
             show_default=True,
@@ -130,6 +138,7 @@ def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, ma
         gumbel_tau=kw.get("gumbel_tau", 1.0),
         mask_sampling=kw.get("mask_sampling", "gumbel"),
         network="inference",
+        head=kw.get("head", "dense"),
     )
 
 
@@ -150,11 +159,18 @@ def _build(model, output_stride, adaptive_mode, edge_threshold, trimap_width, ma
     help="Learned-mask models (required): weights whose mask estimator decides the mask — a "
     "file, a checkpoint folder or an MLflow URI (runs:/<run_id>).",
 )
+@click.option(
+    "--mask",
+    "mask_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Adaptive models: count with this pooling mask (.npy, uint8 (H/8, W/8), 0 = OS8, 1 = "
+    "OS16, as `predict --save-mask` writes) for --image, or for --height × --width without one.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
+def macs_cmd(height, width, image, shards, limit, ckpt, mask_file, as_json, **opts):
     """Count multiply-adds per image under the method's counting rules (backbone, head, total).
 
-    Adaptive models are counted per image, content-dependent: pass --image or --shards."""
+    Adaptive models are counted per image, content-dependent: pass --image, --shards or --mask."""
     ckpt, opts = _from_checkpoint(ckpt, opts)
     model, output_stride, adaptive_mode = (
         opts["model"],
@@ -180,12 +196,16 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
         return
     from cadist.nets.stats import count_images
 
-    if not image and not shards:
+    if not image and not shards and not mask_file:
         raise CadistError(
             f"{model} is content-adaptive: its MACs depend on the image; pass --image "
-            f"PNG or --shards SPEC"
+            f"PNG, --shards SPEC or --mask FILE.npy"
         )
-    if is_learned(model) and not ckpt:
+    if mask_file and shards:
+        raise CadistError(
+            "--mask is one image's mask: use it with --image (or alone), not --shards"
+        )
+    if is_learned(model) and not ckpt and not mask_file:
         raise CadistError(
             f"{model}: its mask comes from its trained mask estimator; pass --ckpt WEIGHTS"
         )
@@ -194,7 +214,8 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
         from cadist.nets.weights import load_weights
 
         load_weights(net, ckpt, expect_name=model)
-    r = count_images(net.eval(), model, adaptive_mode, image=image, shards=shards, limit=limit)
+    r = count_images(net.eval(), model, adaptive_mode, image=image, shards=shards, limit=limit,
+                     mask_file=mask_file, size=(height, width))  # fmt: skip
     if as_json:
         _print_json(r)
         return
@@ -222,7 +243,10 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
         if is_learned(model)
         else f"edge gradients {r['edge_gmac']:.4f} GMac"
     )
-    click.echo(f"  head                  {r['head_gmac']:9.2f} GMac; {extra}")
+    click.echo(
+        f"  head ({r['head']:8})      {r['head_gmac']:9.2f} ± {r['head_gmac_std']:.2f} GMac; {extra}"
+    )
+    click.echo(f"  total (method)        {r['total_gmac']:9.2f} ± {r['total_gmac_std']:.2f} GMac")
 
 
 @main.command("predict")
@@ -274,6 +298,13 @@ def macs_cmd(height, width, image, shards, limit, ckpt, as_json, **opts):
     is_flag=True,
     help="Adaptive models: also write <stem>_mask.npy, uint8 (H/8, W/8), 0 = OS8, 1 = OS16.",
 )
+@click.option(
+    "--mask",
+    "mask_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Adaptive models, one image: use this pooling mask (.npy, uint8 (H/8, W/8), 0 = OS8, "
+    "1 = OS16, as --save-mask writes) instead of computing one.",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 … or auto.")
 @click.option(
     "--precision",
@@ -291,6 +322,7 @@ def predict_cmd(
     out,
     save_logits,
     save_mask,
+    mask_file,
     device,
     precision,
     scales,
@@ -317,6 +349,12 @@ def predict_cmd(
     model = opts["model"]
     if save_mask and not is_adaptive(model):
         raise CadistError(f"--save-mask: {model} is a dense model and has no pooling mask")
+    if mask_file and not is_adaptive(model):
+        raise CadistError(f"--mask: {model} is a dense model and takes no pooling mask")
+    if mask_file and len(todo) != 1:
+        raise CadistError(f"--mask is one image's mask; got {len(todo)} images (pass one --image)")
+    if mask_file and tta is not None and not tta.plain:
+        raise CadistError("--mask fits one plain pass: leave out --scales, --flip and --window")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net = _build(**opts)
@@ -330,7 +368,9 @@ def predict_cmd(
         if skip_existing and _outputs_exist(dest, image, fmt, save_logits, save_mask, tta):
             done += 1
             continue
-        paths = write_prediction(net, image, dest, device, save_logits, save_mask, tta, fmt)
+        paths = write_prediction(
+            net, image, dest, device, save_logits, save_mask, tta, fmt, mask_file
+        )
         click.echo(" ".join(str(p) for p in paths.values()))
     if done:
         click.echo(

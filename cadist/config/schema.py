@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from cadist.config.names import AdaptiveMode, ModelName
+from cadist.config.names import AdaptiveMode, HeadKind, ModelName
 from cadist.config.passes import JOB_NAMES, Augmentation, parse_scales
 from cadist.errors import ConfigError
 from cadist.redact import redact
@@ -54,6 +54,10 @@ class ModelConfig(_Section):
     target_low_res: float = Field(0.3, ge=0, le=1)
     """Learned-mask models: target low-resolution share ρ of the ratio loss (§7.4; default 0.3,
     the released model: 0.5)."""
+    head: HeadKind = "dense"
+    """Adaptive models: the DeepLabv3 head on the dense map at the finest grid (dense, the
+    method's) or on the backbone's mixed-resolution elements, each at its own level (adaptive:
+    a uniform OS16 region costs the OS16 head; see docs/method.md). Same parameters either way."""
     mask_sampling: Literal["gumbel", "argmax"] = "gumbel"
     """Learned-mask models at evaluation: draw Gumbel noise as the reference does (§7.2 quirk:
     stochastic, seed-dependent results) or take the deterministic arg-max."""
@@ -63,6 +67,16 @@ class ModelConfig(_Section):
     weights: str | None = None
     """Whole-model weights to start from (reference checkpoint, torchvision or cadist export), or
     an MLflow URI such as `runs:/<run_id>` (that run's best weights), fetched once by the driver."""
+
+    @model_validator(mode="after")
+    def _an_adaptive_head_needs_an_adaptive_model(self) -> ModelConfig:
+        if self.head == "adaptive" and self.name.startswith("deeplabv3_resnet"):
+            raise ValueError(
+                f"model.head adaptive runs on the elements of an adaptive backbone, and "
+                f"{self.name} is dense: use a deeplabv3_batch_ap_* or deeplabv3_ad_* model, or "
+                f"model.head dense"
+            )
+        return self
 
     def build_kwargs(self) -> dict[str, Any]:
         """Arguments of `cadist.nets.build.build_model` for this section."""
@@ -76,6 +90,7 @@ class ModelConfig(_Section):
             "gumbel_tau": self.gumbel_tau,
             "target_low_res": self.target_low_res,
             "mask_sampling": self.mask_sampling,
+            "head": self.head,
         }
 
 

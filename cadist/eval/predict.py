@@ -60,13 +60,22 @@ def image_list(
 
 @torch.no_grad()
 def predict_logits(
-    model: torch.nn.Module, img: np.ndarray, device: str | torch.device = "cpu"
+    model: torch.nn.Module,
+    img: np.ndarray,
+    device: str | torch.device = "cpu",
+    mask_file: str | Path | None = None,
 ) -> torch.Tensor:
     """(C, H, W) float32 logits at input resolution for one (H, W, 3) uint8 image (§1.2, §1.4);
-    the input takes the dtype of the model's weights."""
+    the input takes the dtype of the model's weights. `mask_file` (adaptive models): use this
+    pooling mask (`.npy`, as `--save-mask` writes) instead of computing one."""
     dtype = next(model.parameters()).dtype
     x = normalized_input(img).unsqueeze(0).to(device, dtype)
-    return model.eval()(x)[0].float().cpu()
+    if mask_file is None:
+        return model.eval()(x)[0].float().cpu()
+    from cadist.adaptive.model import mask_from_file
+
+    mask = mask_from_file(model, mask_file, *x.shape[-2:]).to(device)
+    return model.eval()(x, mask=mask)[0].float().cpu()
 
 
 def colorize(pred: np.ndarray) -> np.ndarray:
@@ -93,6 +102,7 @@ def write_prediction(
     save_mask: bool = False,
     tta: Augmentation | None = None,
     fmt: str = "colour",
+    mask_file: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write `<stem>_pred.png`, `<stem>_overlay.png` — or with `fmt` "labelids" only
     `<stem>_labelIds.png`, uint8 Cityscapes labelIds as the benchmark's evaluation and server take
@@ -103,13 +113,15 @@ def write_prediction(
     probabilities, `--save-logits` writes those as `<stem>_probs.npy` (float32 (C, H, W)) and
     `--save-mask` each unmirrored pass's mask as `<stem>_mask_<h>x<w>.npy` (with a sliding
     window: its crops' masks put together). Every file is written under a temporary name and
-    renamed."""
+    renamed. `mask_file`: see `predict_logits` (one plain pass only)."""
     image, out = Path(image), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     img = load_rgb(image)
     masks: dict[str, torch.Tensor] = {}
+    if mask_file is not None and not (tta is None or tta.plain):
+        raise ValueError("a pooling mask from a file fits one plain pass, not --scales/--flip")
     if tta is None or tta.plain:
-        scores = predict_logits(model, img, device)
+        scores = predict_logits(model, img, device, mask_file)
         if save_mask:
             masks["mask"] = model.last_mask[0]
     else:

@@ -13,10 +13,16 @@ import copy
 from torch import nn
 
 from cadist.adaptive.folded import FoldedAdaptiveBottleneck, fold_affine
+from cadist.adaptive.ops import IrregularConv3x3, ListBatchNorm, PointwiseConv
 from cadist.adaptive.resnet import AdaptiveBottleneck
 
+#: (convolution, the BatchNorm after it) pairs that fold: dense, and on element lists (the
+#: adaptive head's)
+_CONVS = (nn.Conv2d, PointwiseConv, IrregularConv3x3)
+_BNS = (nn.BatchNorm2d, nn.SyncBatchNorm, ListBatchNorm)
 
-def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+
+def _fold_pair(conv: nn.Module, bn: nn.Module) -> nn.Module:
     w, b = fold_affine(
         conv.weight.detach(), bn, conv.bias.detach() if conv.bias is not None else None
     )
@@ -39,7 +45,7 @@ def _fold(module: nn.Module) -> int:
     names = list(module._modules)
     for a, b in zip(names, names[1:], strict=False):
         conv, bn = module._modules[a], module._modules[b]
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        if isinstance(conv, _CONVS) and isinstance(bn, _BNS):
             module._modules[a] = _fold_pair(conv, bn)
             module._modules[b] = nn.Identity()
             folded += 1

@@ -35,13 +35,27 @@ def count_images(
     image: str | None = None,
     shards: str | None = None,
     limit: int | None = None,
+    mask_file: str | None = None,
+    size: tuple[int, int] | None = None,
 ) -> dict:
-    """Mean and std over images of the high-res fraction and GMac (method's rules and computed)."""
+    """Mean and std over images of the high-res fraction and GMac (method's rules and computed).
+    `mask_file`: this pooling mask (`.npy`) instead of the model's, for `image` or, without one,
+    an input of `size` (H, W). The head counts as the model has it (dense or adaptive)."""
+    from cadist.adaptive.head import AdaptiveDeepLabHead
+    from cadist.adaptive.model import mask_from_file
+
+    head = "adaptive" if isinstance(model.classifier, AdaptiveDeepLabHead) else "dense"
     rows = []
-    for img in _images(image, shards, limit):
+    if mask_file is not None and image is None and size is not None:
+        mask = mask_from_file(model, mask_file, *size)
+        rows.append(count_adaptive(name, mask, *size, mode, head=head))
+    for img in _images(image, shards, limit) if not rows else ():
         x = normalized_input(img).unsqueeze(0)
-        mask = model.make_mask(x)
-        rows.append(count_adaptive(name, mask, x.shape[2], x.shape[3], mode))
+        if mask_file is not None:
+            mask = mask_from_file(model, mask_file, x.shape[2], x.shape[3])
+        else:
+            mask = model.make_mask(x)
+        rows.append(count_adaptive(name, mask, x.shape[2], x.shape[3], mode, head=head))
     if not rows:
         raise ValueError("no images to count")
     out = {
@@ -49,13 +63,14 @@ def count_images(
         "adaptive_mode": mode,
         "num_images": len(rows),
         "input_hw": rows[0]["input_hw"],
-        "head_gmac": rows[0]["head_gmac"],
+        "head": head,
     }
     for key in ("edge_gmac", "mask_estimator_gmac"):  # edge-mask / learned-mask models
         if key in rows[0]:
             out[key] = rows[0][key]
     for key in (
         "high_res_fraction",
+        "head_gmac",
         "backbone_gmac",
         "backbone_gmac_actual",
         "total_gmac",

@@ -12,7 +12,7 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 #: model options a cadist export records (its job's `model` section) and the CLI can take from it
 RECORDED = ("output_stride", "adaptive_mode", "edge_threshold", "trimap_width", "mask_variant",
-            "gumbel_tau", "mask_sampling")  # fmt: skip
+            "gumbel_tau", "mask_sampling", "head")  # fmt: skip
 
 
 def resolve_weights(spec: str | Path, tracking_uri: str | None = None) -> Path:

@@ -176,3 +176,78 @@ def test_macs_of_the_adaptive_head_follow_the_levels():
     assert ones["total_gmac"] <= 1.10 * dense16["total_gmac"]
     dense_head = count_adaptive(name, torch.ones(1, 128, 256, dtype=torch.long), 1024, 2048)
     assert dense_head["head_gmac"] == pytest.approx(dense8["head_gmac"], rel=1e-9)
+
+
+def test_cli_adaptive_head_on_an_all_os8_mask_predicts_the_dense_os8_logits(tmp_path):
+    """The issue's acceptance, ResNet-101: `predict --head adaptive --mask zeros.npy` of the edge
+    model = `predict --output-stride 8` of the dense model from one dense OS8 checkpoint (logits
+    within 1e-4); `macs --head adaptive --mask ones.npy` of a 2048×1024 image ≤ 1.10× the dense
+    OS16 model; bad masks are one clear error each."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from cadist.cli import main
+    from cadist.data.transforms import normalized_input
+
+    torch.manual_seed(0)
+    img = np.random.default_rng(0).integers(0, 255, (64, 128, 3), dtype=np.uint8)
+    x = normalized_input(img).unsqueeze(0)
+    dense = build_model("deeplabv3_resnet101", 8)
+    # a well-conditioned checkpoint, as a trained one is: a random ResNet-101 is chaotic (float32
+    # rounding differences between dense convolutions and gather-GEMM grow to ~1e-3 in its
+    # logits), so each residual branch is damped (bn3 γ = 0.1, cf. Fixup/SkipInit) and the BN
+    # statistics are those of a batch (as training leaves them)
+    for name, m in dense.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # (the cumulative mean of what it sees: here one batch)
+            if name.endswith("bn3"):
+                m.weight.data.fill_(0.1)
+    with torch.no_grad():
+        dense.train()(torch.cat([x, x.flip(-1)]))
+    dense.eval()
+    torch.save(dense.state_dict(), tmp_path / "os8.pt")
+    Image.fromarray(img).save(tmp_path / "img.png")
+    np.save(tmp_path / "zeros.npy", np.zeros((8, 16), np.uint8))
+
+    def predict(out, *args):
+        r = CliRunner().invoke(main, ["predict", "--ckpt", str(tmp_path / "os8.pt"), "--image",
+                                      str(tmp_path / "img.png"), "--out", str(tmp_path / out),
+                                      "--save-logits", "--device", "cpu", *args])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        return np.load(tmp_path / out / "img_logits.npy")
+
+    ada = predict("ada", "--model", "deeplabv3_batch_ap_resnet101", "--head", "adaptive",
+                  "--mask", str(tmp_path / "zeros.npy"))  # fmt: skip
+    ref = predict("dense", "--model", "deeplabv3_resnet101", "--output-stride", "8")
+    assert ref.shape == (19, 64, 128) and np.abs(ref).max() > 0.1
+    assert np.abs(ada - ref).max() < 1e-4
+
+    Image.fromarray(np.zeros((1024, 2048, 3), np.uint8)).save(tmp_path / "big.png")
+    np.save(tmp_path / "ones.npy", np.ones((128, 256), np.uint8))
+    r = CliRunner().invoke(main, ["macs", "--model", "deeplabv3_batch_ap_resnet101", "--head",
+                                  "adaptive", "--mask", str(tmp_path / "ones.npy"), "--image",
+                                  str(tmp_path / "big.png"), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    dense16 = count_dense("deeplabv3_resnet101", 16, 1024, 2048)
+    assert got["head"] == "adaptive" and got["high_res_fraction"] == 0.0
+    assert got["total_gmac"] <= 1.10 * dense16["total_gmac"]
+    assert got["head_gmac"] == pytest.approx(dense16["head_gmac"], rel=1e-9)
+
+    # bad masks: the file, what it holds, what was expected
+    np.save(tmp_path / "shape.npy", np.zeros((4, 16), np.uint8))
+    np.save(tmp_path / "values.npy", np.full((8, 16), 3, np.uint8))
+    np.save(tmp_path / "blocks.npy", np.eye(8, 16, dtype=np.uint8))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    for name, said in [("shape", "shape (4, 16), expected (8, 16) for a 64×128 input"),
+                       ("values", "values [3], expected 0 (OS8) and 1 (OS16) only"),
+                       ("blocks", "block constraint"), ("junk", "not a readable .npy array")]:  # fmt: skip
+        r = CliRunner().invoke(main, ["macs", "--model", "deeplabv3_batch_ap_resnet_tiny",
+                                      "--mask", str(tmp_path / f"{name}.npy"), "--image",
+                                      str(tmp_path / "img.png")])  # fmt: skip
+        assert r.exit_code == 2 and said in r.output and f"{name}.npy" in r.output, r.output
+        assert "Traceback" not in r.output
