@@ -18,6 +18,12 @@ from cadist.cli.app import _print_json, _set_option, _tta_options, main
     "(runs:/<run_id> = its best weights, from the job's tracking store).",
 )
 @_set_option("a job key, e.g. --set eval.batch_size=2")
+@click.option(
+    "--head",
+    type=click.Choice(["dense", "adaptive"]),
+    help="Adaptive models: the head on the dense map (the method's) or on the mixed-resolution "
+    "elements (same weights); default: the job's model.head.",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--log",
@@ -44,7 +50,7 @@ from cadist.cli.app import _print_json, _set_option, _tta_options, main
     help="Evaluate the same weights at each of these values (repeatable: every combination), e.g. "
     "--vary model.edge_threshold=0.1,0.2,0.4: each setting's mIoU, high-res fraction and GMac, "
     "and which are on the mIoU-GMac Pareto front. Keys that leave the weights alone: "
-    "model.edge_threshold, trimap_width, mask_variant, mask_sampling and eval.*.",
+    "model.edge_threshold, trimap_width, mask_variant, mask_sampling, head and eval.*.",
 )
 @click.option(
     "--plot",
@@ -68,7 +74,7 @@ from cadist.cli.app import _print_json, _set_option, _tta_options, main
     "(e.g. one per GPU), their counts added up — the same figures, sooner.",
 )
 def eval_cmd(
-    job_file, ckpt, overrides, device, log_run, run_name, scales, flip, window, stride, per_image,
+    job_file, ckpt, overrides, head, device, log_run, run_name, scales, flip, window, stride, per_image,
     vary, plot, address, tasks,
 ):  # fmt: skip
     """Evaluate CKPT on the validation shards of JOB_FILE: mIoU, accuracies, per-class IoU (JSON);
@@ -85,6 +91,8 @@ def eval_cmd(
     from cadist.config.jobfile import load_job
     from cadist.eval.evaluate import eval_protocol, evaluate_job, log_evaluation
 
+    if head:  # as --set model.head=…, after the other keys
+        overrides = (*overrides, f"model.head={head}")
     if tasks > 1 and not address:
         raise click.UsageError("--tasks goes with --address (Ray tasks on a cluster)")
     if address and device != "auto":

@@ -222,10 +222,10 @@ def _gmac(job: JobConfig, height: int, width: int, high_res: float | None) -> di
         return {"backbone_gmac": m["backbone_gmac"], "total_gmac": m["total_gmac"]}
     from cadist.nets.stats import mac_line
 
-    line = mac_line(job.model.name, job.model.adaptive_mode, height, width)
+    line = mac_line(job.model.name, job.model.adaptive_mode, height, width, job.model.head)
     return {"backbone_gmac": line.backbone(high_res),
             "backbone_gmac_computed": line.backbone(high_res, actual=True),
-            "total_gmac": line.backbone(high_res) + line.head_gmac}  # fmt: skip
+            "total_gmac": line.backbone(high_res) + line.head(high_res)}  # fmt: skip
 
 
 def log_evaluation(

@@ -19,6 +19,7 @@ VARIABLE = (
     "model.trimap_width",
     "model.mask_variant",
     "model.mask_sampling",
+    "model.head",  # (dense or adaptive: the same parameters)
     "eval.scales",
     "eval.flip",
     "eval.window",

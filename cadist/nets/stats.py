@@ -92,28 +92,34 @@ class MacLine:
     high: float
     low_actual: float
     high_actual: float
-    head_gmac: float
+    head_gmac: float  # the head at p = 0 (the dense head: at every p)
+    head_high: float | None = None  # the adaptive head at p = 1 (its count is linear in p too)
 
     def backbone(self, p: float, actual: bool = False) -> float:
         lo, hi = (self.low_actual, self.high_actual) if actual else (self.low, self.high)
         return lo + (hi - lo) * p
 
+    def head(self, p: float) -> float:
+        if self.head_high is None:
+            return self.head_gmac
+        return self.head_gmac + (self.head_high - self.head_gmac) * p
+
 
 @functools.lru_cache(maxsize=32)
-def mac_line(name: str, mode: str, height: int, width: int) -> MacLine:
+def mac_line(name: str, mode: str, height: int, width: int, head: str = "dense") -> MacLine:
     from cadist.adaptive.resnet import MODES
 
     finest = MODES[mode][0]
     low_value = 2 if mode == "os8to32" else 1
     h0, w0 = height // finest, width // finest
-    lo = count_adaptive(
-        name, torch.full((1, h0, w0), low_value, dtype=torch.long), height, width, mode
-    )
-    hi = count_adaptive(name, torch.zeros(1, h0, w0, dtype=torch.long), height, width, mode)
+    low = torch.full((1, h0, w0), low_value, dtype=torch.long)
+    lo = count_adaptive(name, low, height, width, mode, head=head)
+    hi = count_adaptive(name, torch.zeros_like(low), height, width, mode, head=head)
     return MacLine(
         lo["backbone_gmac"],
         hi["backbone_gmac"],
         lo["backbone_gmac_actual"],
         hi["backbone_gmac_actual"],
         lo["head_gmac"],
+        hi["head_gmac"] if head == "adaptive" else None,
     )

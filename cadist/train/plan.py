@@ -159,11 +159,15 @@ def plan_macs(job: JobConfig) -> dict | None:
         return out | {k: round(m[k], 2) for k in ("backbone_gmac", "head_gmac", "total_gmac")}
     from cadist.nets.stats import mac_line
 
-    line = mac_line(job.model.name, job.model.adaptive_mode, *hw)
+    line = mac_line(job.model.name, job.model.adaptive_mode, *hw, job.model.head)
+    head = {"head_gmac": round(line.head_gmac, 2)}
+    if job.model.head == "adaptive":  # (the dense head's count does not depend on p)
+        head = {"head_gmac_at_p0": round(line.head(0.0), 2),
+                "head_gmac_per_p": round(line.head(1.0) - line.head(0.0), 2)}  # fmt: skip
     return out | {
         "backbone_gmac_at_p0": round(line.backbone(0.0), 2),
         "backbone_gmac_per_p": round(line.backbone(1.0) - line.backbone(0.0), 2),
-        "head_gmac": round(line.head_gmac, 2),
+        **head,
     }
 
 
@@ -243,7 +247,12 @@ def describe(plan: dict) -> str:
             f"validation image (backbone {mac['backbone_gmac']:.2f})"
         )
     elif mac:
-        lines.append(macs_text(mac, f"head {mac['head_gmac']:.2f}"))
+        head = (
+            f"head {mac['head_gmac']:.2f}"
+            if "head_gmac" in mac
+            else f"adaptive head {mac['head_gmac_at_p0']:.2f} + {mac['head_gmac_per_p']:.2f}·p"
+        )
+        lines.append(macs_text(mac, head))
     lines.append(eval_text(plan["eval"], mac and mac["input_hw"]))
     ds = plan["deepspeed"]
     lines.append(

@@ -123,13 +123,12 @@ def _log_adaptive(tracker, job: JobConfig, extra: dict, step: int, device) -> di
     sums = [extra["high_res_sum"], extra["images"], 0.0, 0.0, 0.0]
     for one, (n, high_res) in extra["passes"].items():
         if n:
-            line = mac_line(
-                job.model.name, job.model.adaptive_mode, *(one.tile or (one.height, one.width))
-            )
+            line = mac_line(job.model.name, job.model.adaptive_mode,
+                            *(one.tile or (one.height, one.width)), job.model.head)  # fmt: skip
             q, times = (high_res or 0.0) / n, n * one.tiles
             sums[2] += times * line.backbone(q)
             sums[3] += times * line.backbone(q, actual=True)
-            sums[4] += times * (line.backbone(q) + line.head_gmac)
+            sums[4] += times * (line.backbone(q) + line.head(q))
     t = torch.tensor(sums, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)

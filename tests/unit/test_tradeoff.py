@@ -170,3 +170,33 @@ def test_vary_errors_are_one_clear_line(weights, args, said):
     r = _eval(weights, *args)
     assert r.exit_code != 0 and said in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_vary_the_head_on_the_same_weights(weights):
+    """`--vary model.head=dense,adaptive` (and `--head`): the same weights with each head; the
+    adaptive head's total GMac is the dense head's minus what its OS16 elements save, and
+    `--head adaptive` alone gives the same figures."""
+    r = _eval(weights, "--set", "model.trimap_width=1", "--set", "model.edge_threshold=0.8",
+              "--vary", "model.head=dense,adaptive")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    dense, ada = json.loads(r.stdout)["results"]
+    assert (dense["setting"], ada["setting"]) == (
+        {"model.head": "dense"},
+        {"model.head": "adaptive"},
+    )
+    p = dense["high_res_fraction"]
+    assert ada["high_res_fraction"] == p and 0 < p < 1  # the same mask
+    assert ada["backbone_gmac"] == pytest.approx(dense["backbone_gmac"])
+    lo = mac_line(MODEL, "os8to16", 64, 128, "adaptive")
+    assert ada["total_gmac"] == pytest.approx(ada["backbone_gmac"] + lo.head(p))
+    assert dense["total_gmac"] - ada["total_gmac"] == pytest.approx(
+        (lo.head(1.0) - lo.head(0.0)) * (1 - p)  # the dense head is the adaptive one at p = 1
+    )  # fmt: skip
+    assert ada["total_gmac"] < dense["total_gmac"]
+    one = _eval(weights, "--set", "model.trimap_width=1", "--set", "model.edge_threshold=0.8",
+                "--head", "adaptive")  # fmt: skip
+    assert one.exit_code == 0, one.output
+    alone = json.loads(one.stdout)
+    assert alone["miou"] == pytest.approx(ada["miou"]) and alone["total_gmac"] == pytest.approx(
+        ada["total_gmac"]
+    )
