@@ -12,6 +12,11 @@ torch's gather + matmul, to see what the kernel adds; "eager_torch" likewise for
 (whose forward and backward use the fused kernels on CUDA).
 
     python bench/adaptive.py [--model resnet101 --sizes 512x1024 --fractions 0.1,0.25,0.5 --device cpu]
+
+With --head dense|adaptive the whole models (backbone, head, upsampling) are compared instead:
+dense DeepLabv3 at OS8 and OS16 vs the edge model with that head, at p ∈ --fractions (default
+0,0.1,0.25,0.5); goals for the adaptive head on the CPU: time ratio to OS8 ≤ 1.2 × the MAC ratio,
+and at p = 0.1 within 1.5× the dense OS16 model's time.
 """
 
 from __future__ import annotations
@@ -99,7 +104,16 @@ def main():
         "BN folded, weights in --dtype, inference only (the Triton kernel on CUDA); "
         "folded_torch: folded with torch's gather + matmul instead of the kernel",
     )
+    ap.add_argument(
+        "--head",
+        choices=["dense", "adaptive"],
+        help="compare whole models (DeepLabv3 with this head on the adaptive backbone) instead of "
+        "backbones",
+    )
     args = ap.parse_args()
+    if args.head:
+        whole_models(args, ap)
+        return
     fractions = [float(v) for v in args.fractions.split(",")]
     dev = torch.device(args.device)
     spec = SPECS[args.model]
@@ -185,6 +199,61 @@ def main():
             indent=1,
         )
     )
+
+
+def whole_models(args, ap) -> None:
+    """--head: dense DeepLabv3 OS8/OS16 vs the edge model with the head asked for, whole models,
+    side by side in one run; forward and forward+backward (eager, fp32 or bf16 autocast)."""
+    from cadist.nets.build import build_model
+    from cadist.nets.macs import count_dense
+
+    if args.model == "resnet_tiny":
+        dense_name, name = "deeplabv3_resnet_tiny", "deeplabv3_batch_ap_resnet_tiny"
+    else:
+        dense_name, name = f"deeplabv3_{args.model}", f"deeplabv3_batch_ap_{args.model}"
+    fractions = [float(v) for v in ("0,0.1,0.25,0.5" if args.fractions == "0.1,0.25,0.5"
+                                    else args.fractions).split(",")]  # fmt: skip
+    dev = torch.device(args.device)
+    # (the head's image-pooling BN needs two images in training mode)
+    args.batch = max(args.batch, 2)
+    torch.manual_seed(0)
+    dense8 = build_model(dense_name, 8).to(dev)
+    dense16 = build_model(dense_name, 16).to(dev)
+    dense16.load_state_dict(dense8.state_dict())
+    ada = build_model(name, head=args.head).to(dev)
+    ada.load_state_dict(dense8.state_dict())
+    rows = []
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.split("x"))
+        x = torch.randn(args.batch, 3, h, w, device=dev)
+        g = {os_: count_dense(dense_name, os_, h, w)["total_gmac"] for os_ in (8, 16)}
+        base = {}
+        for os_, model in ((8, dense8), (16, dense16)):
+            f, fb = run_model(model, x, None, dev, args.dtype, args.warmup, args.repeats)
+            base[os_] = (f, fb)
+            rows.append({"input_hw": [h, w], "model": f"dense_os{os_}", "p": float(os_ == 8),
+                         "total_gmac": round(g[os_], 2), "fwd_ms": round(f, 2),
+                         "fwd_bwd_ms": round(fb, 2)})  # fmt: skip
+        for p in fractions:
+            mask = block_mask(args.batch, h // 8, w // 8, p).to(dev)
+            m = count_adaptive(name, mask[:1].cpu(), h, w, head=args.head)
+            f, fb = run_model(ada, x, mask, dev, args.dtype, args.warmup, args.repeats)
+            ratio = m["total_gmac_actual"] / g[8]
+            rows.append({
+                "input_hw": [h, w], "model": f"adaptive_{args.head}_head", "p": p,
+                "total_gmac": round(m["total_gmac_actual"], 2),
+                "head_gmac": round(m["head_gmac"], 2),
+                "fwd_ms": round(f, 2), "fwd_bwd_ms": round(fb, 2),
+                "mac_ratio_to_os8": round(ratio, 4),
+                "fwd_time_over_mac_ratio": round(f / base[8][0] / ratio, 3),
+                "fwd_bwd_time_over_mac_ratio": round(fb / base[8][1] / ratio, 3),
+                "fwd_time_ratio_to_os16": round(f / base[16][0], 3),
+                "fwd_bwd_time_ratio_to_os16": round(fb / base[16][1], 3),
+            })  # fmt: skip
+    print(json.dumps({"bench": "adaptive_whole_model", "head": args.head, "model": args.model,
+                      "batch": args.batch, "device": str(dev), "dtype": args.dtype,
+                      "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "cpus": os.cpu_count(), "results": rows}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

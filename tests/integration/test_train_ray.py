@@ -561,15 +561,17 @@ def test_two_worker_step_equals_one_process_step(workdir, ray_local, tmp_path):
 
 
 def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
-    """…evaluated with the job's test-time augmentation: scales 0.5 and 1, mirrored, each in a
-    sliding window (eval.window 64x64: three crops of a 64×128 image at default stride 43, one of
-    its 32×64 half): the logged GMac is all passes' crops', and `cadist eval` of the job evaluates
-    the same way."""
+    """…with the adaptive head (model.head adaptive; the dense head trains in the demo and the
+    sweeps), evaluated with the job's test-time augmentation: scales 0.5 and 1, mirrored, each in
+    a sliding window (eval.window 64x64: three crops of a 64×128 image at default stride 43, one
+    of its 32×64 half): the logged GMac is all passes' crops', and `cadist eval` of the job
+    evaluates the same way."""
     job = make_job(
         workdir,
         "itest-edge",
         **{
             "model.name": "deeplabv3_batch_ap_resnet_tiny",
+            "model.head": "adaptive",
             "train.iterations": 10,
             "eval.interval": 10,
             "eval.log_images": 1,
@@ -623,6 +625,15 @@ def test_edge_model_trains_and_logs_mask_statistics(workdir, ray_local):
     )
     assert m["macs/backbone_gmac"] == pytest.approx(by_hand, rel=1e-9)
     assert ev["tta"]["backbone_gmac"] == pytest.approx(by_hand, rel=1e-9)
+    # the adaptive head's GMac follow each pass's fraction too (the dense head's would not)
+    lines = {w: mac_line("deeplabv3_batch_ap_resnet_tiny", "os8to16", *w, "adaptive")
+             for w in {tuple(q["window"]) for q in passes.values()}}  # fmt: skip
+    total = sum(
+        q["windows"] * (lines[tuple(q["window"])].backbone(q["high_res_fraction"])
+                        + lines[tuple(q["window"])].head(q["high_res_fraction"]))
+        for q in passes.values()
+    )  # fmt: skip
+    assert m["macs/total_gmac"] == pytest.approx(total, rel=1e-9)
     assert m["macs/backbone_gmac_computed"] <= m["macs/backbone_gmac"]
     # `cadist report` names the protocol the run was evaluated with
     from cadist.results.report import _augmentation
@@ -636,6 +647,7 @@ def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_lo
         "itest-learned",
         **{
             "model.name": "deeplabv3_ad_resnet_tiny",
+            "model.head": "adaptive",  # (training: its dense simulation; evaluation: both)
             "model.target_low_res": 0.5,
             "model.mask_sampling": "argmax",  # deterministic evaluation, so `cadist eval` agrees
             "train.iterations": 10,
@@ -664,8 +676,9 @@ def test_learned_model_trains_through_ray_and_logs_both_networks(workdir, ray_lo
     from cadist.nets.stats import mac_line
 
     p = m["val/high_res_fraction"]  # the inference network's share: what its MACs follow
-    line = mac_line("deeplabv3_ad_resnet_tiny", "os8to16", 64, 128)
+    line = mac_line("deeplabv3_ad_resnet_tiny", "os8to16", 64, 128, "adaptive")
     assert m["macs/backbone_gmac"] == pytest.approx(line.backbone(p), rel=1e-9)
+    assert m["macs/total_gmac"] == pytest.approx(line.backbone(p) + line.head(p), rel=1e-9)
     # ZeRO-1 over 2 workers kept the tied branches identical
     import torch
 
