@@ -39,13 +39,28 @@ def head():
     # the job's entry point runs `python`: make it this environment's, as the cluster file does
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved}"
     s3_server()  # the nodes' S3 credentials: in the environment Ray starts with
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-    )
+    # the dashboard agent (which runs the submitted jobs) listens on a fixed port, 52365, unless
+    # told otherwise, and `ray.init` cannot tell it: on a machine with another Ray (a parallel
+    # test worker's) this head's agent could not bind it and no job would ever be accepted
+    from ray._private.parameter import RayParams
+
+    params_init = RayParams.__init__
+
+    def own_agent_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", _free_port())
+        params_init(self, *args, **kwargs)
+
+    RayParams.__init__ = own_agent_port
+    try:
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+        )
+    finally:
+        RayParams.__init__ = params_init
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()
     os.environ["PATH"] = saved
