@@ -173,7 +173,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
             if len(order) == 2 and registered_checkpoint(runs.uri(order[1])):
                 break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.2)
+            time.sleep(0.5)
         else:
             pytest.fail(
                 "the second trial never checkpointed:\n"
@@ -206,7 +206,7 @@ def test_killed_then_stopped_sweep_resumes_keeping_finished_trials(tmp_path, mon
         while runs.info(resolved)[0].mtime_ns == before:
             assert proc.poll() is None, (tmp_path / "second.log").read_text()[-3000:]
             assert time.time() < deadline, "the killed trial never restarted"
-            time.sleep(0.2)
+            time.sleep(0.5)
         stop = subprocess.run(
             [*cmd[:3], "stop", "sweep.yaml", "--wait", "300"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
