@@ -177,46 +177,24 @@ def _submit(
             )
         runtime_env |= {"working_dir": str(root), "excludes": UPLOAD_EXCLUDES}
     client = _client(address)
-    for attempt in (1, 2):
-        sid = _submit_when_ready(
-            client,
-            echo,
-            entrypoint=ENTRYPOINT,
-            runtime_env=runtime_env,
-            submission_id=f"{what.prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-            + ("" if attempt == 1 else "-again"),
-            metadata=what.metadata,
-        )
-        echo(f"submitted {sid} to {address}")
-        if not wait:
-            return sid, str(client.get_job_status(sid))
-        asyncio.run(_follow(client, sid, echo, timeout_s))
-        status = client.get_job_status(sid)
-        if attempt == 1 and status == JobStatus.FAILED and LOST_PACKAGE in _job_logs(client, sid):
-            # (a job resumes from its checkpoints, a sweep from its state: submitting it again is
-            # safe)
-            echo(
-                f"{sid}: Ray lost the project's uploaded package before the job's workers fetched "
-                f"it (a known Ray race, ray-project/ray#36703); submitting it again"
-            )
-            continue
-        break
+    sid = _submit_when_ready(
+        client,
+        echo,
+        entrypoint=ENTRYPOINT,
+        runtime_env=runtime_env,
+        submission_id=f"{what.prefix}-{time.strftime('%Y%m%d-%H%M%S')}",
+        metadata=what.metadata,
+    )
+    echo(f"submitted {sid} to {address}")
+    if not wait:
+        return sid, str(client.get_job_status(sid))
+    asyncio.run(_follow(client, sid, echo, timeout_s))
+    status = client.get_job_status(sid)
     if status != JobStatus.SUCCEEDED:
         raise CadistError(
             f"job {sid} ended {status}; its log: `ray job logs {sid} --address {address}`"
         )
     return sid, str(status)
-
-
-#: what Ray's log says when a job's actors could not fetch the uploaded working directory
-LOST_PACKAGE = "Failed to download runtime_env file package"
-
-
-def _job_logs(client, sid: str) -> str:
-    try:
-        return client.get_job_logs(sid) or ""
-    except Exception:  # noqa: BLE001 - only a hint whether to submit again
-        return ""
 
 
 #: how long a submission waits for the head's job agent (it starts after the dashboard, so a

@@ -3,8 +3,10 @@
 
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,11 @@ def head():
         params_init(self, *args, **kwargs)
 
     RayParams.__init__ = own_agent_port
+    # and its own temp dir: the job supervisor finds the cluster to run a job's driver on from the
+    # temp dir's `ray_current_cluster` file — in the shared /tmp/ray, the last Ray started on the
+    # machine, which a parallel test worker's may be (the driver then ran on that other cluster
+    # and could not fetch the uploaded project from its GCS)
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # (short: Ray's socket paths live there)
     try:
         ray.init(
             address="local",
@@ -58,11 +65,13 @@ def head():
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
+            _temp_dir=temp,
         )
     finally:
         RayParams.__init__ = params_init
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
     os.environ["PATH"] = saved
 
 
