@@ -11,7 +11,12 @@ from cadist.adaptive.layout import MixedLayout
 from cadist.nets.build import build_model
 from cadist.nets.macs import count_adaptive, count_dense
 
-from .test_adaptive import _oracle_elements, _random_mask, _randomise_bn
+from .test_adaptive import (
+    _oracle_elements,
+    _random_mask,
+    _randomise_bn,
+    batch_equals_images_one_by_one,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +46,9 @@ def test_all_os8_is_the_dense_os8_model_and_all_os16_the_dense_os16_model(models
 
 def test_a_batch_of_different_masks_equals_its_images_one_by_one(models):
     _, _, ada = models
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, 64, 128, generator=g)
-    masks = (torch.rand(3, 2, 4, generator=g) < torch.tensor([0.2, 0.5, 0.9]).view(3, 1, 1)).long()
-    masks = masks.repeat_interleave(4, 1).repeat_interleave(4, 2)
-    with torch.no_grad():
-        batch = ada(x, mask=masks)
-        for i in range(3):
-            assert (batch[i] - ada(x[i : i + 1], mask=masks[i : i + 1])[0]).abs().max() < 1e-4
-        # a mixed image is neither of the uniform ones: both levels reach the logits
-        both = (ada(x[:1], mask=masks[:1].zero_() + 1) - batch[:1]).abs().max()
-        assert both > 1e-3
+    x, masks, batch = batch_equals_images_one_by_one(ada)
+    with torch.no_grad():  # a mixed image is not the all-OS16 one: both levels reach the logits
+        assert (ada(x[:1], mask=torch.ones_like(masks[:1])) - batch[:1]).abs().max() > 1e-3
 
 
 # -- the head against a tap-by-tap oracle --------------------------------------------------------
