@@ -313,6 +313,10 @@ def test_killed_worker_resumes_from_its_checkpoint(workdir, ray_local, tmp_path,
         "train.iterations": 60,
         "eval.interval": 60,
         "deepspeed.gradient_accumulation_steps": 2,
+        # every checkpoint kept: Ray Train's deletion of an old one right after the restart can
+        # find it gone on S3 and end the run ("Path not found: …/step_00000020", its checkpoint
+        # manager; seen on a loaded machine) — not what this test is about
+        "train.keep_checkpoints": 10,
     }
     job = make_job(workdir, "itest-kill", **on_s3)
     store = Storage(f"{bucket}/runs")
