@@ -135,15 +135,18 @@ def _oracle_elements(mask, k):
 
 
 def _oracle_conv(mask, k, t, feats, weight):
+    """3×3 conv on the elements, one tap at a time; `t`: the tap spacing in finest cells, or a
+    function of the element's level giving it."""
     elems, lookup = _oracle_elements(mask, k)
     h, w = mask.shape
+    spacing = t if callable(t) else lambda _level: t
     out = []
     for lvl, y, x in elems:
-        off = 2**lvl // 2
+        off, s = 2**lvl // 2, spacing(lvl)
         acc = torch.zeros(weight.shape[0], dtype=feats.dtype)
         for i in (-1, 0, 1):
             for j in (-1, 0, 1):
-                py, px = y + off + t * i, x + off + t * j
+                py, px = y + off + s * i, x + off + s * j
                 if 0 <= py < h and 0 <= px < w:
                     acc = acc + weight[:, :, i + 1, j + 1] @ feats[lookup[(py, px)]]
         out.append(acc)

@@ -12,6 +12,7 @@ from cadist.nets.build import build_model
 from cadist.nets.macs import count_adaptive, count_dense
 
 from .test_adaptive import (
+    _oracle_conv,
     _oracle_elements,
     _random_mask,
     _randomise_bn,
@@ -52,23 +53,6 @@ def test_a_batch_of_different_masks_equals_its_images_one_by_one(models):
 
 
 # -- the head against a tap-by-tap oracle --------------------------------------------------------
-def _oracle_conv(mask, k, spacing, feats, weight):
-    """3×3 conv on the elements, one tap at a time; `spacing(level)` in finest cells."""
-    elems, lookup = _oracle_elements(mask, k)
-    h, w = mask.shape
-    out = []
-    for lvl, y, x in elems:
-        off, t = 2**lvl // 2, spacing(lvl)
-        acc = torch.zeros(weight.shape[0], dtype=feats.dtype)
-        for i in (-1, 0, 1):
-            for j in (-1, 0, 1):
-                py, px = y + off + t * i, x + off + t * j
-                if 0 <= py < h and 0 <= px < w:
-                    acc = acc + weight[:, :, i + 1, j + 1] @ feats[lookup[(py, px)]]
-        out.append(acc)
-    return torch.stack(out)
-
-
 def _bn(bn, x):
     return (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
 
