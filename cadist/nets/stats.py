@@ -46,10 +46,11 @@ def count_images(
 
     head = "adaptive" if isinstance(model.classifier, AdaptiveDeepLabHead) else "dense"
     rows = []
-    if mask_file is not None and image is None and size is not None:
+    if mask_file is not None and image is None and size is not None:  # no image: the mask alone
         mask = mask_from_file(model, mask_file, *size)
         rows.append(count_adaptive(name, mask, *size, mode, head=head))
-    for img in _images(image, shards, limit) if not rows else ():
+    images = _images(image, shards, limit) if not rows else []
+    for img in images:
         x = normalized_input(img).unsqueeze(0)
         if mask_file is not None:
             mask = mask_from_file(model, mask_file, x.shape[2], x.shape[3])
