@@ -95,6 +95,16 @@ def _endpoint(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def _dashboard_port() -> int:
+    """Ray's default dashboard port where it is free, else any free port (of 127.0.0.1)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8265))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
     """Start a local Ray (`None`/`local`) or join the cluster at `address` (`auto`, `host:port`,
     `ray://host:port`) unless this process is connected already. An address nothing answers at is
@@ -122,10 +132,15 @@ def connect_ray(address: str | None, use_gpu: bool, source: str) -> None:
                 f"local Ray"
             ) from None
     _token_notice_to_log_file()
+    env, local = worker_env(use_gpu), {}
     if address == "local":  # one machine: no spot preemption for Ray Train to watch for
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's actors ask the State API about each other; without an address Ray looks for
+        # GCS processes on the machine and, with a second Ray there, fails (or asks the other one)
+        local["dashboard_port"] = _dashboard_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{local['dashboard_port']}"
     try:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(use_gpu)}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **local)
         _quiet_ray_noise()
     except ray.exceptions.AuthenticationError as exn:
         raise ConfigError(
