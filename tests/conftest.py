@@ -77,6 +77,12 @@ def train_in_thread(job):
     return t, box
 
 
+#: `mlflow server` without MLflow 3's GenAI job runner: its eight processes (seven huey
+#: consumers) import MLflow each — ≈ 24 CPU-seconds per server start instead of ≈ 5 — and no
+#: cadist test submits such jobs
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts under `root`) that a
     test can stop and start again on the same port and stores, as an outage would."""
@@ -94,6 +100,7 @@ class MlflowServer:
         self.proc = None
 
     def start(self, timeout: float = 90.0):
+        import os
         import subprocess
         import sys
         import time
@@ -106,6 +113,7 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
              "--artifacts-destination", self.artifacts, "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=os.environ | SERVER_ENV,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -40,6 +40,10 @@ def _augmentation(params: dict) -> str:
     return Augmentation.parse(scales, flip, window or None, stride or param("eval.stride")).label()
 
 
+#: what a run's model label says of `model.head: adaptive` (beyond the paper: no paper figure)
+ADAPTIVE_HEAD = " + adaptive head"
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per run, sorted by backbone GMac (then name)."""
     rows = []
@@ -52,6 +56,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         adaptive = model.startswith(("deeplabv3_batch_ap_", "deeplabv3_ad_"))
         paper = PAPER_MIOU.get((model, None if adaptive else os_))
         label = model + ("" if adaptive else f" OS{os_}")
+        if r["params"].get("model.head") == "adaptive":
+            label, paper = label + ADAPTIVE_HEAD, None
         tta = _augmentation(r["params"])
         if tta:  # `cadist eval --scales/--flip/--window`: not the paper's protocol
             label, paper = f"{label} + {tta}", None

@@ -5,6 +5,7 @@ the result served by a real `mlflow server` on 127.0.0.1 — over its REST API, 
 chromium (headless, driven by playwright) through MLflow's own UI."""
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -19,11 +20,16 @@ from mlflow.tracking import MlflowClient
 
 from cadist.data.synthetic import write_tree
 
+from ..conftest import SERVER_ENV
+
 pytestmark = pytest.mark.slow
 CADIST = Path(sys.executable).parent / "cadist"
 SHORT = {"train.iterations": 6, "eval.interval": 6, "train.checkpoint_every": 6,
          "train.batch_size": 2, "data.crop_size": 64, "data.num_workers": 0,
          "eval.log_images": 0}  # fmt: skip
+# an edge mask that keeps some cells at OS16 on these small scenes (τ 0.15, trimap 11, the demo's,
+# keeps them all): the two heads then differ in cost
+EDGE_SETS = ("--set", "model.edge_threshold=0.95", "--set", "model.trimap_width=3")
 
 
 def _demo(work: Path, *more: str) -> subprocess.CompletedProcess:
@@ -38,15 +44,15 @@ def demo(tmp_path_factory):
     workdir); yields (workdir, its output, the MLflow store's URI)."""
     work = tmp_path_factory.mktemp("demo")
     write_tree(work / "data" / "synth", num_train=16, num_val=4, height=64, width=128, seed=0)
-    r = _demo(work)
+    r = _demo(work, *EDGE_SETS)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return work, r.stdout, f"sqlite:///{work / 'mlflow.db'}", r.stderr
 
 
 def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo):
     work, out, uri, err = demo
-    for n in range(1, 8):  # a heading per stage
-        assert f"[{n}/7] " in out, out[-3000:]
+    for n in range(1, 9):  # a heading per stage
+        assert f"[{n}/8] " in out, out[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cadist-demo")
     runs = client.search_runs([exp.experiment_id])
@@ -62,7 +68,18 @@ def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo):
         "8",
         "16",
     }
-    assert len(by_model["deeplabv3_batch_ap_resnet_tiny"]) >= 5  # the edge model + 4 trials
+    assert len(by_model["deeplabv3_batch_ap_resnet_tiny"]) >= 6  # edge, with each head + 4 trials
+    # the two heads at the same masks: the same backbone work per image, less for the whole model
+    (edge, ahead) = [next(r for r in scored if r.info.run_name == n)
+                     for n in ("demo-edge", "demo-edge-ahead")]  # fmt: skip
+    assert (edge.data.params["model.head"], ahead.data.params["model.head"]) == (
+        "dense",
+        "adaptive",
+    )
+    m, a = edge.data.metrics, ahead.data.metrics
+    assert a["macs/backbone_gmac"] == pytest.approx(m["macs/backbone_gmac"], rel=1e-9)
+    assert a["macs/total_gmac"] < m["macs/total_gmac"], (m, a)
+    assert "| demo-edge-ahead | deeplabv3_batch_ap_resnet_tiny + adaptive head |" in out, out
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     assert sorted(
@@ -97,7 +114,7 @@ def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo):
                 or "(PlacementGroupCleaner" in ln], err[-3000:]  # fmt: skip
     assert "Traceback" not in out + err and "Token authentication" not in out + err
     assert "Creating initial MLflow database tables" not in out + err
-    for job in ("demo-dense-os8", "demo-edge"):
+    for job in ("demo-dense-os8", "demo-edge", "demo-edge-ahead"):
         assert re.search(rf"^train {job}: 6/6 step \(100%\)", err, re.M), err[-3000:]
     assert re.search(r"^eval demo-dense-os16: 4/4 img \(100%\)", err, re.M), err[-3000:]
     assert re.search(r"^sweep edge_demo_sweep: 24/24 step \(100%\) \| 4 done", err, re.M), err
@@ -107,7 +124,6 @@ def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo):
     ev = subprocess.run([str(CADIST), *shlex.split(lines["evaluate it"])[1:]],
                         capture_output=True, text=True, timeout=300, cwd=work)  # fmt: skip
     assert ev.returncode == 0, ev.stderr[-3000:]
-    (edge,) = [r for r in scored if r.info.run_name == "demo-edge"]
     assert json.loads(ev.stdout)["miou"] == pytest.approx(edge.data.metrics["val/miou"], abs=1e-4)
     pr = subprocess.run([str(CADIST), *shlex.split(lines["predict"])[1:]],
                         capture_output=True, text=True, timeout=300, cwd=work)  # fmt: skip
@@ -122,7 +138,7 @@ def test_a_rerun_skips_what_is_done(demo):
     exp = client.get_experiment_by_name("cadist-demo").experiment_id
     before = {r.info.run_id for r in client.search_runs([exp])}
     started = time.monotonic()
-    r = _demo(work)
+    r = _demo(work, *EDGE_SETS)
     took = time.monotonic() - started
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("done before") >= 3, r.stdout
@@ -169,6 +185,7 @@ def _server(work: Path):
          f"sqlite:///{work / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=os.environ | SERVER_ENV,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
