@@ -77,6 +77,23 @@ def train_in_thread(job):
     return t, box
 
 
+def own_state_api(mp) -> int:
+    """A free port for the dashboard of a Ray this test starts, and RAY_API_SERVER_ADDRESS (set with
+    the MonkeyPatch `mp`, before Ray starts: its processes inherit it) pointing there. Ray Train's
+    placement-group cleaner asks the State API whether the controller lives; without an address
+    Ray looks for GCS processes on the machine and, beside another test process's Ray, asked that
+    one — which knows no such actor, so the cleaner took the controller for dead and removed the
+    run's placement group, killing its workers (cadist does the same for the local Ray it starts:
+    cadist.cluster.ray.connect_ray)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    return port
+
+
 #: `mlflow server` without MLflow 3's GenAI job runner: its eight processes (seven huey
 #: consumers) import MLflow each — ≈ 24 CPU-seconds per server start instead of ≈ 5 — and no
 #: cadist test submits such jobs

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import tiny_shards
+from ..conftest import own_state_api, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -63,9 +63,11 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("console")
     train, val = tiny_shards(root, num_train=8, num_val=4, seed=4)
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
+    mp = pytest.MonkeyPatch()
+    ray.init(address="local", num_cpus=2, dashboard_port=own_state_api(mp),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CADIST_", "NO_COLOR"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CADIST_", "NO_COLOR", "RAY_API_SERVER"))}  # fmt: skip
     env |= {
         "PYTHONPATH": str(ROOT),
         "TERM": "xterm",
@@ -81,6 +83,7 @@ def setup(tmp_path_factory):
     }  # fmt: skip
     yield root, env, sets, ray.get_runtime_context().gcs_address
     ray.shutdown()
+    mp.undo()
 
 
 def _train_cmd(sets: dict, name: str, iterations: int, address: str) -> list[str]:

@@ -22,7 +22,13 @@ from cadist.submit.status import request_stop, wait_for_stop
 from cadist.train.plan import plan_training
 from cadist.train.resume import latest_checkpoint
 
-from ..conftest import registered_checkpoint, s3_server, tiny_shards, train_in_thread
+from ..conftest import (
+    own_state_api,
+    registered_checkpoint,
+    s3_server,
+    tiny_shards,
+    train_in_thread,
+)
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -68,7 +74,7 @@ def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None):
     return box
 
 
-def _two_nodes(workdirs):
+def _two_nodes(workdirs, mp):
     """A head and a worker node, each node's processes (raylet, workers) started in a folder of
     its own (`head`, `node1`, … under `workdirs`), as nodes that share no disk."""
 
@@ -81,7 +87,8 @@ def _two_nodes(workdirs):
         finally:
             os.chdir(here)
 
-    cluster = start("head", lambda: Cluster(initialize_head=True, head_node_args={"num_cpus": 1}))
+    head = {"num_cpus": 1, "include_dashboard": True, "dashboard_port": own_state_api(mp)}
+    cluster = start("head", lambda: Cluster(initialize_head=True, head_node_args=head))
     node = start("node1", lambda: cluster.add_node(num_cpus=1))
     ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     cluster.start_in = start
@@ -98,7 +105,7 @@ def cluster(tmp_path_factory):
     mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     mp.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # (simulated nodes are never preempted)
     s3_server()  # before the nodes start: they take the S3 credentials from the environment
-    c = _two_nodes(tmp_path_factory.mktemp("nodes"))
+    c = _two_nodes(tmp_path_factory.mktemp("nodes"), mp)
     try:
         yield c
     finally:

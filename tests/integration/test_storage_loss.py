@@ -16,7 +16,7 @@ from cadist.storage.store import Storage
 from cadist.storage.uri import StorageError, forget_filesystems
 from cadist.train.driver import run_training
 
-from ..conftest import SeaweedServer, tiny_shards, train_in_thread
+from ..conftest import SeaweedServer, own_state_api, tiny_shards, train_in_thread
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -42,7 +42,7 @@ def test_a_run_that_loses_its_storage_stops_then_resumes_without_loss(tmp_path, 
     }  # fmt: skip
     job = load_job(JOB, [f"{k}={v}" for k, v in overrides.items()])
     store = Storage("s3://runs/runs")
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, dashboard_port=own_state_api(monkeypatch),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
     try:
         t, box = train_in_thread(job)

@@ -22,7 +22,7 @@ from cadist.errors import CadistError, ConfigError
 from cadist.storage.store import Storage
 from cadist.submit.submission import ENTRYPOINT, submit_job, submit_sweep
 
-from ..conftest import s3_server, tiny_shards
+from ..conftest import own_state_api, s3_server, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def head():
     """A Ray head owned by this test process (stopped with it); dashboard + job API on loopback."""
-    port = _free_port()
+    mp = pytest.MonkeyPatch()
+    port = own_state_api(mp)  # (its jobs' Ray Train actors ask this head's State API)
     saved = os.environ["PATH"]
     # the job's entry point runs `python`: make it this environment's, as the cluster file does
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved}"
@@ -73,6 +74,7 @@ def head():
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
     os.environ["PATH"] = saved
+    mp.undo()
 
 
 @pytest.mark.slow
@@ -99,7 +101,10 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     }
     job = load_job(ROOT / "jobs" / "demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
     lines = []
-    sid, status = submit_job(job, "jobs/demo.yaml", head, working_dir=ROOT, echo=lines.append)
+    try:
+        sid, status = submit_job(job, "jobs/demo.yaml", head, working_dir=ROOT, echo=lines.append)
+    except CadistError as exn:  # (what the job printed: the driver's own log)
+        pytest.fail(f"{exn}\n" + "\n".join(lines[-60:]))
     assert status == "SUCCEEDED" and sid.startswith("cadist-submitted-")
     assert any(ln.startswith("checkpoint ") for ln in lines), lines[-5:]  # cadist.submit.remote's
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -172,14 +177,17 @@ def test_a_submitted_sweep_runs_its_driver_on_the_cluster(tmp_path, head):
     # (the cadist installed here, as `--no-upload`: uploading the same project again right after
     # the previous test's job can lose Ray's race between that job releasing the package and this
     # one reusing it, ray-project/ray#46625; the upload itself is the previous test's)
-    sid, status = submit_sweep(
-        loaded, fixed, "sweep.yaml", head, working_dir=None, echo=lines.append
-    )
+    try:
+        sid, status = submit_sweep(
+            loaded, fixed, "sweep.yaml", head, working_dir=None, echo=lines.append
+        )
+    except CadistError as exn:
+        pytest.fail(f"{exn}\n" + "\n".join(lines[-60:]))
     assert status == "SUCCEEDED" and sid.startswith("cadist-sweep-submitted_sweep-")
     results = tmp_path / "runs" / ".cadist" / "sweep-submitted_sweep.results.json"
     assert any(ln == f"sweep submitted_sweep: results {results}" for ln in lines), lines[-5:]
     trials = json.loads(results.read_text())["trials"]
-    assert len(trials) == 1 and all(t["error"] is None and t["step"] == 2 for t in trials)
+    assert len(trials) == 1 and all(t["error"] is None and t["step"] == 2 for t in trials), trials
     assert trials[0]["params"]["model.trimap_width"] in (1, 21)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("submitted-sweeps").experiment_id

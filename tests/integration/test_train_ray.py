@@ -23,7 +23,7 @@ from cadist.errors import ConfigError
 from cadist.train.driver import run_training
 from cadist.train.resume import zero_world
 
-from ..conftest import s3_server
+from ..conftest import own_state_api, s3_server
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -44,14 +44,16 @@ def ray_local():
     # as cadist does for a local Ray it starts: nothing on one machine can be preempted
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     s3_server()  # before Ray starts: its nodes take the S3 credentials from the environment
+    mp = pytest.MonkeyPatch()
     ray.init(
         address="local",
         num_cpus=2,
-        include_dashboard=False,
+        dashboard_port=own_state_api(mp),
         runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}},
     )
     yield
     ray.shutdown()
+    mp.undo()
 
 
 class _Planted:

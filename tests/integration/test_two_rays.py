@@ -3,6 +3,7 @@
 address Ray looks for GCS processes on the machine — with two there, it fails (or asks the other
 one). cadist's local Ray hands its actors their own dashboard's address."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -36,17 +37,23 @@ PROBE = textwrap.dedent(
 
 
 def test_local_ray_actors_find_their_own_cluster_beside_another_ray(tmp_path):
+    # (as a user's shell: no Ray address from an earlier test in this process)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
     other = subprocess.Popen(  # another Ray on this machine, alive until its stdin closes
         [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=0, include_dashboard=False); "
          "print('UP', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        cwd=tmp_path,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(tmp_path / "other.log", "w"),
+        text=True,
+        cwd=tmp_path, env=env,
     )  # fmt: skip
     try:
-        assert other.stdout.readline().strip() == "UP"
+        said = other.stdout.readline().strip()
+        assert said == "UP", (tmp_path / "other.log").read_text()[-3000:]
         probe = subprocess.run(
             [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=180,
-            cwd=tmp_path,
+            cwd=tmp_path, env=env,
         )  # fmt: skip
     finally:
         other.stdin.close()
