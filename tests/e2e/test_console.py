@@ -150,7 +150,9 @@ def test_train_and_eval_in_a_terminal_and_piped(setup):
     assert r.returncode == 0, r.stderr[-3000:]
     plain = re.findall(r"^train piped: (\d+)/60 step \((\d+)%\)(, ETA [\d:?]+)?", r.stderr, re.M)
     assert [int(n) for n, _, _ in plain][-1] == 60 and len(plain) >= 3, r.stderr
-    assert len(set(plain)) == len(plain)  # no line twice
+    whole = re.findall(r"^train piped: \d+/60 step.*$", r.stderr, re.M)
+    assert len(set(whole)) == len(whole), whole  # no line twice (the same step may come again
+    # with another note — "evaluating…", a new val mIoU — on a busy machine)
     assert any(eta and "?" not in eta for _, _, eta in plain), plain
     ours = [ln for ln in r.stderr.splitlines() if ln.startswith(("train piped", "cadist:"))]
     assert "\r" not in r.stderr and not [

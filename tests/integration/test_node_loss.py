@@ -220,7 +220,9 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
             key=lambda m: m.timestamp,
         )
     ]
-    assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] > resumed[0], resumed
+    # (the second from the same step as the first where the group grew back before its next
+    # checkpoint: a busy machine)
+    assert len(resumed) == 2 and resumed[0] >= 10 and resumed[1] >= resumed[0], resumed
     loss = [m.value for m in client.get_metric_history(r.run_id, "train/loss")]
     assert all(v == v and v < 10 for v in loss)  # finite: the re-split state trained on
     assert latest_checkpoint(f"{storage}/{job.name}")[0] == step

@@ -101,14 +101,21 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
     }
     job = load_job(ROOT / "jobs" / "demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
     lines = []
-    # (the cadist installed here, as `--no-upload`: beside another test process's Ray, Ray's
-    # package bookkeeping lost the uploaded project before the job's workers fetched it — "Failed
-    # to download runtime_env file package", ray-project/ray#36703 — in 1 of 2 CI runs; the upload
-    # is tests/hosts' laptop submission's, on a host with one Ray, and the failing job's below)
-    try:
-        sid, status = submit_job(job, "jobs/demo.yaml", head, working_dir=None, echo=lines.append)
-    except CadistError as exn:  # (what the job printed: the driver's own log)
-        pytest.fail(f"{exn}\n" + "\n".join(lines[-60:]))
+    # beside another test process's Ray, Ray's package bookkeeping can lose the uploaded project
+    # before the job's workers fetch it ("Failed to download runtime_env file package",
+    # ray-project/ray#36703, open; 2 of 3 CI runs): that one Ray error gets one resubmission —
+    # the job resumes, as a user's rerun would
+    for attempt in (1, 2):
+        lines = []
+        try:
+            sid, status = submit_job(
+                job, "jobs/demo.yaml", head, working_dir=ROOT, echo=lines.append
+            )
+            break
+        except CadistError as exn:  # (what the job printed: the driver's own log)
+            lost = any("Failed to download runtime_env file package" in ln for ln in lines)
+            if attempt == 2 or not lost:
+                pytest.fail(f"{exn}\n" + "\n".join(lines[-60:]))
     assert status == "SUCCEEDED" and sid.startswith("cadist-submitted-")
     assert any(ln.startswith("checkpoint ") for ln in lines), lines[-5:]  # cadist.submit.remote's
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
