@@ -191,8 +191,11 @@ def _submit(
     asyncio.run(_follow(client, sid, echo, timeout_s))
     status = client.get_job_status(sid)
     if status != JobStatus.SUCCEEDED:
+        why = (client.get_job_info(sid).message or "").strip().splitlines()
         raise CadistError(
-            f"job {sid} ended {status}; its log: `ray job logs {sid} --address {address}`"
+            f"job {sid} ended {status}"
+            + (f" ({why[-1]})" if why else "")
+            + f"; its log: `ray job logs {sid} --address {address}`"
         )
     return sid, str(status)
 
@@ -304,9 +307,16 @@ def job_logs(sid: str, address: str, follow: bool, echo: Callable[[str], None]) 
 
 
 async def _follow(client, sid: str, echo, timeout_s: float | None) -> None:
+    seen = 0
+
     async def tail():
+        nonlocal seen
         async for chunk in client.tail_job_logs(sid):
             for line in chunk.splitlines():
                 echo(line)
+                seen += 1
 
     await asyncio.wait_for(tail(), timeout_s)
+    # the log stream can close before the driver's last lines reached it: the stored log has them
+    for line in client.get_job_logs(sid).splitlines()[seen:]:
+        echo(line)
