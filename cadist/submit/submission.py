@@ -191,10 +191,12 @@ def _submit(
     asyncio.run(_follow(client, sid, echo, timeout_s))
     status = client.get_job_status(sid)
     if status != JobStatus.SUCCEEDED:
-        why = (client.get_job_info(sid).message or "").strip().splitlines()
+        # Ray's reason: its first line ("…failed with exit code 2", "…supervisor actor died")
+        why = (client.get_job_info(sid).message or "").strip().split("\n")[0]
+        why = why.split(", last available logs")[0].rstrip(":. ")
         raise CadistError(
             f"job {sid} ended {status}"
-            + (f" ({why[-1]})" if why else "")
+            + (f" ({why})" if why else "")
             + f"; its log: `ray job logs {sid} --address {address}`"
         )
     return sid, str(status)

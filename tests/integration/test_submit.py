@@ -242,7 +242,7 @@ def test_a_failing_job_is_reported_with_its_id(tmp_path, head):
         ],
     )
     lines = []
-    with pytest.raises(CadistError, match=r"job cadist-broken-\S+ ended FAILED"):
+    with pytest.raises(CadistError, match=r"job cadist-broken-\S+ ended FAILED \(.*exit code 2\)"):
         submit_job(job, "jobs/demo.yaml", head, working_dir=ROOT, echo=lines.append)
     assert any(
         "does not exist" in ln for ln in lines
