@@ -304,10 +304,11 @@ class SeaweedServer:
 #: server beyond 127.0.0.1 ones on free ports) and "ray", every test that starts a Ray — here, on
 #: hosts made of namespaces, as a job — one after another, as a user's machine runs one Ray. (Files
 #: shared out to either process let two test Rays side by side meet Ray's own cross-cluster bugs,
-#: ray-project/ray#36703 among them: 4 of 4 such CI runs failed a test; with the hosts tests in the
-#: other lane the namespaces' idle Ray daemons slowed the Ray lane ≈ 1.7×: 1,725 s against 1,459
-#: serially.) In the Ray lane the tests that watch a clock (hosts' network timeouts, node loss,
-#: console ETA) come after the unit lane is likely done (seconds, serially, in the comments).
+#: ray-project/ray#36703 among them: 8 of 8 such clean-clone runs failed a test; with the hosts
+#: tests in the other lane their namespaces' Ray daemons slowed the Ray lane.) In the Ray lane the
+#: tests that watch a clock (hosts' network timeouts, node loss, console ETA) come after the unit
+#: lane is likely done (seconds, serially, in the comments). The hook below sets the lanes for any
+#: `-n`, whatever `--dist` says.
 UNIT_LANE = ("tests/unit/",)
 ORDER = (
     "tests/unit/test_spool.py",  # ≈60 s
