@@ -1,7 +1,8 @@
 """`cadist demo`: the whole product on generated data, on this machine — a dense OS8 and a
 content-adaptive OS 8→16 network (with the method's dense head and with the adaptive head) trained
 on Ray Train + DeepSpeed, a Ray Tune sweep of the edge mask, and the mIoU-against-GMac trade-off
-as a table and a Pareto figure in MLflow. What each stage produced is kept in `<workdir>/demo-state.json`: a rerun skips the stages that are done.
+as a table and a Pareto figure in MLflow. What each stage produced is kept in
+`<workdir>/demo-state.json`: a rerun skips the stages that are done.
 `--quick` is the single short dense run of earlier versions."""
 
 from __future__ import annotations

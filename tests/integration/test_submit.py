@@ -100,10 +100,10 @@ def test_submitted_job_trains_on_the_cluster_and_logs_to_mlflow(tmp_path, head):
         "mlflow.experiment": "submitted",
     }
     job = load_job(ROOT / "jobs" / "demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
-    # beside another test process's Ray, Ray's package bookkeeping can lose the uploaded project
-    # before the job's workers fetch it ("Failed to download runtime_env file package",
-    # ray-project/ray#36703, open; 2 of 3 CI runs): that one Ray error gets one resubmission —
-    # the job resumes, as a user's rerun would
+    # Ray's package bookkeeping can lose the uploaded project before the job's workers fetch it
+    # ("Failed to download runtime_env file package", ray-project/ray#36703, open; 2 of 3 CI runs
+    # while another test process ran a Ray beside this one, which the test lanes now avoid): that
+    # one Ray error gets one resubmission — the job resumes, as a user's rerun would
     for attempt in (1, 2):
         lines = []
         try:
