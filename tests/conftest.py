@@ -3,6 +3,12 @@ import secrets
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per process under `-n 2`, before anything imports torch (subprocesses,
+    # `mlflow server` and Ray's processes inherit it): two processes at torch's default of one thread
+    # per core, on two cores, spin on each other's OpenMP barriers — a conv loop took 4.5x as long
+    # as with one thread each (bench-style check in docs/development.md)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _one_ray_token() -> None:
@@ -300,23 +306,23 @@ class SeaweedServer:
         self.proc = None
 
 
-#: Two lanes, one per pytest-xdist process (`-n 2`, the README's command): "unit" (no Ray, no
-#: server beyond 127.0.0.1 ones on free ports) and "ray", every test that starts a Ray — here, on
-#: hosts made of namespaces, as a job — one after another, as a user's machine runs one Ray. (Files
-#: shared out to either process let two test Rays side by side meet Ray's own cross-cluster bugs,
-#: ray-project/ray#36703 among them: 8 of 8 such clean-clone runs failed a test; with the hosts
-#: tests in the other lane their namespaces' Ray daemons slowed the Ray lane.) In the Ray lane the
-#: tests that watch a clock (hosts' network timeouts, node loss, console ETA) come after the unit
-#: lane is likely done (seconds, serially, in the comments). The hook below sets the lanes for any
-#: `-n`, whatever `--dist` says.
-UNIT_LANE = ("tests/unit/",)
+#: Two lanes, one per pytest-xdist process (`-n 2`, the README's command): "ray", every test that
+#: starts a Ray on this machine — in process, through the CLI or as a job — one after another, as a
+#: user's machine runs one Ray; and "side": the unit tests (no Ray) and the hosts tests, whose Rays
+#: run in namespaces of their own (network, mount with its own /tmp, PID), where the local Ray
+#: cannot meet them. (Files shared out to either process let two test Rays side by side meet Ray's
+#: own cross-cluster bugs, ray-project/ray#36703 among them: 8 of 8 such clean-clone runs failed a
+#: test.) Within a lane the longest files first; in the Ray lane the tests that watch a clock
+#: (node loss, submission, the console's ETA) come after the side lane is likely done (seconds,
+#: serially, in the comments). The hook below sets the lanes for any `-n`, whatever `--dist` says.
+SIDE_LANE = ("tests/hosts/", "tests/unit/")
 ORDER = (
-    "tests/unit/test_spool.py",  # ≈60 s
+    "tests/hosts/test_hosts.py",  # ≈330 s
+    "tests/unit/test_spool.py",  # ≈60
     "tests/unit/test_reshard.py",  # ≈27
     "tests/e2e/test_demo_full.py",  # ≈140
     "tests/integration/test_train_ray.py",  # ≈230
     "tests/integration/test_tune.py",  # ≈160
-    "tests/hosts/test_hosts.py",  # ≈330
     "tests/integration/test_storage_loss.py",  # ≈40
     "tests/integration/test_node_loss.py",  # ≈130
     "tests/integration/test_submit.py",  # ≈75
@@ -342,6 +348,6 @@ def pytest_xdist_make_scheduler(config, log):
 
     class Lanes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "unit" if nodeid.startswith(UNIT_LANE) else "ray"
+            return "side" if nodeid.startswith(SIDE_LANE) else "ray"
 
     return Lanes(config, log)
