@@ -1,6 +1,10 @@
+from __future__ import annotations
+
 import os
 import secrets
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -91,13 +95,99 @@ def own_state_api(mp) -> int:
     one — which knows no such actor, so the cleaner took the controller for dead and removed the
     run's placement group, killing its workers (cadist does the same for the local Ray it starts:
     cadist.cluster.ray.connect_ray)."""
+    port = free_port()
+    mp.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    return port
+
+
+def free_port() -> int:
+    """A port nothing listens on now (127.0.0.1)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    return port
+        return s.getsockname()[1]
+
+
+#: The test modules that share one local Ray (`shared_ray()`): it starts with the first of their
+#: tests that asks for it and stops once the lane moves on to a module not listed (the hook below),
+#: so no Ray of another module's ever runs beside it. One Ray start (≈ 15–25 CPU-seconds with the
+#: dashboard) instead of one per module.
+SHARED_RAY_MODULES = (
+    "tests/integration/test_train_ray.py",
+    "tests/integration/test_submit.py",
+    "tests/e2e/test_console.py",
+)
+
+
+class SharedRay:
+    """A local Ray owned by this test process: two CPUs, its dashboard (the State API Ray Train's
+    placement-group cleaner asks, the Jobs API submissions go to) on 127.0.0.1 and a port of its
+    own, its own dashboard-agent port and temp dir, the S3 server's credentials and this
+    environment's `python` in what its processes inherit; as cadist's own local Ray, a 0.2 s
+    health check and no preemption watcher (nothing on one machine is preempted)."""
+
+    def start(self) -> SharedRay:
+        import shutil
+        import sys
+        import tempfile
+
+        import ray
+        from ray._private.parameter import RayParams
+
+        self.mp = pytest.MonkeyPatch()
+        port = own_state_api(self.mp)
+        self.dashboard = f"http://127.0.0.1:{port}"
+        # a submitted job's entry point runs `python`: this environment's, as the cluster file says
+        self.mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        self.mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        self.mp.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        s3_server()  # the nodes' S3 credentials: in the environment Ray starts with
+        # the dashboard agent (which runs submitted jobs) listens on a fixed port, 52365, unless
+        # told otherwise, and `ray.init` cannot tell it: beside another Ray on the machine (a user's,
+        # a hosts test's) its agent could not bind it and no job would ever be accepted
+        agent_port = free_port()
+
+        def own_agent_port(params, *args, **kwargs):
+            kwargs.setdefault("dashboard_agent_listen_port", agent_port)
+            params_init(params, *args, **kwargs)
+
+        params_init = RayParams.__init__
+        self.mp.setattr(RayParams, "__init__", own_agent_port)
+        # and its own temp dir: the job supervisor runs a job's driver on the cluster that the temp
+        # dir's `ray_current_cluster` names — in the shared /tmp/ray, the last Ray started on the
+        # machine (short: Ray's socket paths live there)
+        self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=True,
+                     dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=self.temp,
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})  # fmt: skip
+        except BaseException:
+            self.mp.undo()
+            shutil.rmtree(self.temp, ignore_errors=True)
+            raise
+        self.gcs_address = ray.get_runtime_context().gcs_address
+        return self
+
+    def stop(self) -> None:
+        import shutil
+
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(self.temp, ignore_errors=True)
+        self.mp.undo()
+
+
+_SHARED_RAY: SharedRay | None = None
+
+
+def shared_ray() -> SharedRay:
+    """The local Ray of `SHARED_RAY_MODULES` (started on first use)."""
+    global _SHARED_RAY
+    if _SHARED_RAY is None:
+        _SHARED_RAY = SharedRay().start()
+    return _SHARED_RAY
 
 
 #: `mlflow server` without MLflow 3's GenAI job runner: its eight processes (seven huey
@@ -111,14 +201,10 @@ class MlflowServer:
     test can stop and start again on the same port and stores, as an outage would."""
 
     def __init__(self, root, artifacts: str | None = None):
-        import socket
-
         self.root = root
         # where the server keeps artifacts (proxied: clients upload through it); e.g. s3://…
         self.artifacts = artifacts or str(root / "server-artifacts")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
@@ -312,21 +398,19 @@ class SeaweedServer:
 #: run in namespaces of their own (network, mount with its own /tmp, PID), where the local Ray
 #: cannot meet them. (Files shared out to either process let two test Rays side by side meet Ray's
 #: own cross-cluster bugs, ray-project/ray#36703 among them: 8 of 8 such clean-clone runs failed a
-#: test.) Within a lane the longest files first; in the Ray lane the tests that watch a clock
-#: (node loss, submission, the console's ETA) come after the side lane is likely done (seconds,
-#: serially, in the comments). The hook below sets the lanes for any `-n`, whatever `--dist` says.
+#: test.) Within a lane the longest files first; in the Ray lane the modules that share one Ray
+#: next to each other, and the tests that watch a clock (submission, the console's ETA, node loss)
+#: after the side lane is likely done (seconds, serially, in the comments). The hook below sets the lanes for any `-n`, whatever `--dist` says.
 SIDE_LANE = ("tests/hosts/", "tests/unit/")
 ORDER = (
     "tests/hosts/test_hosts.py",  # ≈330 s
     "tests/unit/test_spool.py",  # ≈60
     "tests/unit/test_reshard.py",  # ≈27
     "tests/e2e/test_demo_full.py",  # ≈140
-    "tests/integration/test_train_ray.py",  # ≈230
     "tests/integration/test_tune.py",  # ≈160
     "tests/integration/test_storage_loss.py",  # ≈40
+    *SHARED_RAY_MODULES,  # ≈230, 75, 45: one after another, one Ray
     "tests/integration/test_node_loss.py",  # ≈130
-    "tests/integration/test_submit.py",  # ≈75
-    "tests/e2e/test_console.py",  # ≈45
 )
 
 
@@ -351,3 +435,14 @@ def pytest_xdist_make_scheduler(config, log):
             return "side" if nodeid.startswith(SIDE_LANE) else "ray"
 
     return Lanes(config, log)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears the test's fixtures down
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the shared Ray once the next test is not in a module that shares it."""
+    global _SHARED_RAY
+    if _SHARED_RAY is not None and (
+        nextitem is None or not _path(nextitem).endswith(SHARED_RAY_MODULES)
+    ):
+        _SHARED_RAY, ray = None, _SHARED_RAY
+        ray.stop()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import own_state_api, tiny_shards
+from ..conftest import shared_ray, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -59,13 +59,9 @@ def in_pty(cmd: list[str], cwd, env: dict, timeout: float = 300) -> tuple[int, s
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import ray
-
     root = tmp_path_factory.mktemp("console")
     train, val = tiny_shards(root, num_train=8, num_val=4, seed=4)
-    mp = pytest.MonkeyPatch()
-    ray.init(address="local", num_cpus=2, dashboard_port=own_state_api(mp),
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
+    ray = shared_ray()  # (conftest: shared with test_train_ray and test_submit)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("CADIST_", "NO_COLOR", "RAY_API_SERVER"))}  # fmt: skip
     env |= {
@@ -81,9 +77,7 @@ def setup(tmp_path_factory):
         "cluster.num_workers": 1, "cluster.storage_path": str(root / "runs"),
         "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
     }  # fmt: skip
-    yield root, env, sets, ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    mp.undo()
+    return root, env, sets, ray.gcs_address
 
 
 def _train_cmd(sets: dict, name: str, iterations: int, address: str) -> list[str]:

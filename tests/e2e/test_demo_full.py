@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from cadist.data.synthetic import write_tree
 
-from ..conftest import SERVER_ENV
+from ..conftest import SERVER_ENV, free_port
 
 pytestmark = pytest.mark.slow
 CADIST = Path(sys.executable).parent / "cadist"
@@ -175,11 +175,7 @@ def test_quick_is_the_single_short_dense_run(demo):
 
 
 def _server(work: Path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
          f"sqlite:///{work / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),

@@ -4,7 +4,6 @@ own prediction path predicts."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from cadist.nets.build import build_model
 from cadist.nets.fold import fold_batchnorm
 from cadist.nets.weights import save_weights
 from cadist.tracking.registry import register_best
+
+from ..conftest import free_port
 
 MODEL = "deeplabv3_batch_ap_resnet_tiny"  # content-adaptive (edge mask), so the mask options count
 
@@ -98,9 +99,7 @@ def test_a_registered_version_loads_as_a_pyfunc_model(registered, monkeypatch):
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_cadist_predictions(registered, tmp_path):
     uri, best, images = registered
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bindir = Path(sys.executable).parent  # mlflow, and the uvicorn it starts, of this environment
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri)
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"

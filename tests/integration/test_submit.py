@@ -2,15 +2,9 @@
 127.0.0.1), and the cluster file's offline validation."""
 
 import json
-import os
-import shutil
-import socket
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -22,59 +16,16 @@ from cadist.errors import CadistError, ConfigError
 from cadist.storage.store import Storage
 from cadist.submit.submission import ENTRYPOINT, submit_job, submit_sweep
 
-from ..conftest import own_state_api, s3_server, tiny_shards
+from ..conftest import s3_server, shared_ray, tiny_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head owned by this test process (stopped with it); dashboard + job API on loopback."""
-    mp = pytest.MonkeyPatch()
-    port = own_state_api(mp)  # (its jobs' Ray Train actors ask this head's State API)
-    saved = os.environ["PATH"]
-    # the job's entry point runs `python`: make it this environment's, as the cluster file does
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved}"
-    s3_server()  # the nodes' S3 credentials: in the environment Ray starts with
-    # the dashboard agent (which runs the submitted jobs) listens on a fixed port, 52365, unless
-    # told otherwise, and `ray.init` cannot tell it: on a machine with another Ray (a parallel
-    # test worker's) this head's agent could not bind it and no job would ever be accepted
-    from ray._private.parameter import RayParams
-
-    params_init = RayParams.__init__
-
-    def own_agent_port(self, *args, **kwargs):
-        kwargs.setdefault("dashboard_agent_listen_port", _free_port())
-        params_init(self, *args, **kwargs)
-
-    RayParams.__init__ = own_agent_port
-    # and its own temp dir: the job supervisor finds the cluster to run a job's driver on from the
-    # temp dir's `ray_current_cluster` file — in the shared /tmp/ray, the last Ray started on the
-    # machine, which a parallel test worker's may be (the driver then ran on that other cluster
-    # and could not fetch the uploaded project from its GCS)
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # (short: Ray's socket paths live there)
-    try:
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            _temp_dir=temp,
-        )
-    finally:
-        RayParams.__init__ = params_init
-    yield f"http://127.0.0.1:{port}"
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-    os.environ["PATH"] = saved
-    mp.undo()
+    """The Jobs API of the local Ray this module shares with test_train_ray and test_console
+    (conftest: dashboard on 127.0.0.1, its own agent port and temp dir)."""
+    return shared_ray().dashboard
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from cadist.errors import ConfigError
 from cadist.train.driver import run_training
 from cadist.train.resume import zero_world
 
-from ..conftest import own_state_api, s3_server
+from ..conftest import free_port, s3_server, shared_ray
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
@@ -40,20 +40,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    # as cadist does for a local Ray it starts: nothing on one machine can be preempted
-    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    s3_server()  # before Ray starts: its nodes take the S3 credentials from the environment
-    mp = pytest.MonkeyPatch()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        dashboard_port=own_state_api(mp),
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}},
-    )
-    yield
-    ray.shutdown()
-    mp.undo()
+    """The local Ray this module shares with test_submit and test_console (conftest)."""
+    return shared_ray()
 
 
 class _Planted:
@@ -440,13 +428,10 @@ def test_a_job_the_ray_cluster_cannot_hold_fails_at_once(workdir, ray_local):
 def test_a_ray_address_nothing_answers_at_is_one_error(workdir, tmp_path):
     """`cadist train --address host:port` with no Ray there: one line within seconds (Ray itself
     retries for minutes), no MLflow run."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     job = make_job(workdir, "itest-noray")
     (tmp_path / "job.yaml").write_text(job.to_yaml())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -5,7 +5,6 @@ that committed it before anything in it is loaded."""
 import json
 import os
 import pickle
-import socket
 import sys
 
 import pytest
@@ -15,6 +14,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_reshard import _model  # noqa: E402
+
+from ..conftest import free_port
 
 
 class Planted:
@@ -26,12 +27,6 @@ class Planted:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank, d, marker, port):
@@ -91,7 +86,7 @@ def test_planted_pickle_in_deepspeed_state_is_refused_and_never_runs(tmp_path):
         torch.load(tmp_path / "p.pt", weights_only=False)
     assert marker.exists()
     marker.unlink()
-    mp.spawn(_rank, args=(str(tmp_path / "ckpt"), str(marker), _port()), nprocs=1)
+    mp.spawn(_rank, args=(str(tmp_path / "ckpt"), str(marker), free_port()), nprocs=1)
     assert not marker.exists()
 
 

@@ -4,17 +4,12 @@ through a flat buffer without bumping their version — the second evaluation of
 reuse the first one's layout (found on the demo: the logged mIoU differed from `cadist eval`)."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..conftest import free_port
 
 
 def _rank(_index: int, port: int, out: str) -> None:
@@ -60,7 +55,7 @@ def _rank(_index: int, port: int, out: str) -> None:
 
 def test_an_evaluation_during_training_uses_the_weights_of_its_step(tmp_path):
     out = str(tmp_path / "gaps.pt")
-    mp.spawn(_rank, args=(_port(), out), nprocs=1)  # its own process group, away from pytest's
+    mp.spawn(_rank, args=(free_port(), out), nprocs=1)  # its own process group, away from pytest's
     gaps = torch.load(out, weights_only=True)
     for stage, (gap, moved) in gaps.items():
         assert moved > 1e-3, (stage, moved)  # the training steps changed the outputs

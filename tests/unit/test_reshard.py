@@ -3,7 +3,6 @@ on the CPU, ranks as gloo processes. Continuing on the new count must give the w
 count reaches, which needs the momentum carried over, re-split, and the schedule's learning rate."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,13 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from ..conftest import free_port
+
 BATCH, STEPS = 4, 3
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -65,7 +60,7 @@ def _rank(rank, world, stage, mode, d, saved_world, port):
 
 
 def _run(world, stage, mode, d, saved_world=None):
-    mp.spawn(_rank, args=(world, stage, mode, str(d), saved_world, _port()), nprocs=world)
+    mp.spawn(_rank, args=(world, stage, mode, str(d), saved_world, free_port()), nprocs=world)
     return torch.load(d / f"{mode}_{world}.pt", weights_only=True)
 
 
