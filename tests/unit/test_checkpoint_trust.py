@@ -5,17 +5,14 @@ that committed it before anything in it is loaded."""
 import json
 import os
 import pickle
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_reshard import _model  # noqa: E402
-
 from ..conftest import free_port
+from .test_reshard import _model
 
 
 class Planted:
