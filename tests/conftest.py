@@ -393,15 +393,16 @@ class SeaweedServer:
 
 
 #: Two lanes, one per pytest-xdist process (`-n 2`, the README's command): "ray", every test that
-#: starts a Ray on this machine — in process, through the CLI or as a job — one after another, as a
-#: user's machine runs one Ray; and "side": the unit tests (no Ray) and the hosts tests, whose Rays
-#: run in namespaces of their own (network, mount with its own /tmp, PID), where the local Ray
-#: cannot meet them. (Files shared out to either process let two test Rays side by side meet Ray's
-#: own cross-cluster bugs, ray-project/ray#36703 among them: 8 of 8 such clean-clone runs failed a
-#: test.) Within a lane the longest files first; in the Ray lane the modules that share one Ray
-#: next to each other, and the tests that watch a clock (submission, the console's ETA, node loss)
-#: after the side lane is likely done (seconds, serially, in the comments). The hook below sets the lanes for any `-n`, whatever `--dist` says.
-SIDE_LANE = ("tests/hosts/", "tests/unit/")
+#: starts a Ray on this machine — in process, through the CLI or as a job — one after another, as
+#: a user's machine runs one Ray; and "side": the unit tests and MLflow serving (no Ray) and the
+#: hosts tests, whose Rays run in namespaces of their own (network, mount with its own /tmp, PID),
+#: where the local Ray cannot meet them. (Files shared out to either process let two test Rays
+#: side by side meet Ray's own cross-cluster bugs, ray-project/ray#36703 among them: 8 of 8 such
+#: clean-clone runs failed a test.) Within a lane the longest files first; in the Ray lane the
+#: modules that share one Ray next to each other, and the tests that watch a clock (submission,
+#: the console's ETA, node loss) after the side lane is likely done (seconds, serially, in the
+#: comments). The hook below sets the lanes for any `-n`, whatever `--dist` says.
+SIDE_LANE = ("tests/hosts/", "tests/unit/", "tests/integration/test_serving.py")  # no local Ray
 ORDER = (
     "tests/hosts/test_hosts.py",  # ≈330 s
     "tests/unit/test_spool.py",  # ≈60
