@@ -153,11 +153,11 @@ class SharedRay:
             params_init(params, *args, **kwargs)
 
         params_init = RayParams.__init__
-        self.mp.setattr(RayParams, "__init__", own_agent_port)
         # and its own temp dir: the job supervisor runs a job's driver on the cluster that the temp
         # dir's `ray_current_cluster` names — in the shared /tmp/ray, the last Ray started on the
         # machine (short: Ray's socket paths live there)
         self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        RayParams.__init__ = own_agent_port  # (for this start only)
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=True,
                      dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=self.temp,
@@ -166,6 +166,8 @@ class SharedRay:
             self.mp.undo()
             shutil.rmtree(self.temp, ignore_errors=True)
             raise
+        finally:
+            RayParams.__init__ = params_init
         self.gcs_address = ray.get_runtime_context().gcs_address
         return self
 
