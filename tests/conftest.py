@@ -10,8 +10,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One torch thread per process under `-n 2`, before anything imports torch (subprocesses,
     # `mlflow server` and Ray's processes inherit it): two processes at torch's default of one thread
-    # per core, on two cores, spin on each other's OpenMP barriers — a conv loop took 4.5x as long
-    # as with one thread each (bench-style check in docs/development.md)
+    # per core, on two cores, spin on each other's OpenMP barriers — a conv loop took 4.3-4.7x as
+    # long as with one thread each (bench/threads.py)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
