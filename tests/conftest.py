@@ -145,7 +145,7 @@ class SharedRay:
         s3_server()  # the nodes' S3 credentials: in the environment Ray starts with
         # the dashboard agent (which runs submitted jobs) listens on a fixed port, 52365, unless
         # told otherwise, and `ray.init` cannot tell it: beside another Ray on the machine (a user's,
-        # a hosts test's) its agent could not bind it and no job would ever be accepted
+        # another test process's) its agent could not bind it and no job would ever be accepted
         agent_port = free_port()
 
         def own_agent_port(params, *args, **kwargs):
