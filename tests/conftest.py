@@ -396,25 +396,38 @@ class SeaweedServer:
 
 #: Two lanes, one per pytest-xdist process (`-n 2`, the README's command): "ray", every test that
 #: starts a Ray on this machine — in process, through the CLI or as a job — one after another, as
-#: a user's machine runs one Ray; and "side": the unit tests and MLflow serving (no Ray) and the
-#: hosts tests, whose Rays run in namespaces of their own (network, mount with its own /tmp, PID),
-#: where the local Ray cannot meet them. (Files shared out to either process let two test Rays
-#: side by side meet Ray's own cross-cluster bugs, ray-project/ray#36703 among them: 8 of 8 such
-#: clean-clone runs failed a test.) Within a lane the longest files first; in the Ray lane the
-#: modules that share one Ray next to each other, and the tests that watch a clock (submission,
-#: the console's ETA, node loss) after the side lane is likely done (seconds, serially, in the
-#: comments). The hook below sets the lanes for any `-n`, whatever `--dist` says.
+#: a user's machine runs one Ray; and "side": the unit tests and MLflow serving (no Ray), the hosts
+#: tests and the demo's, whose Rays run on hosts made of namespaces (network, mount with its own
+#: /tmp, PID: tests/hosts/harness.py) where the local Ray cannot meet them — where hosts cannot be
+#: made (not root) the demo's module runs in the Ray lane. (Files shared out to either process let
+#: two test Rays side by side meet Ray's own cross-cluster bugs, ray-project/ray#36703 among them:
+#: 8 of 8 such clean-clone runs failed a test.) A few unit files, which start no Ray, run in the Ray
+#: lane so that the two take about as long (seconds on CI, serially, in the comments). In the Ray
+#: lane the modules that share one Ray next to each other. The hook below sets the lanes for any
+#: `-n`, whatever `--dist` says.
 SIDE_LANE = ("tests/hosts/", "tests/unit/", "tests/integration/test_serving.py")  # no local Ray
+ON_A_HOST = ("tests/e2e/test_demo_full.py",)  # its `cadist` commands on a host of its own
+BALANCE = ("tests/unit/test_spool.py", "tests/unit/test_reshard.py")  # no Ray, in the Ray lane
 ORDER = (
-    "tests/hosts/test_hosts.py",  # ≈330 s
-    "tests/unit/test_spool.py",  # ≈60
-    "tests/unit/test_reshard.py",  # ≈27
-    "tests/e2e/test_demo_full.py",  # ≈140
-    "tests/integration/test_tune.py",  # ≈160
-    "tests/integration/test_storage_loss.py",  # ≈40
-    *SHARED_RAY_MODULES,  # ≈230, 75, 45: one after another, one Ray
+    "tests/hosts/test_hosts.py",  # ≈630 s
+    *ON_A_HOST,  # ≈260
+    "tests/integration/test_tune.py",  # ≈310
+    "tests/integration/test_storage_loss.py",  # ≈90
+    *BALANCE,  # ≈60, 40
+    *SHARED_RAY_MODULES,  # ≈345, 80, 45: one after another, one Ray
     "tests/integration/test_node_loss.py",  # ≈130
 )
+
+
+def lane(nodeid: str) -> str:
+    """The lane a test (by its node id) runs in: "side" or "ray"."""
+    from .hosts.harness import available
+
+    if nodeid.startswith(BALANCE):
+        return "ray"
+    if nodeid.startswith(SIDE_LANE) or (nodeid.startswith(ON_A_HOST) and available() is None):
+        return "side"
+    return "ray"
 
 
 def _path(item) -> str:
@@ -435,7 +448,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class Lanes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "side" if nodeid.startswith(SIDE_LANE) else "ray"
+            return lane(nodeid)
 
     return Lanes(config, log)
 

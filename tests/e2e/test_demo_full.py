@@ -2,7 +2,11 @@
 edge-mask training on Ray Train + DeepSpeed, the Ray Tune grid sweep, the report with its Pareto
 figure in MLflow; the next steps it prints work as printed; a rerun skips what is done; `--quick`;
 the result served by a real `mlflow server` on 127.0.0.1 — over its REST API, and in Debian's
-chromium (headless, driven by playwright) through MLflow's own UI."""
+chromium (headless, driven by playwright) through MLflow's own UI.
+
+Where hosts can be made (root: tests/hosts/harness.py, as on CI) every `cadist` command here runs on
+a host of its own — its own network, /tmp and processes, the demo's folder shared — so that its
+local Rays cannot meet another test's (conftest runs this module beside the Ray tests then)."""
 
 import json
 import os
@@ -21,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from cadist.data.synthetic import write_tree
 
 from ..conftest import SERVER_ENV, free_port
+from ..hosts.harness import Hosts, available
 
 pytestmark = pytest.mark.slow
 CADIST = Path(sys.executable).parent / "cadist"
@@ -32,24 +37,47 @@ SHORT = {"train.iterations": 6, "eval.interval": 6, "train.checkpoint_every": 6,
 EDGE_SETS = ("--set", "model.edge_threshold=0.95", "--set", "model.trimap_width=3")
 
 
-def _demo(work: Path, *more: str) -> subprocess.CompletedProcess:
+def _cadist(where, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`cadist ARGS` in `cwd`: on the host `where` (a harness Host), or here where it is None."""
+    if where is None:
+        return subprocess.run([str(CADIST), *args], capture_output=True, text=True, cwd=cwd,
+                              timeout=timeout)  # fmt: skip
+    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}
+    return where.run([str(CADIST), *args], env=threads, cwd=cwd, timeout=timeout, check=False)
+
+
+def _demo(where, work: Path, *more: str) -> subprocess.CompletedProcess:
     sets = [a for k, v in SHORT.items() for a in ("--set", f"{k}={v}")]
-    return subprocess.run([str(CADIST), "demo", "--workdir", str(work), *sets, *more],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    return _cadist(where, ["demo", "--workdir", str(work), *sets, *more], Path.cwd(), 900)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="module")
+def host(workdir):
+    """The host the module's `cadist` commands run on (None: here, where hosts cannot be made)."""
+    if available() is not None:
+        yield None
+        return
+    with Hosts(["demo"], shared=(workdir,), mapped_names=True) as hosts:
+        yield hosts["demo"]
+
+
+@pytest.fixture(scope="module")
+def demo(workdir, host):
     """The demo run once on 16 + 4 scenes of 64×128 (the demo uses scenes it finds in its
     workdir); yields (workdir, its output, the MLflow store's URI)."""
-    work = tmp_path_factory.mktemp("demo")
+    work = workdir
     write_tree(work / "data" / "synth", num_train=16, num_val=4, height=64, width=128, seed=0)
-    r = _demo(work, *EDGE_SETS)
+    r = _demo(host, work, *EDGE_SETS)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return work, r.stdout, f"sqlite:///{work / 'mlflow.db'}", r.stderr
 
 
-def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo):
+def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo, host):
     work, out, uri, err = demo
     for n in range(1, 9):  # a heading per stage
         assert f"[{n}/8] " in out, out[-3000:]
@@ -121,24 +149,22 @@ def test_the_demo_trains_dense_and_adaptive_sweeps_and_reports_in_mlflow(demo):
     # the next steps it prints work as printed: eval reproduces the edge model's mIoU, predict
     # writes its class map and mask
     lines = {ln.split(": ", 1)[0]: ln.split(": ", 1)[1] for ln in out.splitlines() if ": " in ln}
-    ev = subprocess.run([str(CADIST), *shlex.split(lines["evaluate it"])[1:]],
-                        capture_output=True, text=True, timeout=300, cwd=work)  # fmt: skip
+    ev = _cadist(host, shlex.split(lines["evaluate it"])[1:], work, 300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout)["miou"] == pytest.approx(edge.data.metrics["val/miou"], abs=1e-4)
-    pr = subprocess.run([str(CADIST), *shlex.split(lines["predict"])[1:]],
-                        capture_output=True, text=True, timeout=300, cwd=work)  # fmt: skip
+    pr = _cadist(host, shlex.split(lines["predict"])[1:], work, 300)
     assert pr.returncode == 0, pr.stderr[-3000:]
     assert len(list((work / "predictions").glob("*_pred.png"))) == 1
     assert len(list((work / "predictions").glob("*_mask*.npy"))) == 1
 
 
-def test_a_rerun_skips_what_is_done(demo):
+def test_a_rerun_skips_what_is_done(demo, host):
     work, _, uri, _ = demo
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cadist-demo").experiment_id
     before = {r.info.run_id for r in client.search_runs([exp])}
     started = time.monotonic()
-    r = _demo(work, *EDGE_SETS)
+    r = _demo(host, work, *EDGE_SETS)
     took = time.monotonic() - started
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("done before") >= 3, r.stdout
@@ -146,17 +172,16 @@ def test_a_rerun_skips_what_is_done(demo):
     assert {r.info.run_id for r in client.search_runs([exp])} == before  # no run added
     print(f"rerun of a finished demo: {took:.1f} s")
     # `cadist report` with no arguments, where the demo ran: the demo's table
-    rep = subprocess.run([str(CADIST), "report"], capture_output=True, text=True, cwd=work,
-                         timeout=120)  # fmt: skip
+    rep = _cadist(host, ["report"], work, 120)
     assert rep.returncode == 0, rep.stderr[-3000:]
     for name in ("demo-dense-os8", "demo-dense-os16", "demo-edge"):
         assert f"| {name} |" in rep.stdout, rep.stdout
 
 
-def test_quick_is_the_single_short_dense_run(demo):
+def test_quick_is_the_single_short_dense_run(demo, host):
     """`--quick`: jobs/demo.yaml as it is (dense OS16), in the same folder and store."""
     work, _, uri, _ = demo
-    r = _demo(work, "--quick")
+    r = _demo(host, work, "--quick")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = re.search(r"final val mIoU ([0-9.]+) .* chance level ≈ ([0-9.]+)", r.stdout)
     assert m, r.stdout
@@ -167,7 +192,7 @@ def test_quick_is_the_single_short_dense_run(demo):
     assert run.data.metrics["val/miou"] == pytest.approx(float(m.group(1)), abs=1e-4)
     assert f"mlflow ui --backend-store-uri {uri}" in r.stdout
     # again: it reached its last step — says so, starts no Ray, prints the same result
-    again = _demo(work, "--quick")
+    again = _demo(host, work, "--quick")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "job demo already reached its last step 6" in again.stderr, again.stderr[-3000:]
     assert "Started a local Ray instance" not in again.stdout + again.stderr

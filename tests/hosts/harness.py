@@ -152,13 +152,21 @@ class Host:
 class Hosts:
     """N hosts on one bridge (a switch namespace); a context manager that tears all down."""
 
-    def __init__(self, names: list[str], loopback_names: tuple[str, ...] = ()):
+    def __init__(self, names: list[str], loopback_names: tuple[str, ...] = (),
+                 shared: tuple[Path, ...] = (), mapped_names: bool = False):  # fmt: skip
         """`loopback_names`: hosts whose /etc/hosts maps their own name to 127.0.1.1, as Debian
-        and many cloud images and containers do (the others resolve it to its address)."""
+        and many cloud images and containers do (the others resolve it to its address).
+        `shared`: folders every host sees where they lie (bind-mounted back under its private
+        /tmp), e.g. one the test reads the hosts' results from. `mapped_names`: /etc/hosts also
+        names each IPv4-mapped IPv6 address (::ffff:IP), as a DNS server would answer: the hosts
+        reach none, so that reverse lookup (torch's c10d makes it of each peer) would fail
+        "temporarily" and torch warn about it on every start."""
         reason = available()
         if reason:
             raise RuntimeError(reason)
         self.names, self.loopback_names = names, loopback_names
+        self.shared = tuple(Path(p).resolve() for p in shared)
+        self.mapped_names = mapped_names
         self.tag = uuid.uuid4().hex[:4]
         self.switch = f"{PREFIX}{self.tag}-sw"
         self.hosts: dict[str, Host] = {}
@@ -193,14 +201,10 @@ class Hosts:
             workdir.mkdir(parents=True)
             etc_hosts = ROOT / self.tag / f"{name}.hosts"
             own = f"127.0.1.1 {name}\n" if name in self.loopback_names else ""
-            etc_hosts.write_text(
-                "".join(
-                    ln + "\n"
-                    for ln in hosts_file.splitlines()
-                    if not (own and ln.endswith(f" {name}"))
-                )
-                + own
-            )
+            lines = [ln for ln in hosts_file.splitlines() if not (own and ln.endswith(f" {name}"))]
+            lines += [own.strip()] if own else []
+            lines += [f"::ffff:{ln}" for ln in lines] if self.mapped_names else []
+            etc_hosts.write_text("".join(ln + "\n" for ln in lines))
             _ip("netns", "add", ns)
             peer = f"{PREFIX}{self.tag}{i}"[:15]
             _ip("link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -211,13 +215,14 @@ class Hosts:
             _ip("link", "set", "lo", "up", ns=ns)
             host = Host(name, ns, addrs[name], workdir)
             host.link = (self.switch, peer)  # its cable, at the switch
-            host.pid = self._init(ns, name, workdir, etc_hosts)
+            host.pid = self._init(ns, name, workdir, etc_hosts, self.shared)
             self.hosts[name] = host
 
     @staticmethod
-    def _init(ns: str, name: str, workdir: Path, etc_hosts: Path) -> int:
+    def _init(ns: str, name: str, workdir: Path, etc_hosts: Path, shared: tuple[Path, ...]) -> int:
         """The host's init: a private mount + UTS namespace set up, then `sleep infinity`."""
-        keep = [p for p in {PROJECT, Path(sys.prefix).resolve()} if str(p).startswith("/tmp/")]
+        mounts = sorted({PROJECT, Path(sys.prefix).resolve(), *shared})  # parents first
+        keep = [p for p in mounts if str(p).startswith("/tmp/")]
         # the mounts, as an argument list per step (no data in a shell string)
         steps = [["hostname", name], ["mount", "-t", "tmpfs", "tmpfs", "/dev/shm"]]
         stash = Path("/run") / f"{ns}-keep"
