@@ -304,6 +304,27 @@ def test_deepspeed_config_is_generated_from_the_job():
     ) == (8, 2, 2)
 
 
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """A worker's `import deepspeed` leaves out its autotuner's `import mlflow` (≈ 1.2 CPU-s per
+    worker start); MLflow imports afterwards as ever, and where it is loaded already DeepSpeed
+    sees it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from cadist.train.engine import _import_deepspeed; ds = _import_deepspeed(); "
+        "from deepspeed.autotuning import autotuner as a; print('mlflow' in sys.modules, "
+        "a.has_mlflow, ds.__name__); import mlflow; print(mlflow.__name__)"
+    )
+    env = os.environ | {"DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "False", "deepspeed", "mlflow"], out.stdout
+    code = "import mlflow; " + code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["True", "True", "deepspeed", "mlflow"], out.stderr[-3000:]
+
+
 def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
     from cadist.cluster.ray import worker_env
 
