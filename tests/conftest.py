@@ -401,21 +401,20 @@ class SeaweedServer:
 #: /tmp, PID: tests/hosts/harness.py) where the local Ray cannot meet them — where hosts cannot be
 #: made (not root) the demo's module runs in the Ray lane. (Files shared out to either process let
 #: two test Rays side by side meet Ray's own cross-cluster bugs, ray-project/ray#36703 among them:
-#: 8 of 8 such clean-clone runs failed a test.) A few unit files, which start no Ray, run in the Ray
-#: lane so that the two take about as long (seconds on CI, serially, in the comments). In the Ray
-#: lane the modules that share one Ray next to each other. The hook below sets the lanes for any
-#: `-n`, whatever `--dist` says.
+#: 8 of 8 such clean-clone runs failed a test.) Seconds on CI in the comments (the lanes take about
+#: as long); in the Ray lane the modules that share one Ray next to each other. The hook below sets
+#: the lanes for any `-n`, whatever `--dist` says.
 SIDE_LANE = ("tests/hosts/", "tests/unit/", "tests/integration/test_serving.py")  # no local Ray
 ON_A_HOST = ("tests/e2e/test_demo_full.py",)  # its `cadist` commands on a host of its own
-BALANCE = ("tests/unit/test_spool.py", "tests/unit/test_reshard.py")  # no Ray, in the Ray lane
 ORDER = (
-    "tests/hosts/test_hosts.py",  # ≈630 s
-    *ON_A_HOST,  # ≈260
-    "tests/integration/test_tune.py",  # ≈310
-    "tests/integration/test_storage_loss.py",  # ≈90
-    *BALANCE,  # ≈60, 40
-    *SHARED_RAY_MODULES,  # ≈345, 80, 45: one after another, one Ray
-    "tests/integration/test_node_loss.py",  # ≈130
+    "tests/hosts/test_hosts.py",  # ≈670 s
+    *ON_A_HOST,  # ≈275
+    "tests/unit/test_spool.py",  # ≈60
+    "tests/unit/test_reshard.py",  # ≈40
+    "tests/integration/test_tune.py",  # ≈350
+    "tests/integration/test_storage_loss.py",  # ≈65
+    *SHARED_RAY_MODULES,  # ≈480, 95, 45: one after another, one Ray
+    "tests/integration/test_node_loss.py",  # ≈125
 )
 
 
@@ -423,8 +422,6 @@ def lane(nodeid: str) -> str:
     """The lane a test (by its node id) runs in: "side" or "ray"."""
     from .hosts.harness import available
 
-    if nodeid.startswith(BALANCE):
-        return "ray"
     if nodeid.startswith(SIDE_LANE) or (nodeid.startswith(ON_A_HOST) and available() is None):
         return "side"
     return "ray"

@@ -113,6 +113,45 @@ def _read(hosts, env, code: str, on: str = "head") -> str:
     return hosts[on].run(["python", "-c", code], env=env).stdout
 
 
+_WAIT = """
+import json, sys, time
+from cadist.storage.store import Storage
+s = Storage("s3://runs/runs")
+while True:
+    v = eval(sys.argv[1])
+    if eval(sys.argv[2]):
+        print(json.dumps(v), flush=True)
+        break
+    time.sleep(1)
+"""
+
+
+def _wait_for(hosts, env, logs, what: str, until: str, on: str = "head", proc=None, log=None,
+              timeout: float = 240):  # fmt: skip
+    """The value of `what` (an expression of `s`, the runs' storage path on S3) once `until` (of
+    `v`, that value) holds, looked at every second by one Python on host `on` (not one per look);
+    fails when `proc` ends first (with the tail of `log`) or after `timeout` s."""
+    import os
+    import signal
+    import uuid
+
+    out = logs / f"wait-{uuid.uuid4().hex[:8]}.log"
+    waiter = hosts[on].start(["python", "-c", _WAIT, what, until], out, env=env)
+    deadline = time.time() + timeout
+    try:
+        while waiter.poll() is None:
+            if proc is not None:
+                assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.time() < deadline, f"{until} never held for {what}: {out.read_text()}"
+            time.sleep(0.5)
+    finally:
+        if waiter.poll() is None:
+            os.killpg(waiter.pid, signal.SIGKILL)
+            waiter.wait()
+    assert waiter.returncode == 0, out.read_text()[-4000:]
+    return json.loads(out.read_text().splitlines()[-1])
+
+
 def test_training_across_two_hosts_with_storage_on_a_third(cluster):
     """2 workers, one per host, over gloo on each host's eth0 — though the node's hostname resolves
     to 127.0.1.1 (Debian's default): the interface comes from each worker's Ray node IP;
@@ -181,10 +220,8 @@ def test_a_worker_host_that_dies_stops_the_run_and_a_rerun_resumes(cluster):
     proc = head.start(["cadist", "train", JOB, "--address", f"{head.ip}:6379", "--json",
                        *_sets("dies", 400), *sets], logs / "dies.log", env=env)  # fmt: skip
     latest = "from cadist.storage.store import Storage; print(Storage('s3://runs/runs').latest_checkpoint('dies'))"
-    deadline = time.time() + 240
-    while "None" in _read(hosts, env, latest) and time.time() < deadline:
-        assert proc.poll() is None, (logs / "dies.log").read_text()[-4000:]
-        time.sleep(2)  # (each look spawns a Python on the host)
+    _wait_for(hosts, env, logs, "s.latest_checkpoint('dies')", "v is not None", proc=proc,
+              log=logs / "dies.log")  # fmt: skip
     node.kill_all()  # the worker host dies
     proc.wait(300)
     out = (logs / "dies.log").read_text()
@@ -208,13 +245,7 @@ def test_submit_logs_status_and_stop_from_a_laptop_host(cluster):
     r = laptop.run(["cadist", "submit", "jobs/demo.yaml", "--address", api, "--no-wait",
                     *_sets("fromlaptop", 2000)], env=env, cwd=PROJECT, timeout=120)  # fmt: skip
     sid = next(w for w in r.stdout.split() if w.startswith("cadist-fromlaptop-"))
-    latest = (
-        "from cadist.storage.store import Storage; "
-        "print(Storage('s3://runs/runs').latest_checkpoint('fromlaptop'))"
-    )
-    deadline = time.time() + 240
-    while "None" in _read(hosts, env, latest, on="laptop") and time.time() < deadline:
-        time.sleep(2)  # (each look spawns a Python on the host)
+    _wait_for(hosts, env, logs, "s.latest_checkpoint('fromlaptop')", "v is not None", on="laptop")
     status = json.loads(
         laptop.run(["cadist", "status", "s3://runs/runs", "--json"], env=env).stdout
     )
@@ -251,10 +282,8 @@ def test_the_storage_host_drops_off_the_network_then_for_good(cluster):
     )
 
     def wait_for_checkpoint(proc, log):
-        deadline = time.time() + 240
-        while "None" in _read(hosts, env, latest) and time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            time.sleep(2)  # (each look spawns a Python on the host)
+        _wait_for(hosts, env, logs, "s.latest_checkpoint('flaky')", "v is not None", proc=proc,
+                  log=log)  # fmt: skip
 
     log = logs / "flaky.log"
     proc = head.start(["cadist", "train", JOB, "--address", f"{head.ip}:6379", "--json",
@@ -328,15 +357,8 @@ def test_a_sweep_across_the_hosts_resumes_from_s3_after_its_driver_is_killed(clu
     )
     log = logs / "sweep.log"
     proc = head.start(["cadist", "tune", str(path)], log, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        seen = json.loads(_read(hosts, env, trials))
-        if len(seen) == 2 and all(seen.values()):
-            break
-        assert proc.poll() is None, log.read_text()[-4000:]
-        time.sleep(2)  # (each look spawns a Python on the host)
-    else:
-        pytest.fail("the two trials never checkpointed:\n" + log.read_text()[-4000:])
+    seen = _wait_for(hosts, env, logs, "{n: s.latest_checkpoint(n) for n in s.list('', 'hsweep-*')}",
+                     "len(v) == 2 and all(v.values())", proc=proc, log=log, timeout=300)  # fmt: skip
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies (its trials with it)
     proc.wait(60)
     r = head.run(["cadist", "tune", str(path)], env=env, timeout=500, check=False)
