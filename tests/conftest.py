@@ -169,6 +169,12 @@ class SharedRay:
         finally:
             RayParams.__init__ = params_init
         self.gcs_address = ray.get_runtime_context().gcs_address
+        # and it records its address there, as `ray start` does: without the record the job
+        # supervisor takes any GCS process it finds on the machine — a hosts test's or the demo's
+        # Ray in a namespace are seen too — and a job's driver went to one of those (CI18)
+        from ray._private.utils import write_ray_address
+
+        write_ray_address(self.gcs_address, self.temp)
         return self
 
     def stop(self) -> None:
