@@ -191,9 +191,10 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
 
     # the previous test's run may still hold a CPU while Ray tears it down: an elastic job would
     # start with the one worker that fits (and grow), not the two this test is about
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) >= 2, ray.available_resources()
     box = {}
     box |= _lose_a_node_while_training(
         tmp_path, cluster, cluster.worker_node, job, node_returns_then_stop
