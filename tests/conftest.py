@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from pathlib import Path
@@ -424,11 +425,16 @@ ORDER = (
 )
 
 
-def lane(nodeid: str) -> str:
-    """The lane a test (by its node id) runs in: "side" or "ray"."""
+@functools.cache
+def _hosts_can_be_made() -> bool:
     from .hosts.harness import available
 
-    if nodeid.startswith(SIDE_LANE) or (nodeid.startswith(ON_A_HOST) and available() is None):
+    return available() is None
+
+
+def lane(nodeid: str) -> str:
+    """The lane a test (by its node id) runs in: "side" or "ray"."""
+    if nodeid.startswith(SIDE_LANE) or (nodeid.startswith(ON_A_HOST) and _hosts_can_be_made()):
         return "side"
     return "ray"
 
