@@ -404,21 +404,24 @@ class SeaweedServer:
 #: Two lanes, one per pytest-xdist process (`-n 2`, the README's command): "ray", every test that
 #: starts a Ray on this machine — in process, through the CLI or as a job — one after another, as
 #: a user's machine runs one Ray; and "side": the unit tests and MLflow serving (no Ray), the hosts
-#: tests and the demo's, whose Rays run on hosts made of namespaces (network, mount with its own
-#: /tmp, PID: tests/hosts/harness.py) where the local Ray cannot meet them — where hosts cannot be
-#: made (not root) the demo's module runs in the Ray lane. (Files shared out to either process let
-#: two test Rays side by side meet Ray's own cross-cluster bugs, ray-project/ray#36703 among them:
+#: tests and `ON_A_HOST`'s, whose Rays run on hosts made of namespaces (network, mount with its
+#: own /tmp, PID: tests/hosts/harness.py) where the local Ray cannot meet them — where hosts cannot
+#: be made (not root) those run in the Ray lane. (Files shared out to either process let two test
+#: Rays side by side meet Ray's own cross-cluster bugs, ray-project/ray#36703 among them:
 #: 8 of 8 such clean-clone runs failed a test.) Seconds on CI in the comments (the lanes take about
 #: as long); in the Ray lane the modules that share one Ray next to each other. The hook below sets
 #: the lanes for any `-n`, whatever `--dist` says.
 SIDE_LANE = ("tests/hosts/", "tests/unit/", "tests/integration/test_serving.py")  # no local Ray
-ON_A_HOST = ("tests/e2e/test_demo_full.py",)  # its `cadist` commands on a host of its own
+ON_A_HOST = (  # their `cadist` commands on a host of their own (tests/hosts/harness.own_host)
+    "tests/e2e/test_demo_full.py",
+    "tests/integration/test_tune.py::test_asha_stops_trailing_trials_and_marks_their_runs",
+)
 ORDER = (
     "tests/hosts/test_hosts.py",  # ≈670 s
-    *ON_A_HOST,  # ≈275
+    "tests/e2e/test_demo_full.py",  # ≈275
     "tests/unit/test_spool.py",  # ≈60
     "tests/unit/test_reshard.py",  # ≈40
-    "tests/integration/test_tune.py",  # ≈350
+    "tests/integration/test_tune.py",  # ≈280 in the Ray lane (its ASHA test ≈70 on a host)
     "tests/integration/test_storage_loss.py",  # ≈65
     *SHARED_RAY_MODULES,  # ≈480, 95, 45: one after another, one Ray
     "tests/integration/test_node_loss.py",  # ≈125

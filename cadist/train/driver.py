@@ -389,15 +389,14 @@ def _trainer(
     """Ray Train's TorchTrainer for the job: one DeepSpeed rank per worker (`train_worker`);
     rank 0 writes its progress to `channel` ({"uri", "token"}: cadist.progress)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from cadist.train.backend import CadistTorchConfig
+    from cadist.train.backend import CadistTorchConfig, CadistTrainer
     from cadist.train.worker import train_worker
 
     c = job.cluster
     workers = (c.min_workers, c.num_workers) if c.min_workers else c.num_workers
     storage_path, storage_filesystem = store.ray_storage()
-    return TorchTrainer(
+    return CadistTrainer(
         train_worker,
         train_loop_config={
             "job": job.model_dump(),

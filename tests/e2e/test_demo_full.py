@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from cadist.data.synthetic import write_tree
 
 from ..conftest import SERVER_ENV, free_port
-from ..hosts.harness import Hosts, available
+from ..hosts.harness import own_host
 
 pytestmark = pytest.mark.slow
 CADIST = Path(sys.executable).parent / "cadist"
@@ -59,11 +59,8 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def host(workdir):
     """The host the module's `cadist` commands run on (None: here, where hosts cannot be made)."""
-    if available() is not None:
-        yield None
-        return
-    with Hosts(["demo"], shared=(workdir,), mapped_names=True) as hosts:
-        yield hosts["demo"]
+    with own_host("demo", (workdir,)) as host:
+        yield host
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ removed first. Nothing here builds a shell command from data: every command is a
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -275,3 +276,15 @@ class Hosts:
         shutil.rmtree(ROOT / self.tag, ignore_errors=True)
         for p in Path("/run").glob(f"{PREFIX}{self.tag}*-keep"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_host(name: str, shared: tuple[Path, ...]):
+    """One host of its own (`Hosts([name], shared=shared, mapped_names=True)`) for a test whose
+    commands start a local Ray, so that it cannot meet another test's: yields its Host, or None
+    where hosts cannot be made (the commands then run here)."""
+    if available() is not None:
+        yield None
+        return
+    with Hosts([name], shared=shared, mapped_names=True) as hosts:
+        yield hosts[name]

@@ -119,6 +119,12 @@ def test_train_logs_everything_and_rerun_resumes(workdir, ray_local, capsys):
     )
     r = run_training(job, "itest")
     assert r.metrics["step"] == 30 and 0 <= r.metrics["val/miou"] <= 1
+    # Ray Train's own actors ran (its controller, the workers), but no Ray Data actor: the job has
+    # no Ray Datasets (cadist.train.backend.CadistTrainer)
+    from ray.util.state import list_actors
+
+    ran = {a.class_name for a in list_actors(address=ray_local.dashboard, limit=1000)}
+    assert {"TrainController", "RayTrainWorker"} <= ran and "DatasetManager" not in ran, ran
     client = MlflowClient(r.tracking_uri)
     run = client.get_run(r.run_id)
     assert run.info.status == "FINISHED"

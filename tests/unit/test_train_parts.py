@@ -325,6 +325,29 @@ def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
     assert out.stdout.split() == ["True", "True", "deepspeed", "mlflow"], out.stderr[-3000:]
 
 
+def test_a_run_without_ray_datasets_starts_no_dataset_manager():
+    """cadist's trainer leaves out Ray Train's datasets callback (its dataset-manager actor: a new
+    Python process per worker-group start) where there are no Ray Datasets, and only there; the
+    rest of Ray Train's callbacks stay, in their order."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from cadist.train.backend import CadistTrainer
+
+    def names(cls, **kw):
+        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(name="x", storage_path="/nonexistent"), **kw)  # fmt: skip
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    ray_own = names(TorchTrainer)
+    assert DatasetsCallback.__name__ in ray_own  # (else the override has nothing left to do)
+    assert names(CadistTrainer) == [n for n in ray_own if n != DatasetsCallback.__name__]
+    with_data = names(CadistTrainer, datasets={"train": lambda: None})
+    assert with_data == names(TorchTrainer, datasets={"train": lambda: None})
+    assert DatasetsCallback.__name__ in with_data
+
+
 def test_worker_environment_pins_the_cpu_accelerator_only_for_cpu_workers():
     from cadist.cluster.ray import worker_env
 
