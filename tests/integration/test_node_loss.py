@@ -54,16 +54,19 @@ def _overrides(tmp_path, name: str, seed: int, storage=None, **extra) -> dict:
     } | extra
 
 
-def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None):
-    """Train `job` in a thread, remove `node` once a checkpoint is registered (from the main
-    thread, as Ray requires), call `after_loss()` (main thread) and wait for the run to end;
-    returns {"result"} or {"error"}, and "ended_after_s" (seconds from the loss to the end)."""
+def _lose_a_node_while_training(tmp_path, cluster, node, job, after_loss=None, before_loss=None):
+    """Train `job` in a thread, remove `node` once a checkpoint is registered (and
+    `before_loss()` returned) from the main thread, as Ray requires, call `after_loss()` (main
+    thread) and wait for the run to end; returns {"result"} or {"error"}, and "ended_after_s"
+    (seconds from the loss to the end)."""
     t, box = train_in_thread(job)
     run_dir = Storage(job.cluster.storage_path).uri(job.name)
     deadline = time.time() + 240
     while not registered_checkpoint(run_dir) and time.time() < deadline and t.is_alive():
         time.sleep(0.2)
     assert registered_checkpoint(run_dir), box
+    if before_loss is not None:
+        before_loss()
     cluster.remove_node(node)
     lost = time.time()
     if after_loss is not None:
@@ -182,6 +185,14 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
         while time.time() < deadline and counts != _changes(workers_seen()):
             time.sleep(0.2)
 
+    def started_with_two():  # (else say so now, not after waiting out the waits below)
+        deadline = time.time() + 60
+        while not workers_seen() and time.time() < deadline:
+            time.sleep(0.2)
+        if workers_seen()[:1] != [2]:
+            request_stop(storage, job.name)  # (the run ends at its next report)
+            pytest.fail(f"the elastic job started with workers {workers_seen()}, not 2")
+
     def node_returns_then_stop():
         wait_for([2, 1], 180)
         cluster.worker_node = cluster.start_in("node3", lambda: cluster.add_node(num_cpus=1))
@@ -197,7 +208,7 @@ def test_elastic_job_goes_on_with_the_workers_left_and_grows_back_then_stops_on_
     assert ray.available_resources().get("CPU", 0) >= 2, ray.available_resources()
     box = {}
     box |= _lose_a_node_while_training(
-        tmp_path, cluster, cluster.worker_node, job, node_returns_then_stop
+        tmp_path, cluster, cluster.worker_node, job, node_returns_then_stop, started_with_two
     )
     assert "error" not in box, box
     r = box["result"]
