@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from cadist.data.synthetic import write_tree
 
 from ..conftest import SERVER_ENV, free_port
-from ..hosts.harness import own_host
+from ..hosts.harness import own_host, run_on
 
 pytestmark = pytest.mark.slow
 CADIST = Path(sys.executable).parent / "cadist"
@@ -39,11 +39,7 @@ EDGE_SETS = ("--set", "model.edge_threshold=0.95", "--set", "model.trimap_width=
 
 def _cadist(where, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """`cadist ARGS` in `cwd`: on the host `where` (a harness Host), or here where it is None."""
-    if where is None:
-        return subprocess.run([str(CADIST), *args], capture_output=True, text=True, cwd=cwd,
-                              timeout=timeout)  # fmt: skip
-    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}
-    return where.run([str(CADIST), *args], env=threads, cwd=cwd, timeout=timeout, check=False)
+    return run_on(where, [str(CADIST), *args], cwd, timeout)
 
 
 def _demo(where, work: Path, *more: str) -> subprocess.CompletedProcess:

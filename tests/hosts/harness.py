@@ -288,3 +288,14 @@ def own_host(name: str, shared: tuple[Path, ...]):
         return
     with Hosts([name], shared=shared, mapped_names=True) as hosts:
         yield hosts[name]
+
+
+def run_on(host: Host | None, args: list[str], cwd: Path, timeout: float,
+           env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """`args` in `cwd` on `host` (an `own_host`), or here where it is None (with `env`, else this
+    process's environment); either way it passes this process's torch thread count on."""
+    if host is None:
+        return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}
+    return host.run(args, env=threads, cwd=cwd, timeout=timeout, check=False)

@@ -329,10 +329,9 @@ def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):
     first rung and are stopped — MLflow run KILLED, flagged in the results — the others finish.
     (`cadist tune` runs on a host of its own where hosts can be made — conftest.ON_A_HOST — its
     folder shared: its local Ray then runs beside the Ray tests' and cannot meet them.)"""
-    import subprocess
     import sys
 
-    from ..hosts.harness import own_host
+    from ..hosts.harness import own_host, run_on
 
     train, val = tiny_shards(tmp_path, seed=8)
     sweep = {
@@ -352,15 +351,9 @@ def test_asha_stops_trailing_trials_and_marks_their_runs(tmp_path):
         "seed": SEED,
     }  # fmt: skip
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    cmd = [sys.executable, "-m", "cadist", "tune", "sweep.yaml"]
-    with own_host("asha", (tmp_path,)) as host:
-        if host is None:
-            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-            r = subprocess.run(cmd, cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
-                               capture_output=True, text=True, timeout=900)  # fmt: skip
-        else:
-            threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}
-            r = host.run(cmd, env=threads, cwd=tmp_path, timeout=900, check=False)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    with own_host("asha", (tmp_path,)) as host:  # (env: where it runs here)
+        r = run_on(host, [sys.executable, "-m", "cadist", "tune", "sweep.yaml"], tmp_path, 900, env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = json.loads(
         (tmp_path / "runs" / ".cadist" / "sweep-itest_asha.results.json").read_text()
